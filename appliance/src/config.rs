@@ -1,0 +1,147 @@
+//! The appliance's TOML configuration.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use cdp_types::{validate_name, Endpoint};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApplianceError;
+
+/// `appliance.toml`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplianceConfig {
+    /// Journals and appliance state live under this directory (created if missing).
+    pub data_dir: PathBuf,
+    /// Where splitters connect: `unix:PATH` or `HOST:PORT`.
+    pub link_listen: Endpoint,
+    /// Unix socket for `cdp status` and other control commands. Default `DATA_DIR/appliance.ctl`.
+    #[serde(default)]
+    pub control: Option<PathBuf>,
+    /// Size at which a journal segment file is closed and a new one started.
+    /// Default 256 MiB, minimum 1 MiB.
+    #[serde(default)]
+    pub journal_segment_bytes: Option<u64>,
+    /// Milliseconds between background journal syncs when no host flush asked for one; bounds
+    /// how far distribution to the replica can trail the journal. Default 200, minimum 1.
+    #[serde(default = "sync_interval_default")]
+    pub journal_sync_interval_ms: u64,
+    #[serde(default)]
+    pub group: Vec<GroupConfig>,
+}
+
+fn sync_interval_default() -> u64 {
+    200
+}
+
+/// A consistency group: volumes whose writes share one order and one journal.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    pub name: String,
+    #[serde(default)]
+    pub volume: Vec<VolumeConfig>,
+}
+
+/// A protected volume as the appliance knows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeConfig {
+    /// Must match the splitter's volume name.
+    pub name: String,
+    /// Size in bytes; a splitter announcing another size is refused.
+    pub size: u64,
+    /// The local replica copy: a file (created sparse if missing) or a block device.
+    pub replica: PathBuf,
+}
+
+impl ApplianceConfig {
+    pub fn from_toml(text: &str) -> Result<ApplianceConfig, ApplianceError> {
+        let config: ApplianceConfig =
+            toml::from_str(text).map_err(|e| ApplianceError::Config(e.to_string()))?;
+        config.sanitize()
+    }
+
+    pub fn control_path(&self) -> PathBuf {
+        self.control
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("appliance.ctl"))
+    }
+
+    /// Rejects contradictions; clamps soft mistakes with a warning.
+    pub fn sanitize(mut self) -> Result<ApplianceConfig, ApplianceError> {
+        let bad = |m: String| Err(ApplianceError::Config(m));
+        if self.group.is_empty() {
+            return bad("no [[group]] configured".into());
+        }
+        let mut groups = BTreeSet::new();
+        let mut volumes = BTreeSet::new();
+        let mut replicas = BTreeSet::new();
+        for g in &self.group {
+            validate_name(&g.name).map_err(|e| ApplianceError::Config(e.to_string()))?;
+            if !groups.insert(g.name.clone()) {
+                return bad(format!("group {:?} is configured twice", g.name));
+            }
+            for v in &g.volume {
+                validate_name(&v.name).map_err(|e| ApplianceError::Config(e.to_string()))?;
+                if !volumes.insert(v.name.clone()) {
+                    return bad(format!(
+                        "volume {:?} is configured twice (a volume belongs to one group)",
+                        v.name
+                    ));
+                }
+                if !replicas.insert(v.replica.clone()) {
+                    return bad(format!(
+                        "replica {} is used by two volumes",
+                        v.replica.display()
+                    ));
+                }
+                if v.size == 0 {
+                    return bad(format!("volume {:?} has size 0", v.name));
+                }
+            }
+        }
+        if let Some(bytes) = self.journal_segment_bytes {
+            if bytes < 1024 * 1024 {
+                tracing::warn!("journal_segment_bytes = {bytes} is below 1 MiB; using 1 MiB");
+                self.journal_segment_bytes = Some(1024 * 1024);
+            }
+        }
+        if self.journal_sync_interval_ms == 0 {
+            tracing::warn!("journal_sync_interval_ms = 0; using 1");
+            self.journal_sync_interval_ms = 1;
+        }
+        Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+data_dir = "/d"
+link_listen = "unix:/d/link.sock"
+[[group]]
+name = "default"
+[[group.volume]]
+name = "vol0"
+size = 1048576
+replica = "/d/r0.img"
+"#;
+
+    #[test]
+    fn parses_defaults_and_rejects_contradictions() {
+        let c = ApplianceConfig::from_toml(GOOD).unwrap();
+        assert_eq!(c.control_path(), PathBuf::from("/d/appliance.ctl"));
+        assert_eq!(c.journal_sync_interval_ms, 200);
+        let twice = format!("{GOOD}\n[[group]]\nname = \"default\"\n");
+        assert!(ApplianceConfig::from_toml(&twice).is_err());
+        let shared_replica = format!(
+            "{GOOD}\n[[group.volume]]\nname = \"vol1\"\nsize = 1048576\nreplica = \"/d/r0.img\"\n"
+        );
+        assert!(ApplianceConfig::from_toml(&shared_replica).is_err());
+        assert!(ApplianceConfig::from_toml("data_dir = \"/d\"\nlink_listen = \"x\"\n").is_err());
+    }
+}

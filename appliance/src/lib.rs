@@ -1,0 +1,96 @@
+//! The appliance: journals split changes in write order and distributes them to the replicas.
+
+pub mod config;
+pub mod control;
+pub mod distribution_state;
+pub mod error;
+pub mod group;
+pub mod group_meta;
+pub mod limits;
+pub mod link_server;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cdp_journal::JournalConfig;
+use cdp_link::codec::{bind_unix, LinkListener};
+use tokio::sync::Semaphore;
+
+pub use config::ApplianceConfig;
+pub use error::ApplianceError;
+use group::Group;
+use limits::LINK_CONNECTIONS_MAX;
+
+/// Runs the appliance until `shutdown` completes.
+pub async fn run(
+    config: ApplianceConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ApplianceError> {
+    std::fs::create_dir_all(&config.data_dir)?;
+    let mut journal_config = JournalConfig::default();
+    if let Some(bytes) = config.journal_segment_bytes {
+        journal_config.segment_bytes_max = bytes;
+    }
+    let sync_interval = Duration::from_millis(config.journal_sync_interval_ms);
+    let mut groups = Vec::new();
+    for g in &config.group {
+        groups.push(Group::open(
+            &config.data_dir,
+            g,
+            journal_config.clone(),
+            sync_interval,
+        )?);
+    }
+    let groups = Arc::new(groups);
+
+    let control_path = config.control_path();
+    let control = bind_unix(&control_path)?;
+    let link = LinkListener::bind(&config.link_listen).await?;
+    tracing::info!(link = %config.link_listen, control = %control_path.display(), "appliance ready");
+
+    let control_task = tokio::spawn(control::serve_control(control, Arc::clone(&groups)));
+    let mut links = tokio::task::JoinSet::new();
+    let limit = Arc::new(Semaphore::new(LINK_CONNECTIONS_MAX));
+    tokio::pin!(shutdown);
+    loop {
+        let Ok(permit) = Arc::clone(&limit).acquire_owned().await else {
+            break;
+        };
+        tokio::select! {
+            () = &mut shutdown => break,
+            accepted = link.accept() => match accepted {
+                Ok(stream) => {
+                    let groups = Arc::clone(&groups);
+                    links.spawn(async move {
+                        link_server::serve_link(groups, stream).await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => tracing::warn!("split link accept failed: {e}"),
+            },
+            Some(_) = links.join_next(), if !links.is_empty() => {}
+        }
+    }
+    tracing::info!("appliance stopping");
+    links.shutdown().await;
+    control_task.abort();
+    let groups_to_stop = Arc::clone(&groups);
+    tokio::task::spawn_blocking(move || {
+        for g in groups_to_stop.iter() {
+            g.stop();
+        }
+    })
+    .await
+    .map_err(|e| ApplianceError::Io(std::io::Error::other(e.to_string())))?;
+    if let config::ApplianceConfig {
+        link_listen: cdp_types::Endpoint::Unix(path),
+        ..
+    } = &config
+    {
+        let _ = std::fs::remove_file(path);
+    }
+    let _ = std::fs::remove_file(&control_path);
+    tracing::info!("appliance stopped");
+    Ok(())
+}

@@ -1,0 +1,244 @@
+//! The appliance's end of split links: welcomes a splitter, checks each change, queues it for the journal.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use cdp_journal::RecordKind;
+use cdp_link::{LinkError, LinkStream, Message};
+
+use crate::group::{AppendItem, ConnectionProgress, Group, GroupVolume};
+
+/// Releases a volume's "connected" mark when its connection ends, however it ends.
+struct ConnectedGuard(Arc<GroupVolume>);
+
+impl Drop for ConnectedGuard {
+    fn drop(&mut self) {
+        self.0.connected.store(false, Ordering::Relaxed);
+    }
+}
+
+async fn refuse(writer: &mut cdp_link::FrameWriter, volume: &str, reason: String) {
+    tracing::warn!(volume, "refusing split link: {reason}");
+    let _ = writer.send(&Message::Refuse { reason }).await;
+    let _ = writer.flush().await;
+}
+
+/// Serves one split-link connection until it closes or breaks the protocol.
+pub async fn serve_link(groups: Arc<Vec<Arc<Group>>>, stream: LinkStream) {
+    let LinkStream {
+        mut reader,
+        mut writer,
+    } = stream;
+    let (volume_name, size, splitter_id) = match reader.read().await {
+        Ok(Message::Hello {
+            volume,
+            size,
+            splitter_id,
+        }) => (volume, size, splitter_id),
+        Ok(other) => {
+            tracing::warn!("split link: expected Hello, got {other:?}; closing");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!("split link: bad Hello: {e}; closing");
+            return;
+        }
+    };
+    let Some((group, volume)) = groups.iter().find_map(|g| {
+        g.volume(&volume_name)
+            .map(|v| (Arc::clone(g), Arc::clone(v)))
+    }) else {
+        refuse(
+            &mut writer,
+            &volume_name,
+            format!("volume {volume_name:?} is not configured on this appliance"),
+        )
+        .await;
+        return;
+    };
+    if volume.size != size {
+        refuse(
+            &mut writer,
+            &volume_name,
+            format!(
+            "volume {volume_name:?} is {} bytes at the appliance but {size} bytes at the splitter",
+            volume.size
+        ),
+        )
+        .await;
+        return;
+    }
+    let fenced = group.failure().borrow().clone();
+    if let Some(failure) = fenced {
+        refuse(
+            &mut writer,
+            &volume_name,
+            format!("group {} is fenced: {failure}", group.name),
+        )
+        .await;
+        return;
+    }
+    if volume.connected.swap(true, Ordering::Relaxed) {
+        refuse(
+            &mut writer,
+            &volume_name,
+            format!("volume {volume_name:?} already has a connected splitter"),
+        )
+        .await;
+        return;
+    }
+    let _connected = ConnectedGuard(Arc::clone(&volume));
+    let last_journaled = volume.last_source_seq.load(Ordering::Relaxed);
+    let progress = ConnectionProgress::new(last_journaled);
+    if writer
+        .send(&Message::Welcome {
+            volume_id: volume.id,
+            last_source_seq: last_journaled,
+        })
+        .await
+        .is_err()
+        || writer.flush().await.is_err()
+    {
+        return;
+    }
+    tracing::info!(volume = %volume_name, splitter_id = format!("{splitter_id:016x}"), last_journaled, "splitter connected");
+
+    let receive = receive_changes(&group, &volume, &progress, &mut reader, last_journaled);
+    let send = async {
+        let mut acked = progress.acked.subscribe();
+        let mut durable = progress.durable.subscribe();
+        let mut failure = group.failure();
+        loop {
+            tokio::select! {
+                r = acked.changed() => {
+                    if r.is_err() { return Ok(()); }
+                    let source_seq = *acked.borrow_and_update();
+                    writer.send(&Message::Ack { source_seq }).await?;
+                }
+                r = durable.changed() => {
+                    if r.is_err() { return Ok(()); }
+                    let source_seq = *durable.borrow_and_update();
+                    writer.send(&Message::Durable { source_seq }).await?;
+                }
+                _ = failure.changed() => {
+                    let reason = failure.borrow_and_update().clone().unwrap_or_default();
+                    writer.send(&Message::Refuse { reason: format!("group {} is fenced: {reason}", group.name) }).await?;
+                    writer.flush().await?;
+                    return Err(LinkError::Refused(reason));
+                }
+            }
+            writer.flush().await?;
+        }
+    };
+    let result: Result<(), LinkError> = tokio::select! {
+        r = receive => r,
+        r = send => r,
+    };
+    match result {
+        Ok(()) | Err(LinkError::Closed) => {
+            tracing::info!(volume = %volume_name, "splitter disconnected")
+        }
+        Err(e) => tracing::warn!(volume = %volume_name, "split link dropped: {e}"),
+    }
+}
+
+async fn receive_changes(
+    group: &Group,
+    volume: &Arc<GroupVolume>,
+    progress: &Arc<ConnectionProgress>,
+    reader: &mut cdp_link::FrameReader,
+    last_journaled: u64,
+) -> Result<(), LinkError> {
+    let Some(append) = group.append_sender() else {
+        return Ok(());
+    };
+    let mut last_received = last_journaled;
+    loop {
+        let message = reader.read().await?;
+        let (kind, source_seq, offset, length, payload) = match message {
+            Message::Write {
+                source_seq,
+                offset,
+                data,
+            } => (
+                RecordKind::Write,
+                source_seq,
+                offset,
+                data.len() as u64,
+                data,
+            ),
+            Message::Trim {
+                source_seq,
+                offset,
+                length,
+            } => (
+                RecordKind::Trim,
+                source_seq,
+                offset,
+                length,
+                Default::default(),
+            ),
+            Message::Zero {
+                source_seq,
+                offset,
+                length,
+            } => (
+                RecordKind::Zero,
+                source_seq,
+                offset,
+                length,
+                Default::default(),
+            ),
+            Message::Flush { source_seq } => {
+                if source_seq > last_received {
+                    return Err(LinkError::Protocol(format!(
+                        "flush through {source_seq} but only {last_received} received"
+                    )));
+                }
+                let item = AppendItem::Flush {
+                    source_seq,
+                    progress: Arc::clone(progress),
+                };
+                if append.send(item).await.is_err() {
+                    return Ok(());
+                }
+                continue;
+            }
+            other => {
+                return Err(LinkError::Protocol(format!(
+                    "unexpected message from splitter: {other:?}"
+                )))
+            }
+        };
+        if source_seq != last_received + 1 {
+            return Err(LinkError::Protocol(format!(
+                "change {source_seq} out of sequence (expected {})",
+                last_received + 1
+            )));
+        }
+        if offset
+            .checked_add(length)
+            .is_none_or(|end| end > volume.size)
+        {
+            return Err(LinkError::Protocol(format!(
+                "change {source_seq} at {offset}+{length} is past the end of the {} byte volume",
+                volume.size
+            )));
+        }
+        last_received = source_seq;
+        let permit = group.reserve(payload.len() + 64).await;
+        let item = AppendItem::Change {
+            volume: Arc::clone(volume),
+            source_seq,
+            kind,
+            offset,
+            length,
+            payload,
+            progress: Arc::clone(progress),
+            _permit: permit,
+        };
+        if append.send(item).await.is_err() {
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! The `cdp` command line: argument parsing and one module per subcommand.
+
+mod status;
+pub mod units;
+mod up;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+/// Continuous data protection for block volumes: an NBD write-splitter, a journaling
+/// appliance, and any-point-in-time recovery.
+#[derive(Parser, Debug)]
+#[command(name = "cdp", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Start a protected volume with embedded defaults (appliance + splitter) and print how to attach it.
+    Up(up::UpArgs),
+    /// Run the appliance (journal, replica, control socket) from a TOML config.
+    Appliance {
+        /// Path to appliance.toml.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the splitter (NBD server for production volumes) from a TOML config.
+    Splitter {
+        /// Path to splitter.toml.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Show volumes, journal size, last sequence number and distribution lag.
+    Status(status::StatusArgs),
+}
+
+/// Entry point used by the `cdp` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cdp: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CDP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Up(args) => up::run(args),
+        Command::Appliance { config } => {
+            let text = std::fs::read_to_string(&config)
+                .with_context(|| format!("reading {}", config.display()))?;
+            let config = cdp_appliance::ApplianceConfig::from_toml(&text)
+                .with_context(|| format!("in {}", config.display()))?;
+            runtime()?.block_on(cdp_appliance::run(config, stop_signal()))?;
+            Ok(())
+        }
+        Command::Splitter { config } => {
+            let text = std::fs::read_to_string(&config)
+                .with_context(|| format!("reading {}", config.display()))?;
+            let config = cdp_splitter::SplitterConfig::from_toml(&text)
+                .with_context(|| format!("in {}", config.display()))?;
+            runtime()?.block_on(cdp_splitter::run(config, stop_signal()))?;
+            Ok(())
+        }
+        Command::Status(args) => status::run(args),
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub(crate) async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot watch SIGTERM: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, stopping"),
+        _ = term.recv() => tracing::info!("SIGTERM received, stopping"),
+    }
+}

@@ -1,0 +1,58 @@
+//! Human sizes: parsing `1G`, `512M`, `4096` and printing bytes as KiB/MiB/GiB.
+
+/// Parses a size with an optional binary suffix (K, M, G, T; `iB`/`B` accepted).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let upper = t.to_ascii_uppercase();
+    let stripped = upper
+        .strip_suffix("IB")
+        .or_else(|| upper.strip_suffix('B'))
+        .unwrap_or(&upper);
+    let (digits, shift) = match stripped.chars().last() {
+        Some('K') => (&stripped[..stripped.len() - 1], 10),
+        Some('M') => (&stripped[..stripped.len() - 1], 20),
+        Some('G') => (&stripped[..stripped.len() - 1], 30),
+        Some('T') => (&stripped[..stripped.len() - 1], 40),
+        _ => (stripped, 0),
+    };
+    let n: u64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (examples: 1G, 512M, 1048576)"))?;
+    n.checked_mul(1u64 << shift)
+        .filter(|&b| b > 0)
+        .ok_or_else(|| format!("{text:?} is zero or too large"))
+}
+
+pub fn format_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("2k"), Ok(2048));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        assert_eq!(format_bytes(1 << 30), "1.0 GiB");
+        assert_eq!(format_bytes(12), "12 B");
+    }
+}

@@ -1,0 +1,11 @@
+//! The split link: messages from splitter to appliance and back, their frame format and async codec.
+
+pub mod codec;
+pub mod error;
+pub mod frame;
+pub mod limits;
+pub mod message;
+
+pub use codec::{connect, FrameReader, FrameWriter, LinkStream};
+pub use error::LinkError;
+pub use message::Message;

@@ -1,0 +1,215 @@
+//! A volume copy on disk (production or replica): positioned I/O on a regular file or a block device.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+
+/// Largest zero-filled buffer written at once when the kernel cannot zero a range for us.
+const ZERO_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// A volume copy opened for positioned reads and writes.
+#[derive(Debug)]
+pub struct BlockFile {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    is_block_device: bool,
+}
+
+impl BlockFile {
+    /// Opens an existing file or block device read-write (or read-only) and learns its size.
+    pub fn open(path: &Path, read_only: bool) -> io::Result<BlockFile> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("open {}: {e}", path.display())))?;
+        let meta = file.metadata()?;
+        let is_block_device = meta.file_type().is_block_device();
+        let size = if is_block_device {
+            block_device_size(&file)?
+        } else if meta.is_file() {
+            meta.len()
+        } else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} is neither a regular file nor a block device",
+                    path.display()
+                ),
+            ));
+        };
+        Ok(BlockFile {
+            file,
+            path: path.to_path_buf(),
+            size,
+            is_block_device,
+        })
+    }
+
+    /// Creates a sparse regular file of `size` bytes if it does not exist, then opens it.
+    pub fn create_sparse(path: &Path, size: u64) -> io::Result<BlockFile> {
+        if !path.exists() {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            let file = OpenOptions::new().write(true).create_new(true).open(path)?;
+            file.set_len(size)?;
+            file.sync_all()?;
+        }
+        BlockFile::open(path, false)
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads exactly `length` bytes; a short file reads as zeroes past its end.
+    pub fn read_at(&self, offset: u64, length: usize) -> io::Result<Bytes> {
+        let mut buf: Vec<u8> = Vec::with_capacity(length);
+        let mut done = 0usize;
+        while done < length {
+            // SAFETY: pread writes at most `length - done` bytes into the spare capacity starting
+            // at `done`, and we only extend the length by what it reports as written.
+            let n = unsafe {
+                libc::pread(
+                    self.file.as_raw_fd(),
+                    buf.as_mut_ptr().add(done) as *mut libc::c_void,
+                    length - done,
+                    (offset + done as u64) as libc::off_t,
+                )
+            };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(err);
+            }
+            if n == 0 {
+                break;
+            }
+            done += n as usize;
+            // SAFETY: the first `done` bytes were initialised by pread above.
+            unsafe { buf.set_len(done) };
+        }
+        buf.resize(length, 0);
+        Ok(Bytes::from(buf))
+    }
+
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(data, offset)
+    }
+
+    /// Makes every completed write durable (fdatasync).
+    pub fn sync_data(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Discards a range so that it reads back as zeroes on both production and replica.
+    /// A hole is punched where the file system supports it; otherwise zeroes are written.
+    pub fn trim(&self, offset: u64, length: u64) -> io::Result<()> {
+        self.zero(offset, length, true)
+    }
+
+    /// Sets a range to zeroes; `may_punch` allows deallocating it (NBD's NO_HOLE unset).
+    pub fn zero(&self, offset: u64, length: u64, may_punch: bool) -> io::Result<()> {
+        if length == 0 {
+            return Ok(());
+        }
+        if self.is_block_device {
+            if self.blk_zero_out(offset, length).is_ok() {
+                return Ok(());
+            }
+        } else {
+            let mode = if may_punch {
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+            } else {
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+            };
+            // SAFETY: fallocate on an open descriptor with in-range values has no memory effects.
+            let rc = unsafe {
+                libc::fallocate(
+                    self.file.as_raw_fd(),
+                    mode,
+                    offset as libc::off_t,
+                    length as libc::off_t,
+                )
+            };
+            if rc == 0 {
+                return Ok(());
+            }
+        }
+        self.write_zeroes_slowly(offset, length)
+    }
+
+    fn write_zeroes_slowly(&self, offset: u64, length: u64) -> io::Result<()> {
+        let zeroes = vec![0u8; ZERO_CHUNK_BYTES.min(length as usize)];
+        let mut at = offset;
+        let end = offset + length;
+        while at < end {
+            let n = ((end - at) as usize).min(zeroes.len());
+            self.file.write_all_at(&zeroes[..n], at)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    fn blk_zero_out(&self, offset: u64, length: u64) -> io::Result<()> {
+        // BLKZEROOUT = _IO(0x12, 127); it guarantees zeroes, unlike BLKDISCARD.
+        const BLKZEROOUT: libc::c_ulong = 0x127f;
+        let range: [u64; 2] = [offset, length];
+        // SAFETY: the ioctl reads two u64 values from `range`, which lives across the call.
+        let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), BLKZEROOUT, range.as_ptr()) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+fn block_device_size(file: &File) -> io::Result<u64> {
+    // BLKGETSIZE64 = _IOR(0x12, 114, size_t)
+    const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+    let mut size: u64 = 0;
+    // SAFETY: the ioctl writes one u64 into `size`.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_read_trim_zero_match_a_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.img");
+        let v = BlockFile::create_sparse(&path, 1 << 20).unwrap();
+        let mut model = vec![0u8; 1 << 20];
+        let data: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+        v.write_at(1000, &data).unwrap();
+        model[1000..71_000].copy_from_slice(&data);
+        v.trim(4096, 8192).unwrap();
+        model[4096..12288].fill(0);
+        v.zero(20_000, 5000, false).unwrap();
+        model[20_000..25_000].fill(0);
+        assert_eq!(&v.read_at(0, 1 << 20).unwrap()[..], &model[..]);
+        // Reads past the end of a short file are zero-filled, never garbage.
+        assert_eq!(
+            &v.read_at((1 << 20) - 10, 10).unwrap()[..],
+            &model[(1 << 20) - 10..]
+        );
+    }
+}

@@ -1,0 +1,453 @@
+//! The journal of one consistency group: append, group-committed sync, and the state
+//! readers share. Files are handled by `segment`, bytes by `format`, opening by `recover`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+
+use cdp_types::{Seq, TimestampNs};
+
+use crate::config::JournalConfig;
+use crate::env::{DirLock, Env};
+use crate::error::JournalError;
+use crate::format::{RecordHeader, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
+use crate::group_commit::{CommitError, GroupCommit};
+use crate::limits::{
+    BATCH_BYTES_MAX, BATCH_RECORDS_MAX, PAYLOAD_COPY_BYTES_MAX, SCRATCH_BYTES_RETAINED_MAX,
+};
+use crate::reader::JournalReader;
+use crate::record::RecordIn;
+use crate::recover::{self, RecoveryReport, FIRST_SEGMENT_INDEX};
+use crate::segment::Segment;
+
+/// Name of the directory, inside the directory given to `open`, holding the segments.
+pub const JOURNAL_DIR_NAME: &str = "journal";
+/// Lock file inside the journal directory.
+const LOCK_FILE_NAME: &str = "LOCK";
+
+/// An open journal. `Send + Sync`: share it as `Arc<Journal>`; appends are serialized by
+/// an internal mutex, syncs are group-committed, readers run without blocking appends.
+pub struct Journal {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal")
+            .field("dir", &self.inner.dir)
+            .field("group_id", &self.inner.group_id)
+            .field("last_seq", &self.inner.last_seq())
+            .field("durable_seq", &self.inner.commit.durable())
+            .finish()
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) dir: PathBuf,
+    pub(crate) group_id: u64,
+    config: JournalConfig,
+    env: Env,
+    writer: Mutex<Writer>,
+    /// Every segment, in index order; the last one is being appended to.
+    segments: RwLock<Vec<Arc<Segment>>>,
+    commit: GroupCommit,
+    /// Highest seq whose append has returned; readers and `sync` targets use it.
+    last_seq: AtomicU64,
+    _lock: DirLock,
+}
+
+/// State only the appender touches, behind `Inner::writer`.
+struct Writer {
+    active: Arc<Segment>,
+    next_seq: u64,
+    last_timestamp_ns: u64,
+    /// Record headers (and small payloads) of the batch being written, reused.
+    scratch: Vec<u8>,
+    /// How the batch's bytes are laid out: scratch ranges and big payloads, reused.
+    plan: Vec<Piece>,
+}
+
+/// One contiguous piece of a batch write.
+#[derive(Debug, Clone, Copy)]
+enum Piece {
+    Scratch { start: usize, end: usize },
+    Payload { record: usize },
+}
+
+impl Inner {
+    fn lock_writer(&self) -> MutexGuard<'_, Writer> {
+        // A panic under the writer lock (an assert) leaves the journal in an unknown
+        // state: fence, so nothing more is appended or acknowledged until reopen.
+        self.writer.lock().unwrap_or_else(|e| {
+            self.commit.fence();
+            e.into_inner()
+        })
+    }
+
+    pub(crate) fn segments(&self) -> RwLockReadGuard<'_, Vec<Arc<Segment>>> {
+        self.segments.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The segment holding `seq` (the last one whose first seq is ≤ `seq`), or the first.
+    pub(crate) fn segment_for(&self, seq: u64) -> Arc<Segment> {
+        let segs = self.segments();
+        let i = segs.partition_point(|s| s.first_seq <= seq);
+        segs[i.saturating_sub(1)].clone()
+    }
+
+    /// The segment after `index`, if it exists yet.
+    pub(crate) fn segment_after(&self, index: u64) -> Option<Arc<Segment>> {
+        let segs = self.segments();
+        let i = segs.partition_point(|s| s.index <= index);
+        segs.get(i).cloned()
+    }
+
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.last_seq.load(Ordering::Acquire)
+    }
+
+    /// Seals the active segment and starts the next. The sealed segment is fdatasynced
+    /// first so `sync` only ever needs to fdatasync the active one.
+    fn roll(&self, w: &mut Writer) -> Result<(), JournalError> {
+        if let Err(e) = w.active.sync() {
+            // Never retry fsync: the page cache may have dropped the failed pages.
+            self.commit.fence();
+            return Err(e);
+        }
+        let index = w.active.index + 1;
+        let seg = Segment::create(
+            &self.env,
+            &self.dir,
+            self.group_id,
+            index,
+            w.next_seq,
+            TimestampNs::now().0,
+        )?;
+        if let Err(e) = self.env.sync_dir(&self.dir) {
+            self.commit.fence();
+            return Err(JournalError::io("fsync dir", &self.dir, e));
+        }
+        let seg = Arc::new(seg);
+        self.segments
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(seg.clone());
+        w.active = seg;
+        tracing::debug!(index, first_seq = w.next_seq, "journal segment started");
+        Ok(())
+    }
+}
+
+impl Journal {
+    /// Opens the journal of `group_id` under `dir/journal`, creating it if absent and
+    /// recovering it (cutting a torn tail) otherwise.
+    pub fn open(
+        dir: &Path,
+        group_id: u64,
+        config: JournalConfig,
+    ) -> Result<(Journal, RecoveryReport), JournalError> {
+        Journal::open_with_env(dir, group_id, config, Env::new())
+    }
+
+    /// `open` with an explicit file-system seam (fault injection in tests).
+    pub fn open_with_env(
+        dir: &Path,
+        group_id: u64,
+        mut config: JournalConfig,
+        env: Env,
+    ) -> Result<(Journal, RecoveryReport), JournalError> {
+        config.sanitize()?;
+        let jdir = dir.join(JOURNAL_DIR_NAME);
+        if !jdir.is_dir() {
+            fs::create_dir_all(&jdir).map_err(|e| JournalError::io("mkdir", &jdir, e))?;
+            env.sync_dir(dir)
+                .map_err(|e| JournalError::io("fsync dir", dir, e))?;
+        }
+        let lock_path = jdir.join(LOCK_FILE_NAME);
+        let lock = DirLock::acquire(&lock_path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                JournalError::InvalidArgument(format!("journal {} is already open", jdir.display()))
+            } else {
+                JournalError::io("lock", &lock_path, e)
+            }
+        })?;
+
+        let recovered = recover::recover(&env, &jdir, group_id)?;
+        let mut report = recovered.report;
+        let mut segments: Vec<Arc<Segment>> =
+            recovered.segments.into_iter().map(Arc::new).collect();
+        if segments.is_empty() {
+            let seg = Segment::create(
+                &env,
+                &jdir,
+                group_id,
+                FIRST_SEGMENT_INDEX,
+                recovered.next_seq,
+                TimestampNs::now().0,
+            )?;
+            env.sync_dir(&jdir)
+                .map_err(|e| JournalError::io("fsync dir", &jdir, e))?;
+            segments.push(Arc::new(seg));
+            report.segments = 1;
+            report.last_seq = Seq(recovered.next_seq - 1);
+        }
+        let active = segments[segments.len() - 1].clone();
+        let last_seq = recovered.next_seq - 1;
+        if report.tail_cut.is_some() {
+            tracing::warn!(?report, "journal recovered with a cut tail");
+        } else {
+            tracing::info!(?report, "journal opened");
+        }
+        let inner = Inner {
+            dir: jdir,
+            group_id,
+            config,
+            env,
+            writer: Mutex::new(Writer {
+                active,
+                next_seq: recovered.next_seq,
+                last_timestamp_ns: recovered.last_timestamp_ns,
+                scratch: Vec::new(),
+                plan: Vec::new(),
+            }),
+            segments: RwLock::new(segments),
+            // Recovery fdatasynced the last segment, so all it found is durable.
+            commit: GroupCommit::new(last_seq),
+            last_seq: AtomicU64::new(last_seq),
+            _lock: lock,
+        };
+        Ok((
+            Journal {
+                inner: Arc::new(inner),
+            },
+            report,
+        ))
+    }
+
+    /// Appends `records` in order (to the page cache; call `sync` for durability) and
+    /// returns the seq of the last one; an empty slice returns the current `last_seq`.
+    /// All records of one call share a timestamp; timestamps never go backwards.
+    ///
+    /// On error no record of the batch is visible, unless the journal is fenced (then it
+    /// must be reopened, and recovery shows which records reached the disk).
+    pub fn append(&self, records: &[RecordIn]) -> Result<Seq, JournalError> {
+        if records.len() > BATCH_RECORDS_MAX {
+            return Err(JournalError::InvalidArgument(format!(
+                "batch of {} records exceeds {BATCH_RECORDS_MAX}",
+                records.len()
+            )));
+        }
+        let mut batch_bytes = 0u64;
+        for r in records {
+            r.validate()?;
+            batch_bytes += RECORD_HEADER_LEN as u64 + r.payload.len() as u64;
+        }
+        if batch_bytes > BATCH_BYTES_MAX {
+            return Err(JournalError::InvalidArgument(format!(
+                "batch of {batch_bytes} bytes exceeds {BATCH_BYTES_MAX}"
+            )));
+        }
+
+        let inner = &*self.inner;
+        let mut guard = inner.lock_writer();
+        let w = &mut *guard;
+        if inner.commit.is_fenced() {
+            return Err(JournalError::Fenced);
+        }
+        if records.is_empty() {
+            return Ok(Seq(w.next_seq - 1));
+        }
+        let timestamp_ns = TimestampNs::now().0.max(w.last_timestamp_ns);
+        w.last_timestamp_ns = timestamp_ns;
+        let segment_max = inner.config.segment_bytes_max;
+
+        // The batch is written in parts, one per segment it lands in; usually one part.
+        let mut first = 0;
+        let mut parts = 0;
+        while first < records.len() {
+            let seg = w.active.clone();
+            let start = seg.written();
+            let mut end = start;
+            let mut last = first;
+            while last < records.len() {
+                let size = RECORD_HEADER_LEN as u64 + records[last].payload.len() as u64;
+                // A segment always takes at least one record, however big.
+                if end + size > segment_max && end > SEGMENT_HEADER_LEN as u64 {
+                    break;
+                }
+                end += size;
+                last += 1;
+            }
+            if last == first {
+                if let Err(e) = inner.roll(w) {
+                    if parts > 0 {
+                        // Part of this batch is already in an earlier segment.
+                        inner.commit.fence();
+                    }
+                    return Err(e);
+                }
+                continue;
+            }
+            encode_part(w, inner.group_id, &seg, records, first, last, timestamp_ns);
+            let bufs: Vec<&[u8]> = w
+                .plan
+                .iter()
+                .map(|p| match *p {
+                    Piece::Scratch { start, end } => &w.scratch[start..end],
+                    Piece::Payload { record } => &records[record].payload[..],
+                })
+                .collect();
+            if let Err(failure) = seg.append(&bufs, end - start) {
+                if !failure.undone || parts > 0 {
+                    tracing::error!(error = %failure.error, "journal append failed and could not be undone; fencing");
+                    inner.commit.fence();
+                } else {
+                    tracing::warn!(error = %failure.error, "journal append failed; truncated back");
+                }
+                return Err(failure.error);
+            }
+            if w.scratch.capacity() > SCRATCH_BYTES_RETAINED_MAX {
+                // One huge batch of small records should not pin its buffer forever.
+                w.scratch = Vec::new();
+            }
+            w.next_seq += (last - first) as u64;
+            inner.last_seq.store(w.next_seq - 1, Ordering::Release);
+            parts += 1;
+            first = last;
+        }
+        Ok(Seq(w.next_seq - 1))
+    }
+
+    /// Group commit: returns `Ok(s)` once every record appended before this call is
+    /// durable, with `s` ≥ their seqs. Concurrent callers share one fdatasync. A failed
+    /// fdatasync fences the journal: this and every later call fails until reopen.
+    pub fn sync(&self) -> Result<Seq, JournalError> {
+        let inner = &*self.inner;
+        let target = inner.last_seq();
+        let result = inner.commit.commit(target, || {
+            // Snapshot under the writer lock: every seq ≤ `seq` is in `active` or in an
+            // earlier, already fdatasynced segment.
+            let (active, seq) = {
+                let w = inner.lock_writer();
+                (w.active.clone(), w.next_seq - 1)
+            };
+            active.sync()?;
+            Ok(seq)
+        });
+        match result {
+            Ok(durable) => Ok(Seq(durable)),
+            Err(CommitError::Failed(e)) => {
+                tracing::error!(error = %e, "journal fdatasync failed; fencing");
+                Err(e)
+            }
+            Err(CommitError::Fenced) => Err(JournalError::Fenced),
+        }
+    }
+
+    /// Seq of the last appended record (0 if none ever).
+    pub fn last_seq(&self) -> Seq {
+        Seq(self.inner.last_seq())
+    }
+
+    /// Highest seq known durable.
+    pub fn durable_seq(&self) -> Seq {
+        Seq(self.inner.commit.durable())
+    }
+
+    /// Seq of the oldest record kept (or that the next record will get, if there are
+    /// none). Records `first_seq..=last_seq` are readable.
+    pub fn first_seq(&self) -> Seq {
+        Seq(self.inner.segments()[0].first_seq)
+    }
+
+    /// Bytes in all segment files (headers included), as far as appends have returned.
+    pub fn size_bytes(&self) -> u64 {
+        self.inner.segments().iter().map(|s| s.written()).sum()
+    }
+
+    /// The first seq of every segment, oldest first; lets a caller scan the journal
+    /// backwards a segment at a time.
+    pub fn segment_first_seqs(&self) -> Vec<Seq> {
+        self.inner
+            .segments()
+            .iter()
+            .map(|s| Seq(s.first_seq))
+            .collect()
+    }
+
+    pub fn segment_count(&self) -> usize {
+        self.inner.segments().len()
+    }
+
+    /// Whether a failed fsync or an undoable append fenced the journal.
+    pub fn is_fenced(&self) -> bool {
+        self.inner.commit.is_fenced()
+    }
+
+    /// The directory holding the segment files (`dir/journal`).
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    pub fn group_id(&self) -> u64 {
+        self.inner.group_id
+    }
+
+    /// Reads records with seq ≥ `seq` in order, CRC-checked, from the segment files.
+    /// The iterator yields what has been appended when `next` is called; it returns
+    /// `None` when it catches up and may yield more after later appends. A reader keeps
+    /// the journal's files (and its directory lock) open until it is dropped.
+    pub fn read_from(&self, seq: Seq) -> Result<JournalReader, JournalError> {
+        Ok(JournalReader::new(self.inner.clone(), seq.0.max(1)))
+    }
+}
+
+/// Encodes records `first..last` for `seg` into the writer's scratch buffer and plan.
+fn encode_part(
+    w: &mut Writer,
+    group_id: u64,
+    seg: &Segment,
+    records: &[RecordIn],
+    first: usize,
+    last: usize,
+    timestamp_ns: u64,
+) {
+    w.scratch.clear();
+    w.plan.clear();
+    let mut piece_start = 0;
+    for (k, r) in records.iter().enumerate().take(last).skip(first) {
+        let mut header = RecordHeader {
+            kind: r.kind,
+            volume: r.volume,
+            seq: w.next_seq + (k - first) as u64,
+            timestamp_ns,
+            offset: r.offset,
+            length: r.length,
+            source_seq: r.source_seq,
+            payload_len: r.payload.len() as u32,
+            crc: 0,
+        };
+        let mut out = [0u8; RECORD_HEADER_LEN];
+        header.encode(group_id, seg.index, &r.payload, &mut out);
+        // Paired assertion: what we write must decode to what we meant.
+        debug_assert_eq!(RecordHeader::decode(&out).ok(), Some(header));
+        w.scratch.extend_from_slice(&out);
+        if r.payload.len() <= PAYLOAD_COPY_BYTES_MAX {
+            w.scratch.extend_from_slice(&r.payload);
+        } else {
+            w.plan.push(Piece::Scratch {
+                start: piece_start,
+                end: w.scratch.len(),
+            });
+            w.plan.push(Piece::Payload { record: k });
+            piece_start = w.scratch.len();
+        }
+    }
+    if piece_start < w.scratch.len() {
+        w.plan.push(Piece::Scratch {
+            start: piece_start,
+            end: w.scratch.len(),
+        });
+    }
+}

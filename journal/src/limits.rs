@@ -1,0 +1,68 @@
+//! Every bound the journal enforces, in one place, with what each one costs.
+//!
+//! Anything a caller or a file controls is checked against these before memory is
+//! allocated or bytes are written (TIGER_STYLE: put a limit on everything).
+
+use crate::format::{RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
+
+const MIB: u64 = 1024 * 1024;
+
+/// Largest payload of one `Write` record: an NBD request is at most 32 MiB, so a
+/// record never needs more. A reader allocates up to this much for one record.
+pub const WRITE_PAYLOAD_BYTES_MAX: u64 = 32 * MIB;
+
+/// Largest `payload_len` a decoder accepts from disk: the write limit plus a margin so a
+/// later version may raise the write limit a little without old readers rejecting it.
+/// Checked before any allocation, so a corrupt length cannot make a reader allocate more.
+pub const RECORD_PAYLOAD_BYTES_MAX: u64 = WRITE_PAYLOAD_BYTES_MAX + MIB;
+
+/// Longest bookmark name, in bytes. Bookmarks are few and small; this keeps a corrupt
+/// or hostile name from costing more than a page.
+pub const BOOKMARK_NAME_BYTES_MAX: u64 = 4096;
+
+/// Most records one `append` call may carry. Each record costs one header in the
+/// writer's scratch buffer and up to two iovecs.
+pub const BATCH_RECORDS_MAX: usize = 16 * 1024;
+
+/// Most bytes (headers plus payloads) one `append` call may carry. The batch is held
+/// by the caller; this bounds how long the writer lock is held for one call.
+pub const BATCH_BYTES_MAX: u64 = 256 * MIB;
+
+/// Smallest segment a config may ask for; smaller values are clamped with a warning.
+/// Tiny segments would cost a file, an fsync and a directory fsync per few records.
+pub const SEGMENT_BYTES_MIN: u64 = MIB;
+
+/// Default segment size: big enough that rollovers (two fsyncs) are rare, small enough
+/// that retention can free space in useful steps.
+pub const SEGMENT_BYTES_DEFAULT: u64 = 256 * MIB;
+
+/// Largest segment a config may ask for; larger values are clamped with a warning.
+/// Recovery scans the last segment fully on open, so this bounds open time.
+pub const SEGMENT_BYTES_MAX: u64 = 16 * 1024 * MIB;
+
+/// Most iovecs passed to one `pwritev` (Linux's `IOV_MAX`). A larger batch is written
+/// with several calls at consecutive offsets.
+pub const IOVECS_PER_WRITE_MAX: usize = 1024;
+
+/// Payloads up to this size are copied next to their header in the scratch buffer
+/// instead of costing an iovec of their own; copying 4 KiB is cheaper than the kernel's
+/// per-iovec work and keeps big batches of small writes within few `pwritev` calls.
+pub const PAYLOAD_COPY_BYTES_MAX: usize = 4096;
+
+/// The writer's scratch buffer (record headers and small payloads of one batch) is
+/// dropped after a batch that grew it beyond this, so memory returns after a burst.
+pub const SCRATCH_BYTES_RETAINED_MAX: usize = 4 * 1024 * 1024;
+
+/// Read-ahead buffer of one reader or scanner. Costs this much memory per open reader.
+pub const READ_AHEAD_BYTES: usize = 256 * 1024;
+
+const _: () = assert!(RECORD_PAYLOAD_BYTES_MAX <= u32::MAX as u64);
+const _: () = assert!(WRITE_PAYLOAD_BYTES_MAX <= RECORD_PAYLOAD_BYTES_MAX);
+const _: () = assert!(BOOKMARK_NAME_BYTES_MAX <= RECORD_PAYLOAD_BYTES_MAX);
+const _: () = assert!(SEGMENT_BYTES_MIN <= SEGMENT_BYTES_DEFAULT);
+const _: () = assert!(SEGMENT_BYTES_DEFAULT <= SEGMENT_BYTES_MAX);
+const _: () = assert!(SEGMENT_BYTES_MIN > (SEGMENT_HEADER_LEN + RECORD_HEADER_LEN) as u64);
+const _: () = assert!(BATCH_BYTES_MAX >= WRITE_PAYLOAD_BYTES_MAX + RECORD_HEADER_LEN as u64);
+const _: () = assert!(READ_AHEAD_BYTES >= RECORD_HEADER_LEN);
+const _: () = assert!(PAYLOAD_COPY_BYTES_MAX < READ_AHEAD_BYTES);
+const _: () = assert!(IOVECS_PER_WRITE_MAX >= 2);

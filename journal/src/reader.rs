@@ -1,0 +1,122 @@
+//! Reading records back in seq order from the segment files, across segment boundaries,
+//! concurrently with appends.
+
+use std::sync::Arc;
+
+use cdp_types::{Seq, TimestampNs};
+
+use crate::engine::Inner;
+use crate::error::JournalError;
+use crate::format::SEGMENT_HEADER_LEN;
+use crate::record::Record;
+use crate::scan::{Payload, ScanError, Scanner};
+use crate::segment::Segment;
+
+/// Iterator over records with seq ≥ a start, in order. Each `next` sees every append
+/// that returned before it; at the end it returns `None` and may yield more later.
+/// After an error it returns `None` for good.
+pub struct JournalReader {
+    inner: Arc<Inner>,
+    segment: Option<Arc<Segment>>,
+    scanner: Scanner,
+    next_seq: u64,
+    failed: bool,
+}
+
+impl JournalReader {
+    pub(crate) fn new(inner: Arc<Inner>, seq: u64) -> JournalReader {
+        let first = inner.segments()[0].first_seq;
+        let group_id = inner.group_id;
+        JournalReader {
+            inner,
+            segment: None,
+            scanner: Scanner::new(group_id, 0, SEGMENT_HEADER_LEN as u64),
+            next_seq: seq.max(first),
+            failed: false,
+        }
+    }
+
+    /// The seq the next record returned will have.
+    pub fn next_seq(&self) -> Seq {
+        Seq(self.next_seq)
+    }
+
+    fn fail(&mut self, e: JournalError) -> Option<Result<Record, JournalError>> {
+        self.failed = true;
+        Some(Err(e))
+    }
+}
+
+impl Iterator for JournalReader {
+    type Item = Result<Record, JournalError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        loop {
+            let seg = match &self.segment {
+                Some(s) => s.clone(),
+                None => {
+                    let s = self.inner.segment_for(self.next_seq);
+                    self.scanner.reset(s.index, SEGMENT_HEADER_LEN as u64);
+                    self.segment = Some(s.clone());
+                    s
+                }
+            };
+            let limit = seg.written();
+            if self.scanner.pos() >= limit {
+                let next = self.inner.segment_after(seg.index)?;
+                // The writer publishes everything in a segment before starting the next,
+                // so once the next exists this segment's length is final; recheck it.
+                if seg.written() > self.scanner.pos() {
+                    continue;
+                }
+                if next.first_seq > self.next_seq {
+                    let what = format!(
+                        "segment starts at seq {} but seq {} was expected",
+                        next.first_seq, self.next_seq
+                    );
+                    return self.fail(JournalError::corruption(next.path(), 0, what));
+                }
+                self.scanner.reset(next.index, SEGMENT_HEADER_LEN as u64);
+                self.segment = Some(next);
+                continue;
+            }
+            match self
+                .scanner
+                .next(seg.file(), limit, Payload::KeepFrom(self.next_seq))
+            {
+                Ok(None) => continue,
+                Ok(Some(r)) => {
+                    let h = r.header;
+                    if h.seq < self.next_seq {
+                        continue;
+                    }
+                    if h.seq != self.next_seq {
+                        let what =
+                            format!("record seq {} where {} was expected", h.seq, self.next_seq);
+                        return self.fail(JournalError::corruption(seg.path(), r.offset, what));
+                    }
+                    self.next_seq += 1;
+                    return Some(Ok(Record {
+                        seq: Seq(h.seq),
+                        timestamp: TimestampNs(h.timestamp_ns),
+                        kind: h.kind,
+                        volume: h.volume,
+                        source_seq: h.source_seq,
+                        offset: h.offset,
+                        length: h.length,
+                        payload: r.payload,
+                    }));
+                }
+                Err(ScanError::Corrupt { offset, what }) => {
+                    return self.fail(JournalError::corruption(seg.path(), offset, what));
+                }
+                Err(ScanError::Io { error, .. }) => {
+                    return self.fail(JournalError::io("read", seg.path(), error));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! The splitter's TOML configuration.
+
+use std::path::PathBuf;
+
+use cdp_types::{validate_name, Endpoint};
+use serde::{Deserialize, Serialize};
+
+use crate::error::SplitterError;
+
+/// Default NBD handshake limit: generous, because a guest VM may open its end of the socket
+/// many seconds after connecting.
+pub const HANDSHAKE_TIMEOUT_S_DEFAULT: u64 = 60;
+
+/// `splitter.toml`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplitterConfig {
+    /// Where the appliance accepts split links: `unix:PATH` or `HOST:PORT`.
+    pub appliance: Endpoint,
+    /// NBD over a unix socket at this path. Optional.
+    #[serde(default)]
+    pub nbd_unix: Option<PathBuf>,
+    /// NBD over TCP, for example `127.0.0.1:10809`. Optional; at least one listener is required.
+    #[serde(default)]
+    pub nbd_tcp: Option<String>,
+    /// Seconds a client may take to finish the NBD handshake. Default 60, minimum 1.
+    #[serde(default = "handshake_timeout_default")]
+    pub handshake_timeout_s: u64,
+    /// One NBD export per protected volume.
+    #[serde(default)]
+    pub volume: Vec<SplitVolumeConfig>,
+}
+
+fn handshake_timeout_default() -> u64 {
+    HANDSHAKE_TIMEOUT_S_DEFAULT
+}
+
+/// One protected volume served by this splitter.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplitVolumeConfig {
+    /// Volume name; also the NBD export name and the name the appliance knows it by.
+    pub name: String,
+    /// The production volume: an existing regular file or block device.
+    pub path: PathBuf,
+    /// Serve the export read-only (writes are answered with EPERM). Default false.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl SplitterConfig {
+    pub fn from_toml(text: &str) -> Result<SplitterConfig, SplitterError> {
+        let config: SplitterConfig =
+            toml::from_str(text).map_err(|e| SplitterError::Config(e.to_string()))?;
+        config.sanitize()
+    }
+
+    /// Rejects contradictions; clamps soft mistakes with a warning.
+    pub fn sanitize(mut self) -> Result<SplitterConfig, SplitterError> {
+        if self.nbd_unix.is_none() && self.nbd_tcp.is_none() {
+            return Err(SplitterError::Config(
+                "no NBD listener: set nbd_unix and/or nbd_tcp".into(),
+            ));
+        }
+        if self.volume.is_empty() {
+            return Err(SplitterError::Config(
+                "no [[volume]] configured: nothing to serve".into(),
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for v in &self.volume {
+            validate_name(&v.name).map_err(|e| SplitterError::Config(e.to_string()))?;
+            if !seen.insert(v.name.clone()) {
+                return Err(SplitterError::Config(format!(
+                    "volume {:?} is configured twice",
+                    v.name
+                )));
+            }
+        }
+        if self.handshake_timeout_s == 0 {
+            tracing::warn!("handshake_timeout_s = 0 is unusable; using 1");
+            self.handshake_timeout_s = 1;
+        }
+        Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_rejects_contradictions() {
+        let ok = SplitterConfig::from_toml(
+            "appliance = \"unix:/tmp/l.sock\"\nnbd_unix = \"/tmp/n.sock\"\n[[volume]]\nname = \"vol0\"\npath = \"/tmp/p.img\"\n",
+        )
+        .unwrap();
+        assert_eq!(ok.handshake_timeout_s, 60);
+        assert!(!ok.volume[0].read_only);
+        let none = SplitterConfig::from_toml(
+            "appliance = \"unix:/tmp/l.sock\"\n[[volume]]\nname = \"vol0\"\npath = \"/p\"\n",
+        );
+        assert!(none.is_err());
+        let dup = SplitterConfig::from_toml(
+            "appliance = \"unix:/l\"\nnbd_unix = \"/n\"\n[[volume]]\nname = \"a\"\npath = \"/p\"\n[[volume]]\nname = \"a\"\npath = \"/q\"\n",
+        );
+        assert!(dup.is_err());
+        let typo = SplitterConfig::from_toml("appliance = \"unix:/l\"\nnbd_unixx = \"/n\"\n");
+        assert!(typo.is_err());
+    }
+}

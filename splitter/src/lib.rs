@@ -1,0 +1,122 @@
+//! The write splitter: serves production volumes over NBD and mirrors every change to the appliance.
+
+pub mod config;
+pub mod error;
+pub mod limits;
+pub mod split_export;
+pub mod split_link;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cdp_nbd::{ExportRegistry, Server, ServerConfig};
+use cdp_types::BlockFile;
+use tokio::sync::watch;
+
+pub use config::{SplitVolumeConfig, SplitterConfig};
+pub use error::SplitterError;
+use split_export::SplitExport;
+use split_link::SplitLink;
+
+/// How long a clean stop waits for the appliance to make the last changes durable.
+const STOP_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs the splitter until `shutdown` completes.
+pub async fn run(
+    config: SplitterConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), SplitterError> {
+    let registry = ExportRegistry::new();
+    let mut volumes = Vec::new();
+    for v in &config.volume {
+        let production =
+            Arc::new(
+                BlockFile::open(&v.path, v.read_only).map_err(|e| SplitterError::Volume {
+                    volume: v.name.clone(),
+                    what: e.to_string(),
+                })?,
+            );
+        if production.size() == 0 {
+            return Err(SplitterError::Volume {
+                volume: v.name.clone(),
+                what: format!("{} is empty (0 bytes)", v.path.display()),
+            });
+        }
+        let link = SplitLink::start(&v.name, production.size(), config.appliance.clone());
+        let export = SplitExport::new(Arc::clone(&production), Arc::clone(&link), v.read_only);
+        registry
+            .add(
+                &v.name,
+                &format!("cdp protected volume {}", v.name),
+                Arc::new(export),
+            )
+            .map_err(|e| SplitterError::Nbd(e.to_string()))?;
+        volumes.push((v.name.clone(), production, link));
+    }
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::pin!(shutdown);
+    for (name, _, link) in &volumes {
+        if !link.is_connected() {
+            tracing::info!(volume = %name, appliance = %config.appliance, "waiting for the appliance");
+        }
+        tokio::select! {
+            () = link.wait_ready() => {}
+            () = &mut shutdown => return Ok(()),
+        }
+    }
+
+    let server = Arc::new(Server::new(
+        registry,
+        ServerConfig {
+            handshake_timeout: Duration::from_secs(config.handshake_timeout_s),
+            ..ServerConfig::default()
+        },
+    ));
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(path) = &config.nbd_unix {
+        let listener = cdp_link::codec::bind_unix(path)?;
+        tracing::info!("NBD listening on unix:{}", path.display());
+        let server = Arc::clone(&server);
+        let stop = stopped(stop_rx.clone());
+        tasks.spawn(async move { server.serve_unix(listener, stop).await });
+    }
+    if let Some(addr) = &config.nbd_tcp {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        tracing::info!("NBD listening on {}", listener.local_addr()?);
+        let server = Arc::clone(&server);
+        let stop = stopped(stop_rx.clone());
+        tasks.spawn(async move { server.serve_tcp(listener, stop).await });
+    }
+    tracing::info!(volumes = volumes.len(), "splitter ready");
+
+    tokio::select! {
+        () = &mut shutdown => {}
+        Some(done) = tasks.join_next() => {
+            if let Ok(Err(e)) = done {
+                tracing::error!("NBD listener failed: {e}");
+            }
+        }
+    }
+    let _ = stop_tx.send(true);
+    for (name, production, link) in &volumes {
+        let last = link.last_seq();
+        if let Err(e) = production.sync_data() {
+            tracing::error!(volume = %name, "final production sync failed: {e}");
+        }
+        if tokio::time::timeout(STOP_FLUSH_TIMEOUT, link.wait_durable(last))
+            .await
+            .is_err()
+        {
+            tracing::warn!(volume = %name, last, "appliance did not confirm the last changes before stop");
+        }
+    }
+    tasks.shutdown().await;
+    tracing::info!("splitter stopped");
+    Ok(())
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}

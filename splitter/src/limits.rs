@@ -1,0 +1,21 @@
+//! Bounds on the splitter's queues.
+
+/// Bytes of host writes that may be applied to production but not yet acknowledged by the
+/// appliance. Host writes wait for room beyond this, which is how a slow or absent appliance
+/// pushes back on the host instead of growing memory without bound. Each byte is held in
+/// memory until the appliance's Ack so it can be resent after a reconnect.
+pub const UNACKED_BYTES_MAX: usize = 256 * 1024 * 1024;
+
+/// Changes handed to the socket in one batch before the writer flushes.
+pub const SEND_BATCH_MESSAGES_MAX: usize = 256;
+
+/// Cost charged against `UNACKED_BYTES_MAX` for a change without payload (trim, zero), so that
+/// a flood of them is bounded too.
+pub const CHANGE_OVERHEAD_BYTES: usize = 64;
+
+/// Longest pause between reconnect attempts to the appliance.
+pub const RECONNECT_BACKOFF_MS_MAX: u64 = 2000;
+
+/// A host request is at most 32 MiB, which must fit in the unacked window or it could never start.
+const _: () = assert!(UNACKED_BYTES_MAX >= 2 * 32 * 1024 * 1024);
+const _: () = assert!(UNACKED_BYTES_MAX <= u32::MAX as usize);

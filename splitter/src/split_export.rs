@@ -1,0 +1,135 @@
+//! The NBD export of a protected volume: reads from production, changes to production and the split link.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use cdp_link::Message;
+use cdp_nbd::export::{Export, ExportError, ExportFeatures};
+use cdp_types::BlockFile;
+
+use crate::split_link::SplitLink;
+
+/// Serves one production volume; every change is mirrored to the appliance before it is answered.
+pub struct SplitExport {
+    production: Arc<BlockFile>,
+    link: Arc<SplitLink>,
+    read_only: bool,
+}
+
+impl SplitExport {
+    pub fn new(production: Arc<BlockFile>, link: Arc<SplitLink>, read_only: bool) -> Self {
+        SplitExport {
+            production,
+            link,
+            read_only,
+        }
+    }
+
+    /// Applies a change to production and the link, then waits until the journal has it.
+    async fn change(
+        &self,
+        payload_bytes: usize,
+        apply: impl FnOnce(&BlockFile) -> std::io::Result<()>,
+        message: impl FnOnce(u64) -> Message,
+        fua: bool,
+    ) -> Result<(), ExportError> {
+        let _permit = self.link.reserve(payload_bytes).await;
+        let source_seq = self
+            .link
+            .submit(|| apply(&self.production), message)
+            .map_err(ExportError::Io)?;
+        self.link.wait_acked(source_seq).await;
+        if fua {
+            self.make_durable(source_seq).await?;
+        }
+        Ok(())
+    }
+
+    /// Production fdatasync and journal sync, both covering every change up to `source_seq`.
+    async fn make_durable(&self, source_seq: u64) -> Result<(), ExportError> {
+        let production = Arc::clone(&self.production);
+        let sync = tokio::task::spawn_blocking(move || production.sync_data());
+        let ((), synced) = tokio::join!(self.link.wait_durable(source_seq), sync);
+        match synced {
+            Ok(result) => result.map_err(ExportError::Io),
+            Err(join) => Err(ExportError::Io(std::io::Error::other(join.to_string()))),
+        }
+    }
+}
+
+#[async_trait]
+impl Export for SplitExport {
+    fn size(&self) -> u64 {
+        self.production.size()
+    }
+
+    fn features(&self) -> ExportFeatures {
+        ExportFeatures {
+            read_only: self.read_only,
+            can_flush: true,
+            can_fua: true,
+            can_trim: true,
+            can_write_zeroes: true,
+            // Every change of the volume goes through one queue and a flush covers all of it.
+            can_multi_conn: true,
+        }
+    }
+
+    async fn read(&self, offset: u64, length: u32) -> Result<Bytes, ExportError> {
+        Ok(self.production.read_at(offset, length as usize)?)
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ExportError> {
+        let payload = data.clone();
+        self.change(
+            data.len(),
+            |p| p.write_at(offset, &data),
+            |source_seq| Message::Write {
+                source_seq,
+                offset,
+                data: payload,
+            },
+            fua,
+        )
+        .await
+    }
+
+    async fn flush(&self) -> Result<(), ExportError> {
+        self.make_durable(self.link.last_seq()).await
+    }
+
+    async fn trim(&self, offset: u64, length: u32, fua: bool) -> Result<(), ExportError> {
+        self.change(
+            0,
+            |p| p.trim(offset, length as u64),
+            |source_seq| Message::Trim {
+                source_seq,
+                offset,
+                length: length as u64,
+            },
+            fua,
+        )
+        .await
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        length: u32,
+        fua: bool,
+        may_trim: bool,
+    ) -> Result<(), ExportError> {
+        self.change(
+            0,
+            |p| p.zero(offset, length as u64, may_trim),
+            |source_seq| Message::Zero {
+                source_seq,
+                offset,
+                length: length as u64,
+            },
+            fua,
+        )
+        .await
+    }
+}
