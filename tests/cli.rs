@@ -101,6 +101,29 @@ fn status_reports_volumes_and_progress() {
     for word in ["default", "vol0", "vol1"] {
         assert!(table.contains(word), "status table lacks {word}:\n{table}");
     }
+
+    // A dead splitter must show as disconnected, and come back as connected after a restart.
+    let mut site = site;
+    site.kill_splitter();
+    let all_connected = |site: &Site, want: bool| {
+        poll_until(Duration::from_secs(30), || {
+            let st = site.status();
+            group(&st)["volumes"]
+                .as_array()
+                .is_some_and(|v| v.iter().all(|v| v["connected"] == want))
+        })
+    };
+    assert!(
+        all_connected(&site, false),
+        "volumes still connected after the splitter died: {:#}",
+        site.status()
+    );
+    site.start_role(Role::Splitter);
+    assert!(
+        all_connected(&site, true),
+        "volumes not connected after the splitter restarted: {:#}",
+        site.status()
+    );
 }
 
 /// Stops a `cdp up` left running by a failed assertion: SIGINT (so it stops its children), then

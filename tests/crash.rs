@@ -11,11 +11,10 @@ use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 32 * MIB;
-const BLOCK: u64 = 4096;
 /// The workload's region: 8 MiB in the middle of the volume, so untouched bytes around it are
 /// checked too.
 const REGION_OFFSET: u64 = 8 * MIB;
-const BLOCKS: u64 = 2048;
+const REGION: u64 = 8 * MIB;
 const CLIENT_DEADLINE: Duration = Duration::from_secs(60);
 
 fn count_flushes(log: &Path) -> usize {
@@ -53,18 +52,26 @@ fn verify(log: &Path, image: &Path, baseline: &Path, what: &str, site: &Site) {
     );
 }
 
-fn start_client(site: &Site, log: &Path, stop: &Path, seed: u64, flush_every: u64) -> Child {
+fn start_client(
+    site: &Site,
+    log: &Path,
+    stop: &Path,
+    seed: u64,
+    flush_every: u64,
+    block: u64,
+) -> Child {
     python("crash_client.py")
         .arg("run")
         .arg(site.nbd_uri("vol0"))
         .arg(log)
         .arg(stop)
         .arg(format!("--seed={}", seed >> 1))
-        .arg(format!("--block-size={BLOCK}"))
-        .arg(format!("--blocks={BLOCKS}"))
+        .arg(format!("--block-size={block}"))
+        .arg(format!("--blocks={}", REGION / block))
         .arg(format!("--region-offset={REGION_OFFSET}"))
         .arg(format!("--flush-every={flush_every}"))
         .arg("--fua-every=16")
+        .arg("--depth=16")
         .stdin(Stdio::null())
         .spawn()
         .expect("start crash_client.py")
@@ -78,7 +85,9 @@ enum Convergence {
     NotChecked,
 }
 
-fn crash_test(victim: Role, iterations: u64, convergence: Convergence) {
+/// `block`: the client's write size; larger writes widen the window in which production is
+/// ahead of the journal.
+fn crash_test(victim: Role, iterations: u64, convergence: Convergence, block: u64) {
     let name = format!("crash_{victim:?}").to_lowercase();
     let seed = seed(&name);
     let mut rng = SplitMix64(seed);
@@ -96,13 +105,13 @@ fn crash_test(victim: Role, iterations: u64, convergence: Convergence) {
         let log = dir.join(format!("client-{k}.log"));
         let stop = dir.join(format!("stop-{k}"));
         let flush_every = 4 + rng.below(29);
-        let kill_after_flushes = 1 + rng.below(40) as usize;
+        let kill_after_flushes = 1 + rng.below(150) as usize;
         let jitter_us = rng.below(3000);
         eprintln!(
             "{name} iteration {k}: flush every {flush_every} writes, kill after {kill_after_flushes} \
              flushes + {jitter_us} us"
         );
-        let mut client = start_client(&site, &log, &stop, rng.next_u64(), flush_every);
+        let mut client = start_client(&site, &log, &stop, rng.next_u64(), flush_every, block);
 
         let mut client_status = None;
         let reached = poll_until(CLIENT_DEADLINE, || {
@@ -184,7 +193,7 @@ fn crash_appliance_during_writes() {
     if !requirements() || reference_mode() {
         return;
     }
-    crash_test(Role::Appliance, 4, Convergence::Required);
+    crash_test(Role::Appliance, 4, Convergence::Required, 4096);
 }
 
 #[test]
@@ -195,7 +204,7 @@ fn crash_splitter_during_writes() {
     if !requirements() {
         return;
     }
-    crash_test(Role::Splitter, 4, Convergence::NotChecked);
+    crash_test(Role::Splitter, 4, Convergence::NotChecked, 4096);
 }
 
 #[test]
@@ -203,11 +212,11 @@ fn crash_splitter_replica_converges() {
     // Goal: DESIGN rule 2 after a splitter crash: writes that reached production but not the
     // journal when the splitter died (in flight, unacknowledged) must still reach the replica
     // after the restart (resync), so the replica converges to production. Method: the crash
-    // workload, then qemu-img compare of replica and production after distribution caught up.
+    // workload with 64 KiB writes (a wider window between pwrite and journal), then qemu-img compare of replica and production after distribution caught up.
     if !requirements() {
         return;
     }
-    crash_test(Role::Splitter, 3, Convergence::Required);
+    crash_test(Role::Splitter, 3, Convergence::Required, 64 * 1024);
 }
 
 #[test]

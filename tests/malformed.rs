@@ -126,3 +126,51 @@ fn malformed_slow_handshake() {
     // still served. Method: connect, wait 5 s, then handshake and read.
     malformed_case("slow_handshake");
 }
+
+/// Sends `bytes` on a fresh connection to `sock` and waits (bounded) for the peer to close it.
+fn send_garbage(sock: &std::path::Path, bytes: &[u8]) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock)
+        .unwrap_or_else(|e| panic!("connect {sock:?}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    // The peer may close before it has read everything; a reset is a fine answer.
+    let _ = s.write_all(bytes);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut sink = Vec::new();
+    match s.read_to_end(&mut sink) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("{sock:?} neither answered nor closed after garbage: {e}"),
+    }
+}
+
+#[test]
+fn malformed_split_link_and_control_garbage() {
+    // Goal: DESIGN rule 5 on the appliance's other inputs: garbage on the split link or the
+    // control socket closes that connection only; the appliance keeps journaling the real
+    // splitter's writes and answering status. Method: random bytes and a truncated frame-sized
+    // blob on each socket, then qemu-io writes, status, and a replica comparison.
+    if reference_mode() || !requires("qemu-io") || !requires("qemu-img") {
+        return;
+    }
+    let mut site = Site::start(&[("vol0", SIZE)]);
+    let garbage = pattern(0x6761_7262, 256 * 1024);
+    send_garbage(&site.link_sock, &garbage);
+    send_garbage(&site.link_sock, &garbage[..7]);
+    send_garbage(&site.control_sock, &garbage[..4096]);
+    send_garbage(&site.control_sock, b"{\"not\": \"a request\"}\n");
+    send_garbage(&site.control_sock, &[b'{'; 100_000]);
+    site.assert_alive();
+    run_ok(
+        std::process::Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write -P 0x42 0 1M", "-c", "flush"])
+            .arg(site.nbd_uri("vol0")),
+        Duration::from_secs(60),
+    );
+    let mut model = Model::zeroed(SIZE);
+    model.fill(0, MIB, 0x42);
+    model.check_file("production", &site.volume("vol0").production);
+    site.settle();
+    site.assert_replica_equals_production("vol0");
+    site.assert_alive();
+}

@@ -1,10 +1,10 @@
 //! A consistency group at the appliance: one journal, its append, sync and distribution threads.
 //!
-//! Link connections hand changes to the group's append thread through one bounded queue; the
-//! order in which they enter that queue is the group's write order. The append thread writes
-//! batches to the journal and acknowledges them; flush requests go on to the sync thread, whose
-//! one fsync serves every flush queued meanwhile (group commit). The distribution thread applies
-//! durable records to the replicas in order, behind the host, at lower CPU priority.
+//! Link connections append their changes to the group's journal directly, in batches; the
+//! journal's append lock defines the group's write order. Flush requests go to the sync
+//! thread, whose one fsync serves every flush queued meanwhile (group commit). The
+//! distribution thread applies durable records to the replicas in order, behind the host,
+//! under SCHED_IDLE.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,21 +13,17 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use bytes::Bytes;
 use cdp_journal::{Journal, JournalConfig, Record, RecordIn, RecordKind};
 use cdp_types::{BlockFile, Seq};
 use crossbeam::channel;
 use serde::Serialize;
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::watch;
 
 use crate::config::{GroupConfig, VolumeConfig};
 use crate::distribution_state;
 use crate::error::ApplianceError;
 use crate::group_meta::GroupMeta;
-use crate::limits::{
-    APPEND_BATCH_BYTES_MAX, APPEND_BATCH_ITEMS_MAX, APPEND_QUEUE_BYTES_MAX, APPEND_QUEUE_ITEMS_MAX,
-    DISTRIBUTION_CHECKPOINT_BYTES_MAX,
-};
+use crate::limits::{DISTRIBUTION_CHECKPOINT_BYTES_MAX, SYNC_REQUESTS_MAX};
 
 /// Progress reported back to one split-link connection; cumulative, so no queue is needed.
 pub struct ConnectionProgress {
@@ -52,24 +48,6 @@ fn raise(w: &watch::Sender<u64>, to: u64) {
         }
         newer
     });
-}
-
-/// A change or flush travelling from a link connection to the append thread.
-pub enum AppendItem {
-    Change {
-        volume: Arc<GroupVolume>,
-        source_seq: u64,
-        kind: RecordKind,
-        offset: u64,
-        length: u64,
-        payload: Bytes,
-        progress: Arc<ConnectionProgress>,
-        _permit: OwnedSemaphorePermit,
-    },
-    Flush {
-        source_seq: u64,
-        progress: Arc<ConnectionProgress>,
-    },
 }
 
 /// A flush waiting for the next journal sync.
@@ -119,8 +97,7 @@ pub struct Group {
     pub name: String,
     journal: Arc<Journal>,
     volumes: BTreeMap<String, Arc<GroupVolume>>,
-    append_tx: Mutex<Option<mpsc::Sender<AppendItem>>>,
-    append_window: Arc<Semaphore>,
+    sync_tx: Mutex<Option<channel::Sender<SyncRequest>>>,
     distributed: AtomicU64,
     failure: watch::Sender<Option<String>>,
     stop_distribution: AtomicBool,
@@ -155,15 +132,13 @@ impl Group {
 
         let dist_path = dir.join("distribution.state");
         let distributed = distribution_state::load(&dist_path)?;
-        let (append_tx, append_rx) = mpsc::channel(APPEND_QUEUE_ITEMS_MAX);
-        let (sync_tx, sync_rx) = channel::bounded(APPEND_QUEUE_ITEMS_MAX);
+        let (sync_tx, sync_rx) = channel::bounded(SYNC_REQUESTS_MAX);
         let (wake_tx, wake_rx) = channel::bounded(1);
         let group = Arc::new(Group {
             name: config.name.clone(),
             journal,
             volumes,
-            append_tx: Mutex::new(Some(append_tx)),
-            append_window: Arc::new(Semaphore::new(APPEND_QUEUE_BYTES_MAX)),
+            sync_tx: Mutex::new(Some(sync_tx)),
             distributed: AtomicU64::new(distributed.0),
             failure: watch::Sender::new(None),
             stop_distribution: AtomicBool::new(false),
@@ -171,10 +146,6 @@ impl Group {
             threads: Mutex::new(Vec::new()),
         });
         let mut threads = Vec::new();
-        let g = Arc::clone(&group);
-        threads.push(spawn_named(format!("append-{}", config.name), move || {
-            g.append_loop(append_rx, sync_tx)
-        })?);
         let g = Arc::clone(&group);
         threads.push(spawn_named(format!("sync-{}", config.name), move || {
             g.sync_loop(sync_rx, sync_interval)
@@ -196,24 +167,45 @@ impl Group {
         self.failure.subscribe()
     }
 
-    /// Room in the append queue for a change of `bytes`; link readers wait here when it is full.
-    pub async fn reserve(&self, bytes: usize) -> OwnedSemaphorePermit {
-        let cost = bytes.clamp(1, APPEND_QUEUE_BYTES_MAX) as u32;
-        match Arc::clone(&self.append_window)
-            .acquire_many_owned(cost)
-            .await
-        {
-            Ok(p) => p,
-            Err(_) => unreachable!("append window is never closed"),
+    /// Appends a batch of one volume's changes, in order, and records the last source_seq.
+    /// A failure fences the group: nothing after it is acknowledged.
+    pub fn append(&self, volume: &GroupVolume, changes: &[RecordIn]) -> Result<(), String> {
+        if let Some(failure) = self.failure.borrow().clone() {
+            return Err(failure);
         }
+        if let Err(e) = self.journal.append(changes) {
+            let what = format!("journal append failed: {e}");
+            self.fail(what.clone());
+            return Err(what);
+        }
+        if let Some(last) = changes.iter().map(|c| c.source_seq).max() {
+            volume.last_source_seq.fetch_max(last, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
-    /// The sender into the append queue, or None once the group is stopping.
-    pub fn append_sender(&self) -> Option<mpsc::Sender<AppendItem>> {
-        self.append_tx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    /// Asks the sync thread to make everything appended so far durable, then raise
+    /// `progress.durable` to `source_seq`.
+    pub fn request_sync(
+        &self,
+        source_seq: u64,
+        progress: &Arc<ConnectionProgress>,
+    ) -> Result<(), String> {
+        let sync_tx = self.sync_tx.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(sync_tx) = sync_tx.as_ref() else {
+            return Err("group is stopping".into());
+        };
+        sync_tx
+            .try_send(SyncRequest {
+                source_seq,
+                progress: Arc::clone(progress),
+            })
+            .map_err(|e| match e {
+                channel::TrySendError::Full(_) => {
+                    format!("more than {SYNC_REQUESTS_MAX} flushes outstanding")
+                }
+                channel::TrySendError::Disconnected(_) => "group is stopping".into(),
+            })
     }
 
     pub fn status(&self) -> GroupStatus {
@@ -243,17 +235,17 @@ impl Group {
         }
     }
 
-    /// Stops accepting changes, drains the queue, syncs the journal, checkpoints distribution.
+    /// Stops the sync thread after a final sync, then lets distribution catch up and checkpoint.
+    /// Link connections must be closed first.
     pub fn stop(&self) {
-        self.append_tx
+        self.sync_tx
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
         let mut threads = threads.into_iter();
-        // The append thread ends when every sender is gone; link connections drop theirs on shutdown.
-        for t in threads.by_ref().take(2) {
-            let _ = t.join();
+        if let Some(sync) = threads.next() {
+            let _ = sync.join();
         }
         self.stop_distribution.store(true, Ordering::Relaxed);
         let _ = self.distribution_wake.try_send(());
@@ -265,91 +257,6 @@ impl Group {
     fn fail(&self, what: String) {
         tracing::error!(group = %self.name, "group fenced: {what}");
         self.failure.send_replace(Some(what));
-    }
-
-    fn append_loop(
-        &self,
-        mut rx: mpsc::Receiver<AppendItem>,
-        sync_tx: channel::Sender<SyncRequest>,
-    ) {
-        let mut items: Vec<AppendItem> = Vec::with_capacity(APPEND_BATCH_ITEMS_MAX);
-        let mut records: Vec<RecordIn> = Vec::with_capacity(APPEND_BATCH_ITEMS_MAX);
-        while let Some(first) = rx.blocking_recv() {
-            let mut bytes = item_bytes(&first);
-            items.push(first);
-            while items.len() < APPEND_BATCH_ITEMS_MAX && bytes < APPEND_BATCH_BYTES_MAX {
-                match rx.try_recv() {
-                    Ok(item) => {
-                        bytes += item_bytes(&item);
-                        items.push(item);
-                    }
-                    Err(_) => break,
-                }
-            }
-            if self.failure.borrow().is_some() {
-                // Fenced: nothing more is acknowledged; connections are being closed.
-                items.clear();
-                continue;
-            }
-            records.clear();
-            for item in &items {
-                if let AppendItem::Change {
-                    volume,
-                    source_seq,
-                    kind,
-                    offset,
-                    length,
-                    payload,
-                    ..
-                } = item
-                {
-                    records.push(RecordIn {
-                        kind: *kind,
-                        volume: volume.id,
-                        source_seq: *source_seq,
-                        offset: *offset,
-                        length: *length,
-                        payload: payload.clone(),
-                    });
-                }
-            }
-            if !records.is_empty() {
-                if let Err(e) = self.journal.append(&records) {
-                    self.fail(format!("journal append failed: {e}"));
-                    items.clear();
-                    continue;
-                }
-            }
-            for item in items.drain(..) {
-                match item {
-                    AppendItem::Change {
-                        volume,
-                        source_seq,
-                        progress,
-                        ..
-                    } => {
-                        volume
-                            .last_source_seq
-                            .fetch_max(source_seq, Ordering::Relaxed);
-                        raise(&progress.acked, source_seq);
-                    }
-                    AppendItem::Flush {
-                        source_seq,
-                        progress,
-                    } => {
-                        if sync_tx
-                            .send(SyncRequest {
-                                source_seq,
-                                progress,
-                            })
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                }
-            }
-        }
     }
 
     fn sync_loop(&self, rx: channel::Receiver<SyncRequest>, interval: Duration) {
@@ -473,13 +380,6 @@ fn apply(by_id: &BTreeMap<u32, &GroupVolume>, record: &Record) -> Result<u64, Ap
     Ok(record.length)
 }
 
-fn item_bytes(item: &AppendItem) -> usize {
-    match item {
-        AppendItem::Change { payload, .. } => payload.len() + 64,
-        AppendItem::Flush { .. } => 0,
-    }
-}
-
 fn open_volume(v: &VolumeConfig, id: u32) -> Result<GroupVolume, ApplianceError> {
     let replica = BlockFile::create_sparse(&v.replica, v.size).map_err(|e| {
         ApplianceError::Config(format!(
@@ -544,12 +444,18 @@ fn spawn_named(
     Ok(std::thread::Builder::new().name(name).spawn(f)?)
 }
 
-/// Distribution must not steal the host's share of the machine: run it at nice 10.
+/// Distribution must not steal the host's share of the machine: it runs under SCHED_IDLE,
+/// so it only gets CPU time no host-facing thread wants. Where that is refused, nice 19.
 fn lower_thread_priority() {
-    // SAFETY: gettid and setpriority take no pointers; on Linux PRIO_PROCESS with a thread id
-    // changes only this thread.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 means the calling thread; `param` outlives the call.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    if rc != 0 {
+        // SAFETY: gettid and setpriority take no pointers; on Linux PRIO_PROCESS with a
+        // thread id changes only this thread.
+        unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            libc::setpriority(libc::PRIO_PROCESS, tid, 19);
+        }
     }
 }

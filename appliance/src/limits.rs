@@ -1,16 +1,14 @@
 //! Bounds on the appliance's queues.
 
-/// Bytes of changes received from splitters but not yet appended to a group's journal. Link
-/// connections stop reading when it is reached, which pushes back on the splitters.
-pub const APPEND_QUEUE_BYTES_MAX: usize = 256 * 1024 * 1024;
+/// Flush requests waiting for a group's sync thread. A splitter sends at most one per host
+/// FLUSH/FUA in flight, so reaching this means a misbehaving peer; its link is dropped.
+pub const SYNC_REQUESTS_MAX: usize = 4096;
 
-/// Items in a group's append queue (a change or a flush request each).
-pub const APPEND_QUEUE_ITEMS_MAX: usize = 4096;
-
-/// Changes appended to the journal in one call (one write syscall batch).
+/// Changes a link connection appends to the journal in one call (one write syscall). Only
+/// frames already buffered are batched, so batching never waits for more input.
 pub const APPEND_BATCH_ITEMS_MAX: usize = 512;
 
-/// Bytes appended to the journal in one call.
+/// Bytes a link connection appends to the journal in one call.
 pub const APPEND_BATCH_BYTES_MAX: usize = 64 * 1024 * 1024;
 
 /// Bytes distributed to the replicas between two replica syncs and progress checkpoints.
@@ -26,7 +24,5 @@ pub const CONTROL_CONNECTIONS_MAX: usize = 64;
 /// Longest control request line.
 pub const CONTROL_REQUEST_BYTES_MAX: usize = 64 * 1024;
 
-/// One 32 MiB host write must fit in the append queue and in one append batch.
-const _: () = assert!(APPEND_QUEUE_BYTES_MAX >= 2 * 32 * 1024 * 1024);
+/// One 32 MiB host write must fit in one append batch.
 const _: () = assert!(APPEND_BATCH_BYTES_MAX >= 32 * 1024 * 1024 + 4096);
-const _: () = assert!(APPEND_QUEUE_BYTES_MAX <= u32::MAX as usize);

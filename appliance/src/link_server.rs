@@ -3,10 +3,12 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use cdp_journal::RecordKind;
+use bytes::Bytes;
+use cdp_journal::{RecordIn, RecordKind};
 use cdp_link::{LinkError, LinkStream, Message};
 
-use crate::group::{AppendItem, ConnectionProgress, Group, GroupVolume};
+use crate::group::{ConnectionProgress, Group, GroupVolume};
+use crate::limits::{APPEND_BATCH_BYTES_MAX, APPEND_BATCH_ITEMS_MAX};
 
 /// Releases a volume's "connected" mark when its connection ends, however it ends.
 struct ConnectedGuard(Arc<GroupVolume>);
@@ -149,96 +151,115 @@ async fn receive_changes(
     reader: &mut cdp_link::FrameReader,
     last_journaled: u64,
 ) -> Result<(), LinkError> {
-    let Some(append) = group.append_sender() else {
-        return Ok(());
-    };
     let mut last_received = last_journaled;
+    let mut batch: Vec<RecordIn> = Vec::with_capacity(APPEND_BATCH_ITEMS_MAX);
     loop {
-        let message = reader.read().await?;
-        let (kind, source_seq, offset, length, payload) = match message {
-            Message::Write {
-                source_seq,
-                offset,
-                data,
-            } => (
-                RecordKind::Write,
-                source_seq,
-                offset,
-                data.len() as u64,
-                data,
-            ),
-            Message::Trim {
-                source_seq,
-                offset,
-                length,
-            } => (
-                RecordKind::Trim,
-                source_seq,
-                offset,
-                length,
-                Default::default(),
-            ),
-            Message::Zero {
-                source_seq,
-                offset,
-                length,
-            } => (
-                RecordKind::Zero,
-                source_seq,
-                offset,
-                length,
-                Default::default(),
-            ),
-            Message::Flush { source_seq } => {
-                if source_seq > last_received {
-                    return Err(LinkError::Protocol(format!(
-                        "flush through {source_seq} but only {last_received} received"
-                    )));
+        // Take one frame, then every whole frame already buffered: one journal append and one
+        // Ack then serve all of them, without ever waiting for more input to fill a batch.
+        let mut next = Some(reader.read().await?);
+        let mut batch_bytes = 0usize;
+        let mut flush_through = None;
+        while let Some(message) = next.take() {
+            match message {
+                Message::Flush { source_seq } => {
+                    if source_seq > last_received {
+                        return Err(LinkError::Protocol(format!(
+                            "flush through {source_seq} but only {last_received} received"
+                        )));
+                    }
+                    flush_through = Some(source_seq);
                 }
-                let item = AppendItem::Flush {
-                    source_seq,
-                    progress: Arc::clone(progress),
-                };
-                if append.send(item).await.is_err() {
-                    return Ok(());
+                change => {
+                    let record = check_change(change, volume, last_received)?;
+                    last_received = record.source_seq;
+                    batch_bytes += record.payload.len();
+                    batch.push(record);
                 }
-                continue;
             }
-            other => {
-                return Err(LinkError::Protocol(format!(
-                    "unexpected message from splitter: {other:?}"
-                )))
+            if batch.len() < APPEND_BATCH_ITEMS_MAX && batch_bytes < APPEND_BATCH_BYTES_MAX {
+                next = reader.read_if_buffered().await?;
             }
-        };
-        if source_seq != last_received + 1 {
-            return Err(LinkError::Protocol(format!(
-                "change {source_seq} out of sequence (expected {})",
-                last_received + 1
-            )));
         }
-        if offset
-            .checked_add(length)
-            .is_none_or(|end| end > volume.size)
-        {
-            return Err(LinkError::Protocol(format!(
-                "change {source_seq} at {offset}+{length} is past the end of the {} byte volume",
-                volume.size
-            )));
+        if !batch.is_empty() {
+            group
+                .append(volume, &batch)
+                .map_err(|e| LinkError::Refused(format!("group {} is fenced: {e}", group.name)))?;
+            batch.clear();
+            raise_acked(progress, last_received);
         }
-        last_received = source_seq;
-        let permit = group.reserve(payload.len() + 64).await;
-        let item = AppendItem::Change {
-            volume: Arc::clone(volume),
-            source_seq,
-            kind,
-            offset,
-            length,
-            payload,
-            progress: Arc::clone(progress),
-            _permit: permit,
-        };
-        if append.send(item).await.is_err() {
-            return Ok(());
+        if let Some(source_seq) = flush_through {
+            group
+                .request_sync(source_seq, progress)
+                .map_err(LinkError::Protocol)?;
         }
     }
+}
+
+fn raise_acked(progress: &ConnectionProgress, source_seq: u64) {
+    progress.acked.send_if_modified(|a| {
+        let newer = source_seq > *a;
+        if newer {
+            *a = source_seq;
+        }
+        newer
+    });
+}
+
+/// Checks a change from the splitter (sequence continuity, bounds) and makes it a record.
+fn check_change(
+    message: Message,
+    volume: &GroupVolume,
+    last_received: u64,
+) -> Result<RecordIn, LinkError> {
+    let (kind, source_seq, offset, length, payload) = match message {
+        Message::Write {
+            source_seq,
+            offset,
+            data,
+        } => (
+            RecordKind::Write,
+            source_seq,
+            offset,
+            data.len() as u64,
+            data,
+        ),
+        Message::Trim {
+            source_seq,
+            offset,
+            length,
+        } => (RecordKind::Trim, source_seq, offset, length, Bytes::new()),
+        Message::Zero {
+            source_seq,
+            offset,
+            length,
+        } => (RecordKind::Zero, source_seq, offset, length, Bytes::new()),
+        other => {
+            return Err(LinkError::Protocol(format!(
+                "unexpected message from splitter: {other:?}"
+            )))
+        }
+    };
+    if source_seq != last_received + 1 {
+        return Err(LinkError::Protocol(format!(
+            "change {source_seq} out of sequence (expected {})",
+            last_received + 1
+        )));
+    }
+    if offset
+        .checked_add(length)
+        .is_none_or(|end| end > volume.size)
+    {
+        return Err(LinkError::Protocol(format!(
+            "change {source_seq} at {offset}+{length} is past the end of the {} byte volume",
+            volume.size
+        )));
+    }
+    Ok(RecordIn {
+        kind,
+        volume: volume.id,
+        source_seq,
+        offset,
+        length,
+        payload,
+    })
 }

@@ -35,11 +35,11 @@ impl SplitExport {
         fua: bool,
     ) -> Result<(), ExportError> {
         let _permit = self.link.reserve(payload_bytes).await;
-        let source_seq = self
+        let (source_seq, acked) = self
             .link
             .submit(|| apply(&self.production), message)
-            .map_err(ExportError::Io)?;
-        self.link.wait_acked(source_seq).await;
+            .map_err(production_error)?;
+        self.link.wait_acked(acked).await;
         if fua {
             self.make_durable(source_seq).await?;
         }
@@ -52,9 +52,18 @@ impl SplitExport {
         let sync = tokio::task::spawn_blocking(move || production.sync_data());
         let ((), synced) = tokio::join!(self.link.wait_durable(source_seq), sync);
         match synced {
-            Ok(result) => result.map_err(ExportError::Io),
+            Ok(result) => result.map_err(production_error),
             Err(join) => Err(ExportError::Io(std::io::Error::other(join.to_string()))),
         }
+    }
+}
+
+/// A full production volume is ENOSPC to the host, not a generic I/O error.
+fn production_error(e: std::io::Error) -> ExportError {
+    if e.kind() == std::io::ErrorKind::StorageFull {
+        ExportError::NoSpace(e.to_string())
+    } else {
+        ExportError::Io(e)
     }
 }
 
@@ -77,7 +86,9 @@ impl Export for SplitExport {
     }
 
     async fn read(&self, offset: u64, length: u32) -> Result<Bytes, ExportError> {
-        Ok(self.production.read_at(offset, length as usize)?)
+        self.production
+            .read_at(offset, length as usize)
+            .map_err(production_error)
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ExportError> {

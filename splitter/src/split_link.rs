@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use cdp_link::{LinkError, LinkStream, Message};
 use cdp_types::Endpoint;
-use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::limits::{
     CHANGE_OVERHEAD_BYTES, RECONNECT_BACKOFF_MS_MAX, SEND_BATCH_MESSAGES_MAX, UNACKED_BYTES_MAX,
@@ -23,7 +23,12 @@ use crate::limits::{
 struct Pending {
     source_seq: u64,
     message: Message,
+    /// Wakes exactly the host request waiting for this change, instead of every waiter.
+    acked: Option<oneshot::Sender<()>>,
 }
+
+/// Completes when the appliance has journaled one change.
+pub struct AckWait(oneshot::Receiver<()>);
 
 #[derive(Default)]
 struct Queue {
@@ -98,12 +103,14 @@ impl SplitLink {
     }
 
     /// Applies a change to production and queues it for the appliance, atomically with
-    /// respect to every other change of this volume. Returns its source_seq.
+    /// respect to every other change of this volume. Returns its source_seq and a handle
+    /// that completes once the journal has it.
     pub fn submit<E>(
         &self,
         apply: impl FnOnce() -> Result<(), E>,
         message: impl FnOnce(u64) -> Message,
-    ) -> Result<u64, E> {
+    ) -> Result<(u64, AckWait), E> {
+        let (tx, rx) = oneshot::channel();
         let mut queue = self.lock_queue();
         apply()?;
         queue.last_seq += 1;
@@ -111,10 +118,11 @@ impl SplitLink {
         queue.unacked.push_back(Pending {
             source_seq,
             message: message(source_seq),
+            acked: Some(tx),
         });
         drop(queue);
         self.wake_sender.notify_one();
-        Ok(source_seq)
+        Ok((source_seq, AckWait(rx)))
     }
 
     /// The source_seq of the last change applied to production.
@@ -122,10 +130,10 @@ impl SplitLink {
         self.lock_queue().last_seq
     }
 
-    /// Waits until the appliance has the change `source_seq` in its journal.
-    pub async fn wait_acked(&self, source_seq: u64) {
-        let mut rx = self.acked.subscribe();
-        let _ = rx.wait_for(|a| *a >= source_seq).await;
+    /// Waits until the appliance has the change in its journal.
+    pub async fn wait_acked(&self, wait: AckWait) {
+        // The sender is only dropped after firing, or when the link itself is dropped.
+        let _ = wait.0.await;
     }
 
     /// Asks the appliance to make every change up to `source_seq` durable, and waits for it.
@@ -265,13 +273,7 @@ impl SplitLink {
             }
             queue.last_seq = last_journaled;
         }
-        while queue
-            .unacked
-            .front()
-            .is_some_and(|p| p.source_seq <= last_journaled)
-        {
-            queue.unacked.pop_front();
-        }
+        pop_acked(&mut queue.unacked, last_journaled);
         queue.sent_through = last_journaled;
         queue.flush_sent = 0;
         drop(queue);
@@ -288,13 +290,7 @@ impl SplitLink {
 
     fn on_ack(&self, source_seq: u64) {
         let mut queue = self.lock_queue();
-        while queue
-            .unacked
-            .front()
-            .is_some_and(|p| p.source_seq <= source_seq)
-        {
-            queue.unacked.pop_front();
-        }
+        pop_acked(&mut queue.unacked, source_seq);
         drop(queue);
         self.acked.send_if_modified(|a| {
             let newer = source_seq > *a;
@@ -324,6 +320,18 @@ impl SplitLink {
                 source_seq: queue.flush_requested,
             });
             queue.flush_sent = queue.flush_requested;
+        }
+    }
+}
+
+/// Forgets changes the journal has and wakes the host requests that waited for them.
+fn pop_acked(unacked: &mut VecDeque<Pending>, through: u64) {
+    while unacked.front().is_some_and(|p| p.source_seq <= through) {
+        if let Some(Pending {
+            acked: Some(tx), ..
+        }) = unacked.pop_front()
+        {
+            let _ = tx.send(());
         }
     }
 }

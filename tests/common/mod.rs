@@ -87,9 +87,13 @@ pub fn reference_mode() -> bool {
     std::env::var("CDP_TEST_REFERENCE").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
-/// Path of the product binary under test.
+/// Path of the product binary under test: the one cargo built, or `CDP_TEST_BIN` (to test an
+/// installed or saved binary).
 pub fn cdp_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_cdp"))
+    match std::env::var_os("CDP_TEST_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => PathBuf::from(env!("CARGO_BIN_EXE_cdp")),
+    }
 }
 
 /// A seed for randomized tests: `CDP_TEST_SEED` if set, else derived from the clock. Printed so a
@@ -364,6 +368,26 @@ impl Role {
     }
 }
 
+/// How the site's processes are wired; the default is unix sockets for both the split link and
+/// NBD.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SiteOptions {
+    /// Split link over TCP on 127.0.0.1 instead of a unix socket.
+    pub link_tcp: bool,
+    /// Also serve NBD on 127.0.0.1 TCP (the unix socket is always there).
+    pub nbd_tcp: bool,
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; a small race with other processes is
+/// accepted in tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A running appliance + splitter in a temporary directory. Drop kills both and, if the test is
 /// failing, prints their logs.
 pub struct Site {
@@ -374,6 +398,10 @@ pub struct Site {
     pub control_sock: PathBuf,
     pub appliance_config: PathBuf,
     pub splitter_config: PathBuf,
+    /// The split link's TCP port when `SiteOptions::link_tcp`.
+    pub link_port: Option<u16>,
+    /// The NBD TCP port when `SiteOptions::nbd_tcp`.
+    pub nbd_port: Option<u16>,
     appliance: Option<Child>,
     splitter: Option<Child>,
 }
@@ -381,14 +409,18 @@ pub struct Site {
 impl Site {
     /// Starts a site with one volume per `(name, size)`.
     pub fn start(volumes: &[(&str, u64)]) -> Site {
-        let mut site = Site::create(volumes);
+        Site::start_with(volumes, SiteOptions::default())
+    }
+
+    pub fn start_with(volumes: &[(&str, u64)], options: SiteOptions) -> Site {
+        let mut site = Site::create(volumes, options);
         site.start_role(Role::Appliance);
         site.start_role(Role::Splitter);
         site
     }
 
     /// Writes configs and creates sparse production files without starting anything.
-    pub fn create(volumes: &[(&str, u64)]) -> Site {
+    pub fn create(volumes: &[(&str, u64)], options: SiteOptions) -> Site {
         // Short prefix and /tmp: unix socket paths must stay under 108 bytes.
         let dir = tempfile::Builder::new()
             .prefix("cdp-e2e-")
@@ -417,6 +449,8 @@ impl Site {
             control_sock: root.join("appliance.ctl"),
             appliance_config: root.join("appliance.toml"),
             splitter_config: root.join("splitter.toml"),
+            link_port: options.link_tcp.then(free_port),
+            nbd_port: options.nbd_tcp.then(free_port),
             dir,
             volumes,
             appliance: None,
@@ -430,12 +464,20 @@ impl Site {
         self.dir.path()
     }
 
+    /// The split link endpoint as both configs spell it.
+    fn link_endpoint(&self) -> String {
+        match self.link_port {
+            Some(port) => format!("127.0.0.1:{port}"),
+            None => format!("unix:{}", self.link_sock.display()),
+        }
+    }
+
     fn write_configs(&self) {
         let root = self.root();
         let mut a = format!(
-            "data_dir = \"{}\"\nlink_listen = \"unix:{}\"\ncontrol = \"{}\"\n\n[[group]]\nname = \"default\"\n",
+            "data_dir = \"{}\"\nlink_listen = \"{}\"\ncontrol = \"{}\"\n\n[[group]]\nname = \"default\"\n",
             root.join("appliance").display(),
-            self.link_sock.display(),
+            self.link_endpoint(),
             self.control_sock.display()
         );
         for v in &self.volumes {
@@ -448,10 +490,13 @@ impl Site {
         }
         std::fs::write(&self.appliance_config, a).unwrap();
         let mut s = format!(
-            "appliance = \"unix:{}\"\nnbd_unix = \"{}\"\nhandshake_timeout_s = 60\n",
-            self.link_sock.display(),
+            "appliance = \"{}\"\nnbd_unix = \"{}\"\nhandshake_timeout_s = 60\n",
+            self.link_endpoint(),
             self.nbd_sock.display()
         );
+        if let Some(port) = self.nbd_port {
+            s += &format!("nbd_tcp = \"127.0.0.1:{port}\"\n");
+        }
         for v in &self.volumes {
             s += &format!(
                 "\n[[volume]]\nname = \"{}\"\npath = \"{}\"\n",
@@ -476,6 +521,12 @@ impl Site {
     /// `nbd+unix:///VOL?socket=...`, for libnbd tools, qemu and fio.
     pub fn nbd_uri(&self, vol: &str) -> String {
         format!("nbd+unix:///{vol}?socket={}", self.nbd_sock.display())
+    }
+
+    /// `nbd://127.0.0.1:PORT/VOL`, when the site serves NBD over TCP.
+    pub fn nbd_tcp_uri(&self, vol: &str) -> String {
+        let port = self.nbd_port.expect("site started without nbd_tcp");
+        format!("nbd://127.0.0.1:{port}/{vol}")
     }
 
     fn child_mut(&mut self, role: Role) -> &mut Option<Child> {
@@ -517,6 +568,8 @@ impl Site {
         if std::env::var_os("CDP_LOG").is_none() {
             cmd.env("CDP_LOG", "info");
         }
+        // Logs go to a file: no terminal colour codes.
+        cmd.env("NO_COLOR", "1");
         let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -565,7 +618,13 @@ impl Site {
                     self.logs()
                 );
             }
-            if sockets.iter().all(|s| unix_accepts(s)) {
+            let tcp_ready = match (role, self.nbd_port) {
+                (Role::Splitter, Some(port)) => {
+                    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                }
+                _ => true,
+            };
+            if tcp_ready && sockets.iter().all(|s| unix_accepts(s)) {
                 return;
             }
             if Instant::now() >= deadline {

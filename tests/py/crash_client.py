@@ -1,8 +1,8 @@
 #!/usr/bin/python3
 """Seeded write workload with periodic flushes for tests/crash.rs, and its oracle.
 
-run:    write seeded 4 KiB blocks over one libnbd connection, FLUSH every N writes, some writes
-        with FUA; log to a file which writes were issued and which are durable (fsync'd after
+run:    write seeded 4 KiB blocks over one libnbd connection (up to --depth in flight, never two
+        to one block), FLUSH every N writes, some writes with FUA; log to a file which writes were issued and which are durable (fsync'd after
         every acknowledged FLUSH/FUA). Stops when the stop file exists, or when the server
         goes away (a killed splitter: expected, logged as "E").
 verify: check an image against the log: for every block, the image must hold the newest
@@ -41,27 +41,54 @@ def cmd_run(a):
         os.fsync(log.fileno())
 
     durable("S %d %d %d %d" % (a.seed, a.block_size, a.blocks, a.region_offset))
-    i = 0
+    # Up to `depth` writes in flight, never two to the same block: per block the writes stay
+    # ordered, which keeps the oracle exact.
+    inflight = {}   # cookie -> (i, block, fua, buffer)
+    busy = set()
+    issued = 0
+
+    def reap(block_until_one):
+        while True:
+            if block_until_one and inflight:
+                h.poll(-1)
+            done = [c for c in list(inflight) if h.aio_command_completed(c)]
+            for c in done:
+                i, block, fua, _ = inflight.pop(c)
+                busy.discard(block)
+                if fua:
+                    durable("U %d" % i)
+            if done or not block_until_one or not inflight:
+                return
+
     try:
         while True:
             if os.path.exists(a.stop):
-                durable("X %d" % i)
+                durable("X %d" % issued)
                 return 0
-            block = rng.randrange(a.blocks)
-            fua = a.fua_every > 0 and rng.randrange(a.fua_every) == 0
-            log.write("I %d %d\n" % (i, block))
-            log.flush()
-            h.pwrite(content(a.seed, i, a.block_size),
-                     a.region_offset + block * a.block_size,
-                     nbd.CMD_FLAG_FUA if fua else 0)
-            if fua:
-                durable("U %d" % i)
-            if (i + 1) % a.flush_every == 0:
-                h.flush()
-                durable("F %d" % i)
-            i += 1
+            while len(inflight) < a.depth:
+                block = rng.randrange(a.blocks)
+                while block in busy:
+                    block = rng.randrange(a.blocks)
+                fua = a.fua_every > 0 and rng.randrange(a.fua_every) == 0
+                i = issued
+                log.write("I %d %d\n" % (i, block))
+                log.flush()
+                buf = nbd.Buffer.from_bytearray(bytearray(content(a.seed, i, a.block_size)))
+                cookie = h.aio_pwrite(buf, a.region_offset + block * a.block_size,
+                                      flags=nbd.CMD_FLAG_FUA if fua else 0)
+                inflight[cookie] = (i, block, fua, buf)
+                busy.add(block)
+                issued += 1
+                if issued % a.flush_every == 0:
+                    # FLUSH covers every write completed before it: drain, then flush.
+                    while inflight:
+                        reap(True)
+                    h.flush()
+                    durable("F %d" % (issued - 1))
+                    break
+            reap(True)
     except nbd.Error as e:
-        durable("E %d %s" % (i, str(e).replace("\n", " ")))
+        durable("E %d %s" % (issued, str(e).replace("\n", " ")))
         return 0
 
 
@@ -142,6 +169,7 @@ def main():
     r.add_argument("--region-offset", type=int, default=0)
     r.add_argument("--flush-every", type=int, default=16)
     r.add_argument("--fua-every", type=int, default=0)
+    r.add_argument("--depth", type=int, default=1)
     v = sub.add_parser("verify")
     v.add_argument("log")
     v.add_argument("image")

@@ -45,6 +45,23 @@ impl FrameReader {
     }
 }
 
+impl FrameReader {
+    /// Reads the next message only if all of it is already buffered; never waits for input.
+    pub async fn read_if_buffered(&mut self) -> Result<Option<Message>, LinkError> {
+        let buffered = self.inner.buffer();
+        if buffered.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let mut header_bytes = [0u8; HEADER_LEN];
+        header_bytes.copy_from_slice(&buffered[..HEADER_LEN]);
+        let header = decode_header(&header_bytes)?;
+        if buffered.len() < HEADER_LEN + header.body_len as usize {
+            return Ok(None);
+        }
+        self.read().await.map(Some)
+    }
+}
+
 /// Buffers outgoing messages; small ones are coalesced, large payloads go straight to the socket.
 pub struct FrameWriter {
     inner: BufWriter<BoxWrite>,
