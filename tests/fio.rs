@@ -58,6 +58,8 @@ fn fio(dir: &Path, name: &str, job: &str, engine_args: &[String]) -> serde_json:
     std::fs::write(&file, job).unwrap();
     let out = run(
         Command::new("fio")
+            // fio writes verify state files into its working directory; keep them in the site.
+            .current_dir(dir)
             .arg("--output-format=json")
             .args(engine_args)
             .arg(&file),

@@ -127,6 +127,22 @@ fn malformed_slow_handshake() {
     malformed_case("slow_handshake");
 }
 
+#[test]
+fn malformed_odd_requests() {
+    // Goal: requests at the protocol's edges (zero lengths, FUA on READ, FLUSH with a range,
+    // CACHE) get exactly one reply and change nothing; BLOCK_STATUS without a meta context,
+    // unadvertised FAST_ZERO and NO_HOLE on WRITE are refused. Method: raw requests, then a
+    // read of the whole export on the same connection.
+    malformed_case("odd_requests");
+}
+
+#[test]
+fn malformed_connection_flood() {
+    // Goal: 64 silent connections plus 16 busy ones neither crash the splitter nor lock out a
+    // new client. Method: open them all from one script, read on each, probe with a new client.
+    malformed_case("connection_flood");
+}
+
 /// Sends `bytes` on a fresh connection to `sock` and waits (bounded) for the peer to close it.
 fn send_garbage(sock: &std::path::Path, bytes: &[u8]) {
     use std::io::{Read, Write};

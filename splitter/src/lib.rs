@@ -62,7 +62,10 @@ pub async fn run(
             tracing::info!(volume = %name, appliance = %config.appliance, "waiting for the appliance");
         }
         tokio::select! {
-            () = link.wait_ready() => {}
+            ready = link.wait_ready() => ready.map_err(|reason| SplitterError::Refused {
+                volume: name.clone(),
+                reason,
+            })?,
             () = &mut shutdown => return Ok(()),
         }
     }

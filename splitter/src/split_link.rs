@@ -54,8 +54,16 @@ pub struct SplitLink {
     acked: watch::Sender<u64>,
     durable: watch::Sender<u64>,
     connected: AtomicBool,
-    ready: watch::Sender<bool>,
+    ready: watch::Sender<Readiness>,
     window: Arc<Semaphore>,
+}
+
+/// Whether the appliance has accepted this volume yet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Readiness {
+    Waiting,
+    Ready,
+    Refused(String),
 }
 
 /// Room in the unacked window for one change; released when the change is acknowledged.
@@ -74,7 +82,7 @@ impl SplitLink {
             acked: watch::Sender::new(0),
             durable: watch::Sender::new(0),
             connected: AtomicBool::new(false),
-            ready: watch::Sender::new(false),
+            ready: watch::Sender::new(Readiness::Waiting),
             window: Arc::new(Semaphore::new(UNACKED_BYTES_MAX)),
         });
         tokio::spawn(Arc::clone(&link).run_connections());
@@ -83,9 +91,19 @@ impl SplitLink {
 
     /// Waits until the appliance has welcomed this volume once, so source sequence numbers
     /// continue where the journal left off.
-    pub async fn wait_ready(&self) {
+    /// Fails if the appliance refused the volume before ever welcoming it: that is a
+    /// configuration problem (unknown volume, size mismatch, volume already split elsewhere)
+    /// for the administrator, not something retrying fixes.
+    pub async fn wait_ready(&self) -> Result<(), String> {
         let mut rx = self.ready.subscribe();
-        let _ = rx.wait_for(|r| *r).await;
+        let state = match rx.wait_for(|r| *r != Readiness::Waiting).await {
+            Ok(state) => state.clone(),
+            Err(_) => return Err("split link stopped".into()),
+        };
+        match state {
+            Readiness::Refused(reason) => Err(reason),
+            _ => Ok(()),
+        }
     }
 
     pub fn is_connected(&self) -> bool {
@@ -169,6 +187,10 @@ impl SplitLink {
         loop {
             match self.run_one_connection().await {
                 Ok(()) => return,
+                Err(LinkError::Refused(reason)) if *self.ready.borrow() == Readiness::Waiting => {
+                    self.ready.send_replace(Readiness::Refused(reason));
+                    return;
+                }
                 Err(e) => {
                     if self.connected.swap(false, Ordering::Relaxed) {
                         tracing::warn!(volume = %self.volume, "split link lost: {e}; reconnecting");
@@ -212,7 +234,7 @@ impl SplitLink {
         };
         self.on_welcome(last_journaled);
         self.connected.store(true, Ordering::Relaxed);
-        self.ready.send_replace(true);
+        self.ready.send_replace(Readiness::Ready);
         tracing::info!(volume = %self.volume, last_journaled, "split link connected");
 
         let receive = async {
@@ -272,6 +294,18 @@ impl SplitLink {
                 );
             }
             queue.last_seq = last_journaled;
+        }
+        let acked_before = *self.acked.borrow();
+        if last_journaled < acked_before {
+            // Only a lost page cache (power failure at the appliance) can do this: changes it
+            // acknowledged but had not synced are gone, and they are no longer queued here.
+            tracing::error!(
+                volume = %self.volume,
+                acknowledged = acked_before,
+                journal = last_journaled,
+                "the appliance lost {} acknowledged but unflushed changes; the replica needs a resync of this volume",
+                acked_before - last_journaled
+            );
         }
         pop_acked(&mut queue.unacked, last_journaled);
         queue.sent_through = last_journaled;

@@ -43,6 +43,7 @@ def cmd_run(a):
     durable("S %d %d %d %d" % (a.seed, a.block_size, a.blocks, a.region_offset))
     # Up to `depth` writes in flight, never two to the same block: per block the writes stay
     # ordered, which keeps the oracle exact.
+    depth = max(1, min(a.depth, a.blocks // 2))
     inflight = {}   # cookie -> (i, block, fua, buffer)
     busy = set()
     issued = 0
@@ -65,7 +66,7 @@ def cmd_run(a):
             if os.path.exists(a.stop):
                 durable("X %d" % issued)
                 return 0
-            while len(inflight) < a.depth:
+            while len(inflight) < depth:
                 block = rng.randrange(a.blocks)
                 while block in busy:
                     block = rng.randrange(a.blocks)

@@ -372,6 +372,63 @@ def case_slow_handshake(sock, export, model):
     print("slow handshake: served")
 
 
+def any_reply(c, what, cmd, offset, length, flags=0, payload=b"", read_len=0):
+    """Requests whose outcome the protocol leaves to the server: any reply, success or error,
+    is fine, as long as there is exactly one and the stream stays in sync."""
+    err, _ = c.reply(c.request(cmd, offset, length, flags, payload), read_len)
+    print("%s: %s" % (what, "ok" if err == 0 else "error %d" % err))
+    return err
+
+
+def case_odd_requests(sock, export, model):
+    c = Conn(sock)
+    c.handshake(export)
+    size = c.size
+    any_reply(c, "zero-length read", CMD_READ, 4096, 0)
+    any_reply(c, "zero-length write", CMD_WRITE, 4096, 0)
+    any_reply(c, "zero-length write at the end", CMD_WRITE, size, 0)
+    any_reply(c, "zero-length trim", CMD_TRIM, 0, 0)
+    any_reply(c, "zero-length write zeroes", CMD_WRITE_ZEROES, 0, 0)
+    any_reply(c, "read with FUA", CMD_READ, 0, 4096, FLAG_FUA, read_len=4096)
+    any_reply(c, "flush with an offset and length", CMD_FLUSH, 4096, 4096)
+    # Commands that need negotiation the server never did, or that it may not support.
+    expect_error(c, "BLOCK_STATUS without a meta context", {EINVAL, ENOTSUP}, 7, 0, 4096)
+    any_reply(c, "CACHE", CMD_CACHE, 0, 4096)
+    if c.flags & (1 << 11):   # NBD_FLAG_SEND_FAST_ZERO: the flag is legal, zeroes may result
+        any_reply(c, "WRITE_ZEROES with FAST_ZERO (advertised)", CMD_WRITE_ZEROES, 0, 0, 0x10)
+    else:
+        expect_error(c, "WRITE_ZEROES with FAST_ZERO (not advertised)", {EINVAL, ENOTSUP},
+                     CMD_WRITE_ZEROES, 0, 4096, 0x10)
+    expect_error(c, "WRITE with NO_HOLE (only for WRITE_ZEROES)", {EINVAL}, CMD_WRITE, 0, 4096,
+                 FLAG_NO_HOLE, b"\xee" * 4096)
+    valid_read(c, model, 0, len(model))
+    c.disconnect()
+
+
+def case_connection_flood(sock, export, model):
+    # Many connections at once: 64 silent ones (no handshake yet) and 16 in transmission, each
+    # reading; a new client is served meanwhile, and everything still works after they go.
+    idle = [Conn(sock) for _ in range(64)]
+    active = []
+    for _ in range(16):
+        c = Conn(sock)
+        c.handshake(export)
+        active.append(c)
+    cookies = [(c, c.request(CMD_READ, 0, 65536)) for c in active]
+    for c, cookie in cookies:
+        err, data = c.reply(cookie, 65536)
+        check(err == 0 and data == model[:65536], "read on one of 16 connections failed")
+    probe = Conn(sock)
+    probe.handshake(export)
+    valid_read(probe, model, 0)
+    probe.disconnect()
+    for c in active:
+        c.disconnect()
+    for c in idle:
+        c.s.close()
+    print("connection flood: served")
+
+
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 

@@ -160,6 +160,11 @@ impl Server {
                 debug!(%peer, "NBD client connected");
                 match handle_connection(reader, writer, &registry, &config, &mut shutdown).await {
                     Ok(()) => debug!(%peer, "NBD client disconnected"),
+                    // A client that closes during the handshake (a readiness probe, an ABORT
+                    // without reading the reply) is routine; only transmission errors are news.
+                    Err(err @ NbdError::Io(_)) => {
+                        debug!(%peer, %err, "NBD connection ended")
+                    }
                     Err(err) => info!(%peer, %err, "NBD connection ended"),
                 }
                 drop(permit);
