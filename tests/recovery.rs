@@ -218,8 +218,13 @@ fn journal_across_segments_survives_restart() {
     }
     let mut site = Site::start(&[("vol0", 64 * MIB)]);
     let uri = site.nbd_uri("vol0");
+    let fio_dir = site.root().to_path_buf();
     let fio = |args: &[String]| {
-        let out = run(Command::new("fio").args(args), Duration::from_secs(300));
+        // fio writes verify state files into its working directory; keep them in the site.
+        let out = run(
+            Command::new("fio").current_dir(&fio_dir).args(args),
+            Duration::from_secs(300),
+        );
         assert!(
             out.status.success(),
             "fio {args:?}: {}\n{}",
