@@ -3,40 +3,44 @@
 # serving a plain raw file and against cdp (appliance + splitter protecting a raw file of the same
 # size in the same directory), and prints a table of both results and their ratio.
 #
-# usage: benches/compare-qemu-nbd.sh [--short] [--dir DIR] [--cdp PATH] [--keep]
-#   --short   small sizes and runtimes (CI): 256 MiB volume, 5 s random-write jobs
+# usage: benches/compare-qemu-nbd.sh [--short] [--rounds N] [--dir DIR] [--cdp PATH] [--keep]
+#   --short   small sizes and runtimes (CI): 256 MiB volume, 5 s random-write jobs, 1 round
+#   --rounds  run every job N times per server (default 3; 1 with --short); the median counts
 #   --dir     where the raw files live (default: a new directory under /tmp); both servers use
 #             the same directory, so the same filesystem
 #   --cdp     the cdp binary (default: target/release/cdp beside this script's repository)
 #   --keep    keep the data directory and logs afterwards
 #
-# Jobs (in this order, each server starting from a fresh sparse file):
+# Both servers run side by side for the whole run. Each job runs on qemu-nbd and on cdp back to
+# back (which goes first alternates by round), each after `sync` and after cdp's distribution has
+# caught up, so background writeback and machine noise fall on both alike. cdp's distribution
+# lag before each run is printed: it is work the host's share paid for in the previous run.
+# Jobs:
 #   seqwrite-1M        1 MiB sequential writes over the whole volume, flush at the end (MiB/s)
 #   randwrite-4k       4 KiB random writes, iodepth 16 (IOPS)
 #   randwrite-4k-fsync 4 KiB random writes, iodepth 16, FLUSH every 64 writes (IOPS)
 #   seqread-1M         1 MiB sequential reads of the whole volume (MiB/s)
-# cdp's distribution to the replica runs behind the host and is not waited for between jobs;
-# its lag after each job is printed, because it is part of what the host's share pays for.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-SHORT=0 DIR= CDP="$REPO/target/release/cdp" KEEP=0
+SHORT=0 DIR= CDP="$REPO/target/release/cdp" KEEP=0 ROUNDS=
 while [ $# -gt 0 ]; do
     case "$1" in
         --short) SHORT=1 ;;
+        --rounds) ROUNDS=$2; shift ;;
         --dir) DIR=$2; shift ;;
         --cdp) CDP=$2; shift ;;
         --keep) KEEP=1 ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
     shift
 done
 
 if [ "$SHORT" = 1 ]; then
-    VOL_SIZE=$((256 << 20)) RUNTIME=5
+    VOL_SIZE=$((256 << 20)) RUNTIME=5 ROUNDS=${ROUNDS:-1}
 else
-    VOL_SIZE=$((2 << 30)) RUNTIME=30
+    VOL_SIZE=$((2 << 30)) RUNTIME=30 ROUNDS=${ROUNDS:-3}
 fi
 
 for tool in fio qemu-nbd python3; do
@@ -101,7 +105,8 @@ stop() {
     PIDS=("${kept[@]+"${kept[@]}"}")
 }
 
-# job NAME -> fio arguments (the URI and output are added by run_jobs)
+
+# job NAME -> fio arguments (the URI and output are added by run_job)
 job_args() {
     case "$1" in
         seqwrite-1M) echo "--rw=write --bs=1M --iodepth=8 --size=$VOL_SIZE --end_fsync=1" ;;
@@ -112,32 +117,33 @@ job_args() {
 }
 JOBS=(seqwrite-1M randwrite-4k randwrite-4k-fsync seqread-1M)
 
-# run_jobs SERVER URI [STATUS_CMD...]: one JSON result per job in $DIR/results/SERVER-JOB.json
-run_jobs() {
-    local server=$1 uri=$2; shift 2
-    local job
+# run_job SERVER URI JOB ROUND: one JSON result in $DIR/results/SERVER-JOB-ROUND.json
+run_job() {
+    local server=$1 uri=$2 job=$3 round=$4
     mkdir -p "$DIR/results"
-    for job in "${JOBS[@]}"; do
-        # shellcheck disable=SC2046
-        fio --name="$job" --ioengine=nbd --uri="$uri" --numjobs=1 --group_reporting \
-            --output-format=json --output="$DIR/results/$server-$job.json" $(job_args "$job") \
-            || { echo "fio $job against $server failed" >&2; exit 1; }
-        if [ $# -gt 0 ]; then
-            echo "  $server $job done; $("$@" 2>/dev/null | python3 -c '
+    # shellcheck disable=SC2046
+    fio --name="$job" --ioengine=nbd --uri="$uri" --numjobs=1 --group_reporting \
+        --output-format=json --output="$DIR/results/$server-$job-$round.json" $(job_args "$job") \
+        || { echo "fio $job against $server failed" >&2; exit 1; }
+}
+
+# Prints cdp's distribution lag, then waits until the replica has caught up with the journal.
+cdp_settle() {
+    "$CDP" status --control "$C/appliance.ctl" --json | python3 -c '
 import json, sys
-try:
-    g = json.load(sys.stdin)["groups"][0]
-    print("distribution lag %d records, journal %.1f MiB" % (g["lag_records"], g["journal_bytes"] / 2**20))
-except Exception as e:
-    print("status unavailable (%s)" % e)
-')"
-        else
-            echo "  $server $job done"
-        fi
+g = json.load(sys.stdin)["groups"][0]
+print("cdp lag %d records, journal %.1f MiB" % (g["lag_records"], g["journal_bytes"] / 2**20))'
+    local deadline=$((SECONDS + 900))
+    until "$CDP" status --control "$C/appliance.ctl" --json | python3 -c '
+import json, sys
+g = json.load(sys.stdin)["groups"][0]
+sys.exit(0 if g["distributed_seq"] == g["last_seq"] else 1)'; do
+        [ $SECONDS -lt $deadline ] || { echo "cdp distribution did not catch up" >&2; exit 1; }
+        sleep 0.2
     done
 }
 
-echo "compare-qemu-nbd: $( [ "$SHORT" = 1 ] && echo short || echo full ) run in $DIR, volume $((VOL_SIZE >> 20)) MiB"
+echo "compare-qemu-nbd: $( [ "$SHORT" = 1 ] && echo short || echo full ) run in $DIR, volume $((VOL_SIZE >> 20)) MiB, $ROUNDS round(s)"
 echo "fio: $(fio --version)"
 echo "qemu-nbd: $(qemu-nbd --version | head -n 1)"
 echo "cdp: $CDP ($("$CDP" --version 2>/dev/null | head -n 1 || true))"
@@ -151,9 +157,6 @@ qemu-nbd --persistent --shared=16 --cache=writeback -f raw -x vol0 -k "$DIR/qemu
 QPID=$!
 PIDS+=("$QPID")
 wait_socket "$DIR/qemu/nbd.sock" "$QPID" "$DIR/qemu/qemu-nbd.log"
-run_jobs qemu-nbd "nbd+unix:///vol0?socket=$DIR/qemu/nbd.sock"
-stop "$QPID"
-rm -f "$DIR/qemu/vol0.img"
 
 # --- cdp --------------------------------------------------------------------------------------
 C="$DIR/cdp"
@@ -189,28 +192,49 @@ CDP_LOG=${CDP_LOG:-warn} "$CDP" splitter --config "$C/splitter.toml" >"$C/splitt
 SPID=$!
 PIDS+=("$SPID")
 wait_socket "$C/nbd.sock" "$SPID" "$C/splitter.log"
-run_jobs cdp "nbd+unix:///vol0?socket=$C/nbd.sock" "$CDP" status --control "$C/appliance.ctl" --json
+
+# --- the jobs, interleaved ----------------------------------------------------------------------
+QURI="nbd+unix:///vol0?socket=$DIR/qemu/nbd.sock"
+CURI="nbd+unix:///vol0?socket=$C/nbd.sock"
+for round in $(seq 1 "$ROUNDS"); do
+    for job in "${JOBS[@]}"; do
+        if [ $((round % 2)) = 1 ]; then order="qemu-nbd cdp"; else order="cdp qemu-nbd"; fi
+        for server in $order; do
+            sync
+            echo "  round $round $job on $server ($(cdp_settle))"
+            if [ "$server" = cdp ]; then uri=$CURI; else uri=$QURI; fi
+            run_job "$server" "$uri" "$job" "$round"
+        done
+    done
+done
+echo "  after the last job: $(cdp_settle)"
 stop "$SPID"
 stop "$APID"
+stop "$QPID"
 
 # --- table ------------------------------------------------------------------------------------
-python3 - "$DIR/results" "${JOBS[@]}" <<'EOF'
-import json, os, sys
-results, jobs = sys.argv[1], sys.argv[2:]
+python3 - "$DIR/results" "$ROUNDS" "${JOBS[@]}" <<'EOF'
+import json, os, statistics, sys
+results, rounds, jobs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 
-def metric(server, job):
-    with open(os.path.join(results, "%s-%s.json" % (server, job))) as f:
+def one(server, job, r):
+    with open(os.path.join(results, "%s-%s-%d.json" % (server, job, r))) as f:
         j = json.load(f)["jobs"][0]
     d = j["read"] if "read" in job else j["write"]
     if "randwrite" in job:
-        return d["iops"], "IOPS"
-    return d["bw"] / 1024.0, "MiB/s"   # fio reports bw in KiB/s
+        return d["iops"]
+    return d["bw"] / 1024.0   # fio reports bw in KiB/s
+
+def unit(job):
+    return "IOPS" if "randwrite" in job else "MiB/s"
 
 print()
-print("%-20s %-6s %12s %12s %10s" % ("job", "unit", "qemu-nbd", "cdp", "cdp/qemu"))
+print("median of %d round(s); per-round ratios in brackets" % rounds)
+print("%-20s %-6s %12s %12s %10s  %s" % ("job", "unit", "qemu-nbd", "cdp", "cdp/qemu", "rounds"))
 for job in jobs:
-    q, unit = metric("qemu-nbd", job)
-    c, _ = metric("cdp", job)
-    ratio = c / q if q else float("nan")
-    print("%-20s %-6s %12.1f %12.1f %10.2f" % (job, unit, q, c, ratio))
+    q = [one("qemu-nbd", job, r) for r in range(1, rounds + 1)]
+    c = [one("cdp", job, r) for r in range(1, rounds + 1)]
+    qm, cm = statistics.median(q), statistics.median(c)
+    per_round = " ".join("%.2f" % (cv / qv) if qv else "nan" for qv, cv in zip(q, c))
+    print("%-20s %-6s %12.1f %12.1f %10.2f  [%s]" % (job, unit(job), qm, cm, cm / qm if qm else float("nan"), per_round))
 EOF
