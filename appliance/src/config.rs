@@ -27,8 +27,17 @@ pub struct ApplianceConfig {
     /// how far distribution to the replica can trail the journal. Default 200, minimum 1.
     #[serde(default = "sync_interval_default")]
     pub journal_sync_interval_ms: u64,
+    /// Seconds distribution may wait for a pause in host writes before it writes the replica
+    /// anyway. Distribution competes with the host for the disk; deferring it keeps bursts at
+    /// full speed at the cost of replica lag (shown by `cdp status`). Default 30, minimum 0.
+    #[serde(default = "distribution_delay_default")]
+    pub distribution_delay_max_s: u64,
     #[serde(default)]
     pub group: Vec<GroupConfig>,
+}
+
+fn distribution_delay_default() -> u64 {
+    30
 }
 
 fn sync_interval_default() -> u64 {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cdp_journal::{Journal, JournalConfig, Record, RecordIn, RecordKind};
 use cdp_types::{BlockFile, Seq};
@@ -23,7 +23,10 @@ use crate::config::{GroupConfig, VolumeConfig};
 use crate::distribution_state;
 use crate::error::ApplianceError;
 use crate::group_meta::GroupMeta;
-use crate::limits::{DISTRIBUTION_CHECKPOINT_BYTES_MAX, SYNC_REQUESTS_MAX};
+use crate::limits::{
+    DISTRIBUTION_CHECKPOINT_BYTES_MAX, DISTRIBUTION_HOST_QUIET, DISTRIBUTION_QUIET_CHECK_RECORDS,
+    SYNC_REQUESTS_MAX,
+};
 
 /// Progress reported back to one split-link connection; cumulative, so no queue is needed.
 pub struct ConnectionProgress {
@@ -101,6 +104,11 @@ pub struct Group {
     distributed: AtomicU64,
     failure: watch::Sender<Option<String>>,
     stop_distribution: AtomicBool,
+    /// Longest distribution waits for the host to pause before it runs regardless.
+    distribution_delay_max: Duration,
+    /// When the last host change was appended, in ns since `epoch`.
+    last_append_ns: AtomicU64,
+    epoch: Instant,
     distribution_wake: channel::Sender<()>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -112,6 +120,7 @@ impl Group {
         config: &GroupConfig,
         journal_config: JournalConfig,
         sync_interval: Duration,
+        distribution_delay_max: Duration,
     ) -> Result<Arc<Group>, ApplianceError> {
         let dir = data_dir.join("groups").join(&config.name);
         std::fs::create_dir_all(&dir)?;
@@ -142,6 +151,9 @@ impl Group {
             distributed: AtomicU64::new(distributed.0),
             failure: watch::Sender::new(None),
             stop_distribution: AtomicBool::new(false),
+            distribution_delay_max,
+            last_append_ns: AtomicU64::new(0),
+            epoch: Instant::now(),
             distribution_wake: wake_tx,
             threads: Mutex::new(Vec::new()),
         });
@@ -173,6 +185,8 @@ impl Group {
         if let Some(failure) = self.failure.borrow().clone() {
             return Err(failure);
         }
+        self.last_append_ns
+            .store(self.epoch.elapsed().as_nanos() as u64, Ordering::Relaxed);
         if let Err(e) = self.journal.append(changes) {
             let what = format!("journal append failed: {e}");
             self.fail(what.clone());
@@ -302,31 +316,55 @@ impl Group {
     fn distribute_loop(&self, wake: channel::Receiver<()>, state_path: &Path) {
         lower_thread_priority();
         let mut distributed = Seq(self.distributed.load(Ordering::Relaxed));
+        let mut behind_since: Option<Instant> = None;
         loop {
+            let stopping = self.stop_distribution.load(Ordering::Relaxed);
             let target = self.journal.durable_seq();
             if target > distributed {
-                match self.distribute_through(distributed, target, state_path) {
+                // Replica writes compete with the host for the disk, not only the CPU, so
+                // distribution waits for a pause in host writes, unless it has been behind
+                // for too long or the appliance is stopping.
+                let since = *behind_since.get_or_insert_with(Instant::now);
+                let urgent = stopping || since.elapsed() >= self.distribution_delay_max;
+                if !urgent && !self.host_quiet() {
+                    let _ = wake.recv_timeout(DISTRIBUTION_HOST_QUIET);
+                    continue;
+                }
+                match self.distribute_through(distributed, target, state_path, urgent) {
                     Ok(seq) => distributed = seq,
                     Err(e) => {
                         self.fail(format!("distribution failed: {e}"));
                         return;
                     }
                 }
+                if distributed >= target {
+                    behind_since = None;
+                }
                 continue;
             }
-            if self.stop_distribution.load(Ordering::Relaxed) {
+            behind_since = None;
+            if stopping {
                 return;
             }
             let _ = wake.recv_timeout(Duration::from_secs(1));
         }
     }
 
+    /// True when no host change was appended for `DISTRIBUTION_HOST_QUIET`.
+    fn host_quiet(&self) -> bool {
+        let last = self.last_append_ns.load(Ordering::Relaxed);
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        now.saturating_sub(last) >= DISTRIBUTION_HOST_QUIET.as_nanos() as u64
+    }
+
     /// Applies durable records after `from` up to `target` to the replicas, checkpointing as it goes.
+    /// Unless `urgent`, it stops early (after a checkpoint) when the host starts writing again.
     fn distribute_through(
         &self,
         from: Seq,
         target: Seq,
         state_path: &Path,
+        urgent: bool,
     ) -> Result<Seq, ApplianceError> {
         let by_id: BTreeMap<u32, &GroupVolume> =
             self.volumes.values().map(|v| (v.id, v.as_ref())).collect();
@@ -344,7 +382,13 @@ impl Group {
                 self.checkpoint(done, state_path)?;
                 since_checkpoint = 0;
             }
-            if self.stop_distribution.load(Ordering::Relaxed) && done >= target {
+            if done >= target {
+                break;
+            }
+            if !urgent
+                && done.0.is_multiple_of(DISTRIBUTION_QUIET_CHECK_RECORDS)
+                && !self.host_quiet()
+            {
                 break;
             }
         }

@@ -40,6 +40,7 @@ pub async fn run(
             g,
             journal_config.clone(),
             sync_interval,
+            Duration::from_secs(config.distribution_delay_max_s),
         )?);
     }
     let groups = Arc::new(groups);

@@ -15,6 +15,12 @@ pub const APPEND_BATCH_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// A crash re-applies at most this much, which is harmless because applying is idempotent.
 pub const DISTRIBUTION_CHECKPOINT_BYTES_MAX: u64 = 256 * 1024 * 1024;
 
+/// How long the host must not have written before distribution runs (unless it is overdue).
+pub const DISTRIBUTION_HOST_QUIET: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Records distributed between two checks for host activity.
+pub const DISTRIBUTION_QUIET_CHECK_RECORDS: u64 = 64;
+
 /// Split-link connections served at once.
 pub const LINK_CONNECTIONS_MAX: usize = 1024;
 

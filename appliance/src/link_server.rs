@@ -106,10 +106,12 @@ pub async fn serve_link(groups: Arc<Vec<Arc<Group>>>, stream: LinkStream) {
     tracing::info!(volume = %volume_name, splitter_id = format!("{splitter_id:016x}"), last_journaled, "splitter connected");
 
     let receive = receive_changes(&group, &volume, &progress, &mut reader, last_journaled);
+    // Subscribe before either future runs: a change appended by `receive` before `send` is
+    // first polled must still be seen as new, or its Ack would never be sent.
+    let mut acked = progress.acked.subscribe();
+    let mut durable = progress.durable.subscribe();
+    let mut failure = group.failure();
     let send = async {
-        let mut acked = progress.acked.subscribe();
-        let mut durable = progress.durable.subscribe();
-        let mut failure = group.failure();
         loop {
             tokio::select! {
                 r = acked.changed() => {
