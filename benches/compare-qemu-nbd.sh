@@ -23,7 +23,7 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-SHORT=0 DIR= CDP="$REPO/target/release/cdp" KEEP=0 ROUNDS=
+SHORT=0 DIR= CDP="${CARGO_TARGET_DIR:-$REPO/target}/release/cdp" KEEP=0 ROUNDS=
 while [ $# -gt 0 ]; do
     case "$1" in
         --short) SHORT=1 ;;
