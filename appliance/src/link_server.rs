@@ -187,7 +187,7 @@ async fn receive_changes(
                 .append(volume, &batch)
                 .map_err(|e| LinkError::Refused(format!("group {} is fenced: {e}", group.name)))?;
             batch.clear();
-            raise_acked(progress, last_received);
+            cdp_link::watermark::raise(&progress.acked, last_received);
         }
         if let Some(source_seq) = flush_through {
             group
@@ -195,16 +195,6 @@ async fn receive_changes(
                 .map_err(LinkError::Protocol)?;
         }
     }
-}
-
-fn raise_acked(progress: &ConnectionProgress, source_seq: u64) {
-    progress.acked.send_if_modified(|a| {
-        let newer = source_seq > *a;
-        if newer {
-            *a = source_seq;
-        }
-        newer
-    });
 }
 
 /// Checks a change from the splitter (sequence continuity, bounds) and makes it a record.

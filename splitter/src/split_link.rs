@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use cdp_link::{LinkError, LinkStream, Message};
+use cdp_link::{watermark, LinkError, LinkStream, Message};
 use cdp_types::Endpoint;
 use tokio::sync::{oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
@@ -242,13 +242,7 @@ impl SplitLink {
                 match reader.read().await? {
                     Message::Ack { source_seq } => self.on_ack(source_seq),
                     Message::Durable { source_seq } => {
-                        self.durable.send_if_modified(|d| {
-                            let newer = source_seq > *d;
-                            if newer {
-                                *d = source_seq;
-                            }
-                            newer
-                        });
+                        watermark::raise(&self.durable, source_seq);
                     }
                     Message::Refuse { reason } => return Err(LinkError::Refused(reason)),
                     other => {
@@ -311,13 +305,7 @@ impl SplitLink {
         queue.sent_through = last_journaled;
         queue.flush_sent = 0;
         drop(queue);
-        self.acked.send_if_modified(|a| {
-            let newer = last_journaled > *a;
-            if newer {
-                *a = last_journaled;
-            }
-            newer
-        });
+        watermark::raise(&self.acked, last_journaled);
         // Resend whatever is still queued, and any flush still waited on.
         self.wake_sender.notify_one();
     }
@@ -326,13 +314,7 @@ impl SplitLink {
         let mut queue = self.lock_queue();
         pop_acked(&mut queue.unacked, source_seq);
         drop(queue);
-        self.acked.send_if_modified(|a| {
-            let newer = source_seq > *a;
-            if newer {
-                *a = source_seq;
-            }
-            newer
-        });
+        watermark::raise(&self.acked, source_seq);
     }
 
     /// Moves the next unsent changes (and a pending flush request) into `batch`.

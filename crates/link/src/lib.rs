@@ -5,6 +5,7 @@ pub mod error;
 pub mod frame;
 pub mod limits;
 pub mod message;
+pub mod watermark;
 
 pub use codec::{connect, FrameReader, FrameWriter, LinkStream};
 pub use error::LinkError;
