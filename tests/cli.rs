@@ -79,7 +79,9 @@ fn status_reports_volumes_and_progress() {
         seq(g, "durable_seq") >= last,
         "after FLUSH, durable_seq < last_seq: {st:#}"
     );
-    assert!(seq(g, "journal_bytes") >= 8 * 4096, "{st:#}");
+    // Journal payloads may be stored compressed; the logical count is what the host wrote.
+    assert!(seq(g, "journal_write_logical_bytes") >= 8 * 4096, "{st:#}");
+    assert!(seq(g, "journal_bytes") > 0, "{st:#}");
     assert!(seq(g, "first_seq") <= last, "{st:#}");
 
     site.wait_distributed(DISTRIBUTED_DEADLINE);

@@ -252,8 +252,6 @@ fn crash_splitter_during_writes() {
 }
 
 #[test]
-#[ignore = "known gap: writes in production but not yet journaled when the splitter dies are \
-            not resynchronised (ARCHITECTURE, issue 5); fails in about one run of three"]
 fn crash_splitter_replica_converges() {
     // Goal: DESIGN rule 2 after a splitter crash: writes that reached production but not the
     // journal when the splitter died (in flight, unacknowledged) must still reach the replica

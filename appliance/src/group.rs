@@ -4,7 +4,9 @@
 //! journal's append lock defines the group's write order. Flush requests go to the sync
 //! thread, whose one fsync serves every flush queued meanwhile (group commit). The
 //! distribution thread applies durable records to the replicas in order, behind the host,
-//! under SCHED_IDLE.
+//! under SCHED_IDLE, and after each checkpoint runs one retention pass: the oldest journal
+//! segments the replica already holds are released once the journal exceeds its capacity or
+//! its time window.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use cdp_journal::{Journal, JournalConfig, Record, RecordIn, RecordKind};
-use cdp_types::{BlockFile, Seq};
+use cdp_journal::{Journal, JournalConfig, Record, RecordIn, RecordKind, RetentionPolicy};
+use cdp_types::{BlockFile, Seq, TimestampNs};
 use crossbeam::channel;
 use serde::Serialize;
 use tokio::sync::watch;
@@ -83,6 +85,23 @@ pub struct GroupStatus {
     pub durable_seq: u64,
     pub distributed_seq: u64,
     pub lag_records: u64,
+    /// Retention releases the oldest segments above this size.
+    pub journal_capacity_bytes: u64,
+    /// The journal is above its capacity and nothing more may be released yet because
+    /// distribution to the replica is behind. The host is not stopped (future policy).
+    pub journal_over_capacity: bool,
+    /// The time window, when one is configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub journal_retention_s: Option<u64>,
+    /// Timestamp of the oldest record kept (ns since the Unix epoch), shown when a time
+    /// window is configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_timestamp_ns: Option<u64>,
+    /// Write payload bytes journaled since the appliance started, as the host wrote them
+    /// and as stored after compression, and their ratio (logical / stored, 1.0 if none).
+    pub journal_write_logical_bytes: u64,
+    pub journal_write_stored_bytes: u64,
+    pub journal_compression_ratio: f64,
     pub failure: Option<String>,
     pub volumes: Vec<VolumeStatus>,
 }
@@ -102,6 +121,14 @@ pub struct Group {
     volumes: BTreeMap<String, Arc<GroupVolume>>,
     sync_tx: Mutex<Option<channel::Sender<SyncRequest>>>,
     distributed: AtomicU64,
+    retention: RetentionPolicy,
+    /// Set by the last retention pass; a warning is logged once per episode.
+    over_capacity: AtomicBool,
+    /// Per volume id, the highest source_seq among distributed (hence durable) records.
+    /// Written to `SOURCE_SEQS_FILE` before segments are released, so a reconnecting
+    /// splitter is told the right resume point even when its last change was released.
+    distributed_source_seqs: Mutex<BTreeMap<u32, u64>>,
+    source_seqs_path: PathBuf,
     failure: watch::Sender<Option<String>>,
     stop_distribution: AtomicBool,
     /// Longest distribution waits for the host to pause before it runs regardless.
@@ -118,7 +145,7 @@ impl Group {
     pub fn open(
         data_dir: &Path,
         config: &GroupConfig,
-        journal_config: JournalConfig,
+        mut journal_config: JournalConfig,
         sync_interval: Duration,
         distribution_delay_max: Duration,
     ) -> Result<Arc<Group>, ApplianceError> {
@@ -126,6 +153,7 @@ impl Group {
         std::fs::create_dir_all(&dir)?;
         let names: Vec<String> = config.volume.iter().map(|v| v.name.clone()).collect();
         let meta = GroupMeta::load_or_create(&dir, &config.name, &names)?;
+        journal_config.compress_writes = config.journal_compress;
         let (journal, report) = Journal::open(&dir.join("journal"), meta.group_id, journal_config)?;
         tracing::info!(group = %config.name, ?report, "journal opened");
         let journal = Arc::new(journal);
@@ -137,7 +165,25 @@ impl Group {
             })?;
             volumes.insert(v.name.clone(), Arc::new(open_volume(v, id)?));
         }
+        let source_seqs_path = dir.join(SOURCE_SEQS_FILE);
+        let released_source_seqs = load_source_seqs(&source_seqs_path)?;
         recover_last_source_seqs(&journal, &volumes)?;
+        // Everything recovered is durable, so it seeds the distributed maxima too.
+        let mut distributed_source_seqs = BTreeMap::new();
+        for v in volumes.values() {
+            let released = released_source_seqs.get(&v.id).copied().unwrap_or(0);
+            let seq = v
+                .last_source_seq
+                .fetch_max(released, Ordering::Relaxed)
+                .max(released);
+            distributed_source_seqs.insert(v.id, seq);
+        }
+        let retention = RetentionPolicy {
+            capacity_bytes: config.journal_capacity_bytes,
+            window_ns: config
+                .journal_retention_s
+                .map(|s| s.saturating_mul(1_000_000_000)),
+        };
 
         let dist_path = dir.join("distribution.state");
         let distributed = distribution_state::load(&dist_path)?;
@@ -149,6 +195,10 @@ impl Group {
             volumes,
             sync_tx: Mutex::new(Some(sync_tx)),
             distributed: AtomicU64::new(distributed.0),
+            retention,
+            over_capacity: AtomicBool::new(false),
+            distributed_source_seqs: Mutex::new(distributed_source_seqs),
+            source_seqs_path,
             failure: watch::Sender::new(None),
             stop_distribution: AtomicBool::new(false),
             distribution_delay_max,
@@ -225,6 +275,14 @@ impl Group {
     pub fn status(&self) -> GroupStatus {
         let last = self.journal.last_seq().0;
         let distributed = self.distributed.load(Ordering::Relaxed);
+        let first_timestamp_ns = match self.retention.window_ns {
+            Some(_) => self.journal.first_record_timestamp().unwrap_or_else(|e| {
+                tracing::warn!(group = %self.name, "reading the oldest journal record: {e}");
+                None
+            }),
+            None => None,
+        };
+        let (logical, stored) = self.journal.write_bytes_since_open();
         GroupStatus {
             name: self.name.clone(),
             journal_bytes: self.journal.size_bytes(),
@@ -234,6 +292,17 @@ impl Group {
             durable_seq: self.journal.durable_seq().0,
             distributed_seq: distributed,
             lag_records: last.saturating_sub(distributed),
+            journal_capacity_bytes: self.retention.capacity_bytes,
+            journal_over_capacity: self.over_capacity.load(Ordering::Relaxed),
+            journal_retention_s: self.retention.window_ns.map(|w| w / 1_000_000_000),
+            first_timestamp_ns,
+            journal_write_logical_bytes: logical,
+            journal_write_stored_bytes: stored,
+            journal_compression_ratio: if stored == 0 {
+                1.0
+            } else {
+                logical as f64 / stored as f64
+            },
             failure: self.failure.borrow().clone(),
             volumes: self
                 .volumes
@@ -318,6 +387,8 @@ impl Group {
         let mut distributed = Seq(self.distributed.load(Ordering::Relaxed));
         let mut behind_since: Option<Instant> = None;
         loop {
+            // `distributed` is always checkpointed here (distribute_through ends with one).
+            self.retain(distributed);
             let stopping = self.stop_distribution.load(Ordering::Relaxed);
             let target = self.journal.durable_seq();
             if target > distributed {
@@ -376,11 +447,20 @@ impl Group {
                 break;
             }
             since_checkpoint += apply(&by_id, &record)?;
+            if record.source_seq != 0 {
+                let mut seqs = self
+                    .distributed_source_seqs
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                let e = seqs.entry(record.volume).or_default();
+                *e = (*e).max(record.source_seq);
+            }
             done = record.seq;
             self.distributed.store(done.0, Ordering::Relaxed);
             if since_checkpoint >= DISTRIBUTION_CHECKPOINT_BYTES_MAX {
                 self.checkpoint(done, state_path)?;
                 since_checkpoint = 0;
+                self.retain(done);
             }
             if done >= target {
                 break;
@@ -394,6 +474,58 @@ impl Group {
         }
         self.checkpoint(done, state_path)?;
         Ok(done)
+    }
+
+    /// One retention pass: releases the oldest journal segments whose records are all at
+    /// or below `checkpointed` (durably in the replica) while the journal is over capacity or
+    /// they are older than the window. Failures are logged, never fatal: an unreleased
+    /// segment only costs disk space.
+    fn retain(&self, checkpointed: Seq) {
+        let plan = self
+            .journal
+            .retention_plan(&self.retention, checkpointed, TimestampNs::now().0);
+        if let Some(through) = plan.through {
+            if let Err(e) = self.persist_source_seqs() {
+                tracing::warn!(group = %self.name, "journal retention postponed: {e}");
+                return;
+            }
+            match self.journal.release_through(through) {
+                Ok(r) => tracing::info!(
+                    group = %self.name,
+                    segments = r.segments,
+                    bytes = r.bytes,
+                    first_seq = %r.first_seq,
+                    journal_bytes = self.journal.size_bytes(),
+                    "journal segments released"
+                ),
+                Err(e) => tracing::warn!(group = %self.name, "journal retention failed: {e}"),
+            }
+        }
+        let was_over = self
+            .over_capacity
+            .swap(plan.over_capacity, Ordering::Relaxed);
+        if plan.over_capacity && !was_over {
+            tracing::warn!(
+                group = %self.name,
+                journal_bytes = self.journal.size_bytes(),
+                capacity = self.retention.capacity_bytes,
+                distributed = %checkpointed,
+                "journal over capacity: distribution is behind, nothing more can be released yet"
+            );
+        } else if was_over && !plan.over_capacity {
+            tracing::info!(group = %self.name, "journal back within capacity");
+        }
+    }
+
+    /// Stores the distributed source_seq maxima (atomically: temp file, fsync, rename).
+    fn persist_source_seqs(&self) -> Result<(), ApplianceError> {
+        let seqs = self
+            .distributed_source_seqs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let text = serde_json::to_vec(&seqs).map_err(std::io::Error::other)?;
+        crate::group_meta::write_atomically(&self.source_seqs_path, &text)
     }
 
     fn checkpoint(&self, distributed: Seq, state_path: &Path) -> Result<(), ApplianceError> {
@@ -450,6 +582,20 @@ fn open_volume(v: &VolumeConfig, id: u32) -> Result<GroupVolume, ApplianceError>
         connected: AtomicBool::new(false),
         last_source_seq: AtomicU64::new(0),
     })
+}
+
+/// File in the group directory: per volume id, the highest source_seq that retention may
+/// have released from the journal (JSON object).
+const SOURCE_SEQS_FILE: &str = "source_seqs.json";
+
+/// Reads `SOURCE_SEQS_FILE`; absent means nothing was ever released.
+fn load_source_seqs(path: &Path) -> Result<BTreeMap<u32, u64>, ApplianceError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| ApplianceError::Config(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Finds each volume's last splitter source_seq by reading the journal backwards in

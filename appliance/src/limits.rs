@@ -21,6 +21,15 @@ pub const DISTRIBUTION_HOST_QUIET: std::time::Duration = std::time::Duration::fr
 /// Records distributed between two checks for host activity.
 pub const DISTRIBUTION_QUIET_CHECK_RECORDS: u64 = 64;
 
+/// Default journal capacity of a group (`journal_capacity_bytes`): 8 GiB holds about a
+/// minute of writes at full disk speed and hours of a typical VM's change rate, while
+/// fitting beside the volumes on a small appliance disk.
+pub const JOURNAL_CAPACITY_BYTES_DEFAULT: u64 = 8 * 1024 * 1024 * 1024;
+
+/// A group's journal capacity is at least this many segments: retention never releases the
+/// active segment, so one segment's worth could never be met.
+pub const JOURNAL_CAPACITY_SEGMENTS_MIN: u64 = 2;
+
 /// Split-link connections served at once.
 pub const LINK_CONNECTIONS_MAX: usize = 1024;
 

@@ -14,12 +14,17 @@ pub struct JournalConfig {
     /// bigger than this gets a segment of its own.
     /// Default 256 MiB; minimum 1 MiB; maximum 16 GiB (`sanitize` clamps with a warning).
     pub segment_bytes_max: u64,
+    /// Store write payloads zstd-compressed when that saves space (a record flag marks
+    /// them; readers decompress). Compression runs in the appending thread before the
+    /// journal's append lock is taken. Default true.
+    pub compress_writes: bool,
 }
 
 impl Default for JournalConfig {
     fn default() -> Self {
         JournalConfig {
             segment_bytes_max: SEGMENT_BYTES_DEFAULT,
+            compress_writes: true,
         }
     }
 }
@@ -57,11 +62,13 @@ mod tests {
     fn sanitize_clamps() {
         let mut c = JournalConfig {
             segment_bytes_max: 1,
+            ..JournalConfig::default()
         };
         c.sanitize().unwrap();
         assert_eq!(c.segment_bytes_max, SEGMENT_BYTES_MIN);
         let mut c = JournalConfig {
             segment_bytes_max: u64::MAX,
+            ..JournalConfig::default()
         };
         c.sanitize().unwrap();
         assert_eq!(c.segment_bytes_max, SEGMENT_BYTES_MAX);

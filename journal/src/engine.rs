@@ -11,13 +11,15 @@ use cdp_types::{Seq, TimestampNs};
 use crate::config::JournalConfig;
 use crate::env::{DirLock, Env};
 use crate::error::JournalError;
-use crate::format::{RecordHeader, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
+use crate::format::{RecordHeader, RECORD_FLAG_ZSTD, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
 use crate::group_commit::{CommitError, GroupCommit};
 use crate::limits::{
-    BATCH_BYTES_MAX, BATCH_RECORDS_MAX, PAYLOAD_COPY_BYTES_MAX, SCRATCH_BYTES_RETAINED_MAX,
+    BATCH_BYTES_MAX, BATCH_RECORDS_MAX, COMPRESS_LEVEL, COMPRESS_PAYLOAD_BYTES_MIN,
+    PAYLOAD_COPY_BYTES_MAX, SCRATCH_BYTES_RETAINED_MAX,
 };
 use crate::reader::JournalReader;
 use crate::record::RecordIn;
+use crate::record::RecordKind;
 use crate::recover::{self, RecoveryReport, FIRST_SEGMENT_INDEX};
 use crate::segment::Segment;
 
@@ -47,13 +49,19 @@ pub(crate) struct Inner {
     pub(crate) dir: PathBuf,
     pub(crate) group_id: u64,
     config: JournalConfig,
-    env: Env,
+    pub(crate) env: Env,
     writer: Mutex<Writer>,
-    /// Every segment, in index order; the last one is being appended to.
-    segments: RwLock<Vec<Arc<Segment>>>,
+    /// Every segment, in index order; the last one is being appended to. Retention
+    /// removes segments from the front; appends add them at the back.
+    pub(crate) segments: RwLock<Vec<Arc<Segment>>>,
+    /// Held by the one retention pass that may run at a time (see `retention.rs`).
+    pub(crate) release: Mutex<()>,
     commit: GroupCommit,
     /// Highest seq whose append has returned; readers and `sync` targets use it.
     last_seq: AtomicU64,
+    /// Write payload bytes appended since open: as the host wrote them, and as stored.
+    write_logical_bytes: AtomicU64,
+    write_stored_bytes: AtomicU64,
     _lock: DirLock,
 }
 
@@ -212,9 +220,12 @@ impl Journal {
                 plan: Vec::new(),
             }),
             segments: RwLock::new(segments),
+            release: Mutex::new(()),
             // Recovery fdatasynced the last segment, so all it found is durable.
             commit: GroupCommit::new(last_seq),
             last_seq: AtomicU64::new(last_seq),
+            write_logical_bytes: AtomicU64::new(0),
+            write_stored_bytes: AtomicU64::new(0),
             _lock: lock,
         };
         Ok((
@@ -250,6 +261,12 @@ impl Journal {
         }
 
         let inner = &*self.inner;
+        // Compress before taking the append lock, so concurrent appenders compress in
+        // parallel and the lock is held only for the write.
+        let stored: Vec<Stored> = records
+            .iter()
+            .map(|r| Stored::of(r, inner.config.compress_writes))
+            .collect();
         let mut guard = inner.lock_writer();
         let w = &mut *guard;
         if inner.commit.is_fenced() {
@@ -271,7 +288,7 @@ impl Journal {
             let mut end = start;
             let mut last = first;
             while last < records.len() {
-                let size = RECORD_HEADER_LEN as u64 + records[last].payload.len() as u64;
+                let size = RECORD_HEADER_LEN as u64 + stored[last].payload.len() as u64;
                 // A segment always takes at least one record, however big.
                 if end + size > segment_max && end > SEGMENT_HEADER_LEN as u64 {
                     break;
@@ -289,13 +306,22 @@ impl Journal {
                 }
                 continue;
             }
-            encode_part(w, inner.group_id, &seg, records, first, last, timestamp_ns);
+            encode_part(
+                w,
+                inner.group_id,
+                &seg,
+                records,
+                &stored,
+                first,
+                last,
+                timestamp_ns,
+            );
             let bufs: Vec<&[u8]> = w
                 .plan
                 .iter()
                 .map(|p| match *p {
                     Piece::Scratch { start, end } => &w.scratch[start..end],
-                    Piece::Payload { record } => &records[record].payload[..],
+                    Piece::Payload { record } => &stored[record].payload[..],
                 })
                 .collect();
             if let Err(failure) = seg.append(&bufs, end - start) {
@@ -313,6 +339,16 @@ impl Journal {
             }
             w.next_seq += (last - first) as u64;
             inner.last_seq.store(w.next_seq - 1, Ordering::Release);
+            for (r, s) in records[first..last].iter().zip(&stored[first..last]) {
+                if r.kind == RecordKind::Write {
+                    inner
+                        .write_logical_bytes
+                        .fetch_add(r.length, Ordering::Relaxed);
+                    inner
+                        .write_stored_bytes
+                        .fetch_add(s.payload.len() as u64, Ordering::Relaxed);
+                }
+            }
             parts += 1;
             first = last;
         }
@@ -343,6 +379,15 @@ impl Journal {
             }
             Err(CommitError::Fenced) => Err(JournalError::Fenced),
         }
+    }
+
+    /// Write payload bytes appended since open: `(logical, stored)`, i.e. as written by
+    /// the host and as stored after compression.
+    pub fn write_bytes_since_open(&self) -> (u64, u64) {
+        (
+            self.inner.write_logical_bytes.load(Ordering::Relaxed),
+            self.inner.write_stored_bytes.load(Ordering::Relaxed),
+        )
     }
 
     /// Seq of the last appended record (0 if none ever).
@@ -394,6 +439,10 @@ impl Journal {
         self.inner.group_id
     }
 
+    pub(crate) fn inner(&self) -> &Inner {
+        &self.inner
+    }
+
     /// Reads records with seq ≥ `seq` in order, CRC-checked, from the segment files.
     /// The iterator yields what has been appended when `next` is called; it returns
     /// `None` when it catches up and may yield more after later appends. A reader keeps
@@ -403,12 +452,42 @@ impl Journal {
     }
 }
 
+/// A record's payload as it goes to disk, and its flags.
+struct Stored {
+    flags: u8,
+    payload: bytes::Bytes,
+}
+
+impl Stored {
+    /// Compresses a write's payload when allowed and when that saves at least 1/16.
+    fn of(r: &RecordIn, compress: bool) -> Stored {
+        let plain = || Stored {
+            flags: 0,
+            payload: r.payload.clone(),
+        };
+        if !compress || r.kind != RecordKind::Write || r.payload.len() < COMPRESS_PAYLOAD_BYTES_MIN
+        {
+            return plain();
+        }
+        match zstd::bulk::compress(&r.payload, COMPRESS_LEVEL) {
+            Ok(z) if z.len() < r.payload.len() - r.payload.len() / 16 => Stored {
+                flags: RECORD_FLAG_ZSTD,
+                payload: bytes::Bytes::from(z),
+            },
+            // Incompressible, or zstd refused (out of memory): store as written.
+            _ => plain(),
+        }
+    }
+}
+
 /// Encodes records `first..last` for `seg` into the writer's scratch buffer and plan.
+#[allow(clippy::too_many_arguments)]
 fn encode_part(
     w: &mut Writer,
     group_id: u64,
     seg: &Segment,
     records: &[RecordIn],
+    stored: &[Stored],
     first: usize,
     last: usize,
     timestamp_ns: u64,
@@ -417,24 +496,26 @@ fn encode_part(
     w.plan.clear();
     let mut piece_start = 0;
     for (k, r) in records.iter().enumerate().take(last).skip(first) {
+        let payload = &stored[k].payload;
         let mut header = RecordHeader {
             kind: r.kind,
+            flags: stored[k].flags,
             volume: r.volume,
             seq: w.next_seq + (k - first) as u64,
             timestamp_ns,
             offset: r.offset,
             length: r.length,
             source_seq: r.source_seq,
-            payload_len: r.payload.len() as u32,
+            payload_len: payload.len() as u32,
             crc: 0,
         };
         let mut out = [0u8; RECORD_HEADER_LEN];
-        header.encode(group_id, seg.index, &r.payload, &mut out);
+        header.encode(group_id, seg.index, payload, &mut out);
         // Paired assertion: what we write must decode to what we meant.
         debug_assert_eq!(RecordHeader::decode(&out).ok(), Some(header));
         w.scratch.extend_from_slice(&out);
-        if r.payload.len() <= PAYLOAD_COPY_BYTES_MAX {
-            w.scratch.extend_from_slice(&r.payload);
+        if payload.len() <= PAYLOAD_COPY_BYTES_MAX {
+            w.scratch.extend_from_slice(payload);
         } else {
             w.plan.push(Piece::Scratch {
                 start: piece_start,

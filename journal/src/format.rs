@@ -1,6 +1,7 @@
 //! Encodes and decodes segment and record headers; nothing else lives here.
 //!
-//! All integers are fixed-width little-endian. Version 1 layout:
+//! All integers are fixed-width little-endian. Version 1 layout (version 2 is the same
+//! except that record flag bit 0 may be set, see `RECORD_FLAG_ZSTD`):
 //!
 //! Segment header, 64 bytes, at offset 0 of every segment file:
 //!
@@ -23,14 +24,15 @@
 //! |-------:|-----:|----------------------------------------------------|
 //! |      0 |    4 | magic `0x5243_4A43` (bytes `"CJCR"`)               |
 //! |      4 |    1 | kind: 1 Write, 2 Trim, 3 Zero, 4 Bookmark          |
-//! |      5 |    1 | flags, zero in version 1                           |
+//! |      5 |    1 | flags: zero in version 1; bit 0 (v2) zstd payload  |
 //! |      6 |    2 | reserved, zero                                     |
 //! |      8 |    4 | volume id                                          |
 //! |     12 |    4 | reserved, zero                                     |
 //! |     16 |    8 | seq                                                |
 //! |     24 |    8 | timestamp, ns since the Unix epoch                 |
 //! |     32 |    8 | offset in the volume, bytes                        |
-//! |     40 |    8 | length, bytes (= payload_len for Write)            |
+//! |     40 |    8 | length, bytes (= payload_len for an uncompressed   |
+//! |        |      | Write; the decompressed size for a zstd one)       |
 //! |     48 |    8 | source seq: the splitter's per-volume change       |
 //! |        |      | number (0 when the record has no source)           |
 //! |     56 |    4 | payload_len                                        |
@@ -44,7 +46,7 @@
 
 use std::fmt;
 
-use crate::limits::{BOOKMARK_NAME_BYTES_MAX, RECORD_PAYLOAD_BYTES_MAX};
+use crate::limits::{BOOKMARK_NAME_BYTES_MAX, RECORD_PAYLOAD_BYTES_MAX, WRITE_PAYLOAD_BYTES_MAX};
 use crate::record::RecordKind;
 
 /// First bytes of every segment file.
@@ -59,20 +61,30 @@ pub const RECORD_HEADER_LEN: usize = 64;
 const SEGMENT_CRC_AT: usize = SEGMENT_HEADER_LEN - 4;
 const RECORD_CRC_AT: usize = RECORD_HEADER_LEN - 4;
 
+/// Record flag: the payload of this Write is one zstd frame that decompresses to exactly
+/// `length` bytes (and `payload_len < length`). Defined from version 2 on; version 1
+/// readers refuse version 2 segments by their header, so they never misread such records.
+pub const RECORD_FLAG_ZSTD: u8 = 0x01;
+/// Every flag this code understands.
+const RECORD_FLAGS_KNOWN: u8 = RECORD_FLAG_ZSTD;
+
 /// Format versions this code can read. Never change a released version: add the next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u16)]
 pub enum Version {
     V1 = 1,
+    /// Adds `RECORD_FLAG_ZSTD`.
+    V2 = 2,
 }
 
 impl Version {
     /// The version new segments are written with.
-    pub const CURRENT: Version = Version::V1;
+    pub const CURRENT: Version = Version::V2;
 
     fn from_u16(v: u16) -> Option<Version> {
         match v {
             1 => Some(Version::V1),
+            2 => Some(Version::V2),
             _ => None,
         }
     }
@@ -196,6 +208,8 @@ fn kind_from_code(code: u8) -> Option<RecordKind> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RecordHeader {
     pub kind: RecordKind,
+    /// `RECORD_FLAG_*` bits.
+    pub flags: u8,
     pub volume: u32,
     pub seq: u64,
     pub timestamp_ns: u64,
@@ -232,6 +246,7 @@ impl RecordHeader {
         out.fill(0);
         out[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
         out[4] = kind_code(self.kind);
+        out[5] = self.flags;
         out[8..12].copy_from_slice(&self.volume.to_le_bytes());
         out[16..24].copy_from_slice(&self.seq.to_le_bytes());
         out[24..32].copy_from_slice(&self.timestamp_ns.to_le_bytes());
@@ -256,7 +271,7 @@ impl RecordHeader {
             Some(k) => k,
             None => return corrupt(format!("unknown record kind {}", b[4])),
         };
-        if b[5] != 0 {
+        if b[5] & !RECORD_FLAGS_KNOWN != 0 {
             return corrupt(format!("unknown record flags {:#x}", b[5]));
         }
         if !all_zero(&b[6..8]) || !all_zero(&b[12..16]) {
@@ -264,6 +279,7 @@ impl RecordHeader {
         }
         let h = RecordHeader {
             kind,
+            flags: b[5],
             volume: u32_at(b, 8),
             seq: u64_at(b, 16),
             timestamp_ns: u64_at(b, 24),
@@ -283,9 +299,21 @@ impl RecordHeader {
         if h.offset.checked_add(h.length).is_none() {
             return corrupt("record offset + length overflows");
         }
+        let zstd = h.flags & RECORD_FLAG_ZSTD != 0;
         match kind {
-            RecordKind::Write if h.length != payload_len => {
+            RecordKind::Write
+                if zstd
+                    && (payload_len == 0
+                        || payload_len >= h.length
+                        || h.length > WRITE_PAYLOAD_BYTES_MAX) =>
+            {
+                return corrupt("compressed write record has a bad length");
+            }
+            RecordKind::Write if !zstd && h.length != payload_len => {
                 return corrupt("write record length differs from payload length");
+            }
+            RecordKind::Trim | RecordKind::Zero | RecordKind::Bookmark if zstd => {
+                return corrupt("only write records may be compressed");
             }
             RecordKind::Trim | RecordKind::Zero if payload_len != 0 => {
                 return corrupt("trim/zero record carries a payload");
@@ -344,6 +372,7 @@ mod tests {
         let payload: &[u8] = b"hello";
         let h = RecordHeader {
             kind: RecordKind::Write,
+            flags: 0,
             volume: 7,
             seq: 42,
             timestamp_ns: 1_700_000_000_000_000_001,
@@ -416,6 +445,34 @@ mod tests {
         }
     }
 
+    /// Version 2 segments decode; a compressed write needs a payload shorter than its
+    /// length, and only writes may be compressed.
+    #[test]
+    fn version_2_and_zstd_flag() {
+        let mut s = sample_segment();
+        s.version = Version::V2;
+        assert_eq!(SegmentHeader::decode(&s.encode()).unwrap(), s);
+        let (mut h, payload) = sample_record();
+        h.flags = RECORD_FLAG_ZSTD;
+        h.length = 4096;
+        let mut r = [0u8; RECORD_HEADER_LEN];
+        h.encode(1, 2, payload, &mut r);
+        let d = RecordHeader::decode(&r).unwrap();
+        assert_eq!(d, h);
+        d.verify(&r, 1, 2, payload).unwrap();
+        h.length = 5;
+        h.encode(1, 2, payload, &mut r);
+        assert!(RecordHeader::decode(&r).is_err());
+        h.kind = RecordKind::Bookmark;
+        h.volume = 0;
+        h.offset = 0;
+        h.length = 0;
+        h.encode(1, 2, payload, &mut r);
+        assert!(RecordHeader::decode(&r).is_err());
+        r[5] = 0x02;
+        assert!(RecordHeader::decode(&r).unwrap_err().0.contains("flags"));
+    }
+
     /// Every single-bit flip in a record or segment header is caught by decode or verify.
     #[test]
     fn bit_flips_are_caught() {
@@ -455,7 +512,7 @@ mod tests {
         assert!(SegmentHeader::decode(&[0u8; 10]).is_err());
         assert!(RecordHeader::decode(&[0u8; 10]).is_err());
         let mut s = sample_segment().encode();
-        s[8] = 2;
+        s[8] = 3;
         let crc = crc32fast::hash(&s[..60]);
         s[60..].copy_from_slice(&crc.to_le_bytes());
         assert!(SegmentHeader::decode(&s).unwrap_err().0.contains("version"));

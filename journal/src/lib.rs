@@ -4,7 +4,7 @@
 //! Modules, one concern each (after tikv/raft-engine): `format` encodes and decodes,
 //! `segment` owns one file, `env` is the file-system seam, `group_commit` shares fsyncs,
 //! `recover` opens, `engine` appends and syncs, `reader` reads, `inspect` validates
-//! offline, `limits` bounds everything. See README.md for the on-disk format.
+//! offline, `retention` releases old segments, `limits` bounds everything. See README.md for the on-disk format.
 
 mod config;
 mod engine;
@@ -17,6 +17,7 @@ pub mod limits;
 mod reader;
 mod record;
 mod recover;
+mod retention;
 mod scan;
 mod segment;
 
@@ -27,6 +28,9 @@ pub use inspect::{inspect, Damage, InspectReport, SegmentReport};
 pub use reader::JournalReader;
 pub use record::{Record, RecordIn, RecordKind};
 pub use recover::{RecoveryReport, TailCut};
+pub use retention::{
+    plan as retention_plan, Released, RetentionPlan, RetentionPolicy, SegmentInfo,
+};
 pub use segment::{parse_segment_name, segment_path};
 
 #[cfg(test)]

@@ -20,6 +20,14 @@ pub const RECORD_PAYLOAD_BYTES_MAX: u64 = WRITE_PAYLOAD_BYTES_MAX + MIB;
 /// or hostile name from costing more than a page.
 pub const BOOKMARK_NAME_BYTES_MAX: u64 = 4096;
 
+/// Write payloads shorter than this are stored as they are: a zstd frame has a few bytes
+/// of overhead and tiny writes rarely compress.
+pub const COMPRESS_PAYLOAD_BYTES_MIN: usize = 512;
+
+/// zstd level for write payloads. Compression runs on the host's write path (before the
+/// append lock), so a fast level; level -5 measured no faster end to end, with a worse ratio.
+pub const COMPRESS_LEVEL: i32 = 1;
+
 /// Most records one `append` call may carry. Each record costs one header in the
 /// writer's scratch buffer and up to two iovecs.
 pub const BATCH_RECORDS_MAX: usize = 16 * 1024;

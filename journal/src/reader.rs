@@ -7,7 +7,7 @@ use cdp_types::{Seq, TimestampNs};
 
 use crate::engine::Inner;
 use crate::error::JournalError;
-use crate::format::SEGMENT_HEADER_LEN;
+use crate::format::{RECORD_FLAG_ZSTD, SEGMENT_HEADER_LEN};
 use crate::record::Record;
 use crate::scan::{Payload, ScanError, Scanner};
 use crate::segment::Segment;
@@ -59,6 +59,14 @@ impl Iterator for JournalReader {
                 Some(s) => s.clone(),
                 None => {
                     let s = self.inner.segment_for(self.next_seq);
+                    if s.first_seq > self.next_seq {
+                        // Retention released this seq after the reader was created.
+                        let what = format!(
+                            "seq {} was released by retention; the journal starts at seq {}",
+                            self.next_seq, s.first_seq
+                        );
+                        return self.fail(JournalError::InvalidArgument(what));
+                    }
                     self.scanner.reset(s.index, SEGMENT_HEADER_LEN as u64);
                     self.segment = Some(s.clone());
                     s
@@ -99,6 +107,20 @@ impl Iterator for JournalReader {
                         return self.fail(JournalError::corruption(seg.path(), r.offset, what));
                     }
                     self.next_seq += 1;
+                    let payload = if h.flags & RECORD_FLAG_ZSTD != 0 {
+                        match decompress(&r.payload, h.length) {
+                            Ok(p) => p,
+                            Err(what) => {
+                                return self.fail(JournalError::corruption(
+                                    seg.path(),
+                                    r.offset,
+                                    what,
+                                ));
+                            }
+                        }
+                    } else {
+                        r.payload
+                    };
                     return Some(Ok(Record {
                         seq: Seq(h.seq),
                         timestamp: TimestampNs(h.timestamp_ns),
@@ -107,7 +129,7 @@ impl Iterator for JournalReader {
                         source_seq: h.source_seq,
                         offset: h.offset,
                         length: h.length,
-                        payload: r.payload,
+                        payload,
                     }));
                 }
                 Err(ScanError::Corrupt { offset, what }) => {
@@ -118,5 +140,18 @@ impl Iterator for JournalReader {
                 }
             }
         }
+    }
+}
+
+/// Decompresses a zstd write payload that must come out at exactly `length` bytes (≤ the
+/// write limit, checked when the header was decoded, so this allocation is bounded).
+fn decompress(payload: &[u8], length: u64) -> Result<bytes::Bytes, String> {
+    match zstd::bulk::decompress(payload, length as usize) {
+        Ok(v) if v.len() as u64 == length => Ok(bytes::Bytes::from(v)),
+        Ok(v) => Err(format!(
+            "compressed payload holds {} bytes, the record says {length}",
+            v.len()
+        )),
+        Err(e) => Err(format!("compressed payload does not decompress: {e}")),
     }
 }

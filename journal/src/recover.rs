@@ -21,7 +21,9 @@ use crate::format::{SegmentHeader, SEGMENT_HEADER_LEN};
 use crate::scan::{Payload, ScanError, Scanner};
 use crate::segment::{parse_segment_name, Segment};
 
-/// The index of the first segment of a new journal.
+/// The index of the first segment of a new journal. After retention released the oldest
+/// segments the first one left has a higher index; recovery only requires the indexes it
+/// finds to be contiguous (a crash mid-release leaves a shorter but contiguous run).
 pub const FIRST_SEGMENT_INDEX: u64 = 1;
 
 /// Where recovery cut the journal, and why.

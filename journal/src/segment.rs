@@ -32,6 +32,10 @@ pub fn parse_segment_name(name: &str) -> Option<u64> {
 pub struct Segment {
     pub index: u64,
     pub first_seq: u64,
+    /// When the segment was created (from its header), ns since the Unix epoch. Every
+    /// record of the previous segment is at least this old, which lets retention judge
+    /// a segment's age without reading it.
+    pub created_ns: u64,
     file: EnvFile,
     written: AtomicU64,
 }
@@ -74,6 +78,7 @@ impl Segment {
         Ok(Segment {
             index,
             first_seq,
+            created_ns,
             file,
             written: AtomicU64::new(SEGMENT_HEADER_LEN as u64),
         })
@@ -84,6 +89,7 @@ impl Segment {
         Segment {
             index: header.segment_index,
             first_seq: header.first_seq,
+            created_ns: header.created_ns,
             file,
             written: AtomicU64::new(written),
         }

@@ -26,9 +26,23 @@ pub struct SplitterConfig {
     /// Seconds a client may take to finish the NBD handshake. Default 60, minimum 1.
     #[serde(default = "handshake_timeout_default")]
     pub handshake_timeout_s: u64,
+    /// What happens to host writes while the appliance is unreachable: `mark` (default)
+    /// keeps serving them and records the changed regions in the dirty bitmap for a resync;
+    /// `block` holds them until the appliance is back.
+    #[serde(default)]
+    pub on_appliance_loss: OnApplianceLoss,
     /// One NBD export per protected volume.
     #[serde(default)]
     pub volume: Vec<SplitVolumeConfig>,
+}
+
+/// The policy for host writes while the split link is down.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnApplianceLoss {
+    #[default]
+    Mark,
+    Block,
 }
 
 fn handshake_timeout_default() -> u64 {
@@ -46,6 +60,32 @@ pub struct SplitVolumeConfig {
     /// Serve the export read-only (writes are answered with EPERM). Default false.
     #[serde(default)]
     pub read_only: bool,
+    /// The persistent dirty bitmap. Default: `PATH.cdp-dirty` beside a regular-file volume;
+    /// required for a block device.
+    #[serde(default)]
+    pub dirty_bitmap: Option<PathBuf>,
+}
+
+impl SplitVolumeConfig {
+    /// Where this volume's dirty bitmap lives.
+    pub fn dirty_bitmap_path(&self) -> Result<PathBuf, SplitterError> {
+        if let Some(path) = &self.dirty_bitmap {
+            return Ok(path.clone());
+        }
+        let is_file = std::fs::metadata(&self.path)
+            .map(|m| m.is_file())
+            .unwrap_or(false);
+        if !is_file {
+            return Err(SplitterError::Config(format!(
+                "volume {:?}: {} is not a regular file; set dirty_bitmap = \"PATH\" for it",
+                self.name,
+                self.path.display()
+            )));
+        }
+        let mut name = self.path.clone().into_os_string();
+        name.push(".cdp-dirty");
+        Ok(PathBuf::from(name))
+    }
 }
 
 impl SplitterConfig {
@@ -97,6 +137,12 @@ mod tests {
         .unwrap();
         assert_eq!(ok.handshake_timeout_s, 60);
         assert!(!ok.volume[0].read_only);
+        assert_eq!(ok.on_appliance_loss, OnApplianceLoss::Mark);
+        let block = SplitterConfig::from_toml(
+            "appliance = \"unix:/l\"\nnbd_unix = \"/n\"\non_appliance_loss = \"block\"\n[[volume]]\nname = \"a\"\npath = \"/p\"\n",
+        )
+        .unwrap();
+        assert_eq!(block.on_appliance_loss, OnApplianceLoss::Block);
         let none = SplitterConfig::from_toml(
             "appliance = \"unix:/tmp/l.sock\"\n[[volume]]\nname = \"vol0\"\npath = \"/p\"\n",
         );

@@ -1,6 +1,7 @@
 //! The write splitter: serves production volumes over NBD and mirrors every change to the appliance.
 
 pub mod config;
+pub mod dirty_bitmap;
 pub mod error;
 pub mod limits;
 pub mod split_export;
@@ -43,7 +44,29 @@ pub async fn run(
                 what: format!("{} is empty (0 bytes)", v.path.display()),
             });
         }
-        let link = SplitLink::start(&v.name, production.size(), config.appliance.clone());
+        let bitmap_path = v.dirty_bitmap_path()?;
+        let (bitmap, opened) = dirty_bitmap::DirtyBitmap::open(&bitmap_path, production.size())
+            .map_err(|e| SplitterError::Volume {
+                volume: v.name.clone(),
+                what: e.to_string(),
+            })?;
+        if let dirty_bitmap::Opened::Existing { dirty_regions } = opened {
+            if dirty_regions > 0 {
+                tracing::warn!(
+                    volume = %v.name,
+                    dirty_regions,
+                    dirty_bytes = dirty_regions * bitmap.region_bytes(),
+                    "volume was not cleanly in sync at the last stop; these regions will be resynchronised"
+                );
+            }
+        }
+        let link = SplitLink::start(
+            &v.name,
+            Arc::clone(&production),
+            config.appliance.clone(),
+            bitmap,
+            config.on_appliance_loss,
+        );
         let export = SplitExport::new(Arc::clone(&production), Arc::clone(&link), v.read_only);
         registry
             .add(
@@ -113,6 +136,9 @@ pub async fn run(
             .is_err()
         {
             tracing::warn!(volume = %name, last, "appliance did not confirm the last changes before stop");
+        }
+        if let Err(e) = link.sync_bitmap() {
+            tracing::error!(volume = %name, "dirty bitmap sync failed: {e}");
         }
     }
     tasks.shutdown().await;

@@ -8,7 +8,7 @@ use cdp_link::Message;
 use cdp_nbd::export::{Export, ExportError, ExportFeatures};
 use cdp_types::BlockFile;
 
-use crate::split_link::SplitLink;
+use crate::split_link::{DurableBy, SplitLink, Submitted};
 
 /// Serves one production volume; every change is mirrored to the appliance before it is answered.
 pub struct SplitExport {
@@ -26,35 +26,49 @@ impl SplitExport {
         }
     }
 
-    /// Applies a change to production and the link, then waits until the journal has it.
+    /// Applies a change to production and the link, then waits until the journal has it
+    /// (or, while marking, until the dirty bitmap records it).
     async fn change(
         &self,
+        offset: u64,
+        length: u64,
         payload_bytes: usize,
         apply: impl FnOnce(&BlockFile) -> std::io::Result<()>,
         message: impl FnOnce(u64) -> Message,
         fua: bool,
     ) -> Result<(), ExportError> {
         let _permit = self.link.reserve(payload_bytes).await;
-        let (source_seq, acked) = self
+        let submitted = self
             .link
-            .submit(|| apply(&self.production), message)
+            .submit(offset, length, || apply(&self.production), message)
             .map_err(production_error)?;
-        self.link.wait_acked(acked).await;
+        let through = match submitted {
+            Submitted::Queued { source_seq, acked } => {
+                self.link.wait_acked(acked).await;
+                source_seq
+            }
+            Submitted::Marked => self.link.last_seq(),
+        };
         if fua {
-            self.make_durable(source_seq).await?;
+            self.make_durable(through).await?;
         }
         Ok(())
     }
 
-    /// Production fdatasync and journal sync, both covering every change up to `source_seq`.
+    /// Production fdatasync and journal sync (or, while marking, dirty bitmap sync), both
+    /// covering every change up to `source_seq`.
     async fn make_durable(&self, source_seq: u64) -> Result<(), ExportError> {
         let production = Arc::clone(&self.production);
         let sync = tokio::task::spawn_blocking(move || production.sync_data());
-        let ((), synced) = tokio::join!(self.link.wait_durable(source_seq), sync);
+        let (durable_by, synced) = tokio::join!(self.link.wait_durable(source_seq), sync);
         match synced {
-            Ok(result) => result.map_err(production_error),
-            Err(join) => Err(ExportError::Io(std::io::Error::other(join.to_string()))),
+            Ok(result) => result.map_err(production_error)?,
+            Err(join) => return Err(ExportError::Io(std::io::Error::other(join.to_string()))),
         }
+        if durable_by == DurableBy::Bitmap {
+            self.link.sync_bitmap().map_err(ExportError::Io)?;
+        }
+        Ok(())
     }
 }
 
@@ -94,6 +108,8 @@ impl Export for SplitExport {
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ExportError> {
         let payload = data.clone();
         self.change(
+            offset,
+            data.len() as u64,
             data.len(),
             |p| p.write_at(offset, &data),
             |source_seq| Message::Write {
@@ -107,11 +123,14 @@ impl Export for SplitExport {
     }
 
     async fn flush(&self) -> Result<(), ExportError> {
-        self.make_durable(self.link.last_seq()).await
+        let through = self.link.flush_point().await;
+        self.make_durable(through).await
     }
 
     async fn trim(&self, offset: u64, length: u32, fua: bool) -> Result<(), ExportError> {
         self.change(
+            offset,
+            length as u64,
             0,
             |p| p.trim(offset, length as u64),
             |source_seq| Message::Trim {
@@ -132,6 +151,8 @@ impl Export for SplitExport {
         may_trim: bool,
     ) -> Result<(), ExportError> {
         self.change(
+            offset,
+            length as u64,
             0,
             |p| p.zero(offset, length as u64, may_trim),
             |source_seq| Message::Zero {

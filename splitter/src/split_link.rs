@@ -5,16 +5,25 @@
 //! stays queued until the appliance acknowledges that it is in the journal; after a reconnect
 //! the appliance's `Welcome` names the last change it journaled and only later ones are resent,
 //! so nothing is lost and nothing is journaled twice.
+//!
+//! Every region a change touches is marked in the persistent dirty bitmap before production
+//! is written, and unmarked once the journal has every change queued meanwhile. When the
+//! link breaks and the policy is `mark`, unacknowledged changes become marked regions and new
+//! changes are only marked, so the host keeps being served; after the reconnect the marked
+//! regions are copied from production into the journal (resync), in order with new writes
+//! because the copy is taken under the same lock.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cdp_link::{watermark, LinkError, LinkStream, Message};
-use cdp_types::Endpoint;
+use cdp_types::{BlockFile, Endpoint};
 use tokio::sync::{oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
+use crate::config::OnApplianceLoss;
+use crate::dirty_bitmap::DirtyBitmap;
 use crate::limits::{
     CHANGE_OVERHEAD_BYTES, RECONNECT_BACKOFF_MS_MAX, SEND_BATCH_MESSAGES_MAX, UNACKED_BYTES_MAX,
 };
@@ -25,12 +34,24 @@ struct Pending {
     message: Message,
     /// Wakes exactly the host request waiting for this change, instead of every waiter.
     acked: Option<oneshot::Sender<()>>,
+    /// The regions it touches, which become marked if the link breaks before its Ack.
+    regions: std::ops::Range<u64>,
+    /// Room a resync copy holds in the unacked window until its Ack.
+    _permit: Option<WindowPermit>,
+}
+
+/// What happened to a submitted change.
+pub enum Submitted {
+    /// Queued for the appliance; the handle completes once the journal has it.
+    Queued { source_seq: u64, acked: AckWait },
+    /// The appliance is unreachable and the policy is `mark`: production has the change and
+    /// the dirty bitmap records its regions for the resync.
+    Marked,
 }
 
 /// Completes when the appliance has journaled one change.
 pub struct AckWait(oneshot::Receiver<()>);
 
-#[derive(Default)]
 struct Queue {
     /// Highest source_seq handed out.
     last_seq: u64,
@@ -41,6 +62,34 @@ struct Queue {
     /// Highest source_seq a FLUSH has asked to make durable, and the highest asked on this connection.
     flush_requested: u64,
     flush_sent: u64,
+    bitmap: DirtyBitmap,
+    /// Regions whose bit this queue set since the unacked queue was last empty.
+    touched: Vec<u64>,
+    /// Regions production holds changes of that the journal may lack: copied on reconnect.
+    resync_pending: BTreeSet<u64>,
+    /// The link is down and the policy is `mark`: changes are marked, not queued.
+    marking: bool,
+}
+
+impl Queue {
+    /// Once nothing is waiting for an Ack, regions touched since are consistent again.
+    fn clear_settled_regions(&mut self) {
+        if !self.unacked.is_empty() {
+            return;
+        }
+        for region in std::mem::take(&mut self.touched) {
+            if !self.resync_pending.contains(&region) {
+                self.bitmap.clear(region);
+            }
+        }
+    }
+
+    fn mark(&mut self, regions: std::ops::Range<u64>) {
+        for region in regions {
+            self.bitmap.set(region);
+            self.resync_pending.insert(region);
+        }
+    }
 }
 
 /// The split link of one volume.
@@ -56,6 +105,21 @@ pub struct SplitLink {
     connected: AtomicBool,
     ready: watch::Sender<Readiness>,
     window: Arc<Semaphore>,
+    policy: OnApplianceLoss,
+    production: Arc<BlockFile>,
+    marking: watch::Sender<bool>,
+    /// Regions waiting to be copied by a resync; FLUSH waits for zero while connected.
+    resync_remaining: watch::Sender<usize>,
+    resync_copied_bytes: AtomicU64,
+}
+
+/// How a FLUSH's changes were made safe.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DurableBy {
+    /// The appliance synced its journal through them.
+    Journal,
+    /// The link is down: the dirty bitmap must be synced instead.
+    Bitmap,
 }
 
 /// Whether the appliance has accepted this volume yet.
@@ -71,19 +135,44 @@ pub struct WindowPermit(#[allow(dead_code)] OwnedSemaphorePermit);
 
 impl SplitLink {
     /// Creates the link and starts connecting in the background; see `wait_ready`.
-    pub fn start(volume: &str, size: u64, endpoint: Endpoint) -> Arc<SplitLink> {
+    pub fn start(
+        volume: &str,
+        production: Arc<BlockFile>,
+        endpoint: Endpoint,
+        bitmap: DirtyBitmap,
+        policy: OnApplianceLoss,
+    ) -> Arc<SplitLink> {
+        // Regions dirty at start-up may hold changes the journal never got (a crash, or a stop
+        // while marking): copy them at the first connection.
+        let resync_pending: BTreeSet<u64> = bitmap.dirty_regions().into_iter().collect();
+        let resync_pending_at_start = resync_pending.len();
         let link = Arc::new(SplitLink {
             volume: volume.to_string(),
-            size,
+            size: production.size(),
             endpoint,
             splitter_id: rand::random(),
-            queue: Mutex::new(Queue::default()),
+            queue: Mutex::new(Queue {
+                last_seq: 0,
+                unacked: VecDeque::new(),
+                sent_through: 0,
+                flush_requested: 0,
+                flush_sent: 0,
+                bitmap,
+                touched: Vec::new(),
+                resync_pending,
+                marking: false,
+            }),
             wake_sender: Notify::new(),
             acked: watch::Sender::new(0),
             durable: watch::Sender::new(0),
             connected: AtomicBool::new(false),
             ready: watch::Sender::new(Readiness::Waiting),
             window: Arc::new(Semaphore::new(UNACKED_BYTES_MAX)),
+            policy,
+            production,
+            marking: watch::Sender::new(false),
+            resync_remaining: watch::Sender::new(resync_pending_at_start),
+            resync_copied_bytes: AtomicU64::new(0),
         });
         tokio::spawn(Arc::clone(&link).run_connections());
         link
@@ -120,27 +209,80 @@ impl SplitLink {
         }
     }
 
-    /// Applies a change to production and queues it for the appliance, atomically with
-    /// respect to every other change of this volume. Returns its source_seq and a handle
-    /// that completes once the journal has it.
+    /// Applies a change to production and queues it for the appliance (or, while marking,
+    /// only marks its regions), atomically with respect to every other change of this volume.
     pub fn submit<E>(
         &self,
+        offset: u64,
+        length: u64,
         apply: impl FnOnce() -> Result<(), E>,
         message: impl FnOnce(u64) -> Message,
-    ) -> Result<(u64, AckWait), E> {
-        let (tx, rx) = oneshot::channel();
+    ) -> Result<Submitted, E> {
         let mut queue = self.lock_queue();
+        let regions = queue.bitmap.regions_of(offset, length);
+        // Mark before production changes, so a crash between the two can never hide it.
+        for region in regions.clone() {
+            if queue.bitmap.set(region) {
+                queue.touched.push(region);
+            }
+        }
         apply()?;
+        if queue.marking {
+            queue.mark(regions);
+            self.resync_remaining
+                .send_replace(queue.resync_pending.len());
+            return Ok(Submitted::Marked);
+        }
+        let (tx, rx) = oneshot::channel();
         queue.last_seq += 1;
         let source_seq = queue.last_seq;
         queue.unacked.push_back(Pending {
             source_seq,
             message: message(source_seq),
             acked: Some(tx),
+            regions,
+            _permit: None,
         });
         drop(queue);
         self.wake_sender.notify_one();
-        Ok((source_seq, AckWait(rx)))
+        Ok(Submitted::Queued {
+            source_seq,
+            acked: AckWait(rx),
+        })
+    }
+
+    /// True while the link is down and changes are being marked instead of sent.
+    pub fn is_marking(&self) -> bool {
+        *self.marking.borrow()
+    }
+
+    /// Makes the dirty bitmap durable: what a FLUSH promises while marking.
+    pub fn sync_bitmap(&self) -> std::io::Result<()> {
+        self.lock_queue().bitmap.sync()
+    }
+
+    /// Bytes copied from production into the journal by resyncs since start.
+    pub fn resync_copied_bytes(&self) -> u64 {
+        self.resync_copied_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Regions still waiting to be copied.
+    pub fn resync_pending_regions(&self) -> usize {
+        self.lock_queue().resync_pending.len()
+    }
+
+    /// The point a FLUSH must make durable: every change so far, and, while connected, every
+    /// region still waiting for its resync copy (DESIGN rule 1 once the journal is back).
+    pub async fn flush_point(&self) -> u64 {
+        let mut remaining = self.resync_remaining.subscribe();
+        let mut marking = self.marking.subscribe();
+        if !self.is_marking() && *remaining.borrow() > 0 {
+            tokio::select! {
+                _ = remaining.wait_for(|r| *r == 0) => {}
+                _ = marking.wait_for(|m| *m) => {}
+            }
+        }
+        self.last_seq()
     }
 
     /// The source_seq of the last change applied to production.
@@ -155,17 +297,25 @@ impl SplitLink {
     }
 
     /// Asks the appliance to make every change up to `source_seq` durable, and waits for it.
-    pub async fn wait_durable(&self, source_seq: u64) {
+    pub async fn wait_durable(&self, source_seq: u64) -> DurableBy {
         if *self.durable.borrow() >= source_seq {
-            return;
+            return DurableBy::Journal;
+        }
+        if self.is_marking() {
+            return DurableBy::Bitmap;
         }
         {
             let mut queue = self.lock_queue();
             queue.flush_requested = queue.flush_requested.max(source_seq);
         }
         self.wake_sender.notify_one();
-        let mut rx = self.durable.subscribe();
-        let _ = rx.wait_for(|d| *d >= source_seq).await;
+        let mut durable = self.durable.subscribe();
+        let mut marking = self.marking.subscribe();
+        // While marking, the journal cannot be reached: the caller makes the bitmap durable.
+        tokio::select! {
+            _ = durable.wait_for(|d| *d >= source_seq) => DurableBy::Journal,
+            _ = marking.wait_for(|m| *m) => DurableBy::Bitmap,
+        }
     }
 
     pub fn acked_seq(&self) -> u64 {
@@ -195,6 +345,9 @@ impl SplitLink {
                     if self.connected.swap(false, Ordering::Relaxed) {
                         tracing::warn!(volume = %self.volume, "split link lost: {e}; reconnecting");
                         backoff_ms = 50;
+                        if self.policy == OnApplianceLoss::Mark {
+                            self.start_marking();
+                        }
                     } else {
                         tracing::debug!(volume = %self.volume, "appliance not reachable: {e}");
                     }
@@ -269,9 +422,14 @@ impl SplitLink {
                 }
             }
         };
+        let resync = async {
+            self.resync().await;
+            std::future::pending::<Result<(), LinkError>>().await
+        };
         tokio::select! {
             r = receive => r,
             r = send => r,
+            r = resync => r,
         }
     }
 
@@ -302,9 +460,20 @@ impl SplitLink {
             );
         }
         pop_acked(&mut queue.unacked, last_journaled);
+        if queue.unacked.is_empty() {
+            // Changes dropped into the bitmap while marking were never journaled; their
+            // numbers are reused so the appliance sees no gap.
+            queue.last_seq = last_journaled;
+            queue.flush_requested = queue.flush_requested.min(last_journaled);
+        }
         queue.sent_through = last_journaled;
         queue.flush_sent = 0;
+        queue.marking = false;
+        queue.clear_settled_regions();
         drop(queue);
+        // Durable marks of the old connection say nothing about renumbered changes.
+        self.durable.send_replace(0);
+        self.marking.send_replace(false);
         watermark::raise(&self.acked, last_journaled);
         // Resend whatever is still queued, and any flush still waited on.
         self.wake_sender.notify_one();
@@ -313,8 +482,108 @@ impl SplitLink {
     fn on_ack(&self, source_seq: u64) {
         let mut queue = self.lock_queue();
         pop_acked(&mut queue.unacked, source_seq);
+        queue.clear_settled_regions();
         drop(queue);
         watermark::raise(&self.acked, source_seq);
+    }
+
+    /// The link is gone and the policy is `mark`: every unacknowledged change becomes marked
+    /// regions (its host request completes: production has it) and later changes are marked.
+    fn start_marking(&self) {
+        let mut queue = self.lock_queue();
+        let unacked = std::mem::take(&mut queue.unacked);
+        let count = unacked.len();
+        for pending in unacked {
+            queue.mark(pending.regions.clone());
+            if let Some(tx) = pending.acked {
+                let _ = tx.send(());
+            }
+        }
+        queue.marking = true;
+        let dirty = queue.resync_pending.len() as u64 * queue.bitmap.region_bytes();
+        self.resync_remaining
+            .send_replace(queue.resync_pending.len());
+        drop(queue);
+        self.marking.send_replace(true);
+        tracing::warn!(
+            volume = %self.volume,
+            unacknowledged = count,
+            dirty_bytes = dirty,
+            "appliance unreachable: marking mode, the host keeps being served and changed regions are recorded"
+        );
+    }
+
+    /// Copies every region marked for resync from production into the journal, in order with
+    /// host writes (each copy is taken under the queue lock). Stops early if the link drops.
+    pub async fn resync(&self) {
+        let total = self.lock_queue().resync_pending.len();
+        if total == 0 {
+            return;
+        }
+        let region_bytes = self.lock_queue().bitmap.region_bytes();
+        let started = Instant::now();
+        let before = self.resync_copied_bytes();
+        tracing::info!(
+            volume = %self.volume,
+            regions = total,
+            bytes = total as u64 * region_bytes,
+            "resync started"
+        );
+        let mut copied = 0usize;
+        loop {
+            let permit = self.reserve(region_bytes as usize).await;
+            let mut queue = self.lock_queue();
+            if queue.marking || !self.is_connected() {
+                tracing::warn!(volume = %self.volume, copied, remaining = queue.resync_pending.len(), "resync interrupted by link loss");
+                return;
+            }
+            let Some(region) = queue.resync_pending.pop_first() else {
+                break;
+            };
+            self.resync_remaining
+                .send_replace(queue.resync_pending.len());
+            let offset = region * region_bytes;
+            let length = region_bytes.min(self.size - offset);
+            let data = match self.production.read_at(offset, length as usize) {
+                Ok(data) => data,
+                Err(e) => {
+                    queue.resync_pending.insert(region);
+                    self.resync_remaining
+                        .send_replace(queue.resync_pending.len());
+                    tracing::error!(volume = %self.volume, region, "resync read failed: {e}; will retry on the next connection");
+                    return;
+                }
+            };
+            queue.touched.push(region);
+            queue.last_seq += 1;
+            let source_seq = queue.last_seq;
+            queue.unacked.push_back(Pending {
+                source_seq,
+                message: Message::Write {
+                    source_seq,
+                    offset,
+                    data,
+                },
+                acked: None,
+                regions: region..region + 1,
+                _permit: Some(permit),
+            });
+            drop(queue);
+            self.wake_sender.notify_one();
+            self.resync_copied_bytes
+                .fetch_add(length, Ordering::Relaxed);
+            copied += 1;
+            if copied.is_multiple_of(1024) {
+                tracing::info!(volume = %self.volume, "resync {copied}/{total} regions");
+            }
+        }
+        tracing::info!(
+            volume = %self.volume,
+            regions = copied,
+            copied_bytes = self.resync_copied_bytes() - before,
+            seconds = started.elapsed().as_secs_f64(),
+            "resync complete"
+        );
     }
 
     /// Moves the next unsent changes (and a pending flush request) into `batch`.

@@ -779,6 +779,33 @@ impl Site {
         );
     }
 
+    /// Polls status until the appliance sees a splitter connected for every volume.
+    pub fn wait_connected(&self, timeout: Duration) {
+        if reference_mode() {
+            return;
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.status();
+            let all = status["groups"].as_array().is_some_and(|groups| {
+                groups.iter().all(|g| {
+                    g["volumes"].as_array().is_some_and(|vols| {
+                        vols.iter().all(|v| v["connected"].as_bool() == Some(true))
+                    })
+                })
+            });
+            if all {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "splitter not connected for every volume within {timeout:?}: {status}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Polls status until every group has `distributed_seq == last_seq`.
     pub fn wait_distributed(&self, timeout: Duration) {
         if reference_mode() {
@@ -809,6 +836,9 @@ impl Site {
 
     /// Flush every volume, then wait until the replica has every journaled write.
     pub fn settle(&self) {
+        // After an outage the splitter serves the host in marking mode; a flush only covers
+        // the journal once its link is back, so wait for that first.
+        self.wait_connected(DISTRIBUTED_DEADLINE);
         self.flush_all();
         self.wait_distributed(DISTRIBUTED_DEADLINE);
     }

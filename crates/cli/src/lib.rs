@@ -1,5 +1,6 @@
 //! The `cdp` command line: argument parsing and one module per subcommand.
 
+mod journal;
 mod status;
 pub mod units;
 mod up;
@@ -37,6 +38,11 @@ enum Command {
     },
     /// Show volumes, journal size, last sequence number and distribution lag.
     Status(status::StatusArgs),
+    /// Offline journal tools.
+    Journal {
+        #[command(subcommand)]
+        command: journal::JournalCommand,
+    },
 }
 
 /// Entry point used by the `cdp` binary.
@@ -44,7 +50,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("cdp: error: {e:#}");
             ExitCode::FAILURE
@@ -71,16 +77,17 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Up(args) => up::run(args),
+        // Inspection has its own exit statuses (clean, damaged, usage).
+        Command::Journal { command } => return Ok(journal::run(command)),
+        Command::Up(args) => up::run(args)?,
         Command::Appliance { config } => {
             let text = std::fs::read_to_string(&config)
                 .with_context(|| format!("reading {}", config.display()))?;
             let config = cdp_appliance::ApplianceConfig::from_toml(&text)
                 .with_context(|| format!("in {}", config.display()))?;
             runtime()?.block_on(cdp_appliance::run(config, stop_signal()))?;
-            Ok(())
         }
         Command::Splitter { config } => {
             let text = std::fs::read_to_string(&config)
@@ -88,10 +95,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = cdp_splitter::SplitterConfig::from_toml(&text)
                 .with_context(|| format!("in {}", config.display()))?;
             runtime()?.block_on(cdp_splitter::run(config, stop_signal()))?;
-            Ok(())
         }
-        Command::Status(args) => status::run(args),
+        Command::Status(args) => status::run(args)?,
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Completes on SIGINT or SIGTERM.

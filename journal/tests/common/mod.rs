@@ -38,7 +38,10 @@ pub fn record(kind: RecordKind, seed: u64, len: usize) -> RecordIn {
 }
 
 pub fn config(segment_bytes_max: u64) -> JournalConfig {
-    JournalConfig { segment_bytes_max }
+    JournalConfig {
+        segment_bytes_max,
+        ..JournalConfig::default()
+    }
 }
 
 pub fn open(dir: &Path, segment_bytes_max: u64) -> Journal {

@@ -1,0 +1,285 @@
+//! Journal retention end to end: writes far past a group's journal capacity through NBD, then
+//! checks the journal's disk usage, the advanced first_seq, the replica against production, a
+//! crash-restart of the appliance (recovery from a journal whose first segments are gone, and a
+//! splitter resuming a volume whose last change was released), and the time window.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const MIB: u64 = 1 << 20;
+const SEGMENT: u64 = MIB;
+const CAPACITY: u64 = 4 * MIB;
+
+/// A site whose group has 1 MiB segments and the given retention settings, not yet started.
+/// Compression is off: qemu-io's patterns would compress to almost nothing, and these tests
+/// need the journal to grow by what the host writes.
+fn site(volumes: &[(&str, u64)], group_settings: &str) -> Site {
+    let site = Site::create(volumes, SiteOptions::default());
+    let text = std::fs::read_to_string(&site.appliance_config).unwrap();
+    // Top-level keys must come before the first table; group keys right after its name.
+    let text = format!(
+        "journal_segment_bytes = {SEGMENT}\n{}",
+        text.replacen(
+            "name = \"default\"\n",
+            &format!("name = \"default\"\njournal_compress = false\n{group_settings}"),
+            1
+        )
+    );
+    std::fs::write(&site.appliance_config, text).unwrap();
+    site
+}
+
+fn journal_dir(site: &Site) -> PathBuf {
+    site.root().join("appliance/groups/default/journal/journal")
+}
+
+/// Sum of the segment files' sizes on disk. The appliance may release a segment between
+/// listing and measuring it; a file gone by then no longer counts.
+fn segment_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Writes `rounds` rounds of 256 KiB patterned writes at pseudo-random 4 KiB-aligned offsets,
+/// one qemu-io process per round, into `vol` and the model.
+fn write_rounds(site: &Site, vol: &str, model: &mut Model, rng: &mut SplitMix64, rounds: u32) {
+    let size = site.volume(vol).size;
+    for _ in 0..rounds {
+        let mut cmd = Command::new("qemu-io");
+        cmd.args(["-f", "raw"]);
+        for _ in 0..16 {
+            let len = 256 * 1024;
+            let offset = rng.below((size - len) / 4096) * 4096;
+            let byte = (rng.below(255) + 1) as u8;
+            cmd.arg("-c")
+                .arg(format!("write -P {byte:#x} {offset} {len}"));
+            model.fill(offset, len, byte);
+        }
+        cmd.arg(site.nbd_uri(vol));
+        let out = run_ok(&mut cmd, Duration::from_secs(120));
+        assert!(!out.contains("error") && !out.contains("failed"), "{out}");
+    }
+}
+
+fn group(status: &serde_json::Value) -> serde_json::Value {
+    status["groups"][0].clone()
+}
+
+#[test]
+fn capacity_releases_oldest_segments_and_recovers() {
+    // Goal: a journal written ten times past its capacity stays within capacity plus one
+    // segment once distribution catches up, releases only distributed history, and still
+    // recovers (first segment index > 1) and resumes every volume's split link after a crash.
+    // Oracle: the model of each production volume, the replica (qemu-img compare), the
+    // journal's files on disk, and `cdp journal inspect`.
+    if !requires("qemu-io") || !requires("qemu-img") || reference_mode() {
+        return;
+    }
+    let mut site = site(
+        &[("vol0", 32 * MIB), ("vol1", 8 * MIB)],
+        &format!("journal_capacity_bytes = {CAPACITY}\n"),
+    );
+    site.start_role(Role::Appliance);
+    site.start_role(Role::Splitter);
+    let mut rng = SplitMix64(seed("retention"));
+    let mut model0 = Model::zeroed(32 * MIB);
+    let mut model1 = Model::zeroed(8 * MIB);
+
+    // vol1's only changes go first, so retention releases all of them.
+    write_rounds(&site, "vol1", &mut model1, &mut rng, 1);
+    // 10 rounds of 4 MiB: ten times the capacity.
+    write_rounds(&site, "vol0", &mut model0, &mut rng, 10);
+    site.settle();
+    let dir = journal_dir(&site);
+    let within = poll_until(Duration::from_secs(30), || {
+        segment_bytes(&dir) <= CAPACITY + SEGMENT
+    });
+    let status = group(&site.status());
+    assert!(
+        within,
+        "journal uses {} bytes on disk, capacity {CAPACITY}; status {status:#}",
+        segment_bytes(&dir)
+    );
+    eprintln!("after 40 MiB of writes: {status:#}");
+    assert_eq!(status["journal_capacity_bytes"], CAPACITY);
+    assert_eq!(status["journal_over_capacity"], false);
+    let first = status["first_seq"].as_u64().unwrap();
+    let last = status["last_seq"].as_u64().unwrap();
+    assert!(first > 16, "first_seq {first} did not pass vol1's records");
+    assert!(status["journal_bytes"].as_u64().unwrap() <= CAPACITY + SEGMENT);
+    assert!(site.logs().contains("journal segments released"));
+    model0.check_file("vol0 production", &site.volume("vol0").production);
+    model1.check_file("vol1 production", &site.volume("vol1").production);
+    site.assert_all_replicas_equal_production();
+
+    // Crash the appliance: it recovers from the remaining segments, and the splitter resumes
+    // both volumes, including vol1 whose last journaled change was released.
+    site.restart_appliance();
+    let status = group(&site.status());
+    assert_eq!(status["first_seq"].as_u64().unwrap(), first);
+    assert_eq!(status["last_seq"].as_u64().unwrap(), last);
+    // Writes made before the splitter is back would be marked and resynced by region, which
+    // journals a different number of records; wait so each write is journaled as itself.
+    site.wait_connected(Duration::from_secs(30));
+    write_rounds(&site, "vol1", &mut model1, &mut rng, 1);
+    write_rounds(&site, "vol0", &mut model0, &mut rng, 2);
+    site.settle();
+    site.assert_alive();
+    model0.check_file("vol0 production", &site.volume("vol0").production);
+    model1.check_file("vol1 production", &site.volume("vol1").production);
+    site.assert_all_replicas_equal_production();
+    let status = group(&site.status());
+    assert_eq!(
+        status["last_seq"].as_u64().unwrap(),
+        last + 3 * 16,
+        "{status:#}"
+    );
+
+    // Offline, the journal that is left is clean.
+    site.terminate(Role::Splitter, Duration::from_secs(30));
+    site.terminate(Role::Appliance, Duration::from_secs(60));
+    let out = run(
+        Command::new(cdp_bin())
+            .args(["journal", "inspect"])
+            .arg(site.root().join("appliance")),
+        Duration::from_secs(60),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("clean"), "{text}");
+}
+
+#[test]
+fn time_window_releases_old_segments() {
+    // Goal: with a 1 s window and a large capacity, segments older than the window are
+    // released once distributed, and status shows the window and the oldest record's time.
+    if !requires("qemu-io") || !requires("qemu-img") || reference_mode() {
+        return;
+    }
+    let mut site = site(
+        &[("vol0", 16 * MIB)],
+        "journal_capacity_bytes = 1073741824\njournal_retention_s = 1\n",
+    );
+    site.start_role(Role::Appliance);
+    site.start_role(Role::Splitter);
+    let mut rng = SplitMix64(seed("retention-window"));
+    let mut model = Model::zeroed(16 * MIB);
+    write_rounds(&site, "vol0", &mut model, &mut rng, 3);
+    site.settle();
+    let before = group(&site.status());
+    assert!(
+        before["journal_segments"].as_u64().unwrap() > 1,
+        "{before:#}"
+    );
+    let released = poll_until(Duration::from_secs(20), || {
+        group(&site.status())["journal_segments"].as_u64() == Some(1)
+    });
+    let after = group(&site.status());
+    assert!(released, "old segments were not released: {after:#}");
+    assert_eq!(after["journal_retention_s"], 1);
+    let oldest = after["first_timestamp_ns"]
+        .as_u64()
+        .expect("first_timestamp_ns");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    assert!(oldest <= now && now - oldest < 120_000_000_000, "{after:#}");
+    assert!(after["first_seq"].as_u64() > before["first_seq"].as_u64());
+    model.check_file("production", &site.volume("vol0").production);
+    site.assert_all_replicas_equal_production();
+    // The table shows the window too.
+    let table = run_ok(
+        Command::new(cdp_bin())
+            .args(["status", "--control"])
+            .arg(&site.control_sock),
+        Duration::from_secs(30),
+    );
+    assert!(
+        table.contains("retention window 1 s, oldest record 20"),
+        "{table}"
+    );
+    site.assert_alive();
+}
+
+#[test]
+fn over_capacity_is_reported_while_distribution_is_deferred() {
+    // Goal: when distribution cannot keep up (here: deferred while the host keeps writing),
+    // the journal grows past its capacity, the host is not stopped, status says
+    // journal_over_capacity, a warning is logged, and everything returns to normal once
+    // distribution catches up. Oracle: status, the logs, the model, qemu-img compare.
+    if !requires("qemu-io") || !requires("qemu-img") || reference_mode() {
+        return;
+    }
+    let mut site = site(
+        &[("vol0", 32 * MIB)],
+        &format!("journal_capacity_bytes = {}\n", 2 * SEGMENT),
+    );
+    // Distribution waits for a pause in host writes for up to an hour.
+    let text = std::fs::read_to_string(&site.appliance_config).unwrap();
+    std::fs::write(
+        &site.appliance_config,
+        format!("distribution_delay_max_s = 3600\n{text}"),
+    )
+    .unwrap();
+    site.start_role(Role::Appliance);
+    site.start_role(Role::Splitter);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let uri = site.nbd_uri("vol0");
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut model = Model::zeroed(32 * MIB);
+            let mut rng = SplitMix64(seed("retention-over-capacity"));
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && std::time::Instant::now() < deadline
+            {
+                let mut cmd = Command::new("qemu-io");
+                cmd.args(["-f", "raw"]);
+                for _ in 0..64 {
+                    let len = 256 * 1024;
+                    let offset = rng.below((32 * MIB - len) / 4096) * 4096;
+                    let byte = (rng.below(255) + 1) as u8;
+                    cmd.arg("-c")
+                        .arg(format!("write -P {byte:#x} {offset} {len}"));
+                    model.fill(offset, len, byte);
+                }
+                run_ok(cmd.arg(&uri), Duration::from_secs(120));
+            }
+            model
+        })
+    };
+    let seen = poll_until(Duration::from_secs(30), || {
+        group(&site.status())["journal_over_capacity"] == true
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let model = writer.join().unwrap();
+    assert!(
+        seen,
+        "journal_over_capacity never showed: {:#}",
+        site.status()
+    );
+    site.settle();
+    let back = poll_until(Duration::from_secs(30), || {
+        let g = group(&site.status());
+        g["journal_over_capacity"] == false && g["journal_bytes"].as_u64().unwrap() <= 3 * SEGMENT
+    });
+    assert!(back, "journal did not shrink back: {:#}", site.status());
+    let logs = site.logs();
+    assert!(logs.contains("journal over capacity"), "no warning logged");
+    assert!(logs.contains("journal back within capacity"));
+    site.assert_alive();
+    model.check_file("production", &site.volume("vol0").production);
+    site.assert_replica_equals_production("vol0");
+}
