@@ -23,6 +23,9 @@ pub struct SplitterConfig {
     /// NBD over TCP, for example `127.0.0.1:10809`. Optional; at least one listener is required.
     #[serde(default)]
     pub nbd_tcp: Option<String>,
+    /// Unix socket for `cdp status` and `cdp volume resync`. Optional.
+    #[serde(default)]
+    pub control: Option<PathBuf>,
     /// Seconds a client may take to finish the NBD handshake. Default 60, minimum 1.
     #[serde(default = "handshake_timeout_default")]
     pub handshake_timeout_s: u64,

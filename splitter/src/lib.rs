@@ -1,6 +1,7 @@
 //! The write splitter: serves production volumes over NBD and mirrors every change to the appliance.
 
 pub mod config;
+pub mod control;
 pub mod dirty_bitmap;
 pub mod error;
 pub mod limits;
@@ -50,7 +51,8 @@ pub async fn run(
                 volume: v.name.clone(),
                 what: e.to_string(),
             })?;
-        if let dirty_bitmap::Opened::Existing { dirty_regions } = opened {
+        if let dirty_bitmap::Opened::Existing { dirty_regions } = &opened {
+            let dirty_regions = *dirty_regions;
             if dirty_regions > 0 {
                 tracing::warn!(
                     volume = %v.name,
@@ -67,6 +69,11 @@ pub async fn run(
             bitmap,
             config.on_appliance_loss,
         );
+        if opened == dirty_bitmap::Opened::Created {
+            // Never protected by this splitter: the replica cannot be assumed to match, so
+            // everything is copied once (holes and zeroes cost no payload).
+            link.request_full_resync(split_link::ResyncReason::Initial);
+        }
         let export = SplitExport::new(Arc::clone(&production), Arc::clone(&link), v.read_only);
         registry
             .add(
@@ -101,6 +108,17 @@ pub async fn run(
         },
     ));
     let mut tasks = tokio::task::JoinSet::new();
+    if let Some(path) = &config.control {
+        let listener = cdp_link::codec::bind_unix(path)?;
+        let links: std::collections::BTreeMap<String, Arc<SplitLink>> = volumes
+            .iter()
+            .map(|(name, _, link)| (name.clone(), Arc::clone(link)))
+            .collect();
+        tasks.spawn(async move {
+            control::serve_control(listener, Arc::new(links)).await;
+            Ok(())
+        });
+    }
     if let Some(path) = &config.nbd_unix {
         let listener = cdp_link::codec::bind_unix(path)?;
         tracing::info!("NBD listening on unix:{}", path.display());

@@ -13,6 +13,13 @@ pub const SEND_BATCH_MESSAGES_MAX: usize = 256;
 /// a flood of them is bounded too.
 pub const CHANGE_OVERHEAD_BYTES: usize = 64;
 
+/// Largest run of all-zero regions a resync sends as one Zero change (no payload), so a
+/// sparse volume initialises with a handful of records.
+pub const RESYNC_ZERO_RUN_BYTES_MAX: u64 = 1024 * 1024 * 1024;
+
+/// How often a running resync logs its progress.
+pub const RESYNC_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Longest pause between reconnect attempts to the appliance.
 pub const RECONNECT_BACKOFF_MS_MAX: u64 = 2000;
 

@@ -123,8 +123,7 @@ impl Export for SplitExport {
     }
 
     async fn flush(&self) -> Result<(), ExportError> {
-        let through = self.link.flush_point().await;
-        self.make_durable(through).await
+        self.make_durable(self.link.last_seq()).await
     }
 
     async fn trim(&self, offset: u64, length: u32, fua: bool) -> Result<(), ExportError> {

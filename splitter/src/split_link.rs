@@ -27,6 +27,7 @@ use crate::dirty_bitmap::DirtyBitmap;
 use crate::limits::{
     CHANGE_OVERHEAD_BYTES, RECONNECT_BACKOFF_MS_MAX, SEND_BATCH_MESSAGES_MAX, UNACKED_BYTES_MAX,
 };
+use crate::limits::{RESYNC_REPORT_INTERVAL, RESYNC_ZERO_RUN_BYTES_MAX};
 
 /// A change waiting for the appliance's Ack.
 struct Pending {
@@ -108,9 +109,64 @@ pub struct SplitLink {
     policy: OnApplianceLoss,
     production: Arc<BlockFile>,
     marking: watch::Sender<bool>,
-    /// Regions waiting to be copied by a resync; FLUSH waits for zero while connected.
+    /// Regions waiting to be copied by a resync.
     resync_remaining: watch::Sender<usize>,
     resync_copied_bytes: AtomicU64,
+    resync_wake: Notify,
+    progress: Mutex<ResyncProgress>,
+}
+
+/// Why regions are being copied.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ResyncReason {
+    /// Regions marked by crashes or marking mode.
+    #[default]
+    Dirty,
+    /// First protection of this volume by this splitter: everything is copied.
+    Initial,
+    /// An administrator asked for a full resync.
+    Full,
+}
+
+#[derive(Default)]
+struct ResyncProgress {
+    reason: ResyncReason,
+    started: Option<Instant>,
+    total_bytes: u64,
+    done_bytes: u64,
+}
+
+impl ResyncProgress {
+    fn percent(&self) -> f64 {
+        if self.total_bytes == 0 {
+            100.0
+        } else {
+            100.0 * self.done_bytes as f64 / self.total_bytes as f64
+        }
+    }
+}
+
+/// A volume's protection state, as `cdp status` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct VolumeState {
+    pub name: String,
+    /// protecting, marking, resyncing, initializing or connecting.
+    pub state: String,
+    pub on_appliance_loss: String,
+    /// Bytes of regions waiting for a resync copy.
+    pub dirty_bytes: u64,
+    /// Payload bytes copied by resyncs since the splitter started.
+    pub resync_copied_bytes: u64,
+    pub resync: Option<ResyncState>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ResyncState {
+    pub total_bytes: u64,
+    pub done_bytes: u64,
+    pub percent: f64,
+    pub rate_bytes_per_s: u64,
+    pub seconds_left: Option<u64>,
 }
 
 /// How a FLUSH's changes were made safe.
@@ -173,6 +229,8 @@ impl SplitLink {
             marking: watch::Sender::new(false),
             resync_remaining: watch::Sender::new(resync_pending_at_start),
             resync_copied_bytes: AtomicU64::new(0),
+            resync_wake: Notify::new(),
+            progress: Mutex::new(ResyncProgress::default()),
         });
         tokio::spawn(Arc::clone(&link).run_connections());
         link
@@ -269,20 +327,6 @@ impl SplitLink {
     /// Regions still waiting to be copied.
     pub fn resync_pending_regions(&self) -> usize {
         self.lock_queue().resync_pending.len()
-    }
-
-    /// The point a FLUSH must make durable: every change so far, and, while connected, every
-    /// region still waiting for its resync copy (DESIGN rule 1 once the journal is back).
-    pub async fn flush_point(&self) -> u64 {
-        let mut remaining = self.resync_remaining.subscribe();
-        let mut marking = self.marking.subscribe();
-        if !self.is_marking() && *remaining.borrow() > 0 {
-            tokio::select! {
-                _ = remaining.wait_for(|r| *r == 0) => {}
-                _ = marking.wait_for(|m| *m) => {}
-            }
-        }
-        self.last_seq()
     }
 
     /// The source_seq of the last change applied to production.
@@ -423,8 +467,10 @@ impl SplitLink {
             }
         };
         let resync = async {
-            self.resync().await;
-            std::future::pending::<Result<(), LinkError>>().await
+            loop {
+                self.resync().await;
+                self.resync_wake.notified().await;
+            }
         };
         tokio::select! {
             r = receive => r,
@@ -513,39 +559,70 @@ impl SplitLink {
         );
     }
 
+    /// Marks every region for resync (first-time initialization or `cdp volume resync`) and
+    /// wakes the resync task.
+    pub fn request_full_resync(&self, why: ResyncReason) {
+        // The reason first: the resync task may start as soon as regions are pending.
+        self.lock_progress().reason = why;
+        let mut queue = self.lock_queue();
+        for region in 0..queue.bitmap.regions() {
+            queue.bitmap.set(region);
+            queue.resync_pending.insert(region);
+        }
+        self.resync_remaining
+            .send_replace(queue.resync_pending.len());
+        drop(queue);
+        self.resync_wake.notify_one();
+    }
+
     /// Copies every region marked for resync from production into the journal, in order with
-    /// host writes (each copy is taken under the queue lock). Stops early if the link drops.
-    pub async fn resync(&self) {
-        let total = self.lock_queue().resync_pending.len();
+    /// host writes (each copy is taken under the queue lock). Holes and all-zero regions go
+    /// as Zero changes without payload, consecutive ones merged. Stops if the link drops.
+    async fn resync(&self) {
+        let (total, region_bytes) = {
+            let queue = self.lock_queue();
+            (
+                queue.resync_pending.len() as u64,
+                queue.bitmap.region_bytes(),
+            )
+        };
         if total == 0 {
             return;
         }
-        let region_bytes = self.lock_queue().bitmap.region_bytes();
-        let started = Instant::now();
+        let reason = {
+            let mut progress = self.lock_progress();
+            progress.total_bytes = total * region_bytes;
+            progress.done_bytes = 0;
+            progress.started = Some(Instant::now());
+            progress.reason
+        };
         let before = self.resync_copied_bytes();
         tracing::info!(
             volume = %self.volume,
             regions = total,
-            bytes = total as u64 * region_bytes,
+            bytes = total * region_bytes,
+            ?reason,
             "resync started"
         );
-        let mut copied = 0usize;
+        let mut last_report = Instant::now();
         loop {
             let permit = self.reserve(region_bytes as usize).await;
             let mut queue = self.lock_queue();
             if queue.marking || !self.is_connected() {
-                tracing::warn!(volume = %self.volume, copied, remaining = queue.resync_pending.len(), "resync interrupted by link loss");
+                tracing::warn!(volume = %self.volume, remaining = queue.resync_pending.len(), "resync interrupted by link loss");
                 return;
             }
             let Some(region) = queue.resync_pending.pop_first() else {
                 break;
             };
-            self.resync_remaining
-                .send_replace(queue.resync_pending.len());
             let offset = region * region_bytes;
             let length = region_bytes.min(self.size - offset);
-            let data = match self.production.read_at(offset, length as usize) {
-                Ok(data) => data,
+            let (change, end_region, copied) = match self.resync_change(
+                &mut queue,
+                region,
+                region_bytes,
+            ) {
+                Ok(found) => found,
                 Err(e) => {
                     queue.resync_pending.insert(region);
                     self.resync_remaining
@@ -554,36 +631,161 @@ impl SplitLink {
                     return;
                 }
             };
-            queue.touched.push(region);
+            self.resync_remaining
+                .send_replace(queue.resync_pending.len());
+            queue.touched.extend(region..end_region);
             queue.last_seq += 1;
             let source_seq = queue.last_seq;
             queue.unacked.push_back(Pending {
                 source_seq,
-                message: Message::Write {
-                    source_seq,
-                    offset,
-                    data,
-                },
+                message: change(source_seq),
                 acked: None,
-                regions: region..region + 1,
+                regions: region..end_region,
                 _permit: Some(permit),
             });
             drop(queue);
             self.wake_sender.notify_one();
             self.resync_copied_bytes
-                .fetch_add(length, Ordering::Relaxed);
-            copied += 1;
-            if copied.is_multiple_of(1024) {
-                tracing::info!(volume = %self.volume, "resync {copied}/{total} regions");
+                .fetch_add(copied, Ordering::Relaxed);
+            let done = (end_region - region - 1) * region_bytes + length;
+            self.lock_progress().done_bytes += done;
+            if last_report.elapsed() >= RESYNC_REPORT_INTERVAL {
+                last_report = Instant::now();
+                let p = self.lock_progress();
+                tracing::info!(volume = %self.volume, "resync {:.1}% ({} of {} bytes)", p.percent(), p.done_bytes, p.total_bytes);
             }
         }
+        let seconds = self
+            .lock_progress()
+            .started
+            .take()
+            .map_or(0.0, |s| s.elapsed().as_secs_f64());
         tracing::info!(
             volume = %self.volume,
-            regions = copied,
+            regions = total,
             copied_bytes = self.resync_copied_bytes() - before,
-            seconds = started.elapsed().as_secs_f64(),
+            seconds,
+            ?reason,
             "resync complete"
         );
+        self.lock_progress().reason = ResyncReason::Dirty;
+    }
+
+    /// The change that brings the journal's copy of `region` (already popped) up to date:
+    /// a Write of its bytes, or a Zero covering it and any directly following pending regions
+    /// that are holes too. Returns the change, the end region and the payload bytes.
+    #[allow(clippy::type_complexity)]
+    fn resync_change(
+        &self,
+        queue: &mut Queue,
+        region: u64,
+        region_bytes: u64,
+    ) -> std::io::Result<(Box<dyn FnOnce(u64) -> Message + Send>, u64, u64)> {
+        let offset = region * region_bytes;
+        let length = region_bytes.min(self.size - offset);
+        let data_at = self.production.next_data(offset)?;
+        let zero_run = |queue: &mut Queue, hole_end: u64| {
+            let mut end = offset + length;
+            while end < hole_end.min(self.size)
+                && end - offset < RESYNC_ZERO_RUN_BYTES_MAX
+                && queue.resync_pending.first() == Some(&(end / region_bytes))
+            {
+                let next_len = region_bytes.min(self.size - end);
+                if end + next_len > hole_end {
+                    break;
+                }
+                queue.resync_pending.pop_first();
+                end += next_len;
+            }
+            end
+        };
+        if data_at.is_some_and(|d| d >= offset + length) {
+            let end = zero_run(queue, data_at.unwrap_or(offset + length));
+            let end_region = end.div_ceil(region_bytes);
+            return Ok((
+                Box::new(move |source_seq| Message::Zero {
+                    source_seq,
+                    offset,
+                    length: end - offset,
+                }),
+                end_region,
+                0,
+            ));
+        }
+        let data = self.production.read_at(offset, length as usize)?;
+        if data.iter().all(|b| *b == 0) {
+            return Ok((
+                Box::new(move |source_seq| Message::Zero {
+                    source_seq,
+                    offset,
+                    length,
+                }),
+                region + 1,
+                0,
+            ));
+        }
+        Ok((
+            Box::new(move |source_seq| Message::Write {
+                source_seq,
+                offset,
+                data,
+            }),
+            region + 1,
+            length,
+        ))
+    }
+
+    /// What `cdp status` shows for this volume.
+    pub fn state(&self) -> VolumeState {
+        let (pending, region_bytes, marking) = {
+            let queue = self.lock_queue();
+            (
+                queue.resync_pending.len() as u64,
+                queue.bitmap.region_bytes(),
+                queue.marking,
+            )
+        };
+        let progress = self.lock_progress();
+        let resync = progress.started.map(|started| {
+            let seconds = started.elapsed().as_secs_f64().max(0.001);
+            let rate = progress.done_bytes as f64 / seconds;
+            let left = progress.total_bytes.saturating_sub(progress.done_bytes);
+            ResyncState {
+                total_bytes: progress.total_bytes,
+                done_bytes: progress.done_bytes,
+                percent: progress.percent(),
+                rate_bytes_per_s: rate as u64,
+                seconds_left: if rate > 0.0 {
+                    Some((left as f64 / rate) as u64)
+                } else {
+                    None
+                },
+            }
+        });
+        let mode = if marking {
+            "marking"
+        } else if !self.is_connected() {
+            "connecting"
+        } else if pending > 0 || resync.is_some() {
+            match progress.reason {
+                ResyncReason::Initial => "initializing",
+                _ => "resyncing",
+            }
+        } else {
+            "protecting"
+        };
+        VolumeState {
+            name: self.volume.clone(),
+            state: mode.to_string(),
+            on_appliance_loss: format!("{:?}", self.policy).to_lowercase(),
+            dirty_bytes: pending * region_bytes,
+            resync_copied_bytes: self.resync_copied_bytes(),
+            resync,
+        }
+    }
+
+    fn lock_progress(&self) -> MutexGuard<'_, ResyncProgress> {
+        self.progress.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Moves the next unsent changes (and a pending flush request) into `batch`.

@@ -490,9 +490,10 @@ impl Site {
         }
         std::fs::write(&self.appliance_config, a).unwrap();
         let mut s = format!(
-            "appliance = \"{}\"\nnbd_unix = \"{}\"\nhandshake_timeout_s = 60\n",
+            "appliance = \"{}\"\nnbd_unix = \"{}\"\ncontrol = \"{}\"\nhandshake_timeout_s = 60\n",
             self.link_endpoint(),
-            self.nbd_sock.display()
+            self.nbd_sock.display(),
+            self.splitter_control().display()
         );
         if let Some(port) = self.nbd_port {
             s += &format!("nbd_tcp = \"127.0.0.1:{port}\"\n");
@@ -505,6 +506,11 @@ impl Site {
             );
         }
         std::fs::write(&self.splitter_config, s).unwrap();
+    }
+
+    /// The splitter's control socket (protection state, resync progress).
+    pub fn splitter_control(&self) -> PathBuf {
+        self.root().join("splitter.ctl")
     }
 
     pub fn volume(&self, name: &str) -> &Volume {
@@ -743,6 +749,8 @@ impl Site {
                 .arg("status")
                 .arg("--control")
                 .arg(&self.control_sock)
+                .arg("--splitter-control")
+                .arg(self.splitter_control())
                 .arg("--json"),
             Duration::from_secs(30),
         );
@@ -779,7 +787,8 @@ impl Site {
         );
     }
 
-    /// Polls status until the appliance sees a splitter connected for every volume.
+    /// Polls status until the appliance sees a splitter connected for every volume and the
+    /// splitter reports every volume as protecting (no resync pending or running).
     pub fn wait_connected(&self, timeout: Duration) {
         if reference_mode() {
             return;
@@ -794,7 +803,15 @@ impl Site {
                     })
                 })
             });
-            if all {
+            // Resyncs (after an outage, or the first-time copy) must be done too: until then
+            // the journal lacks regions production has.
+            let protecting = status["splitter"]["volumes"]
+                .as_array()
+                .is_some_and(|vols| {
+                    vols.iter()
+                        .all(|v| v["state"].as_str() == Some("protecting"))
+                });
+            if all && protecting {
                 return;
             }
             assert!(

@@ -1,9 +1,11 @@
 //! The `cdp` command line: argument parsing and one module per subcommand.
 
+mod control_client;
 mod journal;
 mod status;
 pub mod units;
 mod up;
+mod volume;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -38,6 +40,11 @@ enum Command {
     },
     /// Show volumes, journal size, last sequence number and distribution lag.
     Status(status::StatusArgs),
+    /// Per-volume operations: `resync`.
+    Volume {
+        #[command(subcommand)]
+        command: volume::VolumeCommand,
+    },
     /// Offline journal tools.
     Journal {
         #[command(subcommand)]
@@ -97,6 +104,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(cdp_splitter::run(config, stop_signal()))?;
         }
         Command::Status(args) => status::run(args)?,
+        Command::Volume { command } => volume::run(command)?,
     }
     Ok(ExitCode::SUCCESS)
 }

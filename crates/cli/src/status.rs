@@ -1,4 +1,5 @@
-//! `cdp status`: asks the appliance for its state and prints a table or JSON.
+//! `cdp status`: asks the appliance (and the splitter, when reachable) for their state and
+//! prints a table or JSON.
 
 use std::path::PathBuf;
 
@@ -12,6 +13,9 @@ pub struct StatusArgs {
     /// The appliance's control socket. Default: DIR/appliance.ctl.
     #[arg(long)]
     control: Option<PathBuf>,
+    /// The splitter's control socket. Default: DIR/splitter.ctl when it exists.
+    #[arg(long)]
+    splitter_control: Option<PathBuf>,
     /// Data directory of `cdp up` (or env CDP_DIR).
     #[arg(long, env = "CDP_DIR", default_value = "cdp-data")]
     dir: PathBuf,
@@ -24,10 +28,25 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
     let control = args
         .control
         .unwrap_or_else(|| args.dir.join("appliance.ctl"));
-    let value = crate::runtime()?.block_on(cdp_appliance::control::request(
+    let mut value = crate::runtime()?.block_on(cdp_appliance::control::request(
         &control,
         &cdp_appliance::control::Request::Status,
     ))?;
+    let splitter_control = args.splitter_control.or_else(|| {
+        let default = args.dir.join("splitter.ctl");
+        default.exists().then_some(default)
+    });
+    if let Some(socket) = splitter_control {
+        // The splitter may be down (the appliance still answers); say so instead of failing.
+        value["splitter"] = match crate::control_client::request(
+            &socket,
+            "splitter",
+            &serde_json::json!({"command": "status"}),
+        ) {
+            Ok(answer) => answer,
+            Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
+        };
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
@@ -39,6 +58,9 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
 fn table(value: &serde_json::Value) -> Option<String> {
     use std::fmt::Write;
     let mut out = String::new();
+    if let Some(splitter) = value.get("splitter") {
+        out.push_str(&splitter_table(splitter));
+    }
     let _ = writeln!(
         out,
         "{:<16} {:>10} {:>10} {:>4} {:>10} {:>10} {:>10} {:>12} {:>8}",
@@ -144,4 +166,53 @@ mod tests {
             "2024-02-29T12:34:56.789Z"
         );
     }
+}
+
+/// Per-volume protection state as the splitter reports it.
+fn splitter_table(splitter: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    if let Some(error) = splitter.get("error").and_then(|e| e.as_str()) {
+        let _ = writeln!(out, "SPLITTER  unreachable: {error}\n");
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "{:<16} {:<13} {:>10}  RESYNC",
+        "VOLUME", "STATE", "DIRTY"
+    );
+    for v in splitter
+        .get("volumes")
+        .and_then(|v| v.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let resync = match v.get("resync") {
+            Some(r) if !r.is_null() => {
+                let n = |k: &str| r.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+                let left = r
+                    .get("seconds_left")
+                    .and_then(|x| x.as_u64())
+                    .map_or("?".to_string(), |s| format!("{s} s"));
+                format!(
+                    "{:.1}% of {}, {}/s, {} left",
+                    r.get("percent").and_then(|x| x.as_f64()).unwrap_or(0.0),
+                    format_bytes(n("total_bytes")),
+                    format_bytes(n("rate_bytes_per_s")),
+                    left
+                )
+            }
+            _ => "-".to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "{:<16} {:<13} {:>10}  {}",
+            v.get("name").and_then(|x| x.as_str()).unwrap_or("?"),
+            v.get("state").and_then(|x| x.as_str()).unwrap_or("?"),
+            format_bytes(v.get("dirty_bytes").and_then(|x| x.as_u64()).unwrap_or(0)),
+            resync
+        );
+    }
+    out.push('\n');
+    out
 }

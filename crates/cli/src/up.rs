@@ -79,11 +79,12 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     if !splitter_toml.exists() {
         let text = format!(
             "# Written by `cdp up`; edit freely, it is reused on the next run.\n\
-             appliance = \"unix:{link}\"\nnbd_unix = {sock:?}\nnbd_tcp = {tcp:?}\n\n\
+             appliance = \"unix:{link}\"\nnbd_unix = {sock:?}\nnbd_tcp = {tcp:?}\ncontrol = {ctl:?}\n\n\
              [[volume]]\nname = {name:?}\npath = {prod:?}\n",
             link = dir.join("link.sock").display(),
             sock = nbd_sock.display().to_string(),
             tcp = args.nbd_tcp,
+            ctl = dir.join("splitter.ctl").display().to_string(),
             name = args.name,
             prod = production.display().to_string(),
         );

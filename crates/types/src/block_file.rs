@@ -109,6 +109,33 @@ impl BlockFile {
         self.file.write_all_at(data, offset)
     }
 
+    /// Where the next allocated data at or after `offset` starts (the volume's size if only a
+    /// hole follows), so callers can skip holes without reading them; None where the file
+    /// system or device cannot tell.
+    pub fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        if self.is_block_device || offset >= self.size {
+            return Ok(None);
+        }
+        // SAFETY: lseek on an open descriptor has no memory effects. It moves the file
+        // position, which nothing here uses (all I/O is positioned).
+        let at = unsafe {
+            libc::lseek(
+                self.file.as_raw_fd(),
+                offset as libc::off_t,
+                libc::SEEK_DATA,
+            )
+        };
+        if at >= 0 {
+            return Ok(Some((at as u64).min(self.size)));
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::ENXIO) => Ok(Some(self.size)),
+            Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(None),
+            _ => Err(err),
+        }
+    }
+
     /// Makes every completed write durable (fdatasync).
     pub fn sync_data(&self) -> io::Result<()> {
         self.file.sync_data()
@@ -206,6 +233,11 @@ mod tests {
         v.zero(20_000, 5000, false).unwrap();
         model[20_000..25_000].fill(0);
         assert_eq!(&v.read_at(0, 1 << 20).unwrap()[..], &model[..]);
+        // The trimmed range is a hole on file systems that punch; data follows it.
+        if let Some(next) = v.next_data(4096).unwrap() {
+            assert!(next <= 12288, "data after a hole found at {next}");
+        }
+        assert_eq!(v.next_data(0).unwrap(), Some(0));
         // Reads past the end of a short file are zero-filled, never garbage.
         assert_eq!(
             &v.read_at((1 << 20) - 10, 10).unwrap()[..],
