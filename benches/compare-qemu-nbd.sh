@@ -11,7 +11,8 @@
 #   --cdp     the cdp binary (default: target/release/cdp beside this script's repository)
 #   --keep    keep the data directory and logs afterwards
 #
-# Both servers run side by side for the whole run. Each job runs on qemu-nbd and on cdp back to
+# Three servers run side by side for the whole run: qemu-nbd, cdp protecting, and cdp in
+# marking mode (its appliance killed, so the splitter only records dirty regions). Each job runs on qemu-nbd and on cdp back to
 # back (which goes first alternates by round), each after `sync` and after cdp's distribution has
 # caught up, so background writeback and machine noise fall on both alike. cdp's distribution
 # lag before each run is printed: it is work the host's share paid for in the previous run.
@@ -159,10 +160,12 @@ PIDS+=("$QPID")
 wait_socket "$DIR/qemu/nbd.sock" "$QPID" "$DIR/qemu/qemu-nbd.log"
 
 # --- cdp --------------------------------------------------------------------------------------
-C="$DIR/cdp"
-mkdir -p "$C/production" "$C/replica" "$C/appliance"
-truncate -s "$VOL_SIZE" "$C/production/vol0.img"
-cat >"$C/appliance.toml" <<EOF
+# start_cdp DIR: appliance + splitter protecting DIR/production/vol0.img; sets APID and SPID.
+start_cdp() {
+    local C=$1
+    mkdir -p "$C/production" "$C/replica" "$C/appliance"
+    truncate -s "$VOL_SIZE" "$C/production/vol0.img"
+    cat >"$C/appliance.toml" <<EOF
 data_dir = "$C/appliance"
 link_listen = "unix:$C/link.sock"
 control = "$C/appliance.ctl"
@@ -175,41 +178,68 @@ name = "vol0"
 size = $VOL_SIZE
 replica = "$C/replica/vol0.img"
 EOF
-cat >"$C/splitter.toml" <<EOF
+    cat >"$C/splitter.toml" <<EOF
 appliance = "unix:$C/link.sock"
 nbd_unix = "$C/nbd.sock"
+control = "$C/splitter.ctl"
 handshake_timeout_s = 60
 
 [[volume]]
 name = "vol0"
 path = "$C/production/vol0.img"
 EOF
-CDP_LOG=${CDP_LOG:-warn} "$CDP" appliance --config "$C/appliance.toml" >"$C/appliance.log" 2>&1 &
-APID=$!
-PIDS+=("$APID")
-wait_socket "$C/appliance.ctl" "$APID" "$C/appliance.log"
-CDP_LOG=${CDP_LOG:-warn} "$CDP" splitter --config "$C/splitter.toml" >"$C/splitter.log" 2>&1 &
-SPID=$!
-PIDS+=("$SPID")
-wait_socket "$C/nbd.sock" "$SPID" "$C/splitter.log"
+    CDP_LOG=${CDP_LOG:-warn} "$CDP" appliance --config "$C/appliance.toml" >"$C/appliance.log" 2>&1 &
+    APID=$!
+    PIDS+=("$APID")
+    wait_socket "$C/appliance.ctl" "$APID" "$C/appliance.log"
+    CDP_LOG=${CDP_LOG:-warn} "$CDP" splitter --config "$C/splitter.toml" >"$C/splitter.log" 2>&1 &
+    SPID=$!
+    PIDS+=("$SPID")
+    wait_socket "$C/nbd.sock" "$SPID" "$C/splitter.log"
+}
+
+C="$DIR/cdp"
+start_cdp "$C"
+CAPID=$APID CSPID=$SPID
+
+# The same, with its appliance killed: the splitter serves in marking mode (dirty bitmap only).
+M="$DIR/cdp-marking"
+start_cdp "$M"
+MSPID=$SPID
+kill -KILL "$APID"
+wait "$APID" 2>/dev/null || true
+until "$CDP" status --control "$C/appliance.ctl" --splitter-control "$M/splitter.ctl" --json \
+    | python3 -c 'import json,sys; v=json.load(sys.stdin)["splitter"]["volumes"][0]; sys.exit(0 if v["state"]=="marking" else 1)'; do
+    sleep 0.1
+done
 
 # --- the jobs, interleaved ----------------------------------------------------------------------
 QURI="nbd+unix:///vol0?socket=$DIR/qemu/nbd.sock"
 CURI="nbd+unix:///vol0?socket=$C/nbd.sock"
+MURI="nbd+unix:///vol0?socket=$M/nbd.sock"
 for round in $(seq 1 "$ROUNDS"); do
     for job in "${JOBS[@]}"; do
-        if [ $((round % 2)) = 1 ]; then order="qemu-nbd cdp"; else order="cdp qemu-nbd"; fi
+        case $((round % 3)) in
+            1) order="qemu-nbd cdp cdp-marking" ;;
+            2) order="cdp cdp-marking qemu-nbd" ;;
+            0) order="cdp-marking qemu-nbd cdp" ;;
+        esac
         for server in $order; do
             sync
             echo "  round $round $job on $server ($(cdp_settle))"
-            if [ "$server" = cdp ]; then uri=$CURI; else uri=$QURI; fi
+            case $server in
+                cdp) uri=$CURI ;;
+                cdp-marking) uri=$MURI ;;
+                *) uri=$QURI ;;
+            esac
             run_job "$server" "$uri" "$job" "$round"
         done
     done
 done
 echo "  after the last job: $(cdp_settle)"
-stop "$SPID"
-stop "$APID"
+stop "$CSPID"
+stop "$CAPID"
+stop "$MSPID"
 stop "$QPID"
 
 # --- table ------------------------------------------------------------------------------------
@@ -230,11 +260,13 @@ def unit(job):
 
 print()
 print("median of %d round(s); per-round ratios in brackets" % rounds)
-print("%-20s %-6s %12s %12s %10s  %s" % ("job", "unit", "qemu-nbd", "cdp", "cdp/qemu", "rounds"))
+print("%-20s %-6s %10s %10s %9s  %12s %9s  %s" % ("job", "unit", "qemu-nbd", "cdp", "cdp/qemu", "cdp-marking", "mark/qemu", "cdp/qemu by round"))
 for job in jobs:
     q = [one("qemu-nbd", job, r) for r in range(1, rounds + 1)]
     c = [one("cdp", job, r) for r in range(1, rounds + 1)]
-    qm, cm = statistics.median(q), statistics.median(c)
+    m = [one("cdp-marking", job, r) for r in range(1, rounds + 1)]
+    qm, cm, mm = statistics.median(q), statistics.median(c), statistics.median(m)
     per_round = " ".join("%.2f" % (cv / qv) if qv else "nan" for qv, cv in zip(q, c))
-    print("%-20s %-6s %12.1f %12.1f %10.2f  [%s]" % (job, unit(job), qm, cm, cm / qm if qm else float("nan"), per_round))
+    ratio = lambda x: x / qm if qm else float("nan")
+    print("%-20s %-6s %10.1f %10.1f %9.2f  %12.1f %9.2f  [%s]" % (job, unit(job), qm, cm, ratio(cm), mm, ratio(mm), per_round))
 EOF
