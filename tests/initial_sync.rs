@@ -34,19 +34,6 @@ fn preexisting_production_data_reaches_replica() {
     site.assert_replica_equals_production("vol0");
 }
 
-/// Sum of `copied_bytes=N` over the splitter's "resync complete" log lines.
-fn resync_copied_bytes(site: &Site) -> u64 {
-    let log = std::fs::read_to_string(site.root().join("splitter.log")).unwrap_or_default();
-    log.lines()
-        .filter(|l| l.contains("resync complete"))
-        .filter_map(|l| {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix("copied_bytes="))
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .sum()
-}
-
 #[test]
 fn one_gib_volume_initializes_while_fio_writes() {
     // Goal: first-time initialization of a 1 GiB volume that already holds data runs in the
@@ -99,7 +86,7 @@ fn one_gib_volume_initializes_while_fio_writes() {
     site.assert_replica_equals_production("vol0");
     let log = std::fs::read_to_string(site.root().join("splitter.log")).unwrap();
     assert!(log.contains("reason=Initial"), "{log}");
-    let copied = resync_copied_bytes(&site);
+    let copied = site.resync_copied_bytes().unwrap_or(0);
     // Every data MiB is copied once; fio's writes into holes before the copier reached them
     // may add at most the 64 KiB regions they touched inside its 64 MiB range.
     assert!(
@@ -125,7 +112,7 @@ fn volume_resync_command_copies_everything_and_reports_progress() {
         Duration::from_secs(60),
     );
     site.settle();
-    let before = resync_copied_bytes(&site);
+    let before = site.resync_copied_bytes().unwrap_or(0);
     let out = run_ok(
         std::process::Command::new(cdp_bin())
             .args(["volume", "resync", "vol0", "--splitter-control"])
@@ -143,7 +130,7 @@ fn volume_resync_command_copies_everything_and_reports_progress() {
     );
     assert!(table.contains("vol0"), "{table}");
     site.settle();
-    assert_eq!(resync_copied_bytes(&site) - before, 16 * MIB);
+    assert_eq!(site.resync_copied_bytes().unwrap_or(0) - before, 16 * MIB);
     site.assert_replica_equals_production("vol0");
     let bad = run(
         std::process::Command::new(cdp_bin())

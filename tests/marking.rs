@@ -22,20 +22,6 @@ fn qemu_io(uri: &str, commands: &[String], timeout: Duration) -> String {
     out
 }
 
-/// Sum of `copied_bytes=N` over every "resync complete" line of the splitter's log.
-fn resync_copied_bytes(site: &Site) -> Option<u64> {
-    let log = std::fs::read_to_string(site.root().join("splitter.log")).ok()?;
-    let mut total = None;
-    for line in log.lines().filter(|l| l.contains("resync complete")) {
-        let n = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("copied_bytes="))
-            .and_then(|v| v.parse::<u64>().ok())?;
-        total = Some(total.unwrap_or(0) + n);
-    }
-    total
-}
-
 #[test]
 fn outage_is_marked_and_only_dirty_regions_are_resynced() {
     // Goal: with the appliance gone, host writes and flushes still succeed at once; after it
@@ -82,12 +68,12 @@ fn outage_is_marked_and_only_dirty_regions_are_resynced() {
     site.start_role(Role::Appliance);
     site.settle();
     let copied = poll_until(Duration::from_secs(30), || {
-        resync_copied_bytes(&site).is_some()
+        site.resync_copied_bytes().is_some()
     });
     assert!(copied, "no resync completed\n{}", site.logs());
     let dirty_regions = 8 + MIB / REGION;
     assert_eq!(
-        resync_copied_bytes(&site),
+        site.resync_copied_bytes(),
         Some(dirty_regions * REGION),
         "resync copied a different amount than the {dirty_regions} dirtied regions\n{}",
         site.logs()
@@ -126,7 +112,7 @@ fn splitter_stopped_while_marking_resyncs_at_next_start() {
     site.start_role(Role::Splitter);
     site.settle();
     assert_eq!(
-        resync_copied_bytes(&site),
+        site.resync_copied_bytes(),
         Some(256 * 1024),
         "{}",
         site.logs()

@@ -508,6 +508,21 @@ impl Site {
         std::fs::write(&self.splitter_config, s).unwrap();
     }
 
+    /// Sum of `copied_bytes=N` over the splitter's "resync complete" log lines: the payload
+    /// bytes its resyncs copied from production into the journal.
+    pub fn resync_copied_bytes(&self) -> Option<u64> {
+        let log = std::fs::read_to_string(self.log_path(Role::Splitter)).ok()?;
+        let mut total = None;
+        for line in log.lines().filter(|l| l.contains("resync complete")) {
+            let n = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("copied_bytes="))
+                .and_then(|v| v.parse::<u64>().ok())?;
+            total = Some(total.unwrap_or(0) + n);
+        }
+        total
+    }
+
     /// The splitter's control socket (protection state, resync progress).
     pub fn splitter_control(&self) -> PathBuf {
         self.root().join("splitter.ctl")
