@@ -83,8 +83,8 @@ fn outage_is_marked_and_only_dirty_regions_are_resynced() {
     let after = site.status()["groups"][0]["last_seq"].as_u64().unwrap();
     assert_eq!(
         after,
-        before + dirty_regions,
-        "one journal record per copied region was expected"
+        before + dirty_regions + 2,
+        "one journal record per copied region, between a ResyncStart and a ResyncEnd marker"
     );
 }
 

@@ -551,7 +551,8 @@ fn apply(by_id: &BTreeMap<u32, &GroupVolume>, record: &Record) -> Result<u64, Ap
         RecordKind::Write => volume.replica.write_at(record.offset, &record.payload)?,
         RecordKind::Trim => volume.replica.trim(record.offset, record.length)?,
         RecordKind::Zero => volume.replica.zero(record.offset, record.length, false)?,
-        RecordKind::Bookmark => return Ok(0),
+        // Markers change no volume bytes.
+        RecordKind::Bookmark | RecordKind::ResyncStart | RecordKind::ResyncEnd => return Ok(0),
     }
     Ok(record.length)
 }

@@ -225,6 +225,12 @@ fn check_change(
             offset,
             length,
         } => (RecordKind::Zero, source_seq, offset, length, Bytes::new()),
+        Message::ResyncStart { source_seq } => {
+            (RecordKind::ResyncStart, source_seq, 0, 0, Bytes::new())
+        }
+        Message::ResyncEnd { source_seq } => {
+            (RecordKind::ResyncEnd, source_seq, 0, 0, Bytes::new())
+        }
         other => {
             return Err(LinkError::Protocol(format!(
                 "unexpected message from splitter: {other:?}"

@@ -23,7 +23,8 @@
 //! | offset | size | field                                              |
 //! |-------:|-----:|----------------------------------------------------|
 //! |      0 |    4 | magic `0x5243_4A43` (bytes `"CJCR"`)               |
-//! |      4 |    1 | kind: 1 Write, 2 Trim, 3 Zero, 4 Bookmark          |
+//! |      4 |    1 | kind: 1 Write, 2 Trim, 3 Zero, 4 Bookmark, 5 Resync|
+//! |        |      | Start, 6 ResyncEnd                                 |
 //! |      5 |    1 | flags: zero in version 1; bit 0 (v2) zstd payload  |
 //! |      6 |    2 | reserved, zero                                     |
 //! |      8 |    4 | volume id                                          |
@@ -191,6 +192,8 @@ fn kind_code(kind: RecordKind) -> u8 {
         RecordKind::Trim => 2,
         RecordKind::Zero => 3,
         RecordKind::Bookmark => 4,
+        RecordKind::ResyncStart => 5,
+        RecordKind::ResyncEnd => 6,
     }
 }
 
@@ -200,6 +203,8 @@ fn kind_from_code(code: u8) -> Option<RecordKind> {
         2 => Some(RecordKind::Trim),
         3 => Some(RecordKind::Zero),
         4 => Some(RecordKind::Bookmark),
+        5 => Some(RecordKind::ResyncStart),
+        6 => Some(RecordKind::ResyncEnd),
         _ => None,
     }
 }
@@ -312,7 +317,13 @@ impl RecordHeader {
             RecordKind::Write if !zstd && h.length != payload_len => {
                 return corrupt("write record length differs from payload length");
             }
-            RecordKind::Trim | RecordKind::Zero | RecordKind::Bookmark if zstd => {
+            RecordKind::Trim
+            | RecordKind::Zero
+            | RecordKind::Bookmark
+            | RecordKind::ResyncStart
+            | RecordKind::ResyncEnd
+                if zstd =>
+            {
                 return corrupt("only write records may be compressed");
             }
             RecordKind::Trim | RecordKind::Zero if payload_len != 0 => {
@@ -325,6 +336,11 @@ impl RecordHeader {
                     || payload_len > BOOKMARK_NAME_BYTES_MAX =>
             {
                 return corrupt("malformed bookmark record");
+            }
+            RecordKind::ResyncStart | RecordKind::ResyncEnd
+                if h.offset != 0 || h.length != 0 || payload_len != 0 =>
+            {
+                return corrupt("malformed resync marker");
             }
             _ => {}
         }

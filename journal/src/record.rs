@@ -17,6 +17,11 @@ pub enum RecordKind {
     Zero,
     /// A named point in the journal; payload is the name, volume/offset/length are 0.
     Bookmark,
+    /// A volume's resync begins: until the matching `ResyncEnd`, the journal lacks regions
+    /// production has, so points in between are not consistent. No payload, offset, length.
+    ResyncStart,
+    /// The volume's resync is complete; the journal is consistent with production again.
+    ResyncEnd,
 }
 
 impl From<ChangeKind> for RecordKind {
@@ -36,7 +41,7 @@ impl RecordKind {
             RecordKind::Write => Some(ChangeKind::Write),
             RecordKind::Trim => Some(ChangeKind::Trim),
             RecordKind::Zero => Some(ChangeKind::Zero),
-            RecordKind::Bookmark => None,
+            RecordKind::Bookmark | RecordKind::ResyncStart | RecordKind::ResyncEnd => None,
         }
     }
 }
@@ -84,6 +89,22 @@ impl RecordIn {
         self
     }
 
+    /// A resync marker (`ResyncStart` or `ResyncEnd`) of one volume.
+    pub fn resync_marker(kind: RecordKind, volume: u32, source_seq: u64) -> Self {
+        debug_assert!(matches!(
+            kind,
+            RecordKind::ResyncStart | RecordKind::ResyncEnd
+        ));
+        RecordIn {
+            kind,
+            volume,
+            source_seq,
+            offset: 0,
+            length: 0,
+            payload: Bytes::new(),
+        }
+    }
+
     /// A bookmark named `name`.
     pub fn bookmark(name: &str) -> Self {
         RecordIn {
@@ -124,6 +145,11 @@ impl RecordIn {
             RecordKind::Trim | RecordKind::Zero => {
                 if payload_len != 0 {
                     return bad(format!("{:?} record carries a payload", self.kind));
+                }
+            }
+            RecordKind::ResyncStart | RecordKind::ResyncEnd => {
+                if self.offset != 0 || self.length != 0 || payload_len != 0 {
+                    return bad("resync markers carry no range and no payload".into());
                 }
             }
             RecordKind::Bookmark => {

@@ -134,6 +134,8 @@ fn spec() -> impl Strategy<Value = Spec> {
         1 => Just(RecordKind::Trim),
         1 => Just(RecordKind::Zero),
         1 => Just(RecordKind::Bookmark),
+        1 => Just(RecordKind::ResyncStart),
+        1 => Just(RecordKind::ResyncEnd),
     ];
     let len = prop_oneof![
         4 => 0usize..5000,

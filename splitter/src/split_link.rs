@@ -605,6 +605,14 @@ impl SplitLink {
             "resync started"
         );
         let mut last_report = Instant::now();
+        {
+            let mut queue = self.lock_queue();
+            if queue.marking || !self.is_connected() {
+                return;
+            }
+            self.push_marker(&mut queue, |source_seq| Message::ResyncStart { source_seq });
+        }
+        self.wake_sender.notify_one();
         loop {
             let permit = self.reserve(region_bytes as usize).await;
             let mut queue = self.lock_queue();
@@ -655,6 +663,11 @@ impl SplitLink {
                 tracing::info!(volume = %self.volume, "resync {:.1}% ({} of {} bytes)", p.percent(), p.done_bytes, p.total_bytes);
             }
         }
+        {
+            let mut queue = self.lock_queue();
+            self.push_marker(&mut queue, |source_seq| Message::ResyncEnd { source_seq });
+        }
+        self.wake_sender.notify_one();
         let seconds = self
             .lock_progress()
             .started
@@ -669,6 +682,20 @@ impl SplitLink {
             "resync complete"
         );
         self.lock_progress().reason = ResyncReason::Dirty;
+    }
+
+    /// Queues a resync marker (start or end) in the change stream, under the queue lock so it
+    /// sits exactly between the changes before and after it.
+    fn push_marker(&self, queue: &mut Queue, marker: fn(u64) -> Message) {
+        queue.last_seq += 1;
+        let source_seq = queue.last_seq;
+        queue.unacked.push_back(Pending {
+            source_seq,
+            message: marker(source_seq),
+            acked: None,
+            regions: 0..0,
+            _permit: None,
+        });
     }
 
     /// The change that brings the journal's copy of `region` (already popped) up to date:

@@ -40,6 +40,14 @@ pub enum Message {
     Flush {
         source_seq: u64,
     },
+    /// A resync of this volume begins; changes until `ResyncEnd` bring regions the journal
+    /// lacks, so the journal is not consistent with production in between.
+    ResyncStart {
+        source_seq: u64,
+    },
+    ResyncEnd {
+        source_seq: u64,
+    },
     Welcome {
         volume_id: u32,
         last_source_seq: u64,
@@ -61,6 +69,8 @@ mod kind {
     pub const TRIM: u8 = 3;
     pub const ZERO: u8 = 4;
     pub const FLUSH: u8 = 5;
+    pub const RESYNC_START: u8 = 6;
+    pub const RESYNC_END: u8 = 7;
     pub const WELCOME: u8 = 16;
     pub const ACK: u8 = 17;
     pub const DURABLE: u8 = 18;
@@ -132,6 +142,10 @@ impl Message {
                 length,
             } => (kind::ZERO, put_u64s(&[*source_seq, *offset, *length]), None),
             Message::Flush { source_seq } => (kind::FLUSH, put_u64s(&[*source_seq]), None),
+            Message::ResyncStart { source_seq } => {
+                (kind::RESYNC_START, put_u64s(&[*source_seq]), None)
+            }
+            Message::ResyncEnd { source_seq } => (kind::RESYNC_END, put_u64s(&[*source_seq]), None),
             Message::Welcome {
                 volume_id,
                 last_source_seq,
@@ -208,6 +222,12 @@ impl Message {
                 }
             }
             kind::FLUSH => Message::Flush {
+                source_seq: r.u64()?,
+            },
+            kind::RESYNC_START => Message::ResyncStart {
+                source_seq: r.u64()?,
+            },
+            kind::RESYNC_END => Message::ResyncEnd {
                 source_seq: r.u64()?,
             },
             kind::WELCOME => {
@@ -337,6 +357,8 @@ mod tests {
                 length: l
             }),
             any::<u64>().prop_map(|s| Message::Flush { source_seq: s }),
+            any::<u64>().prop_map(|s| Message::ResyncStart { source_seq: s }),
+            any::<u64>().prop_map(|s| Message::ResyncEnd { source_seq: s }),
             (any::<u32>(), any::<u64>()).prop_map(|(v, s)| Message::Welcome {
                 volume_id: v,
                 last_source_seq: s

@@ -34,6 +34,9 @@ pub fn record(kind: RecordKind, seed: u64, len: usize) -> RecordIn {
             RecordIn::range(kind, volume, offset, len as u64).with_source_seq(seed)
         }
         RecordKind::Bookmark => RecordIn::bookmark(&format!("bm-{seed}")),
+        RecordKind::ResyncStart | RecordKind::ResyncEnd => {
+            RecordIn::resync_marker(kind, volume, seed)
+        }
     }
 }
 
