@@ -2,20 +2,55 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 
+use cdp_types::TimestampNs;
+
+use crate::bookmark::{BookmarkPayload, Consistency};
 use crate::group::{Group, GroupStatus};
 use crate::limits::{CONTROL_CONNECTIONS_MAX, CONTROL_REQUEST_BYTES_MAX};
+use crate::point::{parse_point, resolve};
+use crate::timeline::timeline;
 
 /// A control request.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case")]
 pub enum Request {
     Status,
+    /// Take a bookmark (appended after every acknowledged write, then synced).
+    BookmarkCreate {
+        /// The group; may be left out when the appliance has one group.
+        #[serde(default)]
+        group: Option<String>,
+        name: String,
+        consistency: Consistency,
+        /// Application-consistent: ms from the start of quiesce to this request.
+        #[serde(default)]
+        freeze_window_ms: u32,
+        /// If set, the bookmark is appended within this many ms of the request's arrival
+        /// or not at all (the caller thaws the application after its timeout).
+        #[serde(default)]
+        deadline_ms: Option<u64>,
+    },
+    BookmarkList {
+        #[serde(default)]
+        group: Option<String>,
+    },
+    /// Resolve a point spec (see `point::parse_point`) to a seq.
+    PointResolve {
+        #[serde(default)]
+        group: Option<String>,
+        point: String,
+    },
+    Timeline {
+        #[serde(default)]
+        group: Option<String>,
+    },
 }
 
 /// The answer to `status`.
@@ -28,6 +63,7 @@ pub struct ApplianceStatus {
 #[serde(untagged)]
 enum Response {
     Status(ApplianceStatus),
+    Value(serde_json::Value),
     Error { error: String },
 }
 
@@ -74,6 +110,10 @@ async fn serve_one(stream: UnixStream, groups: &[Arc<Group>]) -> std::io::Result
         } else {
             match serde_json::from_slice::<Request>(&line) {
                 Ok(Request::Status) => Response::Status(status(groups)),
+                Ok(request) => match group_request(groups, request).await {
+                    Ok(value) => Response::Value(value),
+                    Err(error) => Response::Error { error },
+                },
                 Err(e) => Response::Error {
                     error: format!("bad request: {e}"),
                 },
@@ -86,6 +126,90 @@ async fn serve_one(stream: UnixStream, groups: &[Arc<Group>]) -> std::io::Result
             return Ok(());
         }
     }
+}
+
+/// The group a request names, or the only group when it names none.
+fn find_group(groups: &[Arc<Group>], name: Option<&str>) -> Result<Arc<Group>, String> {
+    let names = || {
+        groups
+            .iter()
+            .map(|g| g.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match name {
+        Some(name) => groups
+            .iter()
+            .find(|g| g.name == name)
+            .cloned()
+            .ok_or_else(|| format!("no group named {name:?} (groups: {})", names())),
+        None if groups.len() == 1 => Ok(Arc::clone(&groups[0])),
+        None => Err(format!(
+            "the appliance has {} groups; say which with --group ({})",
+            groups.len(),
+            names()
+        )),
+    }
+}
+
+/// A request's work on one group, run on the blocking pool.
+type GroupWork = Box<dyn FnOnce(&Group) -> Result<serde_json::Value, String> + Send>;
+
+/// Bookmark, point and timeline requests. They read the journal or fsync it, so they run on
+/// the blocking pool, never on the tasks that serve the split links.
+async fn group_request(
+    groups: &[Arc<Group>],
+    request: Request,
+) -> Result<serde_json::Value, String> {
+    let received = Instant::now();
+    let (group, work): (Arc<Group>, GroupWork) = match request {
+        Request::Status => return serde_json::to_value(status(groups)).map_err(|e| e.to_string()),
+        Request::BookmarkCreate {
+            group,
+            name,
+            consistency,
+            freeze_window_ms,
+            deadline_ms,
+        } => (
+            find_group(groups, group.as_deref())?,
+            Box::new(move |g| {
+                let deadline = deadline_ms.map(|ms| received + Duration::from_millis(ms));
+                let payload = BookmarkPayload {
+                    name,
+                    consistency,
+                    freeze_window_ms,
+                };
+                let b = g.create_bookmark(payload, deadline)?;
+                tracing::info!(group = %g.name, name = %b.name, seq = b.seq, consistency = ?b.consistency, "bookmark created");
+                to_json(&serde_json::json!({ "group": g.name, "bookmark": b }))
+            }),
+        ),
+        Request::BookmarkList { group } => (
+            find_group(groups, group.as_deref())?,
+            Box::new(|g| {
+                to_json(&serde_json::json!({ "group": g.name, "bookmarks": g.bookmarks() }))
+            }),
+        ),
+        Request::PointResolve { group, point } => (
+            find_group(groups, group.as_deref())?,
+            Box::new(move |g| {
+                let spec = parse_point(&point)?;
+                let r = resolve(g.journal(), &g.bookmarks(), &spec, TimestampNs::now().0)?;
+                to_json(&serde_json::json!({ "group": g.name, "point": point, "resolved": r }))
+            }),
+        ),
+        Request::Timeline { group } => (
+            find_group(groups, group.as_deref())?,
+            Box::new(|g| to_json(&timeline(&g.name, g.journal(), g.bookmarks())?)),
+        ),
+    };
+    tokio::task::spawn_blocking(move || work(&group))
+        .await
+        .map_err(|e| format!("request failed: {e}"))?
+}
+
+fn to_json(v: &impl Serialize) -> Result<serde_json::Value, String> {
+    serde_json::to_value(v).map_err(|e| format!("encoding the answer: {e}"))
 }
 
 pub fn status(groups: &[Arc<Group>]) -> ApplianceStatus {

@@ -21,6 +21,7 @@ use crossbeam::channel;
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::bookmark::{Bookmark, BookmarkIndex, BookmarkPayload};
 use crate::config::{GroupConfig, VolumeConfig};
 use crate::distribution_state;
 use crate::error::ApplianceError;
@@ -136,6 +137,8 @@ pub struct Group {
     /// When the last host change was appended, in ns since `epoch`.
     last_append_ns: AtomicU64,
     epoch: Instant,
+    /// Bookmarks in the journal, rebuilt by a scan at open (see `bookmark.rs`).
+    bookmarks: BookmarkIndex,
     distribution_wake: channel::Sender<()>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -168,6 +171,7 @@ impl Group {
         let source_seqs_path = dir.join(SOURCE_SEQS_FILE);
         let released_source_seqs = load_source_seqs(&source_seqs_path)?;
         recover_last_source_seqs(&journal, &volumes)?;
+        let bookmarks = BookmarkIndex::rebuild(&journal)?;
         // Everything recovered is durable, so it seeds the distributed maxima too.
         let mut distributed_source_seqs = BTreeMap::new();
         for v in volumes.values() {
@@ -204,6 +208,7 @@ impl Group {
             distribution_delay_max,
             last_append_ns: AtomicU64::new(0),
             epoch: Instant::now(),
+            bookmarks,
             distribution_wake: wake_tx,
             threads: Mutex::new(Vec::new()),
         });
@@ -270,6 +275,33 @@ impl Group {
                 }
                 channel::TrySendError::Disconnected(_) => "group is stopping".into(),
             })
+    }
+
+    /// Takes a bookmark after every write already acknowledged to a host and makes it
+    /// durable; refused once `append_deadline` has passed. Blocks on an fsync: call from a
+    /// blocking thread.
+    pub fn create_bookmark(
+        &self,
+        payload: BookmarkPayload,
+        append_deadline: Option<Instant>,
+    ) -> Result<Bookmark, String> {
+        if let Some(failure) = self.failure.borrow().clone() {
+            return Err(failure);
+        }
+        self.bookmarks
+            .create(&self.journal, payload, append_deadline, |what| {
+                self.fail(what)
+            })
+    }
+
+    /// The bookmarks still in the journal, oldest first.
+    pub fn bookmarks(&self) -> Vec<Bookmark> {
+        self.bookmarks.list(&self.journal)
+    }
+
+    /// The group's journal, for read-only scans (point lookup, timeline).
+    pub fn journal(&self) -> &Journal {
+        &self.journal
     }
 
     pub fn status(&self) -> GroupStatus {

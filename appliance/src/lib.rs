@@ -1,5 +1,6 @@
 //! The appliance: journals split changes in write order and distributes them to the replicas.
 
+pub mod bookmark;
 pub mod config;
 pub mod control;
 pub mod distribution_state;
@@ -8,6 +9,8 @@ pub mod group;
 pub mod group_meta;
 pub mod limits;
 pub mod link_server;
+pub mod point;
+pub mod timeline;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -41,3 +41,23 @@ pub const CONTROL_REQUEST_BYTES_MAX: usize = 64 * 1024;
 
 /// One 32 MiB host write must fit in one append batch.
 const _: () = assert!(APPEND_BATCH_BYTES_MAX >= 32 * 1024 * 1024 + 4096);
+
+/// Longest bookmark name, in bytes: long enough for a descriptive name with a date, short
+/// enough to show in a table. The journal's own bound (4 KiB) is far above.
+pub const BOOKMARK_NAME_BYTES_MAX: usize = 128;
+
+/// Most activity buckets `cdp timeline` returns; with a longer window each bucket widens
+/// (doubling from `TIMELINE_BUCKET_NS_DEFAULT`), so the answer stays small.
+pub const TIMELINE_BUCKETS_MAX: usize = 1440;
+
+/// Default activity bucket of `cdp timeline`: one minute.
+pub const TIMELINE_BUCKET_NS_DEFAULT: u64 = 60_000_000_000;
+
+/// Bookmark payload (12-byte header + name) must fit the journal's bookmark limit.
+const _: () =
+    assert!(BOOKMARK_NAME_BYTES_MAX as u64 + 12 <= cdp_journal::limits::BOOKMARK_NAME_BYTES_MAX);
+
+/// How long `cdp bookmark create` waits for the answer beyond its timeout. The appliance
+/// appends within the timeout or not at all; the grace covers the journal sync that follows,
+/// so a slow fsync is not mistaken for a lost bookmark.
+pub const BOOKMARK_ANSWER_GRACE: std::time::Duration = std::time::Duration::from_secs(10);

@@ -450,6 +450,18 @@ impl Journal {
     pub fn read_from(&self, seq: Seq) -> Result<JournalReader, JournalError> {
         Ok(JournalReader::new(self.inner.clone(), seq.0.max(1)))
     }
+
+    /// Like `read_from`, but every record except a Bookmark comes back with an empty payload
+    /// (`length` still says how many bytes a change covers) and compressed payloads are not
+    /// decompressed; Bookmark records keep theirs. Every record is still CRC-checked. For
+    /// scans of the whole journal that need seqs, times and bookmarks (bookmark index,
+    /// timeline, point-in-time lookup).
+    pub fn read_headers_from(&self, seq: Seq) -> Result<JournalReader, JournalError> {
+        Ok(JournalReader::new_headers_only(
+            self.inner.clone(),
+            seq.0.max(1),
+        ))
+    }
 }
 
 /// A record's payload as it goes to disk, and its flags.

@@ -8,7 +8,7 @@ use cdp_types::{Seq, TimestampNs};
 use crate::engine::Inner;
 use crate::error::JournalError;
 use crate::format::{RECORD_FLAG_ZSTD, SEGMENT_HEADER_LEN};
-use crate::record::Record;
+use crate::record::{Record, RecordKind};
 use crate::scan::{Payload, ScanError, Scanner};
 use crate::segment::Segment;
 
@@ -21,6 +21,9 @@ pub struct JournalReader {
     scanner: Scanner,
     next_seq: u64,
     failed: bool,
+    /// Headers only: payloads other than bookmarks are dropped undecompressed (see
+    /// `Journal::read_headers_from`).
+    headers_only: bool,
 }
 
 impl JournalReader {
@@ -33,7 +36,17 @@ impl JournalReader {
             scanner: Scanner::new(group_id, 0, SEGMENT_HEADER_LEN as u64),
             next_seq: seq.max(first),
             failed: false,
+            headers_only: false,
         }
+    }
+
+    /// A reader that still CRC-checks every record but returns every record except a
+    /// Bookmark with an empty payload (never decompressed) and Bookmark records whole; for scans that
+    /// need only seqs, times, lengths and bookmarks.
+    pub(crate) fn new_headers_only(inner: Arc<Inner>, seq: u64) -> JournalReader {
+        let mut r = JournalReader::new(inner, seq);
+        r.headers_only = true;
+        r
     }
 
     /// The seq the next record returned will have.
@@ -107,7 +120,9 @@ impl Iterator for JournalReader {
                         return self.fail(JournalError::corruption(seg.path(), r.offset, what));
                     }
                     self.next_seq += 1;
-                    let payload = if h.flags & RECORD_FLAG_ZSTD != 0 {
+                    let payload = if self.headers_only && h.kind != RecordKind::Bookmark {
+                        bytes::Bytes::new()
+                    } else if h.flags & RECORD_FLAG_ZSTD != 0 {
                         match decompress(&r.payload, h.length) {
                             Ok(p) => p,
                             Err(what) => {

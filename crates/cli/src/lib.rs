@@ -1,8 +1,11 @@
 //! The `cdp` command line: argument parsing and one module per subcommand.
 
+mod bookmark;
 mod control_client;
 mod journal;
+mod point;
 mod status;
+mod timeline;
 pub mod units;
 mod up;
 mod volume;
@@ -45,6 +48,18 @@ enum Command {
         #[command(subcommand)]
         command: volume::VolumeCommand,
     },
+    /// Bookmarks: named points in a group's journal (crash- or application-consistent).
+    Bookmark {
+        #[command(subcommand)]
+        command: bookmark::BookmarkCommand,
+    },
+    /// Points in time: resolve a bookmark, seq or time to a journal seq.
+    Point {
+        #[command(subcommand)]
+        command: point::PointCommand,
+    },
+    /// A group's recoverable window, its bookmarks and write activity over time.
+    Timeline(timeline::TimelineArgs),
     /// Offline journal tools.
     Journal {
         #[command(subcommand)]
@@ -104,6 +119,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(cdp_splitter::run(config, stop_signal()))?;
         }
         Command::Status(args) => status::run(args)?,
+        Command::Bookmark { command } => bookmark::run(command)?,
+        Command::Point { command } => point::run(command)?,
+        Command::Timeline(args) => timeline::run(args)?,
         Command::Volume { command } => volume::run(command)?,
     }
     Ok(ExitCode::SUCCESS)

@@ -1,0 +1,257 @@
+//! `cdp bookmark create|list`: named points in a group's journal, optionally taken between
+//! an application's quiesce and thaw hooks.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use cdp_appliance::bookmark::{validate_name, Consistency};
+use cdp_appliance::control::{request, Request};
+use cdp_appliance::limits::BOOKMARK_ANSWER_GRACE;
+use clap::{Args, Subcommand};
+
+/// Where the appliance's control socket is (as for `cdp status`).
+#[derive(Args, Debug, Clone)]
+pub struct ControlArgs {
+    /// The appliance's control socket. Default: DIR/appliance.ctl.
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Data directory of `cdp up` (or env CDP_DIR).
+    #[arg(long, env = "CDP_DIR", default_value = "cdp-data")]
+    dir: PathBuf,
+}
+
+impl ControlArgs {
+    pub fn socket(&self) -> PathBuf {
+        self.control
+            .clone()
+            .unwrap_or_else(|| self.dir.join("appliance.ctl"))
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BookmarkCommand {
+    /// Take a bookmark: a named point after every write acknowledged so far.
+    Create(CreateArgs),
+    /// List a group's bookmarks, oldest first.
+    List(ListArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    #[command(flatten)]
+    control: ControlArgs,
+    /// The consistency group (may be left out when the appliance has one).
+    #[arg(long)]
+    group: Option<String>,
+    /// The bookmark's name: 1-128 printable ASCII bytes, no `:`, not all digits, not
+    /// starting with `-`; unique in the group.
+    name: String,
+    /// Shell command (`sh -c`) that quiesces the application; the bookmark is then marked
+    /// application-consistent. Needs --thaw.
+    #[arg(long, requires = "thaw")]
+    quiesce: Option<String>,
+    /// Shell command that thaws the application; always run once quiesce was started, also
+    /// when quiesce or the bookmark fails.
+    #[arg(long, requires = "quiesce")]
+    thaw: Option<String>,
+    /// Seconds allowed for each of: quiesce, the bookmark request, thaw.
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
+    /// Print JSON instead of a sentence.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    #[command(flatten)]
+    control: ControlArgs,
+    /// The consistency group (may be left out when the appliance has one).
+    #[arg(long)]
+    group: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(command: BookmarkCommand) -> anyhow::Result<()> {
+    match command {
+        BookmarkCommand::Create(args) => crate::runtime()?.block_on(create(args)),
+        BookmarkCommand::List(args) => list(args),
+    }
+}
+
+async fn create(args: CreateArgs) -> anyhow::Result<()> {
+    // Refuse a bad name before freezing the application for nothing.
+    validate_name(&args.name).map_err(anyhow::Error::msg)?;
+    let timeout = Duration::from_secs(args.timeout);
+    let socket = args.control.socket();
+    let ask = |consistency, freeze_window_ms| {
+        let socket = socket.clone();
+        let req = Request::BookmarkCreate {
+            group: args.group.clone(),
+            name: args.name.clone(),
+            consistency,
+            freeze_window_ms,
+            // The appliance appends within the timeout or not at all, so a bookmark marked
+            // application-consistent never lands after the thaw below.
+            deadline_ms: Some(timeout.as_millis().min(u64::MAX as u128) as u64),
+        };
+        async move {
+            let wait = timeout + BOOKMARK_ANSWER_GRACE;
+            match tokio::time::timeout(wait, request(&socket, &req)).await {
+                Ok(answer) => Ok(answer?),
+                Err(_) => bail!(
+                    "the appliance did not answer within {wait:?}; the bookmark may or may not \
+                     exist (see `cdp bookmark list`)"
+                ),
+            }
+        }
+    };
+    let (answer, freeze_window_ms) = match (&args.quiesce, &args.thaw) {
+        (Some(quiesce), Some(thaw)) => {
+            let start = Instant::now();
+            let frozen = async {
+                match run_hook("quiesce", quiesce, timeout).await {
+                    Ok(()) => {
+                        let so_far = start.elapsed().as_millis().min(u32::MAX as u128) as u32;
+                        ask(Consistency::Application, so_far).await
+                    }
+                    Err(e) => Err(anyhow::anyhow!("quiesce failed, no bookmark taken: {e:#}")),
+                }
+            };
+            // SIGINT/SIGTERM while the application may be frozen: stop waiting, but thaw.
+            let answer = tokio::select! {
+                a = frozen => a,
+                () = crate::stop_signal() => Err(anyhow::anyhow!(
+                    "interrupted; thawing (see `cdp bookmark list` for whether the bookmark was taken)"
+                )),
+            };
+            // Always thaw: a failed quiesce may have frozen part of the application.
+            let thawed = run_hook("thaw", thaw, timeout).await;
+            let window = start.elapsed().as_millis().min(u64::MAX as u128) as u64;
+            match (answer, thawed) {
+                (Ok(a), Ok(())) => (a, window),
+                (Err(e), Ok(())) => return Err(e),
+                (Err(e), Err(t)) => return Err(e.context(format!("and thaw failed too: {t:#}"))),
+                (Ok(a), Err(t)) => bail!(
+                    "bookmark {} was taken (seq {}), but thaw failed: {t:#}",
+                    args.name,
+                    a["bookmark"]["seq"]
+                ),
+            }
+        }
+        _ => (ask(Consistency::Crash, 0).await?, 0),
+    };
+    let b = &answer["bookmark"];
+    let out = serde_json::json!({
+        "group": answer["group"],
+        "name": b["name"],
+        "seq": b["seq"],
+        "timestamp_ns": b["timestamp_ns"],
+        "time": b["time"],
+        "consistency": b["consistency"],
+        // Quiesce start to thaw end, as the application saw it.
+        "freeze_window_ms": freeze_window_ms,
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        let kind = if args.quiesce.is_some() {
+            format!("application-consistent, freeze window {freeze_window_ms} ms")
+        } else {
+            "crash-consistent".to_string()
+        };
+        println!(
+            "bookmark {} in group {}: seq {} at {} ({kind})",
+            args.name,
+            answer["group"].as_str().unwrap_or("?"),
+            b["seq"],
+            b["time"].as_str().unwrap_or("?"),
+        );
+    }
+    Ok(())
+}
+
+/// Runs `sh -c command` with its output on stderr (stdout is ours, for --json). The hook
+/// gets its own process group, and after `timeout` the whole group is killed, so a hung
+/// hook's children (`sleep`, a database client) go too.
+async fn run_hook(what: &str, command: &str, timeout: Duration) -> anyhow::Result<()> {
+    let child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::io::stderr())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting the {what} command"))?;
+    let mut hook = HookGroup(child);
+    match tokio::time::timeout(timeout, hook.0.wait()).await {
+        Ok(status) => {
+            let status = status.with_context(|| format!("waiting for the {what} command"))?;
+            if status.success() {
+                Ok(())
+            } else {
+                bail!("the {what} command `{command}` failed ({status})")
+            }
+        }
+        // Dropping `hook` kills its process group.
+        Err(_) => bail!("the {what} command `{command}` did not finish within {timeout:?}; killed"),
+    }
+}
+
+/// A running hook; dropped before it exited (timeout, interrupt), it kills the hook's
+/// whole process group.
+struct HookGroup(tokio::process::Child);
+
+impl Drop for HookGroup {
+    fn drop(&mut self) {
+        // `id()` is None once the child was reaped: then it exited and nothing is killed
+        // (whatever it deliberately left running in the background stays).
+        if let Some(pid) = self.0.id() {
+            // SAFETY: kill(2) takes no pointers; -pid names the group created for this
+            // child, which is not yet reaped, so the id is still ours.
+            unsafe { libc::kill(-(pid as libc::pid_t), libc::SIGKILL) };
+        }
+    }
+}
+
+fn list(args: ListArgs) -> anyhow::Result<()> {
+    let answer = crate::runtime()?.block_on(request(
+        &args.control.socket(),
+        &Request::BookmarkList { group: args.group },
+    ))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(());
+    }
+    print!(
+        "{}",
+        table(&answer).context("unexpected bookmark list answer")?
+    );
+    Ok(())
+}
+
+fn table(answer: &serde_json::Value) -> Option<String> {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<24} {:<24} {:>10} {:<12} {:>10}",
+        "NAME", "TIME", "SEQ", "CONSISTENCY", "FREEZE_MS"
+    );
+    for b in answer.get("bookmarks")?.as_array()? {
+        let _ = writeln!(
+            out,
+            "{:<24} {:<24} {:>10} {:<12} {:>10}",
+            b.get("name")?.as_str()?,
+            b.get("time")?.as_str()?,
+            b.get("seq")?.as_u64()?,
+            b.get("consistency")?.as_str()?,
+            b.get("freeze_window_ms")?.as_u64()?,
+        );
+    }
+    Some(out)
+}

@@ -1,0 +1,81 @@
+//! `cdp timeline [GROUP]`: the recoverable window, the bookmarks in it, and write activity.
+
+use anyhow::Context;
+use cdp_appliance::control::{request, Request};
+use clap::Args;
+
+use crate::bookmark::ControlArgs;
+use crate::units::format_bytes;
+
+#[derive(Args, Debug)]
+pub struct TimelineArgs {
+    #[command(flatten)]
+    control: ControlArgs,
+    /// The consistency group (may be left out when the appliance has one).
+    group: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: TimelineArgs) -> anyhow::Result<()> {
+    let answer = crate::runtime()?.block_on(request(
+        &args.control.socket(),
+        &Request::Timeline { group: args.group },
+    ))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(());
+    }
+    print!("{}", text(&answer).context("unexpected timeline answer")?);
+    Ok(())
+}
+
+fn text(t: &serde_json::Value) -> Option<String> {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "group {}", t.get("group")?.as_str()?);
+    let (first, last) = (t.get("first")?, t.get("last")?);
+    if first.is_null() || last.is_null() {
+        let _ = writeln!(out, "  no records yet");
+        return Some(out);
+    }
+    let _ = writeln!(
+        out,
+        "  recoverable: seq {} ({}) .. seq {} ({})",
+        first.get("seq")?.as_u64()?,
+        first.get("time")?.as_str()?,
+        last.get("seq")?.as_u64()?,
+        last.get("time")?.as_str()?,
+    );
+    let bookmarks = t.get("bookmarks")?.as_array()?;
+    let _ = writeln!(out, "  bookmarks: {}", bookmarks.len());
+    for b in bookmarks {
+        let _ = writeln!(
+            out,
+            "    {} seq {} {} {}",
+            b.get("time")?.as_str()?,
+            b.get("seq")?.as_u64()?,
+            b.get("consistency")?.as_str()?,
+            b.get("name")?.as_str()?,
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  activity per {} s: {:<24} {:>10} {:>10}",
+        t.get("bucket_s")?.as_u64()?,
+        "START",
+        "RECORDS",
+        "BYTES"
+    );
+    for a in t.get("activity")?.as_array()? {
+        let _ = writeln!(
+            out,
+            "    {:<24} {:>10} {:>10}",
+            a.get("start")?.as_str()?,
+            a.get("records")?.as_u64()?,
+            format_bytes(a.get("bytes")?.as_u64()?),
+        );
+    }
+    Some(out)
+}
