@@ -86,6 +86,33 @@ fn outage_is_marked_and_only_dirty_regions_are_resynced() {
         before + dirty_regions + 2,
         "one journal record per copied region, between a ResyncStart and a ResyncEnd marker"
     );
+    // Points inside the resync are refused as recovery points; its ends are not.
+    let resolve = |point: String| {
+        run(
+            Command::new(cdp_bin())
+                .args(["point", "resolve", "default", &point, "--control"])
+                .arg(site.root().join("appliance.ctl")),
+            Duration::from_secs(30),
+        )
+    };
+    for ok in [before, before + 1, after] {
+        let out = resolve(format!("seq:{ok}"));
+        assert!(
+            out.status.success(),
+            "seq {ok} refused: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let inside = resolve(format!("seq:{}", before + 5));
+    assert!(
+        !inside.status.success(),
+        "a point inside the resync was offered"
+    );
+    assert!(
+        String::from_utf8_lossy(&inside.stderr).contains("inside a resync of volume vol0"),
+        "{}",
+        String::from_utf8_lossy(&inside.stderr)
+    );
 }
 
 #[test]

@@ -195,6 +195,20 @@ async fn group_request(
             Box::new(move |g| {
                 let spec = parse_point(&point)?;
                 let r = resolve(g.journal(), &g.bookmarks(), &spec, TimestampNs::now().0)?;
+                if let Some((volume, span)) = g.resync_span_containing(r.seq) {
+                    let (range, after) = match span.end {
+                        Some(end) => (format!("seq {} to {end}", span.start), format!("seq {end}")),
+                        None => (
+                            format!("from seq {}, still running", span.start),
+                            "its end, once it completes".to_string(),
+                        ),
+                    };
+                    return Err(format!(
+                        "seq {} lies inside a resync of volume {volume} ({range}): the copy is \
+                         not consistent there; consistent points nearby are seq {} and {after}",
+                        r.seq, span.start
+                    ));
+                }
                 to_json(&serde_json::json!({ "group": g.name, "point": point, "resolved": r }))
             }),
         ),

@@ -30,6 +30,7 @@ use crate::limits::{
     DISTRIBUTION_CHECKPOINT_BYTES_MAX, DISTRIBUTION_HOST_QUIET, DISTRIBUTION_QUIET_CHECK_RECORDS,
     SYNC_REQUESTS_MAX,
 };
+use crate::resync_span::{ResyncSpan, ResyncSpans};
 
 /// Progress reported back to one split-link connection; cumulative, so no queue is needed.
 pub struct ConnectionProgress {
@@ -139,6 +140,7 @@ pub struct Group {
     epoch: Instant,
     /// Bookmarks in the journal, rebuilt by a scan at open (see `bookmark.rs`).
     bookmarks: BookmarkIndex,
+    resync_spans: ResyncSpans,
     distribution_wake: channel::Sender<()>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -172,6 +174,7 @@ impl Group {
         let released_source_seqs = load_source_seqs(&source_seqs_path)?;
         recover_last_source_seqs(&journal, &volumes)?;
         let bookmarks = BookmarkIndex::rebuild(&journal)?;
+        let resync_spans = ResyncSpans::rebuild(&journal)?;
         // Everything recovered is durable, so it seeds the distributed maxima too.
         let mut distributed_source_seqs = BTreeMap::new();
         for v in volumes.values() {
@@ -209,6 +212,7 @@ impl Group {
             last_append_ns: AtomicU64::new(0),
             epoch: Instant::now(),
             bookmarks,
+            resync_spans,
             distribution_wake: wake_tx,
             threads: Mutex::new(Vec::new()),
         });
@@ -242,15 +246,29 @@ impl Group {
         }
         self.last_append_ns
             .store(self.epoch.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        if let Err(e) = self.journal.append(changes) {
-            let what = format!("journal append failed: {e}");
-            self.fail(what.clone());
-            return Err(what);
+        match self.journal.append(changes) {
+            Ok(last) => self.resync_spans.note_batch(changes, last),
+            Err(e) => {
+                let what = format!("journal append failed: {e}");
+                self.fail(what.clone());
+                return Err(what);
+            }
         }
         if let Some(last) = changes.iter().map(|c| c.source_seq).max() {
             volume.last_source_seq.fetch_max(last, Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    /// The resync span a recovery point falls into, with the volume's name.
+    pub fn resync_span_containing(&self, seq: u64) -> Option<(String, ResyncSpan)> {
+        let span = self.resync_spans.containing(seq)?;
+        let name = self
+            .volumes
+            .values()
+            .find(|v| v.id == span.volume)
+            .map_or_else(|| format!("volume id {}", span.volume), |v| v.name.clone());
+        Some((name, span))
     }
 
     /// Asks the sync thread to make everything appended so far durable, then raise

@@ -10,6 +10,7 @@ pub mod group_meta;
 pub mod limits;
 pub mod link_server;
 pub mod point;
+pub mod resync_span;
 pub mod timeline;
 
 use std::future::Future;
