@@ -52,15 +52,15 @@ impl ResyncSpans {
     fn note(&self, kind: RecordKind, volume: u32, seq: u64) {
         let mut spans = self.spans.lock().unwrap_or_else(|p| p.into_inner());
         match kind {
-            RecordKind::ResyncStart => {
-                // A new start while one is open (an interrupted resync) extends that span.
-                if !spans.iter().any(|s| s.volume == volume && s.end.is_none()) {
-                    spans.push(ResyncSpan {
-                        volume,
-                        start: seq,
-                        end: None,
-                    });
-                }
+            // A new start while one is open (an interrupted resync) extends that span.
+            RecordKind::ResyncStart
+                if !spans.iter().any(|s| s.volume == volume && s.end.is_none()) =>
+            {
+                spans.push(ResyncSpan {
+                    volume,
+                    start: seq,
+                    end: None,
+                });
             }
             RecordKind::ResyncEnd => {
                 if let Some(open) = spans
