@@ -7,13 +7,12 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::Semaphore;
 
 use cdp_types::TimestampNs;
 
 use crate::bookmark::{BookmarkPayload, Consistency};
 use crate::group::{Group, GroupStatus};
-use crate::limits::{CONTROL_CONNECTIONS_MAX, CONTROL_REQUEST_BYTES_MAX};
+use crate::limits::CONTROL_CONNECTIONS_MAX;
 use crate::point::{parse_point, resolve};
 use crate::timeline::timeline;
 
@@ -59,73 +58,21 @@ pub struct ApplianceStatus {
     pub groups: Vec<GroupStatus>,
 }
 
-#[derive(Debug, Serialize)]
-#[serde(untagged)]
-enum Response {
-    Status(ApplianceStatus),
-    Value(serde_json::Value),
-    Error { error: String },
-}
-
 pub async fn serve_control(listener: UnixListener, groups: Arc<Vec<Arc<Group>>>) {
-    let limit = Arc::new(Semaphore::new(CONTROL_CONNECTIONS_MAX));
-    loop {
-        let Ok(permit) = Arc::clone(&limit).acquire_owned().await else {
-            return;
-        };
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                tracing::warn!("control accept failed: {e}");
-                continue;
+    cdp_link::control_socket::serve(
+        listener,
+        CONTROL_CONNECTIONS_MAX,
+        move |request: Request| {
+            let groups = Arc::clone(&groups);
+            async move {
+                match request {
+                    Request::Status => to_json(&status(&groups)),
+                    request => group_request(&groups, request).await,
+                }
             }
-        };
-        let groups = Arc::clone(&groups);
-        tokio::spawn(async move {
-            if let Err(e) = serve_one(stream, &groups).await {
-                tracing::debug!("control connection: {e}");
-            }
-            drop(permit);
-        });
-    }
-}
-
-async fn serve_one(stream: UnixStream, groups: &[Arc<Group>]) -> std::io::Result<()> {
-    let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read);
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        let n = (&mut lines)
-            .take(CONTROL_REQUEST_BYTES_MAX as u64 + 1)
-            .read_until(b'\n', &mut line)
-            .await?;
-        if n == 0 {
-            return Ok(());
-        }
-        let response = if line.len() > CONTROL_REQUEST_BYTES_MAX {
-            Response::Error {
-                error: format!("request longer than {CONTROL_REQUEST_BYTES_MAX} bytes"),
-            }
-        } else {
-            match serde_json::from_slice::<Request>(&line) {
-                Ok(Request::Status) => Response::Status(status(groups)),
-                Ok(request) => match group_request(groups, request).await {
-                    Ok(value) => Response::Value(value),
-                    Err(error) => Response::Error { error },
-                },
-                Err(e) => Response::Error {
-                    error: format!("bad request: {e}"),
-                },
-            }
-        };
-        let mut out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
-        out.push(b'\n');
-        write.write_all(&out).await?;
-        if matches!(response, Response::Error { .. }) {
-            return Ok(());
-        }
-    }
+        },
+    )
+    .await
 }
 
 /// The group a request names, or the only group when it names none.

@@ -36,9 +36,6 @@ pub const LINK_CONNECTIONS_MAX: usize = 1024;
 /// Control connections served at once.
 pub const CONTROL_CONNECTIONS_MAX: usize = 64;
 
-/// Longest control request line.
-pub const CONTROL_REQUEST_BYTES_MAX: usize = 64 * 1024;
-
 /// One 32 MiB host write must fit in one append batch.
 const _: () = assert!(APPEND_BATCH_BYTES_MAX >= 32 * 1024 * 1024 + 4096);
 

@@ -1,6 +1,7 @@
 //! The split link: messages from splitter to appliance and back, their frame format and async codec.
 
 pub mod codec;
+pub mod control_socket;
 pub mod error;
 pub mod frame;
 pub mod limits;
