@@ -19,7 +19,12 @@ use clap::{Parser, Subcommand};
 /// Continuous data protection for block volumes: an NBD write-splitter, a journaling
 /// appliance, and any-point-in-time recovery.
 #[derive(Parser, Debug)]
-#[command(name = "cdp", version, about, long_about = None)]
+#[command(
+    name = "cdp",
+    version,
+    about = "Continuous data protection for block volumes: NBD write-splitter, journaling appliance, any-point-in-time recovery",
+    long_about = None
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
