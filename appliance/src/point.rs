@@ -319,6 +319,15 @@ mod tests {
     /// Goal: every point form parses to what it means, and malformed ones are refused.
     /// Method: a table of specs and expected results computed by hand.
     #[test]
+    fn formats_epoch_and_a_leap_day() {
+        assert_eq!(format_time(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            format_time(1_709_210_096_789_000_000),
+            "2024-02-29T12:34:56.789Z"
+        );
+    }
+
+    #[test]
     fn parses_every_form() {
         assert_eq!(parse_point("seq:1234"), Ok(PointSpec::Seq(1234)));
         assert_eq!(parse_point("42"), Ok(PointSpec::Seq(42)));

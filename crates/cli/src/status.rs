@@ -83,7 +83,7 @@ fn table(value: &serde_json::Value) -> Option<String> {
         );
         if let Some(window) = g.get("journal_retention_s").and_then(|w| w.as_u64()) {
             let oldest = match g.get("first_timestamp_ns").and_then(|t| t.as_u64()) {
-                Some(ns) => format!("oldest record {}", format_timestamp(ns)),
+                Some(ns) => format!("oldest record {}", cdp_appliance::point::format_time(ns)),
                 None => "no records".to_string(),
             };
             let _ = writeln!(out, "  retention window {window} s, {oldest}");
@@ -128,44 +128,6 @@ fn table(value: &serde_json::Value) -> Option<String> {
         }
     }
     Some(out)
-}
-
-/// A Unix timestamp in ns as `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC), without a date library.
-fn format_timestamp(ns: u64) -> String {
-    let secs = ns / 1_000_000_000;
-    let millis = (ns / 1_000_000) % 1000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn timestamps() {
-        assert_eq!(format_timestamp(0), "1970-01-01T00:00:00.000Z");
-        // 2024-02-29T12:34:56.789Z
-        assert_eq!(
-            format_timestamp(1_709_210_096_789_000_000),
-            "2024-02-29T12:34:56.789Z"
-        );
-    }
 }
 
 /// Per-volume protection state as the splitter reports it.
