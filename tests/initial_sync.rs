@@ -120,6 +120,8 @@ fn volume_resync_command_copies_everything_and_reports_progress() {
         Duration::from_secs(30),
     );
     assert!(out.contains("full resync of vol0 started"), "{out}");
+    // Without --no-wait the command follows the copy until the volume is protecting again.
+    assert!(out.contains("resync of vol0 complete"), "{out}");
     let table = run_ok(
         std::process::Command::new(cdp_bin())
             .args(["status", "--control"])

@@ -19,6 +19,9 @@ pub enum VolumeCommand {
         /// Data directory of `cdp up` (or env CDP_DIR).
         #[arg(long, env = "CDP_DIR", default_value = "cdp-data")]
         dir: PathBuf,
+        /// Return at once instead of following the copy with a progress bar.
+        #[arg(long)]
+        no_wait: bool,
     },
 }
 
@@ -28,6 +31,7 @@ pub fn run(command: VolumeCommand) -> anyhow::Result<()> {
             volume,
             splitter_control,
             dir,
+            no_wait,
         } => {
             let socket = splitter_control.unwrap_or_else(|| dir.join("splitter.ctl"));
             let answer = crate::control_client::request(
@@ -40,7 +44,49 @@ pub fn run(command: VolumeCommand) -> anyhow::Result<()> {
                 "full resync of {volume} started: {} to copy; follow it with `cdp status`",
                 format_bytes(dirty)
             );
-            Ok(())
+            if no_wait {
+                return Ok(());
+            }
+            follow(&socket, &volume, dirty)
         }
+    }
+}
+
+/// Shows the copy's progress (a bar on a terminal, nothing otherwise) until the volume is
+/// protecting again.
+fn follow(socket: &std::path::Path, volume: &str, total: u64) -> anyhow::Result<()> {
+    let bar = indicatif::ProgressBar::new(total.max(1));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:>12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )?
+        .progress_chars("=> "),
+    );
+    let started = std::time::Instant::now();
+    loop {
+        let status = crate::control_client::request(
+            socket,
+            "splitter",
+            &serde_json::json!({"command": "status"}),
+        )?;
+        let state = status["volumes"]
+            .as_array()
+            .and_then(|vols| vols.iter().find(|v| v["name"] == volume))
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("the splitter no longer reports {volume}"))?;
+        let mode = state["state"].as_str().unwrap_or("?").to_string();
+        if mode == "protecting" {
+            bar.finish_and_clear();
+            println!(
+                "resync of {volume} complete in {:.1} s; protecting",
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        if let Some(done) = state["resync"]["done_bytes"].as_u64() {
+            bar.set_position(done.min(total));
+        }
+        bar.set_message(mode);
+        std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
