@@ -73,6 +73,26 @@ struct Queue {
 }
 
 impl Queue {
+    /// Gives the next change its source_seq and queues it for the appliance.
+    fn push(
+        &mut self,
+        message: impl FnOnce(u64) -> Message,
+        acked: Option<oneshot::Sender<()>>,
+        regions: std::ops::Range<u64>,
+        permit: Option<WindowPermit>,
+    ) -> u64 {
+        self.last_seq += 1;
+        let source_seq = self.last_seq;
+        self.unacked.push_back(Pending {
+            source_seq,
+            message: message(source_seq),
+            acked,
+            regions,
+            _permit: permit,
+        });
+        source_seq
+    }
+
     /// Once nothing is waiting for an Ack, regions touched since are consistent again.
     fn clear_settled_regions(&mut self) {
         if !self.unacked.is_empty() {
@@ -109,8 +129,6 @@ pub struct SplitLink {
     policy: OnApplianceLoss,
     production: Arc<BlockFile>,
     marking: watch::Sender<bool>,
-    /// Regions waiting to be copied by a resync.
-    resync_remaining: watch::Sender<usize>,
     resync_copied_bytes: AtomicU64,
     resync_wake: Notify,
     progress: Mutex<ResyncProgress>,
@@ -201,7 +219,6 @@ impl SplitLink {
         // Regions dirty at start-up may hold changes the journal never got (a crash, or a stop
         // while marking): copy them at the first connection.
         let resync_pending: BTreeSet<u64> = bitmap.dirty_regions().into_iter().collect();
-        let resync_pending_at_start = resync_pending.len();
         let link = Arc::new(SplitLink {
             volume: volume.to_string(),
             size: production.size(),
@@ -227,7 +244,6 @@ impl SplitLink {
             policy,
             production,
             marking: watch::Sender::new(false),
-            resync_remaining: watch::Sender::new(resync_pending_at_start),
             resync_copied_bytes: AtomicU64::new(0),
             resync_wake: Notify::new(),
             progress: Mutex::new(ResyncProgress::default()),
@@ -287,20 +303,10 @@ impl SplitLink {
         apply()?;
         if queue.marking {
             queue.mark(regions);
-            self.resync_remaining
-                .send_replace(queue.resync_pending.len());
             return Ok(Submitted::Marked);
         }
         let (tx, rx) = oneshot::channel();
-        queue.last_seq += 1;
-        let source_seq = queue.last_seq;
-        queue.unacked.push_back(Pending {
-            source_seq,
-            message: message(source_seq),
-            acked: Some(tx),
-            regions,
-            _permit: None,
-        });
+        let source_seq = queue.push(message, Some(tx), regions, None);
         drop(queue);
         self.wake_sender.notify_one();
         Ok(Submitted::Queued {
@@ -322,11 +328,6 @@ impl SplitLink {
     /// Bytes copied from production into the journal by resyncs since start.
     pub fn resync_copied_bytes(&self) -> u64 {
         self.resync_copied_bytes.load(Ordering::Relaxed)
-    }
-
-    /// Regions still waiting to be copied.
-    pub fn resync_pending_regions(&self) -> usize {
-        self.lock_queue().resync_pending.len()
     }
 
     /// The source_seq of the last change applied to production.
@@ -360,14 +361,6 @@ impl SplitLink {
             _ = durable.wait_for(|d| *d >= source_seq) => DurableBy::Journal,
             _ = marking.wait_for(|m| *m) => DurableBy::Bitmap,
         }
-    }
-
-    pub fn acked_seq(&self) -> u64 {
-        *self.acked.borrow()
-    }
-
-    pub fn durable_seq(&self) -> u64 {
-        *self.durable.borrow()
     }
 
     fn lock_queue(&self) -> MutexGuard<'_, Queue> {
@@ -547,8 +540,6 @@ impl SplitLink {
         }
         queue.marking = true;
         let dirty = queue.resync_pending.len() as u64 * queue.bitmap.region_bytes();
-        self.resync_remaining
-            .send_replace(queue.resync_pending.len());
         drop(queue);
         self.marking.send_replace(true);
         tracing::warn!(
@@ -569,8 +560,6 @@ impl SplitLink {
             queue.bitmap.set(region);
             queue.resync_pending.insert(region);
         }
-        self.resync_remaining
-            .send_replace(queue.resync_pending.len());
         drop(queue);
         self.resync_wake.notify_one();
     }
@@ -633,24 +622,12 @@ impl SplitLink {
                 Ok(found) => found,
                 Err(e) => {
                     queue.resync_pending.insert(region);
-                    self.resync_remaining
-                        .send_replace(queue.resync_pending.len());
                     tracing::error!(volume = %self.volume, region, "resync read failed: {e}; will retry on the next connection");
                     return;
                 }
             };
-            self.resync_remaining
-                .send_replace(queue.resync_pending.len());
             queue.touched.extend(region..end_region);
-            queue.last_seq += 1;
-            let source_seq = queue.last_seq;
-            queue.unacked.push_back(Pending {
-                source_seq,
-                message: change(source_seq),
-                acked: None,
-                regions: region..end_region,
-                _permit: Some(permit),
-            });
+            queue.push(change, None, region..end_region, Some(permit));
             drop(queue);
             self.wake_sender.notify_one();
             self.resync_copied_bytes
@@ -687,15 +664,7 @@ impl SplitLink {
     /// Queues a resync marker (start or end) in the change stream, under the queue lock so it
     /// sits exactly between the changes before and after it.
     fn push_marker(&self, queue: &mut Queue, marker: fn(u64) -> Message) {
-        queue.last_seq += 1;
-        let source_seq = queue.last_seq;
-        queue.unacked.push_back(Pending {
-            source_seq,
-            message: marker(source_seq),
-            acked: None,
-            regions: 0..0,
-            _permit: None,
-        });
+        queue.push(marker, None, 0..0, None);
     }
 
     /// The change that brings the journal's copy of `region` (already popped) up to date:
