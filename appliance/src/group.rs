@@ -47,16 +47,6 @@ impl ConnectionProgress {
     }
 }
 
-fn raise(w: &watch::Sender<u64>, to: u64) {
-    w.send_if_modified(|v| {
-        let newer = to > *v;
-        if newer {
-            *v = to;
-        }
-        newer
-    });
-}
-
 /// A flush waiting for the next journal sync.
 struct SyncRequest {
     source_seq: u64,
@@ -415,7 +405,7 @@ impl Group {
                 match self.journal.sync() {
                     Ok(_) => {
                         for r in requests.drain(..) {
-                            raise(&r.progress.durable, r.source_seq);
+                            cdp_link::watermark::raise(&r.progress.durable, r.source_seq);
                         }
                         let _ = self.distribution_wake.try_send(());
                     }
