@@ -381,7 +381,6 @@ mod tests {
         let config = cdp_journal::JournalConfig {
             segment_bytes_max: 1024 * 1024,
             compress_writes: false,
-            ..cdp_journal::JournalConfig::default()
         };
         let block = Bytes::from(vec![7u8; 700 * 1024]);
         let taken = {

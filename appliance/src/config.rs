@@ -20,6 +20,10 @@ pub struct ApplianceConfig {
     /// Unix socket for `cdp status` and other control commands. Default `DATA_DIR/appliance.ctl`.
     #[serde(default)]
     pub control: Option<PathBuf>,
+    /// Where point-in-time images are served over NBD: `unix:PATH` or `HOST:PORT`.
+    /// Default `unix:DATA_DIR/image.sock`.
+    #[serde(default)]
+    pub image_nbd: Option<Endpoint>,
     /// Size at which a journal segment file is closed and a new one started.
     /// Default 256 MiB, minimum 1 MiB.
     #[serde(default)]
@@ -98,6 +102,12 @@ impl ApplianceConfig {
         let config: ApplianceConfig =
             toml::from_str(text).map_err(|e| ApplianceError::Config(e.to_string()))?;
         config.sanitize()
+    }
+
+    pub fn image_nbd(&self) -> Endpoint {
+        self.image_nbd
+            .clone()
+            .unwrap_or_else(|| Endpoint::Unix(self.data_dir.join("image.sock")))
     }
 
     pub fn control_path(&self) -> PathBuf {

@@ -12,8 +12,9 @@ use cdp_types::TimestampNs;
 
 use crate::bookmark::{BookmarkPayload, Consistency};
 use crate::group::{Group, GroupStatus};
+use crate::image::{AccessRequest, Images};
 use crate::limits::CONTROL_CONNECTIONS_MAX;
-use crate::point::{parse_point, resolve};
+use crate::point::{parse_point, resolve, ResolvedPoint};
 use crate::timeline::timeline;
 
 /// A control request.
@@ -50,6 +51,23 @@ pub enum Request {
         #[serde(default)]
         group: Option<String>,
     },
+    /// Open the group at a point as NBD exports (see `image.rs`).
+    ImageAccess {
+        #[serde(default)]
+        group: Option<String>,
+        at: String,
+        #[serde(default)]
+        writable: bool,
+        #[serde(default)]
+        logged: bool,
+    },
+    ImageList {
+        #[serde(default)]
+        group: Option<String>,
+    },
+    ImageRelease {
+        id: String,
+    },
 }
 
 /// The answer to `status`.
@@ -58,21 +76,100 @@ pub struct ApplianceStatus {
     pub groups: Vec<GroupStatus>,
 }
 
-pub async fn serve_control(listener: UnixListener, groups: Arc<Vec<Arc<Group>>>) {
+pub async fn serve_control(
+    listener: UnixListener,
+    groups: Arc<Vec<Arc<Group>>>,
+    images: Arc<Images>,
+) {
     cdp_link::control_socket::serve(
         listener,
         CONTROL_CONNECTIONS_MAX,
         move |request: Request| {
             let groups = Arc::clone(&groups);
+            let images = Arc::clone(&images);
             async move {
                 match request {
                     Request::Status => to_json(&status(&groups)),
+                    request @ (Request::ImageAccess { .. }
+                    | Request::ImageList { .. }
+                    | Request::ImageRelease { .. }) => {
+                        image_request(&groups, &images, request).await
+                    }
                     request => group_request(&groups, request).await,
                 }
             }
         },
     )
     .await
+}
+
+/// Image requests, on the blocking pool (they create files, roll replicas, wait).
+async fn image_request(
+    groups: &[Arc<Group>],
+    images: &Arc<Images>,
+    request: Request,
+) -> Result<serde_json::Value, String> {
+    let images = Arc::clone(images);
+    let work: Box<dyn FnOnce() -> Result<serde_json::Value, String> + Send> = match request {
+        Request::ImageAccess {
+            group,
+            at,
+            writable,
+            logged,
+        } => {
+            let group = find_group(groups, group.as_deref())?;
+            Box::new(move || {
+                let resolved = resolve_point(&group, &at)?;
+                let image = images.access(
+                    &group,
+                    AccessRequest {
+                        point: at,
+                        resolved,
+                        writable,
+                        logged,
+                    },
+                )?;
+                to_json(&serde_json::json!({ "image": image }))
+            })
+        }
+        Request::ImageList { group } => {
+            if let Some(name) = group.as_deref() {
+                find_group(groups, Some(name))?;
+            }
+            Box::new(move || {
+                to_json(&serde_json::json!({ "images": images.list(group.as_deref()) }))
+            })
+        }
+        Request::ImageRelease { id } => {
+            Box::new(move || to_json(&serde_json::json!({ "released": images.release(&id)? })))
+        }
+        _ => return Err("not an image request".into()),
+    };
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| format!("request failed: {e}"))?
+}
+
+/// Resolves a point the administrator named to a seq, refusing points inside a resync
+/// (the copy is not consistent there).
+fn resolve_point(g: &Group, point: &str) -> Result<ResolvedPoint, String> {
+    let spec = parse_point(point)?;
+    let r = resolve(g.journal(), &g.bookmarks(), &spec, TimestampNs::now().0)?;
+    if let Some((volume, span)) = g.resync_span_containing(r.seq) {
+        let (range, after) = match span.end {
+            Some(end) => (format!("seq {} to {end}", span.start), format!("seq {end}")),
+            None => (
+                format!("from seq {}, still running", span.start),
+                "its end, once it completes".to_string(),
+            ),
+        };
+        return Err(format!(
+            "seq {} lies inside a resync of volume {volume} ({range}): the copy is \
+             not consistent there; consistent points nearby are seq {} and {after}",
+            r.seq, span.start
+        ));
+    }
+    Ok(r)
 }
 
 /// The group a request names, or the only group when it names none.
@@ -140,22 +237,7 @@ async fn group_request(
         Request::PointResolve { group, point } => (
             find_group(groups, group.as_deref())?,
             Box::new(move |g| {
-                let spec = parse_point(&point)?;
-                let r = resolve(g.journal(), &g.bookmarks(), &spec, TimestampNs::now().0)?;
-                if let Some((volume, span)) = g.resync_span_containing(r.seq) {
-                    let (range, after) = match span.end {
-                        Some(end) => (format!("seq {} to {end}", span.start), format!("seq {end}")),
-                        None => (
-                            format!("from seq {}, still running", span.start),
-                            "its end, once it completes".to_string(),
-                        ),
-                    };
-                    return Err(format!(
-                        "seq {} lies inside a resync of volume {volume} ({range}): the copy is \
-                         not consistent there; consistent points nearby are seq {} and {after}",
-                        r.seq, span.start
-                    ));
-                }
+                let r = resolve_point(g, &point)?;
                 to_json(&serde_json::json!({ "group": g.name, "point": point, "resolved": r }))
             }),
         ),
@@ -163,6 +245,7 @@ async fn group_request(
             find_group(groups, group.as_deref())?,
             Box::new(|g| to_json(&timeline(&g.name, g.journal(), g.bookmarks())?)),
         ),
+        _ => return Err("not a group request".into()),
     };
     tokio::task::spawn_blocking(move || work(&group))
         .await

@@ -11,11 +11,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use cdp_journal::{Journal, JournalConfig, Record, RecordIn, RecordKind, RetentionPolicy};
+use cdp_journal::{
+    Journal, JournalConfig, Record, RecordIn, RecordKind, RecordLocation, RetentionPolicy,
+};
 use cdp_types::{BlockFile, Seq, TimestampNs};
 use crossbeam::channel;
 use serde::Serialize;
@@ -26,10 +28,13 @@ use crate::config::{GroupConfig, VolumeConfig};
 use crate::distribution_state;
 use crate::error::ApplianceError;
 use crate::group_meta::GroupMeta;
+use crate::history::{overlay, BlockPlan, History, HistoryStats, RedoRef, UndoRef, BLOCK_BYTES};
 use crate::limits::{
+    DISTRIBUTION_BATCH_BYTES_MAX, DISTRIBUTION_BATCH_RECORDS_MAX,
     DISTRIBUTION_CHECKPOINT_BYTES_MAX, DISTRIBUTION_HOST_QUIET, DISTRIBUTION_QUIET_CHECK_RECORDS,
-    SYNC_REQUESTS_MAX,
+    SYNC_REQUESTS_MAX, UNDO_CHUNK_BYTES_MAX,
 };
+use crate::record_cache::{RecordCache, Stream};
 use crate::resync_span::{ResyncSpan, ResyncSpans};
 
 /// Progress reported back to one split-link connection; cumulative, so no queue is needed.
@@ -95,6 +100,15 @@ pub struct GroupStatus {
     pub journal_write_stored_bytes: u64,
     pub journal_compression_ratio: f64,
     pub failure: Option<String>,
+    /// The undo stream: before-images distribution saved, which let images and rollback
+    /// reach points older than the replica.
+    pub undo_bytes: u64,
+    /// The oldest point an image can be opened at.
+    pub oldest_point_seq: u64,
+    /// A logged image holds the replica at this seq; distribution waits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica_held_at: Option<u64>,
+    pub history: HistoryStats,
     pub volumes: Vec<VolumeStatus>,
 }
 
@@ -133,6 +147,40 @@ pub struct Group {
     resync_spans: ResyncSpans,
     distribution_wake: channel::Sender<()>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Before-images of replica blocks, saved by distribution before it overwrites them.
+    undo: Arc<Journal>,
+    /// Block index over journal and undo stream (see `history.rs`). Appends hold it across
+    /// the journal append, so once a seq is visible every lower change is indexed.
+    history: Mutex<History>,
+    /// What the replica holds. Image reads share it; distribution and rollback take it
+    /// exclusively while they change the replica.
+    replica_state: RwLock<ReplicaState>,
+    /// The undo stream started here: points below were never given before-images.
+    undo_floor: u64,
+    /// Points that open images read: retention never releases records they need.
+    pins: Mutex<BTreeMap<u64, Seq>>,
+    next_pin: AtomicU64,
+    /// While a logged image holds the replica, distribution stops at this seq.
+    hold: Mutex<Option<Seq>>,
+    /// Images wait for the replica: distribution runs without waiting for a host pause.
+    urgent: AtomicBool,
+    /// Held by whoever writes the replica in bulk: a distribution pass or a rollback.
+    replica_writer: Mutex<()>,
+    /// Undo records applied by the rollback running now, and how many it needs.
+    rollback_progress: (AtomicU64, AtomicU64),
+    record_cache: RecordCache,
+    state_path: PathBuf,
+}
+
+/// The replica's state as image reads see it.
+#[derive(Clone, Copy, Debug)]
+struct ReplicaState {
+    /// The replica holds exactly the group's state after this seq...
+    seq: Seq,
+    /// ...unless false: after a crash it may also hold some later records (applied after
+    /// the last checkpoint) until distribution passes `exact_from` again.
+    exact: bool,
+    exact_from: Seq,
 }
 
 impl Group {
@@ -149,9 +197,27 @@ impl Group {
         let names: Vec<String> = config.volume.iter().map(|v| v.name.clone()).collect();
         let meta = GroupMeta::load_or_create(&dir, &config.name, &names)?;
         journal_config.compress_writes = config.journal_compress;
-        let (journal, report) = Journal::open(&dir.join("journal"), meta.group_id, journal_config)?;
+        let (journal, report) =
+            Journal::open(&dir.join("journal"), meta.group_id, journal_config.clone())?;
         tracing::info!(group = %config.name, ?report, "journal opened");
         let journal = Arc::new(journal);
+        let dist_path = dir.join("distribution.state");
+        let distributed = distribution_state::load(&dist_path)?;
+        let undo_floor = load_or_create_undo_floor(&dir, distributed)?;
+        let mut undo_config = journal_config.clone();
+        // Before-images are written by distribution, off the host's path, so compressing
+        // them costs the host nothing and halves the undo stream on typical data.
+        undo_config.compress_writes = true;
+        let (undo, undo_report) = Journal::open(
+            &dir.join("undo"),
+            meta.group_id ^ UNDO_STREAM_ID_SALT,
+            undo_config,
+        )?;
+        tracing::info!(group = %config.name, report = ?undo_report, "undo stream opened");
+        let undo = Arc::new(undo);
+        let history = rebuild_history(&journal, &undo)?;
+        let exact_from = Seq(history.undo_captured_through());
+        tracing::info!(group = %config.name, stats = ?history.stats(), "history index rebuilt");
 
         let mut volumes = BTreeMap::new();
         for v in &config.volume {
@@ -182,8 +248,6 @@ impl Group {
                 .map(|s| s.saturating_mul(1_000_000_000)),
         };
 
-        let dist_path = dir.join("distribution.state");
-        let distributed = distribution_state::load(&dist_path)?;
         let (sync_tx, sync_rx) = channel::bounded(SYNC_REQUESTS_MAX);
         let (wake_tx, wake_rx) = channel::bounded(1);
         let group = Arc::new(Group {
@@ -205,6 +269,22 @@ impl Group {
             resync_spans,
             distribution_wake: wake_tx,
             threads: Mutex::new(Vec::new()),
+            undo,
+            history: Mutex::new(history),
+            replica_state: RwLock::new(ReplicaState {
+                seq: distributed,
+                exact: distributed >= exact_from,
+                exact_from,
+            }),
+            undo_floor,
+            pins: Mutex::new(BTreeMap::new()),
+            next_pin: AtomicU64::new(1),
+            hold: Mutex::new(None),
+            urgent: AtomicBool::new(false),
+            replica_writer: Mutex::new(()),
+            rollback_progress: (AtomicU64::new(0), AtomicU64::new(0)),
+            record_cache: RecordCache::default(),
+            state_path: dist_path.clone(),
         });
         let mut threads = Vec::new();
         let g = Arc::clone(&group);
@@ -214,7 +294,7 @@ impl Group {
         let g = Arc::clone(&group);
         threads.push(spawn_named(
             format!("distribute-{}", config.name),
-            move || g.distribute_loop(wake_rx, &dist_path),
+            move || g.distribute_loop(wake_rx),
         )?);
         *group.threads.lock().unwrap_or_else(|p| p.into_inner()) = threads;
         Ok(group)
@@ -236,9 +316,19 @@ impl Group {
         }
         self.last_append_ns
             .store(self.epoch.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        match self.journal.append(changes) {
-            Ok(last) => self.resync_spans.note_batch(changes, last),
+        let mut history = lock(&self.history);
+        let mut locations = Vec::with_capacity(changes.len());
+        match self.journal.append_located(changes, &mut locations) {
+            Ok(last) => {
+                let first = last.0 + 1 - locations.len() as u64;
+                for (i, (c, location)) in changes.iter().zip(&locations).enumerate() {
+                    history.note_redo(first + i as u64, redo_ref(c, *location));
+                }
+                drop(history);
+                self.resync_spans.note_batch(changes, last)
+            }
             Err(e) => {
+                drop(history);
                 let what = format!("journal append failed: {e}");
                 self.fail(what.clone());
                 return Err(what);
@@ -344,6 +434,10 @@ impl Group {
                 logical as f64 / stored as f64
             },
             failure: self.failure.borrow().clone(),
+            undo_bytes: self.undo.size_bytes(),
+            oldest_point_seq: self.oldest_point().0,
+            replica_held_at: lock(&self.hold).map(|s| s.0),
+            history: lock(&self.history).stats(),
             volumes: self
                 .volumes
                 .values()
@@ -375,6 +469,349 @@ impl Group {
         for t in threads {
             let _ = t.join();
         }
+    }
+
+    /// The oldest point an image can show: retention released what lies below, and the
+    /// undo stream holds nothing older than its floor.
+    pub fn oldest_point(&self) -> Seq {
+        Seq(self
+            .undo_floor
+            .max(self.journal.first_seq().0.saturating_sub(1)))
+    }
+
+    /// Keeps retention away from what an image at `at` reads; refuses points outside the
+    /// window. Returns the pin to give back to `unpin`.
+    pub fn pin_point(&self, at: Seq) -> Result<u64, String> {
+        let mut pins = lock(&self.pins);
+        let oldest = self.oldest_point();
+        if at < oldest {
+            return Err(format!(
+                "seq {at} is older than the oldest recoverable point (seq {oldest})"
+            ));
+        }
+        let last = self.journal.last_seq();
+        if at > last {
+            return Err(format!(
+                "seq {at} is past the journal's last record (seq {last})"
+            ));
+        }
+        let id = self.next_pin.fetch_add(1, Ordering::Relaxed);
+        pins.insert(id, at);
+        Ok(id)
+    }
+
+    pub fn unpin(&self, pin: u64) {
+        lock(&self.pins).remove(&pin);
+    }
+
+    /// Waits until the replica is exact again after a restart (distribution re-applies the
+    /// records after the last checkpoint), asking distribution to hurry.
+    pub fn wait_replica_exact(&self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let state = *self.replica_state.read().unwrap_or_else(|p| p.into_inner());
+            if state.exact {
+                return Ok(());
+            }
+            if let Some(f) = self.failure.borrow().clone() {
+                return Err(f);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the replica is still catching up after a restart (at seq {} of {}); try again shortly",
+                    state.seq, state.exact_from
+                ));
+            }
+            self.urgent.store(true, Ordering::Relaxed);
+            let _ = self.distribution_wake.try_send(());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Reads `buf.len()` bytes of `volume` at `offset` as they were at point `at`, which
+    /// the caller has pinned. Blocks on disk reads: call from a blocking thread.
+    pub fn read_at_point(
+        &self,
+        volume: &GroupVolume,
+        at: Seq,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), ApplianceError> {
+        let state = self.replica_state.read().unwrap_or_else(|p| p.into_inner());
+        if !state.exact {
+            return Err(ApplianceError::Io(std::io::Error::other(
+                "the replica is catching up after a restart; images are readable once it has",
+            )));
+        }
+        let distributed = state.seq.0;
+        let end = offset + buf.len() as u64;
+        let mut pos = offset;
+        let mut block_buf = vec![0u8; BLOCK_BYTES as usize];
+        while pos < end {
+            let block = pos / BLOCK_BYTES;
+            let plan = lock(&self.history).plan(volume.id, block, at.0, distributed);
+            if plan.is_replica_only() {
+                // Read a run of blocks the replica alone holds in one go.
+                let mut run_end = ((block + 1) * BLOCK_BYTES).min(end);
+                while run_end < end
+                    && lock(&self.history)
+                        .plan(volume.id, run_end / BLOCK_BYTES, at.0, distributed)
+                        .is_replica_only()
+                {
+                    run_end = (run_end + BLOCK_BYTES).min(end);
+                }
+                let bytes = volume.replica.read_at(pos, (run_end - pos) as usize)?;
+                buf[(pos - offset) as usize..(run_end - offset) as usize].copy_from_slice(&bytes);
+                pos = run_end;
+                continue;
+            }
+            let block_start = block * BLOCK_BYTES;
+            let block_len = BLOCK_BYTES.min(volume.size - block_start) as usize;
+            let block_buf = &mut block_buf[..block_len];
+            self.assemble_block(volume, block_start, &plan, block_buf)?;
+            let to = ((block + 1) * BLOCK_BYTES).min(end);
+            buf[(pos - offset) as usize..(to - offset) as usize].copy_from_slice(
+                &block_buf[(pos - block_start) as usize..(to - block_start) as usize],
+            );
+            pos = to;
+        }
+        Ok(())
+    }
+
+    fn assemble_block(
+        &self,
+        volume: &GroupVolume,
+        start: u64,
+        plan: &BlockPlan,
+        buf: &mut [u8],
+    ) -> Result<(), ApplianceError> {
+        match plan {
+            BlockPlan::Undo { undo_seq, undo } => {
+                if undo.zero {
+                    buf.fill(0);
+                } else {
+                    let payload = self.payload(Stream::Undo, *undo_seq, undo.location)?;
+                    let from = (start - undo.offset) as usize;
+                    let src = payload.get(from..from + buf.len()).ok_or_else(|| {
+                        ApplianceError::Io(std::io::Error::other(format!(
+                            "undo record {undo_seq} does not cover offset {start}"
+                        )))
+                    })?;
+                    buf.copy_from_slice(src);
+                }
+            }
+            BlockPlan::Layers {
+                from_replica,
+                layers,
+            } => {
+                if *from_replica {
+                    buf.copy_from_slice(&volume.replica.read_at(start, buf.len())?);
+                } else {
+                    buf.fill(0);
+                }
+                for (seq, r) in layers {
+                    let payload = if r.kind == RecordKind::Write {
+                        self.payload(Stream::Redo, *seq, r.location)?
+                    } else {
+                        bytes::Bytes::new()
+                    };
+                    if r.kind == RecordKind::Write && payload.len() as u64 != r.length {
+                        return Err(ApplianceError::Io(std::io::Error::other(format!(
+                            "journal record {seq} holds {} bytes, its header says {}",
+                            payload.len(),
+                            r.length
+                        ))));
+                    }
+                    overlay(buf, start, r, &payload);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn payload(
+        &self,
+        stream: Stream,
+        seq: u64,
+        location: RecordLocation,
+    ) -> Result<bytes::Bytes, ApplianceError> {
+        if let Some(p) = self.record_cache.get(stream, seq) {
+            return Ok(p);
+        }
+        let journal = match stream {
+            Stream::Redo => &self.journal,
+            Stream::Undo => &self.undo,
+        };
+        let payload = journal.read_at(location, Seq(seq))?.payload;
+        self.record_cache.insert(stream, seq, payload.clone());
+        Ok(payload)
+    }
+
+    /// Holds the replica at `at` for logged access: distribution stops there, and a replica
+    /// already past it is rolled back with the undo stream (progress: `rollback_progress`).
+    /// Blocks until done: call from a blocking thread.
+    pub fn hold_replica(&self, at: Seq) -> Result<(), String> {
+        {
+            let mut hold = lock(&self.hold);
+            if let Some(held) = *hold {
+                return Err(format!(
+                    "a logged image already holds this group's replica at seq {held}; release it first"
+                ));
+            }
+            *hold = Some(at);
+        }
+        let result = self.roll_replica_to(at);
+        if result.is_err() {
+            self.release_replica();
+        }
+        result
+    }
+
+    /// Lets distribution carry the replica forward again after logged access.
+    pub fn release_replica(&self) {
+        *lock(&self.hold) = None;
+        self.urgent.store(true, Ordering::Relaxed);
+        let _ = self.distribution_wake.try_send(());
+    }
+
+    /// Undo records applied by the running rollback, of how many.
+    pub fn rollback_progress(&self) -> (u64, u64) {
+        (
+            self.rollback_progress.0.load(Ordering::Relaxed),
+            self.rollback_progress.1.load(Ordering::Relaxed),
+        )
+    }
+
+    fn roll_replica_to(&self, at: Seq) -> Result<(), String> {
+        self.wait_replica_exact(Duration::from_secs(600))?;
+        // A replica behind the point first catches up to it (distribution stops there).
+        while Seq(self.distributed.load(Ordering::Relaxed)) < at {
+            if let Some(f) = self.failure.borrow().clone() {
+                return Err(f);
+            }
+            if self.journal.durable_seq() < at {
+                self.journal.sync().map_err(|e| e.to_string())?;
+            }
+            self.urgent.store(true, Ordering::Relaxed);
+            let _ = self.distribution_wake.try_send(());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _writer = lock(&self.replica_writer);
+        let distributed = self.distributed.load(Ordering::Relaxed);
+        if distributed <= at.0 {
+            return Ok(());
+        }
+        // Checkpoint the target first: if the appliance dies mid-rollback, it restarts
+        // distribution from `at`, which rewrites every block the rollback may have touched.
+        distribution_state::store(&self.state_path, at).map_err(|e| e.to_string())?;
+        let undos: Vec<(u64, UndoRef)> = {
+            let history = lock(&self.history);
+            let mut v = Vec::new();
+            let mut u = history.undo_next();
+            while u > 0 {
+                u -= 1;
+                let Some(r) = history.undo_ref(u) else { break };
+                if r.redo_seq <= at.0 {
+                    break;
+                }
+                if r.redo_seq <= distributed {
+                    v.push((u, r));
+                }
+            }
+            v
+        };
+        self.rollback_progress.0.store(0, Ordering::Relaxed);
+        self.rollback_progress
+            .1
+            .store(undos.len() as u64, Ordering::Relaxed);
+        let by_id: BTreeMap<u32, &GroupVolume> =
+            self.volumes.values().map(|v| (v.id, v.as_ref())).collect();
+        tracing::info!(group = %self.name, from = distributed, to = %at, records = undos.len(), "rolling the replica back");
+        // Newest first; a redo record's before-images restore the state just before it, so
+        // the replica is exact at `redo_seq - 1` after each record's group.
+        let mut i = 0;
+        while i < undos.len() {
+            let redo_seq = undos[i].1.redo_seq;
+            let mut state = self
+                .replica_state
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            while i < undos.len() && undos[i].1.redo_seq == redo_seq {
+                let (undo_seq, r) = undos[i];
+                let volume = by_id.get(&r.volume).ok_or_else(|| {
+                    format!(
+                        "undo record {undo_seq} names unknown volume id {}",
+                        r.volume
+                    )
+                })?;
+                let applied = if r.zero {
+                    volume.replica.zero(r.offset, r.length, true)
+                } else {
+                    self.payload(Stream::Undo, undo_seq, r.location)
+                        .map_err(|e| std::io::Error::other(e.to_string()))
+                        .and_then(|p| volume.replica.write_at(r.offset, &p))
+                };
+                applied.map_err(|e| format!("rolling back seq {redo_seq}: {e}"))?;
+                i += 1;
+                self.rollback_progress.0.fetch_add(1, Ordering::Relaxed);
+            }
+            state.seq = Seq(redo_seq - 1);
+            self.distributed.store(redo_seq - 1, Ordering::Relaxed);
+        }
+        let mut state = self
+            .replica_state
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        state.seq = at;
+        self.distributed.store(at.0, Ordering::Relaxed);
+        drop(state);
+        self.checkpoint().map_err(|e| e.to_string())?;
+        tracing::info!(group = %self.name, at = %at, "replica rolled back");
+        Ok(())
+    }
+
+    pub fn volumes(&self) -> impl Iterator<Item = &Arc<GroupVolume>> {
+        self.volumes.values()
+    }
+
+    /// Seq of the last record appended to the journal.
+    pub fn last_seq(&self) -> Seq {
+        self.journal.last_seq()
+    }
+
+    /// The replica holds every record up to this seq.
+    pub fn distributed_seq(&self) -> Seq {
+        Seq(self.distributed.load(Ordering::Relaxed))
+    }
+
+    /// Makes distribution run now rather than wait for a pause in host writes.
+    pub fn urge_distribution(&self) {
+        self.urgent.store(true, Ordering::Relaxed);
+        let _ = self.distribution_wake.try_send(());
+    }
+
+    /// Reads the replica's current bytes (no point in time: what distribution has applied).
+    pub fn read_replica(
+        &self,
+        volume: &GroupVolume,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), ApplianceError> {
+        let end = offset.checked_add(buf.len() as u64);
+        if end.is_none_or(|e| e > volume.size) {
+            return Err(ApplianceError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "read of {} bytes at {offset} is past the end of volume {} ({} bytes)",
+                    buf.len(),
+                    volume.name,
+                    volume.size
+                ),
+            )));
+        }
+        let bytes = volume.replica.read_at(offset, buf.len())?;
+        buf.copy_from_slice(&bytes);
+        Ok(())
     }
 
     fn fail(&self, what: String) {
@@ -422,38 +859,43 @@ impl Group {
         }
     }
 
-    fn distribute_loop(&self, wake: channel::Receiver<()>, state_path: &Path) {
+    fn distribute_loop(&self, wake: channel::Receiver<()>) {
         lower_thread_priority();
-        let mut distributed = Seq(self.distributed.load(Ordering::Relaxed));
         let mut behind_since: Option<Instant> = None;
         loop {
+            // A rollback may have moved the replica back: always start from its state.
+            let distributed = Seq(self.distributed.load(Ordering::Relaxed));
             // `distributed` is always checkpointed here (distribute_through ends with one).
             self.retain(distributed);
             let stopping = self.stop_distribution.load(Ordering::Relaxed);
-            let target = self.journal.durable_seq();
+            let mut target = self.journal.durable_seq();
+            if let Some(hold) = *lock(&self.hold) {
+                target = target.min(hold);
+            }
             if target > distributed {
                 // Replica writes compete with the host for the disk, not only the CPU, so
                 // distribution waits for a pause in host writes, unless it has been behind
-                // for too long or the appliance is stopping.
+                // for too long, the appliance is stopping, or images wait for the replica.
                 let since = *behind_since.get_or_insert_with(Instant::now);
-                let urgent = stopping || since.elapsed() >= self.distribution_delay_max;
+                let urgent = stopping
+                    || since.elapsed() >= self.distribution_delay_max
+                    || self.urgent.load(Ordering::Relaxed);
                 if !urgent && !self.host_quiet() {
                     let _ = wake.recv_timeout(DISTRIBUTION_HOST_QUIET);
                     continue;
                 }
-                match self.distribute_through(distributed, target, state_path, urgent) {
-                    Ok(seq) => distributed = seq,
-                    Err(e) => {
-                        self.fail(format!("distribution failed: {e}"));
-                        return;
-                    }
+                if let Err(e) = self.distribute_through(target, urgent) {
+                    self.fail(format!("distribution failed: {e}"));
+                    return;
                 }
-                if distributed >= target {
+                if Seq(self.distributed.load(Ordering::Relaxed)) >= target {
                     behind_since = None;
+                    self.urgent.store(false, Ordering::Relaxed);
                 }
                 continue;
             }
             behind_since = None;
+            self.urgent.store(false, Ordering::Relaxed);
             if stopping {
                 return;
             }
@@ -468,52 +910,158 @@ impl Group {
         now.saturating_sub(last) >= DISTRIBUTION_HOST_QUIET.as_nanos() as u64
     }
 
-    /// Applies durable records after `from` up to `target` to the replicas, checkpointing as it goes.
-    /// Unless `urgent`, it stops early (after a checkpoint) when the host starts writing again.
-    fn distribute_through(
-        &self,
-        from: Seq,
-        target: Seq,
-        state_path: &Path,
-        urgent: bool,
-    ) -> Result<Seq, ApplianceError> {
+    /// Applies durable records up to `target` to the replicas, checkpointing as it goes.
+    /// Before a batch overwrites replica blocks, their old contents go to the undo stream and
+    /// that is made durable, so every point the journal holds stays readable. Unless
+    /// `urgent`, it stops early (after a checkpoint) when the host starts writing again.
+    fn distribute_through(&self, target: Seq, urgent: bool) -> Result<(), ApplianceError> {
+        let _writer = lock(&self.replica_writer);
+        let from = Seq(self.distributed.load(Ordering::Relaxed));
         let by_id: BTreeMap<u32, &GroupVolume> =
             self.volumes.values().map(|v| (v.id, v.as_ref())).collect();
-        let mut done = from;
+        // Records below this already have their before-image; the last one captured is
+        // captured again, because a crash may have cut its capture short (first capture
+        // wins, see `history.rs`).
+        let captured_through = lock(&self.history).undo_captured_through();
+        let mut batch = Batch::default();
         let mut since_checkpoint = 0u64;
         for record in self.journal.read_from(from.next())? {
             let record = record?;
             if record.seq > target {
                 break;
             }
-            since_checkpoint += apply(&by_id, &record)?;
-            if record.source_seq != 0 {
-                let mut seqs = self
-                    .distributed_source_seqs
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                let e = seqs.entry(record.volume).or_default();
-                *e = (*e).max(record.source_seq);
+            if let Some(volume) = target_volume(&by_id, &record) {
+                if batch.overlaps(&record)
+                    || batch.bytes >= DISTRIBUTION_BATCH_BYTES_MAX
+                    || batch.records.len() >= DISTRIBUTION_BATCH_RECORDS_MAX
+                {
+                    since_checkpoint += self.apply_batch(&by_id, &mut batch)?;
+                }
+                if record.seq.0 >= captured_through && record.seq.0 > self.undo_floor {
+                    self.capture_undo(volume, &record)?;
+                    batch.captured = true;
+                }
+                batch.bytes += record.length;
             }
-            done = record.seq;
-            self.distributed.store(done.0, Ordering::Relaxed);
+            let seq = record.seq;
+            batch.records.push(record);
             if since_checkpoint >= DISTRIBUTION_CHECKPOINT_BYTES_MAX {
-                self.checkpoint(done, state_path)?;
+                self.checkpoint()?;
                 since_checkpoint = 0;
-                self.retain(done);
+                self.retain(Seq(self.distributed.load(Ordering::Relaxed)));
             }
-            if done >= target {
+            if seq >= target {
                 break;
             }
             if !urgent
-                && done.0.is_multiple_of(DISTRIBUTION_QUIET_CHECK_RECORDS)
+                && seq.0.is_multiple_of(DISTRIBUTION_QUIET_CHECK_RECORDS)
                 && !self.host_quiet()
             {
                 break;
             }
         }
-        self.checkpoint(done, state_path)?;
-        Ok(done)
+        self.apply_batch(&by_id, &mut batch)?;
+        self.checkpoint()
+    }
+
+    /// Makes the batch's before-images durable, then applies its records to the replicas.
+    fn apply_batch(
+        &self,
+        by_id: &BTreeMap<u32, &GroupVolume>,
+        batch: &mut Batch,
+    ) -> Result<u64, ApplianceError> {
+        let Some(last) = batch.records.last().map(|r| r.seq) else {
+            return Ok(0);
+        };
+        if batch.captured {
+            self.undo.sync()?;
+        }
+        let mut bytes = 0;
+        let mut state = self
+            .replica_state
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        for record in &batch.records {
+            bytes += apply(by_id, record)?;
+            if record.source_seq != 0 && record.kind.change_kind().is_some() {
+                let mut seqs = lock(&self.distributed_source_seqs);
+                let e = seqs.entry(record.volume).or_default();
+                *e = (*e).max(record.source_seq);
+            }
+        }
+        state.seq = last;
+        if last >= state.exact_from {
+            state.exact = true;
+        }
+        self.distributed.store(last.0, Ordering::Relaxed);
+        drop(state);
+        *batch = Batch::default();
+        Ok(bytes)
+    }
+
+    /// Appends the replica's current contents of the blocks `record` will change to the undo
+    /// stream (not yet synced) and indexes them. Ranges without data become payload-less
+    /// zero records, so discards and initial zeroing cost no undo space.
+    fn capture_undo(&self, volume: &GroupVolume, record: &Record) -> Result<(), ApplianceError> {
+        let start = record.offset / BLOCK_BYTES * BLOCK_BYTES;
+        let end = (record.offset + record.length)
+            .div_ceil(BLOCK_BYTES)
+            .saturating_mul(BLOCK_BYTES)
+            .min(volume.size);
+        let mut at = start;
+        let mut pending: Vec<RecordIn> = Vec::new();
+        let mut pending_bytes = 0u64;
+        while at < end {
+            let len = (end - at).min(UNDO_CHUNK_BYTES_MAX);
+            let has_data = volume.replica.next_data(at)?.is_some_and(|d| d < at + len);
+            let before = if has_data {
+                let bytes = volume.replica.read_at(at, len as usize)?;
+                if bytes.iter().all(|&b| b == 0) {
+                    None
+                } else {
+                    Some(bytes)
+                }
+            } else {
+                None
+            };
+            let r = match before {
+                Some(bytes) => RecordIn::write(volume.id, at, bytes),
+                None => RecordIn::range(RecordKind::Zero, volume.id, at, len),
+            };
+            pending_bytes += r.payload.len() as u64;
+            pending.push(r.with_source_seq(record.seq.0));
+            if pending_bytes >= UNDO_CHUNK_BYTES_MAX * 8 {
+                self.append_undo(&mut pending)?;
+                pending_bytes = 0;
+            }
+            at += len;
+        }
+        self.append_undo(&mut pending)
+    }
+
+    fn append_undo(&self, records: &mut Vec<RecordIn>) -> Result<(), ApplianceError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut history = lock(&self.history);
+        let mut locations = Vec::with_capacity(records.len());
+        let last = self.undo.append_located(records, &mut locations)?;
+        let first = last.0 + 1 - locations.len() as u64;
+        for (i, (r, location)) in records.iter().zip(&locations).enumerate() {
+            let undo = UndoRef {
+                location: *location,
+                redo_seq: r.source_seq,
+                zero: r.kind == RecordKind::Zero,
+                volume: r.volume,
+                offset: r.offset,
+                length: r.length,
+            };
+            history
+                .note_undo(first + i as u64, undo)
+                .map_err(|e| ApplianceError::Io(std::io::Error::other(e)))?;
+        }
+        records.clear();
+        Ok(())
     }
 
     /// One retention pass: releases the oldest journal segments whose records are all at
@@ -521,9 +1069,21 @@ impl Group {
     /// they are older than the window. Failures are logged, never fatal: an unreleased
     /// segment only costs disk space.
     fn retain(&self, checkpointed: Seq) {
+        // The undo stream shares the group's capacity with the journal.
+        let policy = RetentionPolicy {
+            capacity_bytes: self
+                .retention
+                .capacity_bytes
+                .saturating_sub(self.undo.size_bytes()),
+            window_ns: self.retention.window_ns,
+        };
+        // Open images read the records just above their point: release nothing at or above.
+        let pins = lock(&self.pins);
+        let pinned = pins.values().min().copied();
+        let releasable = pinned.map_or(checkpointed, |p| p.min(checkpointed));
         let plan = self
             .journal
-            .retention_plan(&self.retention, checkpointed, TimestampNs::now().0);
+            .retention_plan(&policy, releasable, TimestampNs::now().0);
         if let Some(through) = plan.through {
             if let Err(e) = self.persist_source_seqs() {
                 tracing::warn!(group = %self.name, "journal retention postponed: {e}");
@@ -540,7 +1100,9 @@ impl Group {
                 ),
                 Err(e) => tracing::warn!(group = %self.name, "journal retention failed: {e}"),
             }
+            self.release_undo();
         }
+        drop(pins);
         let was_over = self
             .over_capacity
             .swap(plan.over_capacity, Ordering::Relaxed);
@@ -568,25 +1130,61 @@ impl Group {
         crate::group_meta::write_atomically(&self.source_seqs_path, &text)
     }
 
-    fn checkpoint(&self, distributed: Seq, state_path: &Path) -> Result<(), ApplianceError> {
+    /// Drops index entries and undo segments for history retention released.
+    fn release_undo(&self) {
+        let first = self.journal.first_seq().0;
+        let through = {
+            let mut history = lock(&self.history);
+            history.release_redo_before(first);
+            history.undo_release_point(first.saturating_sub(1))
+        };
+        let Some(through) = through else { return };
+        match self.undo.release_through(Seq(through)) {
+            Ok(r) => {
+                lock(&self.history).release_undo_before(self.undo.first_seq().0);
+                if r.segments > 0 {
+                    tracing::info!(group = %self.name, segments = r.segments, bytes = r.bytes, "undo segments released");
+                }
+            }
+            Err(e) => tracing::warn!(group = %self.name, "undo stream retention failed: {e}"),
+        }
+    }
+
+    fn checkpoint(&self) -> Result<(), ApplianceError> {
         for v in self.volumes.values() {
             v.replica.sync_data()?;
         }
-        distribution_state::store(state_path, distributed)
+        distribution_state::store(
+            &self.state_path,
+            Seq(self.distributed.load(Ordering::Relaxed)),
+        )
     }
 }
 
-/// Applies one journal record to its replica; returns the bytes it touched.
-fn apply(by_id: &BTreeMap<u32, &GroupVolume>, record: &Record) -> Result<u64, ApplianceError> {
+/// The volume a record changes, or `None` for markers and records that cannot apply
+/// (unknown volume, past its end: logged, skipped).
+fn target_volume<'a>(
+    by_id: &BTreeMap<u32, &'a GroupVolume>,
+    record: &Record,
+) -> Option<&'a GroupVolume> {
+    record.kind.change_kind()?;
     let Some(volume) = by_id.get(&record.volume) else {
         tracing::warn!(seq = %record.seq, volume = record.volume, "record for an unknown volume skipped");
-        return Ok(0);
+        return None;
     };
     let end = record.offset.checked_add(record.length);
     if end.is_none_or(|e| e > volume.size) {
         tracing::error!(seq = %record.seq, volume = %volume.name, "record past the end of the volume skipped");
-        return Ok(0);
+        return None;
     }
+    Some(volume)
+}
+
+/// Applies one journal record to its replica; returns the bytes it touched.
+fn apply(by_id: &BTreeMap<u32, &GroupVolume>, record: &Record) -> Result<u64, ApplianceError> {
+    let Some(volume) = target_volume(by_id, record) else {
+        return Ok(0);
+    };
     match record.kind {
         RecordKind::Write => volume.replica.write_at(record.offset, &record.payload)?,
         RecordKind::Trim => volume.replica.trim(record.offset, record.length)?,
@@ -595,6 +1193,108 @@ fn apply(by_id: &BTreeMap<u32, &GroupVolume>, record: &Record) -> Result<u64, Ap
         RecordKind::Bookmark | RecordKind::ResyncStart | RecordKind::ResyncEnd => return Ok(0),
     }
     Ok(record.length)
+}
+
+/// Records read for distribution whose before-images are captured and which are applied
+/// to the replica together, after one undo sync.
+#[derive(Default)]
+struct Batch {
+    records: Vec<Record>,
+    bytes: u64,
+    /// Some record's before-image was appended to the undo stream.
+    captured: bool,
+}
+
+impl Batch {
+    /// A record touching blocks an earlier record of the batch changes must wait: its
+    /// before-image has to be read after that record is applied.
+    fn overlaps(&self, record: &Record) -> bool {
+        let start = record.offset / BLOCK_BYTES;
+        let end = (record.offset + record.length).div_ceil(BLOCK_BYTES);
+        self.records.iter().any(|r| {
+            r.volume == record.volume
+                && r.kind.change_kind().is_some()
+                && r.offset / BLOCK_BYTES < end
+                && start < (r.offset + r.length).div_ceil(BLOCK_BYTES)
+        })
+    }
+}
+
+fn redo_ref(c: &RecordIn, location: RecordLocation) -> Option<RedoRef> {
+    c.kind.change_kind()?;
+    Some(RedoRef {
+        location,
+        kind: c.kind,
+        volume: c.volume,
+        offset: c.offset,
+        length: c.length,
+    })
+}
+
+/// Distinguishes a group's undo stream from its journal in the records' CRCs, so one can
+/// never be read as the other.
+const UNDO_STREAM_ID_SALT: u64 = 0x554e_444f_5354_524d; // "UNDOSTRM"
+
+/// File in the group directory: the seq the undo stream started at. Points below it have
+/// no before-images (the group was distributed before the stream existed).
+const UNDO_FLOOR_FILE: &str = "undo.floor";
+
+fn load_or_create_undo_floor(dir: &Path, distributed: Seq) -> Result<u64, ApplianceError> {
+    let path = dir.join(UNDO_FLOOR_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .map_err(|e| ApplianceError::Config(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            crate::group_meta::write_atomically(&path, distributed.0.to_string().as_bytes())?;
+            Ok(distributed.0)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Reads the headers of the journal and the undo stream back into a block index.
+fn rebuild_history(journal: &Journal, undo: &Journal) -> Result<History, ApplianceError> {
+    let mut history = History::new(journal.first_seq().0, undo.first_seq().0);
+    let mut reader = journal.read_headers_from(journal.first_seq())?;
+    while let Some(r) = reader.next() {
+        let r = r?;
+        let Some(location) = reader.last_location() else {
+            continue;
+        };
+        let redo = r.kind.change_kind().map(|_| RedoRef {
+            location,
+            kind: r.kind,
+            volume: r.volume,
+            offset: r.offset,
+            length: r.length,
+        });
+        history.note_redo(r.seq.0, redo);
+    }
+    let mut reader = undo.read_headers_from(undo.first_seq())?;
+    while let Some(r) = reader.next() {
+        let r = r?;
+        let Some(location) = reader.last_location() else {
+            continue;
+        };
+        let undo = UndoRef {
+            location,
+            redo_seq: r.source_seq,
+            zero: r.kind == RecordKind::Zero,
+            volume: r.volume,
+            offset: r.offset,
+            length: r.length,
+        };
+        history
+            .note_undo(r.seq.0, undo)
+            .map_err(|e| ApplianceError::Io(std::io::Error::other(e)))?;
+    }
+    Ok(history)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn open_volume(v: &VolumeConfig, id: u32) -> Result<GroupVolume, ApplianceError> {

@@ -7,9 +7,12 @@ pub mod distribution_state;
 pub mod error;
 pub mod group;
 pub mod group_meta;
+pub mod history;
+pub mod image;
 pub mod limits;
 pub mod link_server;
 pub mod point;
+pub mod record_cache;
 pub mod resync_span;
 pub mod timeline;
 
@@ -19,6 +22,8 @@ use std::time::Duration;
 
 use cdp_journal::JournalConfig;
 use cdp_link::codec::{bind_unix, LinkListener};
+use cdp_types::Endpoint;
+use image::Images;
 use tokio::sync::Semaphore;
 
 pub use config::ApplianceConfig;
@@ -54,7 +59,42 @@ pub async fn run(
     let link = LinkListener::bind(&config.link_listen).await?;
     tracing::info!(link = %config.link_listen, control = %control_path.display(), "appliance ready");
 
-    let control_task = tokio::spawn(control::serve_control(control, Arc::clone(&groups)));
+    // Images are served by our own NBD server, beside (never instead of) protection.
+    let image_exports = cdp_nbd::ExportRegistry::new();
+    let image_endpoint = config.image_nbd();
+    let image_server = Arc::new(cdp_nbd::Server::new(
+        image_exports.clone(),
+        cdp_nbd::ServerConfig::default(),
+    ));
+    let (image_stop_tx, image_stop_rx) = tokio::sync::watch::channel(false);
+    let mut image_stop = image_stop_rx.clone();
+    let image_stopped = async move {
+        let _ = image_stop.wait_for(|s| *s).await;
+    };
+    let image_task = match &image_endpoint {
+        Endpoint::Unix(path) => {
+            let listener = bind_unix(path)?;
+            let server = Arc::clone(&image_server);
+            tokio::spawn(async move { server.serve_unix(listener, image_stopped).await })
+        }
+        Endpoint::Tcp(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await?;
+            let server = Arc::clone(&image_server);
+            tokio::spawn(async move { server.serve_tcp(listener, image_stopped).await })
+        }
+    };
+    let images = Arc::new(Images::new(
+        image_exports,
+        image_endpoint.to_string(),
+        config.data_dir.join("scratch"),
+    ));
+    tracing::info!(images = %image_endpoint, "image exports served");
+
+    let control_task = tokio::spawn(control::serve_control(
+        control,
+        Arc::clone(&groups),
+        Arc::clone(&images),
+    ));
     let mut links = tokio::task::JoinSet::new();
     let limit = Arc::new(Semaphore::new(LINK_CONNECTIONS_MAX));
     tokio::pin!(shutdown);
@@ -80,6 +120,12 @@ pub async fn run(
     tracing::info!("appliance stopping");
     links.shutdown().await;
     control_task.abort();
+    images.release_all();
+    let _ = image_stop_tx.send(true);
+    let _ = image_task.await;
+    if let Endpoint::Unix(path) = &image_endpoint {
+        let _ = std::fs::remove_file(path);
+    }
     let groups_to_stop = Arc::clone(&groups);
     tokio::task::spawn_blocking(move || {
         for g in groups_to_stop.iter() {

@@ -58,3 +58,21 @@ const _: () =
 /// appends within the timeout or not at all; the grace covers the journal sync that follows,
 /// so a slow fsync is not mistaken for a lost bookmark.
 pub const BOOKMARK_ANSWER_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Journal bytes distribution applies after one undo sync: the sync's cost is shared by
+/// this much replica writing.
+pub const DISTRIBUTION_BATCH_BYTES_MAX: u64 = 16 * 1024 * 1024;
+
+/// Records distribution applies after one undo sync.
+pub const DISTRIBUTION_BATCH_RECORDS_MAX: usize = 1024;
+
+/// Largest undo record: a long trim's before-image is split into pieces this big, each
+/// either payload-less (it held zeroes) or carrying the bytes.
+pub const UNDO_CHUNK_BYTES_MAX: u64 = 4 * 1024 * 1024;
+
+/// Bytes of journal payloads image reads keep cached: sequential reads of a big write
+/// would otherwise read and CRC-check it once per block.
+pub const IMAGE_RECORD_CACHE_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// Images open at once on an appliance.
+pub const IMAGES_MAX: usize = 64;

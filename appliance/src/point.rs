@@ -385,7 +385,6 @@ mod tests {
         let config = JournalConfig {
             segment_bytes_max: 1024 * 1024,
             compress_writes: false,
-            ..JournalConfig::default()
         };
         let (journal, _) = Journal::open(tmp.path(), 7, config).expect("open");
         let block = bytes::Bytes::from(vec![0x5a; 300 * 1024]);

@@ -18,8 +18,8 @@ use crate::limits::{
     PAYLOAD_COPY_BYTES_MAX, SCRATCH_BYTES_RETAINED_MAX,
 };
 use crate::reader::JournalReader;
-use crate::record::RecordIn;
 use crate::record::RecordKind;
+use crate::record::{Record, RecordIn, RecordLocation};
 use crate::recover::{self, RecoveryReport, FIRST_SEGMENT_INDEX};
 use crate::segment::Segment;
 
@@ -243,6 +243,25 @@ impl Journal {
     /// On error no record of the batch is visible, unless the journal is fenced (then it
     /// must be reopened, and recovery shows which records reached the disk).
     pub fn append(&self, records: &[RecordIn]) -> Result<Seq, JournalError> {
+        self.append_inner(records, None)
+    }
+
+    /// `append`, also returning where each record was written (same order as `records`),
+    /// so an index can later read single records with `read_at`.
+    pub fn append_located(
+        &self,
+        records: &[RecordIn],
+        locations: &mut Vec<RecordLocation>,
+    ) -> Result<Seq, JournalError> {
+        locations.clear();
+        self.append_inner(records, Some(locations))
+    }
+
+    fn append_inner(
+        &self,
+        records: &[RecordIn],
+        mut locations: Option<&mut Vec<RecordLocation>>,
+    ) -> Result<Seq, JournalError> {
         if records.len() > BATCH_RECORDS_MAX {
             return Err(JournalError::InvalidArgument(format!(
                 "batch of {} records exceeds {BATCH_RECORDS_MAX}",
@@ -336,6 +355,16 @@ impl Journal {
             if w.scratch.capacity() > SCRATCH_BYTES_RETAINED_MAX {
                 // One huge batch of small records should not pin its buffer forever.
                 w.scratch = Vec::new();
+            }
+            if let Some(locations) = locations.as_deref_mut() {
+                let mut at = start;
+                for s in &stored[first..last] {
+                    locations.push(RecordLocation {
+                        segment: seg.index,
+                        offset: at,
+                    });
+                    at += RECORD_HEADER_LEN as u64 + s.payload.len() as u64;
+                }
             }
             w.next_seq += (last - first) as u64;
             inner.last_seq.store(w.next_seq - 1, Ordering::Release);
@@ -461,6 +490,26 @@ impl Journal {
             self.inner.clone(),
             seq.0.max(1),
         ))
+    }
+
+    /// Reads the one record `seq` at `location` (from `append_located` or
+    /// `JournalReader::last_location`), CRC-checked and decompressed. Fails if retention
+    /// released its segment or the bytes there are not that record.
+    pub fn read_at(&self, location: RecordLocation, seq: Seq) -> Result<Record, JournalError> {
+        let segment = {
+            let segs = self.inner.segments();
+            let i = segs.partition_point(|s| s.index < location.segment);
+            match segs.get(i) {
+                Some(s) if s.index == location.segment => s.clone(),
+                _ => {
+                    return Err(JournalError::InvalidArgument(format!(
+                        "seq {seq} was released by retention (segment {} is gone)",
+                        location.segment
+                    )))
+                }
+            }
+        };
+        crate::reader::read_one(&segment, self.inner.group_id, location.offset, seq.0)
     }
 }
 

@@ -26,7 +26,7 @@ pub use engine::{Journal, JOURNAL_DIR_NAME};
 pub use error::JournalError;
 pub use inspect::{inspect, Damage, InspectReport, SegmentReport};
 pub use reader::JournalReader;
-pub use record::{Record, RecordIn, RecordKind};
+pub use record::{Record, RecordIn, RecordKind, RecordLocation};
 pub use recover::{RecoveryReport, TailCut};
 pub use retention::{
     plan as retention_plan, Released, RetentionPlan, RetentionPolicy, SegmentInfo,

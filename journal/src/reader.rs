@@ -7,8 +7,8 @@ use cdp_types::{Seq, TimestampNs};
 
 use crate::engine::Inner;
 use crate::error::JournalError;
-use crate::format::{RECORD_FLAG_ZSTD, SEGMENT_HEADER_LEN};
-use crate::record::{Record, RecordKind};
+use crate::format::{RecordHeader, RECORD_FLAG_ZSTD, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
+use crate::record::{Record, RecordKind, RecordLocation};
 use crate::scan::{Payload, ScanError, Scanner};
 use crate::segment::Segment;
 
@@ -24,6 +24,8 @@ pub struct JournalReader {
     /// Headers only: payloads other than bookmarks are dropped undecompressed (see
     /// `Journal::read_headers_from`).
     headers_only: bool,
+    /// Where the record last returned was read from.
+    last_location: Option<RecordLocation>,
 }
 
 impl JournalReader {
@@ -37,6 +39,7 @@ impl JournalReader {
             next_seq: seq.max(first),
             failed: false,
             headers_only: false,
+            last_location: None,
         }
     }
 
@@ -47,6 +50,11 @@ impl JournalReader {
         let mut r = JournalReader::new(inner, seq);
         r.headers_only = true;
         r
+    }
+
+    /// Where the record `next` last returned lies, for `Journal::read_at`.
+    pub fn last_location(&self) -> Option<RecordLocation> {
+        self.last_location
     }
 
     /// The seq the next record returned will have.
@@ -120,6 +128,10 @@ impl Iterator for JournalReader {
                         return self.fail(JournalError::corruption(seg.path(), r.offset, what));
                     }
                     self.next_seq += 1;
+                    self.last_location = Some(RecordLocation {
+                        segment: seg.index,
+                        offset: r.offset,
+                    });
                     let payload = if self.headers_only && h.kind != RecordKind::Bookmark {
                         bytes::Bytes::new()
                     } else if h.flags & RECORD_FLAG_ZSTD != 0 {
@@ -136,16 +148,7 @@ impl Iterator for JournalReader {
                     } else {
                         r.payload
                     };
-                    return Some(Ok(Record {
-                        seq: Seq(h.seq),
-                        timestamp: TimestampNs(h.timestamp_ns),
-                        kind: h.kind,
-                        volume: h.volume,
-                        source_seq: h.source_seq,
-                        offset: h.offset,
-                        length: h.length,
-                        payload,
-                    }));
+                    return Some(Ok(to_record(&h, payload)));
                 }
                 Err(ScanError::Corrupt { offset, what }) => {
                     return self.fail(JournalError::corruption(seg.path(), offset, what));
@@ -156,6 +159,74 @@ impl Iterator for JournalReader {
             }
         }
     }
+}
+
+fn to_record(h: &RecordHeader, payload: bytes::Bytes) -> Record {
+    Record {
+        seq: Seq(h.seq),
+        timestamp: TimestampNs(h.timestamp_ns),
+        kind: h.kind,
+        volume: h.volume,
+        source_seq: h.source_seq,
+        offset: h.offset,
+        length: h.length,
+        payload,
+    }
+}
+
+/// Reads the single record `seq` at `offset` of `segment` with exact-size reads (no
+/// read-ahead: callers jump around), checking its CRC and decompressing its payload.
+pub(crate) fn read_one(
+    segment: &Segment,
+    group_id: u64,
+    offset: u64,
+    seq: u64,
+) -> Result<Record, JournalError> {
+    let corrupt = |what: String| JournalError::corruption(segment.path(), offset, what);
+    let limit = segment.written();
+    if offset.saturating_add(RECORD_HEADER_LEN as u64) > limit {
+        return Err(corrupt(format!(
+            "no record of seq {seq} here: the segment ends at {limit}"
+        )));
+    }
+    let mut head = [0u8; RECORD_HEADER_LEN];
+    read_exact_at(segment, &mut head, offset)?;
+    let h = RecordHeader::decode(&head).map_err(|c| corrupt(c.0))?;
+    if h.seq != seq {
+        return Err(corrupt(format!(
+            "record seq {} where {seq} was expected",
+            h.seq
+        )));
+    }
+    if offset + h.encoded_len() > limit {
+        return Err(corrupt("record runs past the end of the segment".into()));
+    }
+    // `payload_len` was bounded by `RecordHeader::decode` before this allocation.
+    let mut payload = vec![0u8; h.payload_len as usize];
+    read_exact_at(segment, &mut payload, offset + RECORD_HEADER_LEN as u64)?;
+    h.verify(&head, group_id, segment.index, &payload)
+        .map_err(|c| corrupt(c.0))?;
+    let payload = if h.flags & RECORD_FLAG_ZSTD != 0 {
+        decompress(&payload, h.length).map_err(corrupt)?
+    } else {
+        bytes::Bytes::from(payload)
+    };
+    Ok(to_record(&h, payload))
+}
+
+fn read_exact_at(segment: &Segment, buf: &mut [u8], at: u64) -> Result<(), JournalError> {
+    let got = segment
+        .file()
+        .read_at(buf, at)
+        .map_err(|e| JournalError::io("read", segment.path(), e))?;
+    if got < buf.len() {
+        return Err(JournalError::corruption(
+            segment.path(),
+            at,
+            format!("file ends {got} bytes into a {}-byte read", buf.len()),
+        ));
+    }
+    Ok(())
 }
 
 /// Decompresses a zstd write payload that must come out at exactly `length` bytes (≤ the

@@ -179,3 +179,10 @@ pub struct Record {
     pub length: u64,
     pub payload: Bytes,
 }
+
+/// Where a record lies: its segment's index and its byte offset in that file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RecordLocation {
+    pub segment: u64,
+    pub offset: u64,
+}
