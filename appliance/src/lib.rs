@@ -13,6 +13,7 @@ pub mod limits;
 pub mod link_server;
 pub mod point;
 pub mod record_cache;
+pub mod replica_verify;
 pub mod resync_span;
 pub mod timeline;
 

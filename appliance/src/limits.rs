@@ -74,5 +74,8 @@ pub const UNDO_CHUNK_BYTES_MAX: u64 = 4 * 1024 * 1024;
 /// would otherwise read and CRC-check it once per block.
 pub const IMAGE_RECORD_CACHE_BYTES_MAX: usize = 64 * 1024 * 1024;
 
+/// Payloads image reads keep cached, whatever their size.
+pub const IMAGE_RECORD_CACHE_ENTRIES_MAX: usize = 4096;
+
 /// Images open at once on an appliance.
 pub const IMAGES_MAX: usize = 64;

@@ -1,14 +1,20 @@
 //! The appliance's end of split links: welcomes a splitter, checks each change, queues it for the journal.
+//!
+//! Checksum requests (verified seeding) are handed to a per-connection task in
+//! `replica_verify.rs`, so waiting for distribution never holds up this volume's appends.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use cdp_journal::{RecordIn, RecordKind};
+use cdp_link::limits::CHECKSUM_REQUESTS_IN_FLIGHT_MAX;
 use cdp_link::{LinkError, LinkStream, Message};
+use tokio::sync::mpsc;
 
 use crate::group::{ConnectionProgress, Group, GroupVolume};
 use crate::limits::{APPEND_BATCH_BYTES_MAX, APPEND_BATCH_ITEMS_MAX};
+use crate::replica_verify::{self, ChecksumAsk};
 
 /// Releases a volume's "connected" mark when its connection ends, however it ends.
 struct ConnectedGuard(Arc<GroupVolume>);
@@ -92,10 +98,17 @@ pub async fn serve_link(groups: Arc<Vec<Arc<Group>>>, stream: LinkStream) {
     let _connected = ConnectedGuard(Arc::clone(&volume));
     let last_journaled = volume.last_source_seq.load(Ordering::Relaxed);
     let progress = ConnectionProgress::new(last_journaled);
+    let v = Arc::clone(&volume);
+    let replica_holds_data =
+        tokio::task::spawn_blocking(move || replica_verify::replica_holds_data(&v))
+            .await
+            // A panicked check tells nothing; verifying is correct either way.
+            .unwrap_or(true);
     if writer
         .send(&Message::Welcome {
             volume_id: volume.id,
             last_source_seq: last_journaled,
+            replica_holds_data,
         })
         .await
         .is_err()
@@ -103,9 +116,30 @@ pub async fn serve_link(groups: Arc<Vec<Arc<Group>>>, stream: LinkStream) {
     {
         return;
     }
-    tracing::info!(volume = %volume_name, splitter_id = format!("{splitter_id:016x}"), last_journaled, "splitter connected");
+    tracing::info!(volume = %volume_name, splitter_id = format!("{splitter_id:016x}"), last_journaled, replica_holds_data, "splitter connected");
 
-    let receive = receive_changes(&group, &volume, &progress, &mut reader, last_journaled);
+    let (asks_tx, asks_rx) = mpsc::channel(CHECKSUM_REQUESTS_IN_FLIGHT_MAX);
+    let (answers_tx, mut answers_rx) = mpsc::channel(CHECKSUM_REQUESTS_IN_FLIGHT_MAX);
+    let checksums = async {
+        replica_verify::answer_checksum_requests(
+            Arc::clone(&group),
+            Arc::clone(&volume),
+            asks_rx,
+            answers_tx,
+        )
+        .await
+        .map_err(LinkError::Protocol)?;
+        // The receive half dropped its end: the connection is ending anyway.
+        std::future::pending::<Result<(), LinkError>>().await
+    };
+    let receive = receive_changes(
+        &group,
+        &volume,
+        &progress,
+        &mut reader,
+        last_journaled,
+        &asks_tx,
+    );
     // Subscribe before either future runs: a change appended by `receive` before `send` is
     // first polled must still be seen as new, or its Ack would never be sent.
     let mut acked = progress.acked.subscribe();
@@ -124,6 +158,9 @@ pub async fn serve_link(groups: Arc<Vec<Arc<Group>>>, stream: LinkStream) {
                     let source_seq = *durable.borrow_and_update();
                     writer.send(&Message::Durable { source_seq }).await?;
                 }
+                Some(answer) = answers_rx.recv() => {
+                    writer.send(&answer).await?;
+                }
                 _ = failure.changed() => {
                     let reason = failure.borrow_and_update().clone().unwrap_or_default();
                     writer.send(&Message::Refuse { reason: format!("group {} is fenced: {reason}", group.name) }).await?;
@@ -137,6 +174,7 @@ pub async fn serve_link(groups: Arc<Vec<Arc<Group>>>, stream: LinkStream) {
     let result: Result<(), LinkError> = tokio::select! {
         r = receive => r,
         r = send => r,
+        r = checksums => r,
     };
     match result {
         Ok(()) | Err(LinkError::Closed) => {
@@ -152,9 +190,13 @@ async fn receive_changes(
     progress: &Arc<ConnectionProgress>,
     reader: &mut cdp_link::FrameReader,
     last_journaled: u64,
+    checksum_asks: &mpsc::Sender<ChecksumAsk>,
 ) -> Result<(), LinkError> {
     let mut last_received = last_journaled;
     let mut batch: Vec<RecordIn> = Vec::with_capacity(APPEND_BATCH_ITEMS_MAX);
+    // Checksum requests of this batch: answered for the journal as it stands after the
+    // batch's changes, which the splitter sent before them, are appended.
+    let mut checksum_requests: Vec<(u64, u64, u32)> = Vec::new();
     loop {
         // Take one frame, then every whole frame already buffered: one journal append and one
         // Ack then serve all of them, without ever waiting for more input to fill a batch.
@@ -170,6 +212,20 @@ async fn receive_changes(
                         )));
                     }
                     flush_through = Some(source_seq);
+                }
+                Message::ChecksumRequest {
+                    offset,
+                    length,
+                    region_bytes,
+                } => {
+                    // Checked here too, so a flood of requests inside one batch is refused
+                    // before it is collected, not after.
+                    if checksum_requests.len() >= CHECKSUM_REQUESTS_IN_FLIGHT_MAX {
+                        return Err(LinkError::Protocol(format!(
+                            "more than {CHECKSUM_REQUESTS_IN_FLIGHT_MAX} checksum requests in flight"
+                        )));
+                    }
+                    checksum_requests.push((offset, length, region_bytes));
                 }
                 change => {
                     let record = check_change(change, volume, last_received)?;
@@ -188,6 +244,16 @@ async fn receive_changes(
                 .map_err(|e| LinkError::Refused(format!("group {} is fenced: {e}", group.name)))?;
             batch.clear();
             cdp_link::watermark::raise(&progress.acked, last_received);
+        }
+        for (offset, length, region_bytes) in checksum_requests.drain(..) {
+            let through = group.last_seq();
+            let ask = ChecksumAsk::new(volume, offset, length, region_bytes, through)
+                .map_err(LinkError::Protocol)?;
+            checksum_asks.try_send(ask).map_err(|_| {
+                LinkError::Protocol(format!(
+                    "more than {CHECKSUM_REQUESTS_IN_FLIGHT_MAX} checksum requests in flight"
+                ))
+            })?;
         }
         if let Some(source_seq) = flush_through {
             group

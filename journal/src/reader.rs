@@ -174,6 +174,9 @@ fn to_record(h: &RecordHeader, payload: bytes::Bytes) -> Record {
     }
 }
 
+/// What `read_one` reads in its first pread: a header and a 4 KiB write, compressed or not.
+const SINGLE_READ_BYTES: u64 = 8192 + RECORD_HEADER_LEN as u64;
+
 /// Reads the single record `seq` at `offset` of `segment` with exact-size reads (no
 /// read-ahead: callers jump around), checking its CRC and decompressing its payload.
 pub(crate) fn read_one(
@@ -189,8 +192,13 @@ pub(crate) fn read_one(
             "no record of seq {seq} here: the segment ends at {limit}"
         )));
     }
+    // One read covers the header and a small record's payload; a bigger payload takes a
+    // second read of exactly its size.
+    let first_len = (limit - offset).min(SINGLE_READ_BYTES) as usize;
+    let mut first = vec![0u8; first_len];
+    read_exact_at(segment, &mut first, offset)?;
     let mut head = [0u8; RECORD_HEADER_LEN];
-    read_exact_at(segment, &mut head, offset)?;
+    head.copy_from_slice(&first[..RECORD_HEADER_LEN]);
     let h = RecordHeader::decode(&head).map_err(|c| corrupt(c.0))?;
     if h.seq != seq {
         return Err(corrupt(format!(
@@ -202,14 +210,20 @@ pub(crate) fn read_one(
         return Err(corrupt("record runs past the end of the segment".into()));
     }
     // `payload_len` was bounded by `RecordHeader::decode` before this allocation.
-    let mut payload = vec![0u8; h.payload_len as usize];
-    read_exact_at(segment, &mut payload, offset + RECORD_HEADER_LEN as u64)?;
+    let payload_len = h.payload_len as usize;
+    let payload = if RECORD_HEADER_LEN + payload_len <= first.len() {
+        bytes::Bytes::from(first).slice(RECORD_HEADER_LEN..RECORD_HEADER_LEN + payload_len)
+    } else {
+        let mut payload = vec![0u8; payload_len];
+        read_exact_at(segment, &mut payload, offset + RECORD_HEADER_LEN as u64)?;
+        bytes::Bytes::from(payload)
+    };
     h.verify(&head, group_id, segment.index, &payload)
         .map_err(|c| corrupt(c.0))?;
     let payload = if h.flags & RECORD_FLAG_ZSTD != 0 {
         decompress(&payload, h.length).map_err(corrupt)?
     } else {
-        bytes::Bytes::from(payload)
+        payload
     };
     Ok(to_record(&h, payload))
 }

@@ -108,30 +108,39 @@ pub async fn run(
         },
     ));
     let mut tasks = tokio::task::JoinSet::new();
-    if let Some(path) = &config.control {
-        let listener = cdp_link::codec::bind_unix(path)?;
-        let links: std::collections::BTreeMap<String, Arc<SplitLink>> = volumes
-            .iter()
-            .map(|(name, _, link)| (name.clone(), Arc::clone(link)))
-            .collect();
-        tasks.spawn(async move {
-            control::serve_control(listener, Arc::new(links)).await;
-            Ok(())
-        });
-    }
+    let mut nbd_endpoints = Vec::new();
     if let Some(path) = &config.nbd_unix {
         let listener = cdp_link::codec::bind_unix(path)?;
         tracing::info!("NBD listening on unix:{}", path.display());
+        nbd_endpoints.push(format!("unix:{}", path.display()));
         let server = Arc::clone(&server);
         let stop = stopped(stop_rx.clone());
         tasks.spawn(async move { server.serve_unix(listener, stop).await });
     }
     if let Some(addr) = &config.nbd_tcp {
         let listener = tokio::net::TcpListener::bind(addr).await?;
-        tracing::info!("NBD listening on {}", listener.local_addr()?);
+        let local = listener.local_addr()?;
+        tracing::info!("NBD listening on {local}");
+        // The bound address, not the configured one: port 0 picks a free port.
+        nbd_endpoints.push(local.to_string());
         let server = Arc::clone(&server);
         let stop = stopped(stop_rx.clone());
         tasks.spawn(async move { server.serve_tcp(listener, stop).await });
+    }
+    if let Some(path) = &config.control {
+        let listener = cdp_link::codec::bind_unix(path)?;
+        let control = control::Control {
+            links: volumes
+                .iter()
+                .map(|(name, _, link)| (name.clone(), Arc::clone(link)))
+                .collect(),
+            registry: server.registry().clone(),
+            nbd_endpoints,
+        };
+        tasks.spawn(async move {
+            control::serve_control(listener, Arc::new(control)).await;
+            Ok(())
+        });
     }
     tracing::info!(volumes = volumes.len(), "splitter ready");
 

@@ -23,6 +23,24 @@ pub const RESYNC_REPORT_INTERVAL: std::time::Duration = std::time::Duration::fro
 /// Longest pause between reconnect attempts to the appliance.
 pub const RECONNECT_BACKOFF_MS_MAX: u64 = 2000;
 
+/// Bytes one checksum covers when a resync verifies (verified seeding); at least one bitmap
+/// region. Larger means fewer checksums to compute and exchange, but a single differing byte
+/// then copies more.
+pub const VERIFY_REGION_BYTES: u64 = 1024 * 1024;
+
+/// Checksum regions asked for in one request: 64 MiB of production and of replica read and
+/// hashed per round trip, enough to hide the round trip behind the hashing.
+pub const VERIFY_REQUEST_REGIONS_MAX: u64 = 64;
+
+/// Extra verify rounds for regions whose checksums differed while the host was writing them
+/// (the two sides may have hashed different moments); still differing after these, they are
+/// copied. Bounds the time a busy region delays the end of a resync.
+pub const VERIFY_RETRIES_MAX: u32 = 3;
+
+const _: () = assert!(VERIFY_REGION_BYTES.is_power_of_two());
+const _: () =
+    assert!(VERIFY_REQUEST_REGIONS_MAX as usize <= cdp_link::limits::CHECKSUMS_PER_REQUEST_MAX);
+
 /// A host request is at most 32 MiB, which must fit in the unacked window or it could never start.
 const _: () = assert!(UNACKED_BYTES_MAX >= 2 * 32 * 1024 * 1024);
 const _: () = assert!(UNACKED_BYTES_MAX <= u32::MAX as usize);

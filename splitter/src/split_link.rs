@@ -12,15 +12,24 @@
 //! changes are only marked, so the host keeps being served; after the reconnect the marked
 //! regions are copied from production into the journal (resync), in order with new writes
 //! because the copy is taken under the same lock.
+//!
+//! A resync may first verify (verified seeding): it compares each region's checksum in
+//! production with the replica's, asked over the link, and copies only regions that differ.
+//! Why a host write racing the comparison cannot leave a wrong region uncopied is explained
+//! in ARCHITECTURE.md, "Verified seeding".
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use cdp_link::checksum::{region_checksum, RegionChecksum};
+use cdp_link::limits::{
+    CHECKSUM_REGION_BYTES_MAX, CHECKSUM_REGION_BYTES_MIN, CHECKSUM_REQUESTS_IN_FLIGHT_MAX,
+};
 use cdp_link::{watermark, LinkError, LinkStream, Message};
 use cdp_types::{BlockFile, Endpoint};
-use tokio::sync::{oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::OnApplianceLoss;
 use crate::dirty_bitmap::DirtyBitmap;
@@ -28,6 +37,7 @@ use crate::limits::{
     CHANGE_OVERHEAD_BYTES, RECONNECT_BACKOFF_MS_MAX, SEND_BATCH_MESSAGES_MAX, UNACKED_BYTES_MAX,
 };
 use crate::limits::{RESYNC_REPORT_INTERVAL, RESYNC_ZERO_RUN_BYTES_MAX};
+use crate::limits::{VERIFY_REGION_BYTES, VERIFY_REQUEST_REGIONS_MAX, VERIFY_RETRIES_MAX};
 
 /// A change waiting for the appliance's Ack.
 struct Pending {
@@ -70,6 +80,16 @@ struct Queue {
     resync_pending: BTreeSet<u64>,
     /// The link is down and the policy is `mark`: changes are marked, not queued.
     marking: bool,
+    /// Checksum requests of a verifying resync, each sent once every change up to its seq is
+    /// on the wire, so the appliance's answer covers every change production held when it
+    /// was asked.
+    checksum_requests: VecDeque<(u64, Message)>,
+    /// Checksum regions (index, by `verify_region_bytes`) being compared right now, and
+    /// whether the host wrote to them since their production checksum was started: a
+    /// mismatch there may be the two sides hashing different moments, so it is verified
+    /// again rather than copied at once.
+    verify_watch: BTreeMap<u64, bool>,
+    verify_region_bytes: u64,
 }
 
 impl Queue {
@@ -105,6 +125,18 @@ impl Queue {
         }
     }
 
+    /// Notes a host change for the checksum regions being compared (see `verify_watch`).
+    fn note_verify_write(&mut self, offset: u64, length: u64) {
+        if self.verify_watch.is_empty() || self.verify_region_bytes == 0 {
+            return;
+        }
+        let first = offset / self.verify_region_bytes;
+        let last = (offset + length.max(1) - 1) / self.verify_region_bytes;
+        for (_, written) in self.verify_watch.range_mut(first..=last) {
+            *written = true;
+        }
+    }
+
     fn mark(&mut self, regions: std::ops::Range<u64>) {
         for region in regions {
             self.bitmap.set(region);
@@ -132,6 +164,8 @@ pub struct SplitLink {
     resync_copied_bytes: AtomicU64,
     resync_wake: Notify,
     progress: Mutex<ResyncProgress>,
+    /// The last Welcome said the replica holds data: a first initialization verifies.
+    replica_holds_data: AtomicBool,
 }
 
 /// Why regions are being copied.
@@ -146,12 +180,29 @@ pub enum ResyncReason {
     Full,
 }
 
+/// How a resync decides which regions to copy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResyncMethod {
+    /// Copy every pending region.
+    #[default]
+    Copy,
+    /// Compare each pending region's checksum with the replica's; copy only those that differ.
+    Verify,
+}
+
 #[derive(Default)]
 struct ResyncProgress {
     reason: ResyncReason,
+    method: ResyncMethod,
     started: Option<Instant>,
     total_bytes: u64,
+    /// Bytes settled: found equal by verification, or copied.
     done_bytes: u64,
+    /// Bytes whose checksums were compared with the replica's.
+    verified_bytes: u64,
+    /// Payload bytes this resync copied into the journal.
+    copied_bytes: u64,
 }
 
 impl ResyncProgress {
@@ -176,12 +227,22 @@ pub struct VolumeState {
     /// Payload bytes copied by resyncs since the splitter started.
     pub resync_copied_bytes: u64,
     pub resync: Option<ResyncState>,
+    /// Hosts attached over NBD (connections in the transmission phase); filled in by the
+    /// control socket, which knows the NBD server.
+    pub nbd_clients: usize,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ResyncState {
+    /// copy, or verify (compare checksums with the replica, copy only what differs).
+    pub method: ResyncMethod,
     pub total_bytes: u64,
+    /// Bytes settled: found equal to the replica, or copied (zero runs count without payload).
     pub done_bytes: u64,
+    /// Bytes compared with the replica by checksum (verify only).
+    pub verified_bytes: u64,
+    /// Payload bytes this resync copied into the journal.
+    pub copied_bytes: u64,
     pub percent: f64,
     pub rate_bytes_per_s: u64,
     pub seconds_left: Option<u64>,
@@ -202,6 +263,29 @@ enum Readiness {
     Waiting,
     Ready,
     Refused(String),
+}
+
+/// The checksum answers of one connection, and how many requests still await theirs.
+struct ChecksumReplies {
+    answers: mpsc::Receiver<Message>,
+    outstanding: usize,
+}
+
+/// A checksum request sent and waiting for its answer.
+struct ChecksumInFlight {
+    /// First checksum region (index by the verify region size) and how many.
+    first: u64,
+    count: u64,
+    production: Vec<RegionChecksum>,
+}
+
+/// Why verification stopped before deciding every region.
+enum VerifyStop {
+    /// The link broke; the regions stay pending for the next connection.
+    LinkLost,
+    /// Verification cannot be used (a bad answer, a production read error); the remaining
+    /// regions are copied instead.
+    Unusable(String),
 }
 
 /// Room in the unacked window for one change; released when the change is acknowledged.
@@ -234,6 +318,9 @@ impl SplitLink {
                 touched: Vec::new(),
                 resync_pending,
                 marking: false,
+                checksum_requests: VecDeque::new(),
+                verify_watch: BTreeMap::new(),
+                verify_region_bytes: 0,
             }),
             wake_sender: Notify::new(),
             acked: watch::Sender::new(0),
@@ -247,6 +334,7 @@ impl SplitLink {
             resync_copied_bytes: AtomicU64::new(0),
             resync_wake: Notify::new(),
             progress: Mutex::new(ResyncProgress::default()),
+            replica_holds_data: AtomicBool::new(false),
         });
         tokio::spawn(Arc::clone(&link).run_connections());
         link
@@ -301,6 +389,7 @@ impl SplitLink {
             }
         }
         apply()?;
+        queue.note_verify_write(offset, length);
         if queue.marking {
             queue.mark(regions);
             return Ok(Submitted::Marked);
@@ -410,8 +499,14 @@ impl SplitLink {
         writer.flush().await?;
         let last_journaled = match reader.read().await? {
             Message::Welcome {
-                last_source_seq, ..
-            } => last_source_seq,
+                last_source_seq,
+                replica_holds_data,
+                ..
+            } => {
+                self.replica_holds_data
+                    .store(replica_holds_data, Ordering::Relaxed);
+                last_source_seq
+            }
             Message::Refuse { reason } => {
                 tracing::error!(volume = %self.volume, "appliance refused the volume: {reason}");
                 return Err(LinkError::Refused(reason));
@@ -427,6 +522,11 @@ impl SplitLink {
         self.ready.send_replace(Readiness::Ready);
         tracing::info!(volume = %self.volume, last_journaled, "split link connected");
 
+        let (answers_tx, answers) = mpsc::channel(CHECKSUM_REQUESTS_IN_FLIGHT_MAX);
+        let mut replies = ChecksumReplies {
+            answers,
+            outstanding: 0,
+        };
         let receive = async {
             loop {
                 match reader.read().await? {
@@ -435,6 +535,13 @@ impl SplitLink {
                         watermark::raise(&self.durable, source_seq);
                     }
                     Message::Refuse { reason } => return Err(LinkError::Refused(reason)),
+                    answer @ Message::Checksums { .. } => {
+                        // The verify keeps at most CHECKSUM_REQUESTS_IN_FLIGHT_MAX requests
+                        // unanswered, so a full channel means answers nobody asked for.
+                        answers_tx.try_send(answer).map_err(|_| {
+                            LinkError::Protocol("checksums the splitter did not ask for".into())
+                        })?;
+                    }
                     other => {
                         return Err::<(), LinkError>(LinkError::Protocol(format!(
                             "unexpected message from appliance: {other:?}"
@@ -461,7 +568,7 @@ impl SplitLink {
         };
         let resync = async {
             loop {
-                self.resync().await;
+                self.resync(&mut replies).await;
                 self.resync_wake.notified().await;
             }
         };
@@ -508,6 +615,9 @@ impl SplitLink {
         queue.sent_through = last_journaled;
         queue.flush_sent = 0;
         queue.marking = false;
+        // Requests and comparisons of the old connection will never be answered.
+        queue.checksum_requests.clear();
+        queue.verify_watch.clear();
         queue.clear_settled_regions();
         drop(queue);
         // Durable marks of the old connection say nothing about renumbered changes.
@@ -551,10 +661,21 @@ impl SplitLink {
     }
 
     /// Marks every region for resync (first-time initialization or `cdp volume resync`) and
-    /// wakes the resync task.
+    /// wakes the resync task. A first initialization verifies instead of copying when the
+    /// appliance says the replica holds data (see `resync`).
     pub fn request_full_resync(&self, why: ResyncReason) {
-        // The reason first: the resync task may start as soon as regions are pending.
-        self.lock_progress().reason = why;
+        self.request_resync(why, ResyncMethod::Copy);
+    }
+
+    /// Marks every region for a resync by `method` and wakes the resync task. A resync
+    /// already running keeps its method for the regions it has not reached.
+    pub fn request_resync(&self, why: ResyncReason, method: ResyncMethod) {
+        // Reason and method first: the resync task may start as soon as regions are pending.
+        {
+            let mut progress = self.lock_progress();
+            progress.reason = why;
+            progress.method = method;
+        }
         let mut queue = self.lock_queue();
         for region in 0..queue.bitmap.regions() {
             queue.bitmap.set(region);
@@ -567,7 +688,8 @@ impl SplitLink {
     /// Copies every region marked for resync from production into the journal, in order with
     /// host writes (each copy is taken under the queue lock). Holes and all-zero regions go
     /// as Zero changes without payload, consecutive ones merged. Stops if the link drops.
-    async fn resync(&self) {
+    /// When verifying, regions whose checksum equals the replica's are dropped first.
+    async fn resync(&self, replies: &mut ChecksumReplies) {
         let (total, region_bytes) = {
             let queue = self.lock_queue();
             (
@@ -578,12 +700,21 @@ impl SplitLink {
         if total == 0 {
             return;
         }
-        let reason = {
+        let (reason, method) = {
             let mut progress = self.lock_progress();
             progress.total_bytes = total * region_bytes;
             progress.done_bytes = 0;
+            progress.verified_bytes = 0;
+            progress.copied_bytes = 0;
             progress.started = Some(Instant::now());
-            progress.reason
+            // First protection of a volume whose replica already holds data: it was most
+            // likely seeded by other means (a copy of the disk), so only differences travel.
+            if progress.reason == ResyncReason::Initial
+                && self.replica_holds_data.load(Ordering::Relaxed)
+            {
+                progress.method = ResyncMethod::Verify;
+            }
+            (progress.reason, progress.method)
         };
         let before = self.resync_copied_bytes();
         tracing::info!(
@@ -591,6 +722,7 @@ impl SplitLink {
             regions = total,
             bytes = total * region_bytes,
             ?reason,
+            ?method,
             "resync started"
         );
         let mut last_report = Instant::now();
@@ -602,6 +734,18 @@ impl SplitLink {
             self.push_marker(&mut queue, |source_seq| Message::ResyncStart { source_seq });
         }
         self.wake_sender.notify_one();
+        if method == ResyncMethod::Verify {
+            match self.verify_pending(region_bytes, replies).await {
+                Ok(()) => {}
+                Err(VerifyStop::LinkLost) => {
+                    tracing::warn!(volume = %self.volume, "resync verification interrupted by link loss");
+                    return;
+                }
+                Err(VerifyStop::Unusable(why)) => {
+                    tracing::warn!(volume = %self.volume, "resync verification stopped: {why}; copying the remaining regions");
+                }
+            }
+        }
         loop {
             let permit = self.reserve(region_bytes as usize).await;
             let mut queue = self.lock_queue();
@@ -633,7 +777,11 @@ impl SplitLink {
             self.resync_copied_bytes
                 .fetch_add(copied, Ordering::Relaxed);
             let done = (end_region - region - 1) * region_bytes + length;
-            self.lock_progress().done_bytes += done;
+            {
+                let mut progress = self.lock_progress();
+                progress.done_bytes += done;
+                progress.copied_bytes += copied;
+            }
             if last_report.elapsed() >= RESYNC_REPORT_INTERVAL {
                 last_report = Instant::now();
                 let p = self.lock_progress();
@@ -650,15 +798,243 @@ impl SplitLink {
             .started
             .take()
             .map_or(0.0, |s| s.elapsed().as_secs_f64());
+        let verified_bytes = self.lock_progress().verified_bytes;
         tracing::info!(
             volume = %self.volume,
             regions = total,
+            verified_bytes,
             copied_bytes = self.resync_copied_bytes() - before,
             seconds,
             ?reason,
+            ?method,
             "resync complete"
         );
-        self.lock_progress().reason = ResyncReason::Dirty;
+        let mut progress = self.lock_progress();
+        progress.reason = ResyncReason::Dirty;
+        progress.method = ResyncMethod::Copy;
+    }
+
+    /// Verified seeding: compares the checksum of every checksum region holding pending
+    /// regions with the replica's, and drops the pending regions of those that are equal, so
+    /// the copy that follows moves only what differs.
+    async fn verify_pending(
+        &self,
+        bitmap_region_bytes: u64,
+        replies: &mut ChecksumReplies,
+    ) -> Result<(), VerifyStop> {
+        // Both powers of two, so the larger is a whole number of bitmap regions.
+        let checksum_region_bytes = VERIFY_REGION_BYTES.max(bitmap_region_bytes);
+        if checksum_region_bytes > u64::from(CHECKSUM_REGION_BYTES_MAX)
+            || checksum_region_bytes < u64::from(CHECKSUM_REGION_BYTES_MIN)
+        {
+            return Err(VerifyStop::Unusable(format!(
+                "bitmap regions of {bitmap_region_bytes} bytes cannot be verified"
+            )));
+        }
+        // Answers to requests of a verify abandoned earlier on this connection come first.
+        while replies.outstanding > 0 {
+            replies.answers.recv().await.ok_or(VerifyStop::LinkLost)?;
+            replies.outstanding -= 1;
+        }
+        let per_checksum = checksum_region_bytes / bitmap_region_bytes;
+        let mut todo: Vec<u64> = {
+            let mut queue = self.lock_queue();
+            queue.verify_watch.clear();
+            queue.verify_region_bytes = checksum_region_bytes;
+            let mut todo: Vec<u64> = queue
+                .resync_pending
+                .iter()
+                .map(|r| r / per_checksum)
+                .collect();
+            todo.dedup();
+            todo
+        };
+        let mut round = 0;
+        let result = loop {
+            let may_retry = round < VERIFY_RETRIES_MAX;
+            match self
+                .verify_round(
+                    &todo,
+                    checksum_region_bytes,
+                    per_checksum,
+                    may_retry,
+                    replies,
+                )
+                .await
+            {
+                Ok(retry) if retry.is_empty() => break Ok(()),
+                Ok(retry) => {
+                    tracing::debug!(volume = %self.volume, regions = retry.len(), "verifying regions written during the comparison again");
+                    todo = retry;
+                    round += 1;
+                }
+                Err(stop) => break Err(stop),
+            }
+        };
+        let mut queue = self.lock_queue();
+        queue.verify_watch.clear();
+        queue.verify_region_bytes = 0;
+        result
+    }
+
+    /// One pass over `todo` (checksum region indexes, ascending), with up to
+    /// CHECKSUM_REQUESTS_IN_FLIGHT_MAX requests in flight. Returns the regions to verify again.
+    async fn verify_round(
+        &self,
+        todo: &[u64],
+        checksum_region_bytes: u64,
+        per_checksum: u64,
+        may_retry: bool,
+        replies: &mut ChecksumReplies,
+    ) -> Result<Vec<u64>, VerifyStop> {
+        let mut runs = contiguous_runs(todo, VERIFY_REQUEST_REGIONS_MAX).into_iter();
+        let mut in_flight: VecDeque<ChecksumInFlight> = VecDeque::new();
+        let mut retry = Vec::new();
+        let mut last_report = Instant::now();
+        loop {
+            while in_flight.len() < CHECKSUM_REQUESTS_IN_FLIGHT_MAX {
+                let Some((first, count)) = runs.next() else {
+                    break;
+                };
+                in_flight.push_back(
+                    self.ask_checksums(first, count, checksum_region_bytes)
+                        .await?,
+                );
+                replies.outstanding += 1;
+            }
+            let Some(asked) = in_flight.pop_front() else {
+                return Ok(retry);
+            };
+            let answer = replies.answers.recv().await.ok_or(VerifyStop::LinkLost)?;
+            replies.outstanding -= 1;
+            let sums = match answer {
+                Message::Checksums {
+                    offset,
+                    region_bytes,
+                    sums,
+                } if offset == asked.first * checksum_region_bytes
+                    && u64::from(region_bytes) == checksum_region_bytes
+                    && sums.len() as u64 == asked.count =>
+                {
+                    sums
+                }
+                other => {
+                    return Err(VerifyStop::Unusable(format!(
+                        "the appliance answered checksums for {} regions at {} with {other:?}",
+                        asked.count,
+                        asked.first * checksum_region_bytes
+                    )))
+                }
+            };
+            self.settle_compared(
+                &asked,
+                &sums,
+                checksum_region_bytes,
+                per_checksum,
+                may_retry,
+                &mut retry,
+            );
+            if last_report.elapsed() >= RESYNC_REPORT_INTERVAL {
+                last_report = Instant::now();
+                let p = self.lock_progress();
+                tracing::info!(volume = %self.volume, "resync verify {:.1}% ({} bytes compared, {} equal or copied of {})", p.percent(), p.verified_bytes, p.done_bytes, p.total_bytes);
+            }
+        }
+    }
+
+    /// Starts watching `count` checksum regions from `first` for host writes, checksums them
+    /// in production (blocking pool) and queues the request for the replica's checksums.
+    async fn ask_checksums(
+        &self,
+        first: u64,
+        count: u64,
+        checksum_region_bytes: u64,
+    ) -> Result<ChecksumInFlight, VerifyStop> {
+        let offset = first * checksum_region_bytes;
+        let length = (count * checksum_region_bytes).min(self.size - offset);
+        {
+            let mut queue = self.lock_queue();
+            if queue.marking || !self.is_connected() {
+                return Err(VerifyStop::LinkLost);
+            }
+            // Watch before hashing: a write landing while production is read must be seen.
+            for region in first..first + count {
+                queue.verify_watch.insert(region, false);
+            }
+        }
+        let production = Arc::clone(&self.production);
+        let sums = tokio::task::spawn_blocking(move || {
+            production_checksums(&production, offset, length, checksum_region_bytes)
+        })
+        .await
+        .map_err(|e| VerifyStop::Unusable(format!("checksum task failed: {e}")))?
+        .map_err(|e| VerifyStop::Unusable(format!("production read at {offset}: {e}")))?;
+        {
+            let mut queue = self.lock_queue();
+            if queue.marking || !self.is_connected() {
+                return Err(VerifyStop::LinkLost);
+            }
+            let after = queue.last_seq;
+            queue.checksum_requests.push_back((
+                after,
+                Message::ChecksumRequest {
+                    offset,
+                    length,
+                    // Bounded by CHECKSUM_REGION_BYTES_MAX in verify_pending.
+                    region_bytes: checksum_region_bytes as u32,
+                },
+            ));
+        }
+        self.wake_sender.notify_one();
+        Ok(ChecksumInFlight {
+            first,
+            count,
+            production: sums,
+        })
+    }
+
+    /// Decides each compared checksum region: equal ones leave the pending set (their bits
+    /// clear once the journal has everything queued meanwhile); differing ones stay pending
+    /// for the copy, or go back to `retry` when the host wrote to them during the comparison.
+    fn settle_compared(
+        &self,
+        asked: &ChecksumInFlight,
+        replica: &[RegionChecksum],
+        checksum_region_bytes: u64,
+        per_checksum: u64,
+        may_retry: bool,
+        retry: &mut Vec<u64>,
+    ) {
+        let mut equal_bytes = 0;
+        let mut verified_bytes = 0;
+        let mut queue = self.lock_queue();
+        let bitmap_region_bytes = queue.bitmap.region_bytes();
+        let bitmap_regions = queue.bitmap.regions();
+        for (i, (ours, theirs)) in asked.production.iter().zip(replica).enumerate() {
+            let region = asked.first + i as u64;
+            let written = queue.verify_watch.remove(&region).unwrap_or(false);
+            if ours != theirs && written && may_retry {
+                retry.push(region);
+                continue;
+            }
+            let start = region * checksum_region_bytes;
+            verified_bytes += checksum_region_bytes.min(self.size - start);
+            if ours != theirs {
+                continue;
+            }
+            let first = region * per_checksum;
+            for bit in first..(first + per_checksum).min(bitmap_regions) {
+                if queue.resync_pending.remove(&bit) {
+                    queue.touched.push(bit);
+                    equal_bytes += bitmap_region_bytes.min(self.size - bit * bitmap_region_bytes);
+                }
+            }
+        }
+        queue.clear_settled_regions();
+        drop(queue);
+        let mut progress = self.lock_progress();
+        progress.done_bytes += equal_bytes;
+        progress.verified_bytes += verified_bytes;
     }
 
     /// Queues a resync marker (start or end) in the change stream, under the queue lock so it
@@ -747,8 +1123,11 @@ impl SplitLink {
             let rate = progress.done_bytes as f64 / seconds;
             let left = progress.total_bytes.saturating_sub(progress.done_bytes);
             ResyncState {
+                method: progress.method,
                 total_bytes: progress.total_bytes,
                 done_bytes: progress.done_bytes,
+                verified_bytes: progress.verified_bytes,
+                copied_bytes: progress.copied_bytes,
                 percent: progress.percent(),
                 rate_bytes_per_s: rate as u64,
                 seconds_left: if rate > 0.0 {
@@ -777,6 +1156,7 @@ impl SplitLink {
             dirty_bytes: pending * region_bytes,
             resync_copied_bytes: self.resync_copied_bytes(),
             resync,
+            nbd_clients: 0,
         }
     }
 
@@ -797,6 +1177,15 @@ impl SplitLink {
             last = pending.source_seq;
         }
         queue.sent_through = last;
+        while queue
+            .checksum_requests
+            .front()
+            .is_some_and(|(after, _)| *after <= last)
+        {
+            if let Some((_, request)) = queue.checksum_requests.pop_front() {
+                batch.push(request);
+            }
+        }
         // A flush may only be sent once every change it covers is on the wire ahead of it.
         if queue.flush_requested > queue.flush_sent && queue.flush_requested <= last {
             batch.push(Message::Flush {
@@ -805,6 +1194,52 @@ impl SplitLink {
             queue.flush_sent = queue.flush_requested;
         }
     }
+}
+
+/// Checksums production's regions of `region_bytes` in `offset..offset + length` (the last
+/// may be short). Holes are not read: their checksum is that of zeroes.
+fn production_checksums(
+    production: &BlockFile,
+    offset: u64,
+    length: u64,
+    region_bytes: u64,
+) -> std::io::Result<Vec<RegionChecksum>> {
+    let end = offset + length;
+    let mut sums = Vec::with_capacity(length.div_ceil(region_bytes) as usize);
+    let mut zeroes: Option<(usize, RegionChecksum)> = None;
+    let mut at = offset;
+    while at < end {
+        let len = region_bytes.min(end - at);
+        let hole = production.next_data(at)?.is_some_and(|d| d >= at + len);
+        if hole {
+            let sum = match zeroes {
+                Some((n, sum)) if n == len as usize => sum,
+                _ => {
+                    let sum = region_checksum(&vec![0u8; len as usize]);
+                    zeroes = Some((len as usize, sum));
+                    sum
+                }
+            };
+            sums.push(sum);
+        } else {
+            sums.push(region_checksum(&production.read_at(at, len as usize)?));
+        }
+        at += len;
+    }
+    Ok(sums)
+}
+
+/// Splits ascending indexes into runs of consecutive ones, each at most `run_max` long:
+/// (first, count).
+fn contiguous_runs(indexes: &[u64], run_max: u64) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &i in indexes {
+        match runs.last_mut() {
+            Some((first, count)) if *first + *count == i && *count < run_max => *count += 1,
+            _ => runs.push((i, 1)),
+        }
+    }
+    runs
 }
 
 /// Forgets changes the journal has and wakes the host requests that waited for them.
@@ -816,5 +1251,46 @@ fn pop_acked(unacked: &mut VecDeque<Pending>, through: u64) {
         {
             let _ = tx.send(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn production_checksums_cover_holes_data_and_a_short_last_region() {
+        // Holes are not read but must checksum like the zeroes they read as, and the last
+        // region, cut by the volume's end, must checksum its own length only.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.img");
+        let region = 64 * 1024u64;
+        let size = 2 * region + 4096;
+        {
+            let f = std::fs::File::create(&path).unwrap();
+            f.set_len(size).unwrap();
+            std::os::unix::fs::FileExt::write_all_at(&f, &[7u8; 100], region + 5).unwrap();
+        }
+        let production = BlockFile::open(&path, true).unwrap();
+        let sums = production_checksums(&production, 0, size, region).unwrap();
+        let mut data = vec![0u8; region as usize];
+        data[5..105].fill(7);
+        assert_eq!(
+            sums,
+            vec![
+                region_checksum(&vec![0u8; region as usize]),
+                region_checksum(&data),
+                region_checksum(&[0u8; 4096]),
+            ]
+        );
+    }
+
+    #[test]
+    fn runs_split_at_gaps_and_at_the_maximum() {
+        assert_eq!(contiguous_runs(&[], 4), vec![]);
+        assert_eq!(
+            contiguous_runs(&[0, 1, 2, 5, 6, 7, 8, 9, 10], 4),
+            vec![(0, 3), (5, 4), (9, 2)]
+        );
     }
 }

@@ -9,6 +9,9 @@
 //! appliance-only checks (status, replica, appliance kills) are then skipped.
 #![allow(dead_code)]
 
+pub mod cli;
+pub mod mount;
+
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -245,6 +248,7 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 
 /// What a volume must hold: its bytes, plus ranges whose content the protocol leaves unspecified
 /// (after TRIM a server may return the old data or zeroes).
+#[derive(Clone)]
 pub struct Model {
     pub bytes: Vec<u8>,
     dont_care: Vec<(u64, u64)>,
@@ -941,4 +945,27 @@ pub fn python(script: &str) -> Command {
     let mut c = Command::new(PYTHON);
     c.arg(tests_dir().join("py").join(script));
     c
+}
+
+/// Sends one JSON request to a control socket (appliance or splitter) and returns the answer;
+/// panics on an `{"error": ...}` answer.
+pub fn control_request(socket: &Path, request: &serde_json::Value) -> serde_json::Value {
+    let mut stream =
+        UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {socket:?}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut line = serde_json::to_vec(request).unwrap();
+    line.push(b'\n');
+    stream.write_all(&line).unwrap();
+    let mut answer = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stream), &mut answer)
+        .unwrap_or_else(|e| panic!("reading the answer to {request} from {socket:?}: {e}"));
+    let value: serde_json::Value = serde_json::from_str(&answer)
+        .unwrap_or_else(|e| panic!("bad answer to {request} ({e}): {answer}"));
+    assert!(
+        value.get("error").is_none(),
+        "{request} to {socket:?} failed: {value}"
+    );
+    value
 }

@@ -2,8 +2,11 @@
 
 mod bookmark;
 mod control_client;
+mod image;
+mod image_export;
 mod journal;
 mod point;
+mod restore;
 mod status;
 mod timeline;
 pub mod units;
@@ -65,6 +68,15 @@ enum Command {
     },
     /// A group's recoverable window, its bookmarks and write activity over time.
     Timeline(timeline::TimelineArgs),
+    /// Point-in-time images: open a group at any point as NBD exports while protection
+    /// goes on (`access`, `list`, `release`, `export`).
+    Image {
+        #[command(subcommand)]
+        command: image::ImageCommand,
+    },
+    /// Bring production back to a point in time, writing the differences through the
+    /// splitter (journaled; ends with a `restore-to-seq-N` bookmark).
+    Restore(restore::RestoreArgs),
     /// Offline journal tools.
     Journal {
         #[command(subcommand)]
@@ -127,6 +139,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bookmark { command } => bookmark::run(command)?,
         Command::Point { command } => point::run(command)?,
         Command::Timeline(args) => timeline::run(args)?,
+        Command::Image { command } => image::run(command)?,
+        Command::Restore(args) => restore::run(args)?,
         Command::Volume { command } => volume::run(command)?,
     }
     Ok(ExitCode::SUCCESS)

@@ -140,8 +140,8 @@ fn splitter_table(splitter: &serde_json::Value) -> String {
     }
     let _ = writeln!(
         out,
-        "{:<16} {:<13} {:>10}  RESYNC",
-        "VOLUME", "STATE", "DIRTY"
+        "{:<16} {:<13} {:>10} {:>5}  RESYNC",
+        "VOLUME", "STATE", "DIRTY", "HOSTS"
     );
     for v in splitter
         .get("volumes")
@@ -156,24 +156,45 @@ fn splitter_table(splitter: &serde_json::Value) -> String {
                     .get("seconds_left")
                     .and_then(|x| x.as_u64())
                     .map_or("?".to_string(), |s| format!("{s} s"));
-                format!(
+                let mut text = format!(
                     "{:.1}% of {}, {}/s, {} left",
                     r.get("percent").and_then(|x| x.as_f64()).unwrap_or(0.0),
                     format_bytes(n("total_bytes")),
                     format_bytes(n("rate_bytes_per_s")),
                     left
-                )
+                );
+                // A verifying resync: how much was compared with the replica, how much sent.
+                if r.get("method").and_then(|m| m.as_str()) == Some("verify") {
+                    text += &format!(
+                        "; verify: {} compared, {} copied",
+                        format_bytes(n("verified_bytes")),
+                        format_bytes(n("copied_bytes"))
+                    );
+                }
+                text
             }
             _ => "-".to_string(),
         };
+        // Hosts attached over NBD; a splitter that predates the count shows "?".
+        let hosts = v
+            .get("nbd_clients")
+            .and_then(|x| x.as_u64())
+            .map_or("?".to_string(), |n| n.to_string());
         let _ = writeln!(
             out,
-            "{:<16} {:<13} {:>10}  {}",
+            "{:<16} {:<13} {:>10} {:>5}  {}",
             v.get("name").and_then(|x| x.as_str()).unwrap_or("?"),
             v.get("state").and_then(|x| x.as_str()).unwrap_or("?"),
             format_bytes(v.get("dirty_bytes").and_then(|x| x.as_u64()).unwrap_or(0)),
+            hosts,
             resync
         );
+    }
+    if let Some(endpoints) = splitter.get("nbd").and_then(|n| n.as_array()) {
+        let endpoints: Vec<&str> = endpoints.iter().filter_map(|e| e.as_str()).collect();
+        if !endpoints.is_empty() {
+            let _ = writeln!(out, "NBD at {}", endpoints.join(", "));
+        }
     }
     out.push('\n');
     out

@@ -131,6 +131,8 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
          \x20 nbdinfo nbd://{host}:{port}/{name}\n\
          \x20 nbdinfo 'nbd+unix:///{name}?socket={sock}'\n\
          \nStatus:  cdp status --dir {}\n\
+         Points in time:  cdp bookmark create --dir {} NAME;  \
+         cdp image access --dir {} --at NAME  (served on unix:{})\n\
          Press Ctrl-C to stop.",
         format_bytes(size),
         production.display(),
@@ -138,6 +140,9 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         dir.join("appliance/groups/default/journal").display(),
         dir.join("logs").display(),
         dir.display(),
+        dir.display(),
+        dir.display(),
+        dir.join("appliance/image.sock").display(),
     );
 
     let rt = crate::runtime()?;

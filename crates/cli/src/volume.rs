@@ -13,6 +13,10 @@ pub enum VolumeCommand {
     Resync {
         /// The volume name.
         volume: String,
+        /// Compare each 1 MiB region's checksum with the replica's and copy only the regions
+        /// that differ (for a replica seeded by other means, or to check one).
+        #[arg(long)]
+        verify: bool,
         /// The splitter's control socket. Default: DIR/splitter.ctl.
         #[arg(long)]
         splitter_control: Option<PathBuf>,
@@ -29,6 +33,7 @@ pub fn run(command: VolumeCommand) -> anyhow::Result<()> {
     match command {
         VolumeCommand::Resync {
             volume,
+            verify,
             splitter_control,
             dir,
             no_wait,
@@ -37,13 +42,21 @@ pub fn run(command: VolumeCommand) -> anyhow::Result<()> {
             let answer = crate::control_client::request(
                 &socket,
                 "splitter",
-                &serde_json::json!({"command": "resync", "volume": volume}),
+                &serde_json::json!({"command": "resync", "volume": volume, "verify": verify}),
             )?;
             let dirty = answer["state"]["dirty_bytes"].as_u64().unwrap_or(0);
-            println!(
-                "full resync of {volume} started: {} to copy; follow it with `cdp status`",
-                format_bytes(dirty)
-            );
+            if verify {
+                println!(
+                    "verified resync of {volume} started: {} to compare with the replica, \
+                     differing regions are copied; follow it with `cdp status`",
+                    format_bytes(dirty)
+                );
+            } else {
+                println!(
+                    "full resync of {volume} started: {} to copy; follow it with `cdp status`",
+                    format_bytes(dirty)
+                );
+            }
             if no_wait {
                 return Ok(());
             }
@@ -63,6 +76,7 @@ fn follow(socket: &std::path::Path, volume: &str, total: u64) -> anyhow::Result<
         .progress_chars("=> "),
     );
     let started = std::time::Instant::now();
+    let (mut last_verified, mut last_copied) = (0, 0);
     loop {
         let status = crate::control_client::request(
             socket,
@@ -78,13 +92,22 @@ fn follow(socket: &std::path::Path, volume: &str, total: u64) -> anyhow::Result<
         if mode == "protecting" {
             bar.finish_and_clear();
             println!(
-                "resync of {volume} complete in {:.1} s; protecting",
-                started.elapsed().as_secs_f64()
+                "resync of {volume} complete in {:.1} s ({} compared, {} copied); protecting",
+                started.elapsed().as_secs_f64(),
+                format_bytes(last_verified),
+                format_bytes(last_copied),
             );
             return Ok(());
         }
         if let Some(done) = state["resync"]["done_bytes"].as_u64() {
             bar.set_position(done.min(total));
+        }
+        // The last numbers seen while it ran: the splitter drops them once it is done.
+        if let Some(verified) = state["resync"]["verified_bytes"].as_u64() {
+            last_verified = verified;
+        }
+        if let Some(copied) = state["resync"]["copied_bytes"].as_u64() {
+            last_copied = copied;
         }
         bar.set_message(mode);
         std::thread::sleep(std::time::Duration::from_millis(200));

@@ -1,5 +1,6 @@
 //! The split link: messages from splitter to appliance and back, their frame format and async codec.
 
+pub mod checksum;
 pub mod codec;
 pub mod control_socket;
 pub mod error;

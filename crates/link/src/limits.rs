@@ -13,5 +13,28 @@ pub const TEXT_LEN_MAX: usize = 4096;
 /// Bytes of socket buffering per direction; small frames are coalesced up to this before a syscall.
 pub const SOCKET_BUFFER_BYTES: usize = 256 * 1024;
 
+/// Bytes of one region checksum (BLAKE3, 256 bits).
+pub const CHECKSUM_BYTES: usize = 32;
+
+/// Smallest checksum region: the splitter's dirty-bitmap region, so a differing checksum
+/// region is always a whole number of bitmap regions to copy.
+pub const CHECKSUM_REGION_BYTES_MIN: u32 = 64 * 1024;
+
+/// Largest checksum region: one write payload, so the appliance reads at most this much into
+/// memory per checksum.
+pub const CHECKSUM_REGION_BYTES_MAX: u32 = WRITE_PAYLOAD_MAX as u32;
+
+/// Most checksums one request may ask for (a 32 KiB answer body). Bounds the replica bytes one
+/// request makes the appliance read before it answers.
+pub const CHECKSUMS_PER_REQUEST_MAX: usize = 1024;
+
+/// Checksum requests a splitter may have unanswered on one connection; each pins a replica
+/// read at the appliance. The appliance drops a connection that sends more.
+pub const CHECKSUM_REQUESTS_IN_FLIGHT_MAX: usize = 4;
+
+const _: () = assert!(CHECKSUMS_PER_REQUEST_MAX * CHECKSUM_BYTES + 64 <= FRAME_BODY_MAX);
+const _: () = assert!(CHECKSUM_REGION_BYTES_MIN.is_power_of_two());
+const _: () = assert!(CHECKSUM_REGION_BYTES_MAX.is_power_of_two());
+const _: () = assert!(CHECKSUM_REGION_BYTES_MIN <= CHECKSUM_REGION_BYTES_MAX);
 const _: () = assert!(FRAME_BODY_MAX > WRITE_PAYLOAD_MAX + TEXT_LEN_MAX / 2);
 const _: () = assert!(FRAME_BODY_MAX <= u32::MAX as usize);

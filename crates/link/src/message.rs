@@ -6,12 +6,35 @@
 //! `source_seq` already journaled (so a reconnecting splitter resends only what is missing),
 //! `Ack` says changes up to a `source_seq` are in the journal, `Durable` says they are synced,
 //! and `Refuse` explains why the appliance will not take this volume.
+//!
+//! Verified seeding adds one exchange: `ChecksumRequest` asks for the checksums of the
+//! replica's regions in a range, as the replica stands once every change journaled before the
+//! request has been distributed; `Checksums` answers, in request order. Neither carries a
+//! `source_seq` (they change nothing) nor a volume (a connection serves one volume). `Welcome`'s flags say whether the replica holds data.
+//!
+//! Bodies added since the first release (integers little-endian):
+//! ```text
+//! Welcome          volume_id u32, last_source_seq u64, flags u32 (bit 0: replica holds data;
+//!                  other bits must be 0). A 12-byte body (no flags) still decodes, flags 0.
+//! ChecksumRequest  offset u64, length u64, region_bytes u32
+//!                  region_bytes a power of two in CHECKSUM_REGION_BYTES_MIN..=MAX, offset a
+//!                  multiple of it, 1..=CHECKSUMS_PER_REQUEST_MAX regions in length
+//! Checksums        offset u64, region_bytes u32, count u32, count x 32-byte checksums
+//! ```
 
 use bytes::{Bytes, BytesMut};
 
+use crate::checksum::RegionChecksum;
 use crate::error::LinkError;
 use crate::frame::{encode_header, HEADER_LEN};
-use crate::limits::{TEXT_LEN_MAX, WRITE_PAYLOAD_MAX};
+use crate::limits::{
+    CHECKSUMS_PER_REQUEST_MAX, CHECKSUM_BYTES, CHECKSUM_REGION_BYTES_MAX,
+    CHECKSUM_REGION_BYTES_MIN, TEXT_LEN_MAX, WRITE_PAYLOAD_MAX,
+};
+
+/// `Welcome` flag: the replica has at least one data extent (or the journal already holds
+/// changes of the volume), so a first initialization verifies instead of copying everything.
+const WELCOME_FLAG_REPLICA_HOLDS_DATA: u32 = 1;
 
 /// One message on the split link.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,9 +71,24 @@ pub enum Message {
     ResyncEnd {
         source_seq: u64,
     },
+    /// Asks for the checksums of the replica's `region_bytes` regions in
+    /// `offset..offset + length` (the last one may be cut short by the volume's end).
+    ChecksumRequest {
+        offset: u64,
+        length: u64,
+        region_bytes: u32,
+    },
     Welcome {
         volume_id: u32,
         last_source_seq: u64,
+        /// The replica already holds data: a first initialization verifies it.
+        replica_holds_data: bool,
+    },
+    /// Answers one `ChecksumRequest`: one checksum per region from `offset` on.
+    Checksums {
+        offset: u64,
+        region_bytes: u32,
+        sums: Vec<RegionChecksum>,
     },
     Ack {
         source_seq: u64,
@@ -71,10 +109,12 @@ mod kind {
     pub const FLUSH: u8 = 5;
     pub const RESYNC_START: u8 = 6;
     pub const RESYNC_END: u8 = 7;
+    pub const CHECKSUM_REQUEST: u8 = 8;
     pub const WELCOME: u8 = 16;
     pub const ACK: u8 = 17;
     pub const DURABLE: u8 = 18;
     pub const REFUSE: u8 = 19;
+    pub const CHECKSUMS: u8 = 20;
 }
 
 /// A message ready for the socket: header, fixed fields, and the write payload kept zero-copy.
@@ -146,13 +186,44 @@ impl Message {
                 (kind::RESYNC_START, put_u64s(&[*source_seq]), None)
             }
             Message::ResyncEnd { source_seq } => (kind::RESYNC_END, put_u64s(&[*source_seq]), None),
+            Message::ChecksumRequest {
+                offset,
+                length,
+                region_bytes,
+            } => {
+                let mut fixed = put_u64s(&[*offset, *length]);
+                fixed.extend_from_slice(&region_bytes.to_le_bytes());
+                (kind::CHECKSUM_REQUEST, fixed, None)
+            }
             Message::Welcome {
                 volume_id,
                 last_source_seq,
+                replica_holds_data,
             } => {
                 let mut fixed = volume_id.to_le_bytes().to_vec();
                 fixed.extend_from_slice(&last_source_seq.to_le_bytes());
+                let flags = if *replica_holds_data {
+                    WELCOME_FLAG_REPLICA_HOLDS_DATA
+                } else {
+                    0
+                };
+                fixed.extend_from_slice(&flags.to_le_bytes());
                 (kind::WELCOME, fixed, None)
+            }
+            Message::Checksums {
+                offset,
+                region_bytes,
+                sums,
+            } => {
+                debug_assert!(sums.len() <= CHECKSUMS_PER_REQUEST_MAX);
+                let mut fixed = Vec::with_capacity(16 + sums.len() * CHECKSUM_BYTES);
+                fixed.extend_from_slice(&offset.to_le_bytes());
+                fixed.extend_from_slice(&region_bytes.to_le_bytes());
+                fixed.extend_from_slice(&(sums.len() as u32).to_le_bytes());
+                for sum in sums {
+                    fixed.extend_from_slice(sum);
+                }
+                (kind::CHECKSUMS, fixed, None)
             }
             Message::Ack { source_seq } => (kind::ACK, put_u64s(&[*source_seq]), None),
             Message::Durable { source_seq } => (kind::DURABLE, put_u64s(&[*source_seq]), None),
@@ -230,12 +301,60 @@ impl Message {
             kind::RESYNC_END => Message::ResyncEnd {
                 source_seq: r.u64()?,
             },
+            kind::CHECKSUM_REQUEST => {
+                let offset = r.u64()?;
+                let length = r.u64()?;
+                let region_bytes = r.u32()?;
+                check_checksum_range(offset, region_bytes)?;
+                let regions = length.div_ceil(u64::from(region_bytes));
+                if regions == 0 || regions > CHECKSUMS_PER_REQUEST_MAX as u64 {
+                    return Err(LinkError::Protocol(format!(
+                        "checksum request for {regions} regions (1..={CHECKSUMS_PER_REQUEST_MAX} allowed)"
+                    )));
+                }
+                Message::ChecksumRequest {
+                    offset,
+                    length,
+                    region_bytes,
+                }
+            }
             kind::WELCOME => {
                 let volume_id = r.u32()?;
                 let last_source_seq = r.u64()?;
+                // A Welcome from before the flags word: the replica's state is unknown, so
+                // a first initialization copies everything, as it did then.
+                let flags = if r.remaining() == 0 { 0 } else { r.u32()? };
+                if flags & !WELCOME_FLAG_REPLICA_HOLDS_DATA != 0 {
+                    return Err(LinkError::Protocol(format!(
+                        "welcome has unknown flags {flags:#x}"
+                    )));
+                }
                 Message::Welcome {
                     volume_id,
                     last_source_seq,
+                    replica_holds_data: flags & WELCOME_FLAG_REPLICA_HOLDS_DATA != 0,
+                }
+            }
+            kind::CHECKSUMS => {
+                let offset = r.u64()?;
+                let region_bytes = r.u32()?;
+                check_checksum_range(offset, region_bytes)?;
+                let count = r.u32()? as usize;
+                if count == 0 || count > CHECKSUMS_PER_REQUEST_MAX {
+                    return Err(LinkError::Protocol(format!(
+                        "{count} checksums in one answer (1..={CHECKSUMS_PER_REQUEST_MAX} allowed)"
+                    )));
+                }
+                let mut sums = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let mut sum = [0u8; CHECKSUM_BYTES];
+                    sum.copy_from_slice(r.take(CHECKSUM_BYTES)?);
+                    sums.push(sum);
+                }
+                Message::Checksums {
+                    offset,
+                    region_bytes,
+                    sums,
                 }
             }
             kind::ACK => Message::Ack {
@@ -250,6 +369,25 @@ impl Message {
         r.finish()?;
         Ok(message)
     }
+}
+
+/// Region size and alignment rules shared by checksum requests and answers.
+fn check_checksum_range(offset: u64, region_bytes: u32) -> Result<(), LinkError> {
+    if !region_bytes.is_power_of_two()
+        || !(CHECKSUM_REGION_BYTES_MIN..=CHECKSUM_REGION_BYTES_MAX).contains(&region_bytes)
+    {
+        return Err(LinkError::Protocol(format!(
+            "checksum region of {region_bytes} bytes is not a power of two in \
+             {CHECKSUM_REGION_BYTES_MIN}..={CHECKSUM_REGION_BYTES_MAX}"
+        )));
+    }
+    // A power of two (checked above), so the low bits are the remainder.
+    if offset & (u64::from(region_bytes) - 1) != 0 {
+        return Err(LinkError::Protocol(format!(
+            "checksum offset {offset} is not a multiple of the {region_bytes} byte region"
+        )));
+    }
+    Ok(())
 }
 
 struct BodyReader {
@@ -293,6 +431,9 @@ impl BodyReader {
         let raw = self.take(len)?.to_vec();
         String::from_utf8(raw)
             .map_err(|_| LinkError::Protocol(format!("message kind {kind}: text is not UTF-8")))
+    }
+    fn remaining(&self) -> usize {
+        self.body.len() - self.at
     }
     fn rest(&mut self) -> Bytes {
         let rest = self.body.slice(self.at..);
@@ -359,10 +500,29 @@ mod tests {
             any::<u64>().prop_map(|s| Message::Flush { source_seq: s }),
             any::<u64>().prop_map(|s| Message::ResyncStart { source_seq: s }),
             any::<u64>().prop_map(|s| Message::ResyncEnd { source_seq: s }),
-            (any::<u32>(), any::<u64>()).prop_map(|(v, s)| Message::Welcome {
+            (any::<u32>(), any::<u64>(), any::<bool>()).prop_map(|(v, s, d)| Message::Welcome {
                 volume_id: v,
-                last_source_seq: s
+                last_source_seq: s,
+                replica_holds_data: d
             }),
+            (0u64..1 << 20, 1u64..1 << 30, 16u32..=25).prop_map(|(o, l, shift)| {
+                let region_bytes = 1u32 << shift;
+                Message::ChecksumRequest {
+                    offset: o * u64::from(region_bytes),
+                    length: l.min(u64::from(region_bytes) * CHECKSUMS_PER_REQUEST_MAX as u64),
+                    region_bytes,
+                }
+            }),
+            (
+                0u64..1 << 20,
+                16u32..=25,
+                proptest::collection::vec(any::<[u8; 32]>(), 1..40)
+            )
+                .prop_map(|(o, shift, sums)| Message::Checksums {
+                    offset: o << shift,
+                    region_bytes: 1 << shift,
+                    sums
+                }),
             any::<u64>().prop_map(|s| Message::Ack { source_seq: s }),
             any::<u64>().prop_map(|s| Message::Durable { source_seq: s }),
             ".{0,40}".prop_map(|r| Message::Refuse { reason: r }),
@@ -386,6 +546,117 @@ mod tests {
         let f = Message::Ack { source_seq: 7 }.encode();
         assert_eq!(&f.header[0..12], b"CDPL\x01\x00\x11\x00\x08\x00\x00\x00");
         assert_eq!(f.fixed, 7u64.to_le_bytes().to_vec());
+    }
+
+    #[test]
+    fn golden_welcome_with_flags_and_old_welcome() {
+        let f = Message::Welcome {
+            volume_id: 3,
+            last_source_seq: 9,
+            replica_holds_data: true,
+        }
+        .encode();
+        assert_eq!(&f.header[0..12], b"CDPL\x01\x00\x10\x00\x10\x00\x00\x00");
+        assert_eq!(
+            f.fixed,
+            [
+                &3u32.to_le_bytes()[..],
+                &9u64.to_le_bytes(),
+                &1u32.to_le_bytes()
+            ]
+            .concat()
+        );
+        let old = [&3u32.to_le_bytes()[..], &9u64.to_le_bytes()].concat();
+        assert_eq!(
+            Message::decode(kind::WELCOME, BytesMut::from(&old[..])).unwrap(),
+            Message::Welcome {
+                volume_id: 3,
+                last_source_seq: 9,
+                replica_holds_data: false
+            }
+        );
+        let unknown_flag = [&old[..], &2u32.to_le_bytes()].concat();
+        assert!(Message::decode(kind::WELCOME, BytesMut::from(&unknown_flag[..])).is_err());
+    }
+
+    #[test]
+    fn golden_checksum_request_and_answer() {
+        let f = Message::ChecksumRequest {
+            offset: 1 << 20,
+            length: 3 << 20,
+            region_bytes: 1 << 20,
+        }
+        .encode();
+        assert_eq!(&f.header[0..12], b"CDPL\x01\x00\x08\x00\x14\x00\x00\x00");
+        let f = Message::Checksums {
+            offset: 0,
+            region_bytes: 1 << 16,
+            sums: vec![[0xab; 32]],
+        }
+        .encode();
+        assert_eq!(&f.header[0..12], b"CDPL\x01\x00\x14\x00\x30\x00\x00\x00");
+        assert_eq!(&f.fixed[8..16], &[0, 0, 1, 0, 1, 0, 0, 0]);
+    }
+
+    /// Encodes a checksum request body without the encoder's cooperation.
+    fn checksum_request_body(offset: u64, length: u64, region_bytes: u32) -> BytesMut {
+        let body = [
+            &offset.to_le_bytes()[..],
+            &length.to_le_bytes(),
+            &region_bytes.to_le_bytes(),
+        ]
+        .concat();
+        BytesMut::from(&body[..])
+    }
+
+    #[test]
+    fn checksum_requests_out_of_bounds_are_protocol_errors() {
+        let mib = 1u32 << 20;
+        let decode =
+            |o, l, r| Message::decode(kind::CHECKSUM_REQUEST, checksum_request_body(o, l, r));
+        assert!(decode(0, u64::from(mib), mib).is_ok());
+        // The last region may be short.
+        assert!(decode(0, 1, mib).is_ok());
+        let too_many = u64::from(mib) * CHECKSUMS_PER_REQUEST_MAX as u64 + 1;
+        for (offset, length, region_bytes) in [
+            (0, 0, mib),                        // nothing asked
+            (0, too_many, mib),                 // more regions than one answer holds
+            (0, u64::MAX, mib),                 // absurd length
+            (4096, u64::from(mib), mib),        // unaligned offset
+            (0, u64::from(mib), 3 * (1 << 16)), // not a power of two
+            (0, u64::from(mib), 1 << 12),       // smaller than a bitmap region
+            (0, u64::from(mib), 1 << 26),       // larger than a write payload
+            (0, u64::from(mib), 0),             // zero
+        ] {
+            assert!(
+                matches!(
+                    decode(offset, length, region_bytes),
+                    Err(LinkError::Protocol(_))
+                ),
+                "{offset} {length} {region_bytes}"
+            );
+        }
+    }
+
+    #[test]
+    fn checksum_answers_out_of_bounds_are_protocol_errors() {
+        let answer = |count: u32, sums: usize| {
+            let mut body = [
+                &0u64.to_le_bytes()[..],
+                &(1u32 << 20).to_le_bytes(),
+                &count.to_le_bytes(),
+            ]
+            .concat();
+            body.extend_from_slice(&vec![7u8; sums * CHECKSUM_BYTES]);
+            Message::decode(kind::CHECKSUMS, BytesMut::from(&body[..]))
+        };
+        assert!(answer(2, 2).is_ok());
+        assert!(answer(0, 0).is_err());
+        assert!(answer(3, 2).is_err()); // claims more than it carries
+        assert!(answer(1, 2).is_err()); // trailing checksum
+        assert!(answer(u32::MAX, 1).is_err()); // never allocates for the claim
+        let too_many = CHECKSUMS_PER_REQUEST_MAX as u32 + 1;
+        assert!(answer(too_many, too_many as usize).is_err());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Fixed newstyle handshake: greeting, client flags and option haggling up to transmission.
 
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -22,6 +23,8 @@ pub(crate) struct Session {
     pub export: Arc<dyn Export>,
     pub size: u64,
     pub features: ExportFeatures,
+    /// The export's count of connections in the transmission phase.
+    pub clients: Arc<AtomicUsize>,
 }
 
 /// How option haggling ended.
@@ -213,6 +216,7 @@ fn open(found: Found) -> Session {
         export: found.export,
         size,
         features,
+        clients: found.clients,
     }
 }
 

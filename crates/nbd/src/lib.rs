@@ -4,6 +4,7 @@
 //! [`ExportRegistry`] and run a [`Server`] on TCP or unix listeners. See README.md for the
 //! supported options, commands, limits and error mapping.
 
+pub mod client;
 mod error;
 pub mod export;
 mod handshake;

@@ -1,6 +1,7 @@
 //! The set of named exports a server offers; shared, and changeable while the server runs.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::error::NbdError;
@@ -26,6 +27,8 @@ struct Inner {
 struct Entry {
     description: String,
     export: Arc<dyn Export>,
+    /// Connections in the transmission phase on this export.
+    clients: Arc<AtomicUsize>,
 }
 
 /// An export as found by a handshake.
@@ -34,6 +37,23 @@ pub(crate) struct Found {
     pub name: String,
     pub description: String,
     pub export: Arc<dyn Export>,
+    pub clients: Arc<AtomicUsize>,
+}
+
+/// Counts one connection in the transmission phase of an export for as long as it lives.
+pub(crate) struct ClientCount(Arc<AtomicUsize>);
+
+impl ClientCount {
+    pub(crate) fn enter(clients: Arc<AtomicUsize>) -> Self {
+        clients.fetch_add(1, Ordering::Relaxed);
+        Self(clients)
+    }
+}
+
+impl Drop for ClientCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl ExportRegistry {
@@ -71,6 +91,7 @@ impl ExportRegistry {
         let entry = Entry {
             description: description.to_owned(),
             export,
+            clients: Arc::default(),
         };
         inner.exports.insert(name.to_owned(), entry);
         Ok(())
@@ -89,6 +110,15 @@ impl ExportRegistry {
     /// Export names in sorted order.
     pub fn names(&self) -> Vec<String> {
         self.read().exports.keys().cloned().collect()
+    }
+
+    /// Connections now in the transmission phase on export `name` (None: no such export).
+    /// Handshakes still haggling over options are not counted. A connection that outlives
+    /// the export's removal is no longer counted here.
+    pub fn clients(&self, name: &str) -> Option<usize> {
+        let inner = self.read();
+        let entry = inner.exports.get(name)?;
+        Some(entry.clients.load(Ordering::Relaxed))
     }
 
     /// Makes `name` the export chosen by an empty export name. Without a configured
@@ -119,6 +149,7 @@ impl ExportRegistry {
             name: name.clone(),
             description: entry.description.clone(),
             export: entry.export.clone(),
+            clients: entry.clients.clone(),
         })
     }
 

@@ -21,6 +21,7 @@ use crate::limits::{
     CONNECTION_PAYLOAD_BYTES_MAX, REPLY_BATCH_BYTES_MAX, REPLY_IOVECS_MAX, REQUEST_BYTES_MAX,
 };
 use crate::protocol::*;
+use crate::registry::ClientCount;
 use crate::server::Shutdown;
 
 /// A request that passed validation, in the export's terms.
@@ -218,6 +219,9 @@ where
     R: AsyncBufRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    // Counted from here until every reply has been sent, so a caller that sees zero knows
+    // no host can still act on the export.
+    let _counted = ClientCount::enter(Arc::clone(&session.clients));
     let (reply_tx, reply_rx) = mpsc::channel(requests_in_flight_max);
     let writer_task = tokio::spawn(write_replies(writer, reply_rx));
     let read_result =

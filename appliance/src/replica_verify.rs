@@ -1,0 +1,180 @@
+//! Answers a splitter's checksum requests with checksums of the replica once distribution has caught up.
+//!
+//! Verified seeding compares production with the replica region by region and copies only
+//! the regions that differ. The replica trails the journal, so a checksum is taken only after
+//! distribution has applied every record the journal held when the request arrived; the
+//! splitter's reasoning about host writes racing the comparison (ARCHITECTURE.md, "Verified
+//! seeding") needs no more than that. Requests of one connection are answered in order by
+//! one task, the reads and hashing on the blocking pool, never on the link's async thread.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cdp_link::checksum::{region_checksum, RegionChecksum};
+use cdp_link::Message;
+use cdp_types::Seq;
+use tokio::sync::mpsc;
+
+use crate::group::{Group, GroupVolume};
+
+/// How often a checksum request looks whether distribution has reached its target. The
+/// group offers no notification; the wait is one replica catch-up, so polling costs nothing.
+const DISTRIBUTION_POLL_INTERVAL: Duration = Duration::from_millis(5);
+
+/// A checksum request waiting longer than this for distribution is logged once.
+const DISTRIBUTION_WAIT_WARN: Duration = Duration::from_secs(60);
+
+/// A checksum request accepted from a splitter, with the journal position it must reflect.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChecksumAsk {
+    pub offset: u64,
+    pub length: u64,
+    pub region_bytes: u32,
+    /// The journal's last seq when the request arrived (after every change before it on the
+    /// same connection was appended).
+    pub through: Seq,
+}
+
+impl ChecksumAsk {
+    /// Accepts a request whose regions lie inside the volume. The message decoder already
+    /// bounded the region size, alignment and count.
+    pub fn new(
+        volume: &GroupVolume,
+        offset: u64,
+        length: u64,
+        region_bytes: u32,
+        through: Seq,
+    ) -> Result<ChecksumAsk, String> {
+        if offset
+            .checked_add(length)
+            .is_none_or(|end| end > volume.size)
+        {
+            return Err(format!(
+                "checksum request for {offset}+{length} is past the end of the {} byte volume",
+                volume.size
+            ));
+        }
+        Ok(ChecksumAsk {
+            offset,
+            length,
+            region_bytes,
+            through,
+        })
+    }
+}
+
+/// Serves one connection's checksum requests in order until either channel closes. An error
+/// (the group fenced, a replica read failed) ends the connection: the splitter's verify stops
+/// and restarts on its next connection.
+pub async fn answer_checksum_requests(
+    group: Arc<Group>,
+    volume: Arc<GroupVolume>,
+    mut asks: mpsc::Receiver<ChecksumAsk>,
+    answers: mpsc::Sender<Message>,
+) -> Result<(), String> {
+    while let Some(ask) = asks.recv().await {
+        let sums = loop {
+            wait_for_distribution(&group, ask.through).await?;
+            let (g, v, a) = (Arc::clone(&group), Arc::clone(&volume), ask.clone());
+            let sums = tokio::task::spawn_blocking(move || replica_checksums(&g, &v, &a))
+                .await
+                .map_err(|e| format!("checksum task failed: {e}"))??;
+            match sums {
+                Some(sums) => break sums,
+                None => tracing::info!(
+                    volume = %volume.name,
+                    "the replica was rolled back while being checksummed; checksumming again once distribution is back"
+                ),
+            }
+        };
+        let answer = Message::Checksums {
+            offset: ask.offset,
+            region_bytes: ask.region_bytes,
+            sums,
+        };
+        if answers.send(answer).await.is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Waits until the replica holds every record up to `through`, urging distribution not to
+/// wait for a pause in host writes.
+async fn wait_for_distribution(group: &Group, through: Seq) -> Result<(), String> {
+    let failure = group.failure();
+    let started = std::time::Instant::now();
+    let mut warned = false;
+    loop {
+        if group.distributed_seq() >= through {
+            return Ok(());
+        }
+        if !warned && started.elapsed() >= DISTRIBUTION_WAIT_WARN {
+            warned = true;
+            tracing::warn!(
+                group = %group.name,
+                %through,
+                distributed = %group.distributed_seq(),
+                "a checksum request has waited {} s for distribution (is the replica held by a logged image?)",
+                DISTRIBUTION_WAIT_WARN.as_secs()
+            );
+        }
+        if let Some(failure) = failure.borrow().clone() {
+            return Err(format!("group {} is fenced: {failure}", group.name));
+        }
+        group.urge_distribution();
+        tokio::time::sleep(DISTRIBUTION_POLL_INTERVAL).await;
+    }
+}
+
+/// Reads and checksums each region of the request from the replica (blocking I/O). None if
+/// the replica went back before `ask.through` meanwhile (a logged image rolled it back): a
+/// replica older than the splitter's connection must not be compared, see ARCHITECTURE.md.
+fn replica_checksums(
+    group: &Group,
+    volume: &GroupVolume,
+    ask: &ChecksumAsk,
+) -> Result<Option<Vec<RegionChecksum>>, String> {
+    let end = ask.offset + ask.length;
+    let region_bytes = u64::from(ask.region_bytes);
+    let mut buf = vec![0u8; ask.region_bytes as usize];
+    let mut sums = Vec::with_capacity(ask.length.div_ceil(region_bytes) as usize);
+    let mut offset = ask.offset;
+    while offset < end {
+        let length = region_bytes.min(volume.size - offset) as usize;
+        let region = &mut buf[..length];
+        group
+            .read_replica(volume, offset, region)
+            .map_err(|e| format!("replica read at {offset}: {e}"))?;
+        if group.distributed_seq() < ask.through {
+            return Ok(None);
+        }
+        sums.push(region_checksum(region));
+        offset += region_bytes;
+    }
+    Ok(Some(sums))
+}
+
+/// Whether a first initialization of `volume` should verify rather than copy everything:
+/// the replica has a data extent (it was seeded, or distribution wrote to it), or the journal
+/// already holds changes of the volume. A replica whose extents cannot be told (a block
+/// device) counts as holding data. Blocking I/O.
+pub fn replica_holds_data(volume: &GroupVolume) -> bool {
+    if volume
+        .last_source_seq
+        .load(std::sync::atomic::Ordering::Relaxed)
+        > 0
+    {
+        return true;
+    }
+    match cdp_types::BlockFile::open(&volume.replica_path, /* read_only */ true)
+        .and_then(|replica| replica.next_data(0))
+    {
+        Ok(Some(at)) => at < volume.size,
+        Ok(None) => true,
+        Err(e) => {
+            tracing::warn!(volume = %volume.name, "cannot tell whether the replica holds data: {e}");
+            true
+        }
+    }
+}

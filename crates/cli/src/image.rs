@@ -1,0 +1,246 @@
+//! `cdp image access|list|release|export`: a group at a point in time as NBD exports, while
+//! protection goes on.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use cdp_appliance::control::{request, Request};
+use clap::{Args, Subcommand};
+use serde_json::Value;
+
+use crate::bookmark::ControlArgs;
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCommand {
+    /// Open every volume of a group at a point as NBD exports (read-only unless --writable).
+    Access(AccessArgs),
+    /// Show the open images.
+    List(ListArgs),
+    /// End access to an image: its exports go away, writes made to it are discarded, and a
+    /// replica held for logged access is carried forward again.
+    Release(ReleaseArgs),
+    /// Write a group's volumes at a point in time to files.
+    Export(crate::image_export::ExportArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct AccessArgs {
+    #[command(flatten)]
+    control: ControlArgs,
+    /// The consistency group (may be left out when the appliance has one).
+    group: Option<String>,
+    /// The point: a bookmark name, `seq:N`, an RFC 3339 time (`2026-11-23T10:00:00.000Z`) or
+    /// a relative time (`-5m`, `-90s`, `-2h`).
+    #[arg(long)]
+    at: String,
+    /// Accept writes; they go to a scratch area and vanish at release.
+    #[arg(long)]
+    writable: bool,
+    /// Roll the replica itself back to the point (physical access; distribution waits until
+    /// release, new writes keep being journaled). Default: virtual access, instant.
+    #[arg(long)]
+    logged: bool,
+    /// Print JSON instead of sentences.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    #[command(flatten)]
+    control: ControlArgs,
+    #[arg(long)]
+    group: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ReleaseArgs {
+    #[command(flatten)]
+    control: ControlArgs,
+    /// The image's id, as `cdp image access` or `cdp image list` show it.
+    id: String,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(command: ImageCommand) -> anyhow::Result<()> {
+    match command {
+        ImageCommand::Access(args) => access(args),
+        ImageCommand::List(args) => list(args),
+        ImageCommand::Release(args) => release(args),
+        ImageCommand::Export(args) => crate::image_export::run(args),
+    }
+}
+
+fn ask(control: &ControlArgs, req: &Request) -> anyhow::Result<Value> {
+    let socket = control.socket();
+    Ok(crate::runtime()?.block_on(request(&socket, req))?)
+}
+
+fn access(args: AccessArgs) -> anyhow::Result<()> {
+    let answer = ask(
+        &args.control,
+        &Request::ImageAccess {
+            group: args.group.clone(),
+            at: args.at.clone(),
+            writable: args.writable,
+            logged: args.logged,
+        },
+    )?;
+    let mut image = answer
+        .get("image")
+        .cloned()
+        .context("the appliance's answer has no image")?;
+    if image["state"] == "rolling_back" {
+        image = follow_rollback(&args.control, &image)?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&image)?);
+        return Ok(());
+    }
+    print_image(&image);
+    let id = image["id"].as_str().unwrap_or("?");
+    let nbd = image["nbd"].as_str().unwrap_or("?");
+    println!("attach with, for example:");
+    for e in image["exports"].as_array().into_iter().flatten() {
+        let export = e["export"].as_str().unwrap_or("?");
+        println!("  {}", nbd_uri(nbd, export));
+    }
+    println!("release with: cdp image release {id}");
+    Ok(())
+}
+
+/// Shows the rollback of a logged image until it is ready (a bar on a terminal).
+fn follow_rollback(control: &ControlArgs, image: &Value) -> anyhow::Result<Value> {
+    let id = image["id"]
+        .as_str()
+        .context("image without id")?
+        .to_string();
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(1);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "rolling the replica back [{bar:40}] {pos}/{len} undo records {elapsed_precise}, eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    loop {
+        let answer = ask(control, &Request::ImageList { group: None })?;
+        let current = answer["images"]
+            .as_array()
+            .and_then(|l| l.iter().find(|i| i["id"] == id.as_str()))
+            .cloned()
+            .with_context(|| format!("image {id} disappeared while rolling back"))?;
+        match current["state"].as_str() {
+            Some("ready") => {
+                if let Some(bar) = &bar {
+                    bar.finish_and_clear();
+                }
+                return Ok(current);
+            }
+            Some("failed") => {
+                if let Some(bar) = &bar {
+                    bar.abandon();
+                }
+                let why = current["error"].as_str().unwrap_or("unknown error");
+                // The image holds nothing useful; give its pin and replica back.
+                let _ = ask(control, &Request::ImageRelease { id: id.clone() });
+                bail!("logged access to image {id} failed: {why}");
+            }
+            _ => {
+                if let (Some(bar), Some(p)) = (&bar, current["rollback"].as_array()) {
+                    bar.set_length(p.get(1).and_then(Value::as_u64).unwrap_or(1).max(1));
+                    bar.set_position(p.first().and_then(Value::as_u64).unwrap_or(0));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn nbd_uri(endpoint: &str, export: &str) -> String {
+    match endpoint.strip_prefix("unix:") {
+        Some(path) => format!("nbd+unix:///{export}?socket={path}"),
+        None => format!("nbd://{endpoint}/{export}"),
+    }
+}
+
+fn print_image(image: &Value) {
+    let point = match image["bookmark"].as_str() {
+        Some(b) => format!("bookmark {b}"),
+        None => image["point"].as_str().unwrap_or("?").to_string(),
+    };
+    println!(
+        "image {} of group {}: {} (seq {}, {}), {} {}",
+        image["id"].as_str().unwrap_or("?"),
+        image["group"].as_str().unwrap_or("?"),
+        point,
+        image["seq"],
+        image["time"].as_str().unwrap_or("?"),
+        image["mode"].as_str().unwrap_or("?"),
+        if image["writable"] == true {
+            "writable (scratch, discarded at release)"
+        } else {
+            "read-only"
+        },
+    );
+}
+
+fn list(args: ListArgs) -> anyhow::Result<()> {
+    let answer = ask(&args.control, &Request::ImageList { group: args.group })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&answer["images"])?);
+        return Ok(());
+    }
+    let images = answer["images"].as_array().cloned().unwrap_or_default();
+    if images.is_empty() {
+        println!("no open images");
+        return Ok(());
+    }
+    println!(
+        "{:<8} {:<12} {:>10} {:<24} {:<8} {:<9} {:<12} EXPORTS",
+        "ID", "GROUP", "SEQ", "TIME", "MODE", "ACCESS", "STATE"
+    );
+    for i in images {
+        let exports: Vec<&str> = i["exports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["export"].as_str())
+            .collect();
+        println!(
+            "{:<8} {:<12} {:>10} {:<24} {:<8} {:<9} {:<12} {}",
+            i["id"].as_str().unwrap_or("?"),
+            i["group"].as_str().unwrap_or("?"),
+            i["seq"].as_u64().unwrap_or(0),
+            i["time"].as_str().unwrap_or("?"),
+            i["mode"].as_str().unwrap_or("?"),
+            if i["writable"] == true {
+                "writable"
+            } else {
+                "read-only"
+            },
+            i["state"].as_str().unwrap_or("?"),
+            exports.join(" ")
+        );
+    }
+    Ok(())
+}
+
+fn release(args: ReleaseArgs) -> anyhow::Result<()> {
+    let answer = ask(&args.control, &Request::ImageRelease { id: args.id })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&answer["released"])?);
+    } else {
+        println!(
+            "image {} released",
+            answer["released"]["id"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,505 @@
+//! `cdp image export`: copies a group's volumes at a point in time into sparse files through a read-only virtual image.
+//!
+//! Also holds what `cdp restore` shares with it: opening and always releasing an image,
+//! running a copy that Ctrl-C stops between chunks, and the progress bar.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use cdp_nbd::client::Client;
+use cdp_types::Endpoint;
+use clap::Args;
+use serde::Deserialize;
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
+use crate::bookmark::ControlArgs;
+use crate::units::format_bytes;
+
+/// Bytes read (and compared, for restore) per NBD request: large enough that per-request
+/// round trips do not matter, small enough that a Ctrl-C is honoured within one chunk.
+pub(crate) const CHUNK_BYTES: usize = 4 * 1024 * 1024;
+
+/// Granularity inside a chunk: all-zero blocks stay holes in an exported file, and restore
+/// writes only the blocks that differ. 64 KiB matches the splitter's dirty-bitmap regions.
+pub(crate) const BLOCK_BYTES: usize = 64 * 1024;
+
+const _: () = assert!(CHUNK_BYTES.is_multiple_of(BLOCK_BYTES));
+
+/// Longest wait for any one NBD read or write of a chunk. Generous (a busy disk, a journal
+/// being read back), but a hung server ends the command with an error instead of forever.
+pub(crate) const NBD_IO_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Connects to an image or production export with the CLI's I/O deadline.
+pub(crate) fn connect(endpoint: &Endpoint, export: &str) -> anyhow::Result<Client> {
+    Ok(Client::connect_with_timeout(
+        endpoint,
+        export,
+        Some(NBD_IO_TIMEOUT),
+    )?)
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    control: ControlArgs,
+    /// The consistency group (may be left out when the appliance has one).
+    #[arg(long)]
+    group: Option<String>,
+    /// The point in time: a bookmark name, `seq:N`, an RFC 3339 time with milliseconds, or
+    /// `-30s`, `-5m`, `-2h`, `-1d`.
+    #[arg(long)]
+    at: String,
+    /// Destination file; with several volumes (and no --volume), a directory that receives
+    /// one VOL.img per volume.
+    #[arg(long)]
+    to: PathBuf,
+    /// Export only this volume of the group (PATH is then a file).
+    #[arg(long)]
+    volume: Option<String>,
+    /// Replace existing destination files.
+    #[arg(long)]
+    force: bool,
+}
+
+/// One volume of an image, as the appliance describes it.
+#[derive(Clone, Debug, Deserialize)]
+pub(crate) struct ImageVolume {
+    pub volume: String,
+    /// The NBD export name to open on the image's endpoint.
+    pub export: String,
+    pub size: u64,
+}
+
+/// An accessed image, as `image_access` answers it.
+#[derive(Clone, Debug, Deserialize)]
+pub(crate) struct ImageInfo {
+    pub id: String,
+    pub group: String,
+    pub seq: u64,
+    /// The point as the user named it, when the appliance echoes it.
+    #[serde(default)]
+    pub point: Option<String>,
+    /// Where the image's exports are served (`unix:PATH` or `HOST:PORT`).
+    pub nbd: String,
+    pub exports: Vec<ImageVolume>,
+}
+
+impl ImageInfo {
+    pub fn endpoint(&self) -> anyhow::Result<Endpoint> {
+        self.nbd
+            .parse()
+            .with_context(|| format!("the appliance gave image {} a bad NBD endpoint", self.id))
+    }
+
+    /// "seq 123 (bookmark b1)" for messages.
+    pub fn describe_point(&self, asked: &str) -> String {
+        let point = self.point.as_deref().unwrap_or(asked);
+        if point == format!("seq:{}", self.seq) || point == self.seq.to_string() {
+            format!("seq {}", self.seq)
+        } else {
+            format!("seq {} ({point})", self.seq)
+        }
+    }
+}
+
+/// A read-only virtual image opened for the length of one command. Dropping it releases
+/// the image, so an error or an interrupted copy never leaves an image accessed; `release`
+/// does the same and reports the outcome.
+pub(crate) struct OpenImage {
+    socket: PathBuf,
+    pub info: ImageInfo,
+    released: bool,
+}
+
+impl OpenImage {
+    pub fn open(socket: &Path, group: Option<&str>, at: &str) -> anyhow::Result<OpenImage> {
+        let answer = crate::control_client::request(
+            socket,
+            "appliance",
+            &serde_json::json!({
+                "command": "image_access",
+                "group": group,
+                "at": at,
+                "writable": false,
+                "logged": false,
+            }),
+        )
+        .with_context(|| format!("opening an image at {at:?}"))?;
+        let info: ImageInfo = serde_json::from_value(answer["image"].clone())
+            .with_context(|| format!("unexpected image_access answer: {answer}"))?;
+        Ok(OpenImage {
+            socket: socket.to_path_buf(),
+            info,
+            released: false,
+        })
+    }
+
+    pub fn release(mut self) -> anyhow::Result<()> {
+        self.released = true;
+        self.send_release()
+    }
+
+    fn send_release(&self) -> anyhow::Result<()> {
+        crate::control_client::request(
+            &self.socket,
+            "appliance",
+            &serde_json::json!({ "command": "image_release", "id": self.info.id }),
+        )
+        .with_context(|| {
+            format!(
+                "releasing image {} (release it with `cdp image release {}`)",
+                self.info.id, self.info.id
+            )
+        })?;
+        Ok(())
+    }
+}
+
+impl Drop for OpenImage {
+    fn drop(&mut self) {
+        if !self.released {
+            if let Err(e) = self.send_release() {
+                eprintln!("cdp: warning: {e:#}");
+            }
+        }
+    }
+}
+
+/// Runs blocking copies so that SIGINT/SIGTERM stops them between chunks instead of
+/// killing the process: the caller then still releases the image and says where things
+/// stand. The handlers are installed by `install`, before the image is opened, so a signal
+/// arriving at any moment after that is seen (it makes the next copy stop at once).
+pub(crate) struct Interruptible {
+    runtime: tokio::runtime::Runtime,
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl Interruptible {
+    pub fn install() -> anyhow::Result<Interruptible> {
+        let runtime = crate::runtime()?;
+        let (interrupt, terminate) = {
+            let _context = runtime.enter();
+            (
+                signal(SignalKind::interrupt()).context("watching SIGINT")?,
+                signal(SignalKind::terminate()).context("watching SIGTERM")?,
+            )
+        };
+        Ok(Interruptible {
+            runtime,
+            interrupt,
+            terminate,
+        })
+    }
+
+    /// Runs `work` on a blocking thread with a stop flag it must check between chunks.
+    pub fn run<T: Send + 'static>(
+        &mut self,
+        work: impl FnOnce(&AtomicBool) -> anyhow::Result<T> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let Interruptible {
+            runtime,
+            interrupt,
+            terminate,
+        } = self;
+        runtime.block_on(async move {
+            let stop = Arc::new(AtomicBool::new(false));
+            let flag = Arc::clone(&stop);
+            let mut copy = tokio::task::spawn_blocking(move || work(&flag));
+            tokio::select! {
+                done = &mut copy => return done.context("the copy thread failed")?,
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+            eprintln!("cdp: stopping after the current chunk");
+            stop.store(true, Ordering::Relaxed);
+            copy.await.context("the copy thread failed")?
+        })
+    }
+}
+
+/// Fails once a stop was asked for.
+pub(crate) fn check_stop(stop: &AtomicBool) -> anyhow::Result<()> {
+    if stop.load(Ordering::Relaxed) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// A bytes/rate/ETA bar on a terminal (stderr); hidden otherwise, where callers print a
+/// summary line instead.
+pub(crate) fn progress_bar(total: u64) -> anyhow::Result<indicatif::ProgressBar> {
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:>12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )?
+        .progress_chars("=> "),
+    );
+    Ok(bar)
+}
+
+pub(crate) fn is_zero(data: &[u8]) -> bool {
+    // OR-folding fixed blocks vectorises; checking after each block still stops early on
+    // data, which is the common case for a used volume.
+    let mut blocks = data.chunks_exact(256);
+    blocks.all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
+        && blocks.remainder().iter().all(|&b| b == 0)
+}
+
+/// What one volume's export wrote.
+struct Exported {
+    volume: String,
+    path: PathBuf,
+    size: u64,
+    data_bytes: u64,
+}
+
+pub fn run(args: ExportArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut interruptible = Interruptible::install()?;
+    let image = OpenImage::open(&args.control.socket(), args.group.as_deref(), &args.at)?;
+    let info = image.info.clone();
+    let volumes: Vec<ImageVolume> = match &args.volume {
+        Some(name) => {
+            let Some(v) = info.exports.iter().find(|v| &v.volume == name) else {
+                let names: Vec<&str> = info.exports.iter().map(|v| v.volume.as_str()).collect();
+                bail!(
+                    "group {} has no volume {name:?} (it has: {})",
+                    info.group,
+                    names.join(", ")
+                );
+            };
+            vec![v.clone()]
+        }
+        None => info.exports.clone(),
+    };
+    if volumes.is_empty() {
+        bail!("image {} of group {} has no volumes", info.id, info.group);
+    }
+    let plan = destinations(&args.to, &volumes, args.force)?;
+    let endpoint = info.endpoint()?;
+    let total: u64 = volumes.iter().map(|v| v.size).sum();
+    let exported = interruptible.run(move |stop| {
+        let bar = progress_bar(total)?;
+        let mut done = Vec::new();
+        for (volume, path) in plan {
+            bar.set_message(volume.volume.clone());
+            done.push(export_volume(&endpoint, &volume, &path, stop, &bar)?);
+        }
+        bar.finish_and_clear();
+        Ok(done)
+    });
+    let released = image.release();
+    let exported = exported.with_context(|| {
+        format!(
+            "exporting group {} at {}",
+            info.group,
+            info.describe_point(&args.at)
+        )
+    })?;
+    released?;
+    let seconds = started.elapsed().as_secs_f64();
+    for e in &exported {
+        println!(
+            "exported {} of group {} at {} to {}: {} ({} of data) in {seconds:.1} s",
+            e.volume,
+            info.group,
+            info.describe_point(&args.at),
+            e.path.display(),
+            format_bytes(e.size),
+            format_bytes(e.data_bytes),
+        );
+    }
+    Ok(())
+}
+
+/// Where each volume goes: PATH itself for one volume, PATH/VOL.img for several. Existing
+/// files are refused up front (unless `force`), before anything is copied.
+fn destinations(
+    to: &Path,
+    volumes: &[ImageVolume],
+    force: bool,
+) -> anyhow::Result<Vec<(ImageVolume, PathBuf)>> {
+    let plan: Vec<(ImageVolume, PathBuf)> = if volumes.len() == 1 {
+        if to.is_dir() {
+            bail!(
+                "{} is a directory; give a file name for volume {}",
+                to.display(),
+                volumes[0].volume
+            );
+        }
+        vec![(volumes[0].clone(), to.to_path_buf())]
+    } else {
+        if to.exists() && !to.is_dir() {
+            bail!(
+                "the group has {} volumes, so --to must be a directory (or pick one with --volume); {} is a file",
+                volumes.len(),
+                to.display()
+            );
+        }
+        std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+        volumes
+            .iter()
+            .map(|v| (v.clone(), to.join(format!("{}.img", v.volume))))
+            .collect()
+    };
+    if !force {
+        if let Some((_, path)) = plan.iter().find(|(_, p)| p.exists()) {
+            bail!("{} exists; use --force to replace it", path.display());
+        }
+    }
+    Ok(plan)
+}
+
+/// Copies one volume into `path`. The data goes to `PATH.partial` first and is renamed over
+/// `path` only once complete and synced, so an interrupted export never leaves a file that
+/// looks like a whole image.
+fn export_volume(
+    endpoint: &Endpoint,
+    volume: &ImageVolume,
+    path: &Path,
+    stop: &AtomicBool,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<Exported> {
+    let mut client = connect(endpoint, &volume.export)
+        .with_context(|| format!("opening volume {} of the image", volume.volume))?;
+    if client.size() != volume.size {
+        bail!(
+            "export {} is {} bytes but the appliance announced {}",
+            volume.export,
+            client.size(),
+            volume.size
+        );
+    }
+    let partial = PathBuf::from(format!("{}.partial", path.display()));
+    let copied = copy_to_file(&mut client, &partial, stop, bar).and_then(|data_bytes| {
+        std::fs::rename(&partial, path)
+            .with_context(|| format!("renaming {} to {}", partial.display(), path.display()))?;
+        sync_parent(path)?;
+        Ok(data_bytes)
+    });
+    let data_bytes = match copied {
+        Ok(data_bytes) => data_bytes,
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e.context(format!("exporting volume {}", volume.volume)));
+        }
+    };
+    // The image is released next anyway; a failed goodbye changes nothing.
+    let _ = client.disconnect();
+    Ok(Exported {
+        volume: volume.volume.clone(),
+        path: path.to_path_buf(),
+        size: volume.size,
+        data_bytes,
+    })
+}
+
+/// Writes the export into a new sparse file; returns the bytes of non-zero blocks written.
+fn copy_to_file(
+    client: &mut Client,
+    path: &Path,
+    stop: &AtomicBool,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<u64> {
+    let size = client.size();
+    let file: File = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    // All-zero blocks are never written, so they stay holes.
+    file.set_len(size)
+        .with_context(|| format!("sizing {}", path.display()))?;
+    let mut buf = vec![0u8; CHUNK_BYTES];
+    let mut data_bytes = 0;
+    let mut offset = 0u64;
+    while offset < size {
+        check_stop(stop)?;
+        let length = (size - offset).min(CHUNK_BYTES as u64) as usize;
+        let chunk = &mut buf[..length];
+        client.read(offset, chunk)?;
+        for (index, block) in chunk.chunks(BLOCK_BYTES).enumerate() {
+            if is_zero(block) {
+                continue;
+            }
+            let at = offset + (index * BLOCK_BYTES) as u64;
+            file.write_all_at(block, at)
+                .with_context(|| format!("writing {}", path.display()))?;
+            data_bytes += block.len() as u64;
+        }
+        offset += length as u64;
+        bar.inc(length as u64);
+    }
+    file.sync_all()
+        .with_context(|| format!("syncing {}", path.display()))?;
+    Ok(data_bytes)
+}
+
+/// Syncs the directory holding `path`, so the rename survives a crash.
+fn sync_parent(path: &Path) -> anyhow::Result<()> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(parent)
+        .and_then(|dir| dir.sync_all())
+        .with_context(|| format!("syncing directory {}", parent.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn is_zero_sees_any_set_byte() {
+        for len in [0, 1, 255, 256, 257, 4096 + 3] {
+            let mut data = vec![0u8; len];
+            assert!(is_zero(&data), "{len} zero bytes");
+            for at in [0, len / 2, len.saturating_sub(1)] {
+                if len == 0 {
+                    continue;
+                }
+                data[at] = 1;
+                assert!(!is_zero(&data), "byte {at} of {len}");
+                data[at] = 0;
+            }
+        }
+    }
+
+    #[test]
+    fn destinations_refuse_existing_files_and_use_a_directory_for_several_volumes() {
+        let dir = std::env::temp_dir().join(format!("cdp-export-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let volume = |name: &str| ImageVolume {
+            volume: name.into(),
+            export: format!("g@img1/{name}"),
+            size: 4096,
+        };
+        let file = dir.join("one.img");
+        let plan = destinations(&file, &[volume("a")], false).unwrap();
+        assert_eq!(plan[0].1, file);
+        std::fs::write(&file, b"x").unwrap();
+        let err = destinations(&file, &[volume("a")], false).unwrap_err();
+        assert!(err.to_string().contains("--force"), "{err}");
+        assert!(destinations(&file, &[volume("a")], true).is_ok());
+
+        // Several volumes: a directory is created; a file there is an error.
+        let two = [volume("a"), volume("b")];
+        assert!(destinations(&file, &two, false).is_err());
+        let out = dir.join("out");
+        let plan = destinations(&out, &two, false).unwrap();
+        assert_eq!(plan[1].1, out.join("b.img"));
+        assert!(out.is_dir());
+        // One volume but a directory as the target: refused, a file name is needed.
+        assert!(destinations(&out, &[volume("a")], false).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
