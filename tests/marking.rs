@@ -44,6 +44,7 @@ fn outage_is_marked_and_only_dirty_regions_are_resynced() {
     model.fill(0, 8 * MIB, 0x11);
     site.settle();
     let before = site.status()["groups"][0]["last_seq"].as_u64().unwrap();
+    let before_outage = model.clone();
 
     site.kill_appliance();
     let mut commands = Vec::new();
@@ -113,6 +114,27 @@ fn outage_is_marked_and_only_dirty_regions_are_resynced() {
         "{}",
         String::from_utf8_lossy(&inside.stderr)
     );
+    // The resync destroyed no history: the point before the outage is still exact, and so
+    // is the one after the resync.
+    for (seq, want) in [(before, &before_outage), (after, &model)] {
+        let at = format!("seq:{seq}");
+        let image = site.cdp_json(&["image", "access", "--at", &at, "--json"]);
+        let file = site.root().join(format!("image-{seq}.img"));
+        run_ok(
+            Command::new("qemu-img")
+                .args(["convert", "-f", "raw", "-O", "raw"])
+                .arg(site.image_uri(&image, "vol0"))
+                .arg(&file),
+            Duration::from_secs(60),
+        );
+        want.check_file(&format!("image at seq {seq}"), &file);
+        site.cdp_json(&[
+            "image",
+            "release",
+            image["id"].as_str().expect("id"),
+            "--json",
+        ]);
+    }
 }
 
 #[test]

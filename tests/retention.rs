@@ -285,3 +285,85 @@ fn over_capacity_is_reported_while_distribution_is_deferred() {
     model.check_file("production", &site.volume("vol0").production);
     site.assert_replica_equals_production("vol0");
 }
+
+/// Starts qemu-io writing `rounds` x 256 KiB of pattern `byte` from offset 0 into vol0 in
+/// the background (and into the model).
+fn spawn_writes(site: &Site, model: &mut Model, byte: u8, rounds: u64) -> std::process::Child {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for i in 0..rounds {
+        cmd.arg("-c")
+            .arg(format!("write -P {byte:#x} {} 262144", i * 262_144));
+        model.fill(i * 262_144, 262_144, byte);
+    }
+    cmd.arg("-c").arg("flush").arg(site.nbd_uri("vol0"));
+    cmd.stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start qemu-io")
+}
+
+#[test]
+fn journal_full_policies_throttle_or_release() {
+    // Goal: when the journal is full because distribution cannot keep up, `throttle` holds
+    // the host's writes until it can and `release` lets them through (the journal grows past
+    // its capacity until distribution catches up); both are visible in status, and no write
+    // is lost. Method: a logged image holds distribution at a point (deterministically
+    // "behind"); a host writes three times the capacity; observe status and the writer; then
+    // release the image and check the replica against the model.
+    if reference_mode() || !requires("qemu-io") || !requires("qemu-img") {
+        return;
+    }
+    for policy in ["throttle", "release"] {
+        let mut site = site(
+            &[("vol0", 64 * MIB)],
+            &format!("journal_capacity_bytes = {CAPACITY}\njournal_full_policy = \"{policy}\"\n"),
+        );
+        site.start_role(Role::Appliance);
+        site.start_role(Role::Splitter);
+        let mut model = Model::zeroed(64 * MIB);
+        let mut first = spawn_writes(&site, &mut model, 0x21, 4);
+        assert!(wait_child(&mut first, Duration::from_secs(60)).is_some_and(|s| s.success()));
+        site.settle();
+        let image = site.cdp_json(&["image", "access", "--at", "-0s", "--logged", "--json"]);
+        let mut writer = spawn_writes(&site, &mut model, 0x42, 3 * CAPACITY / 262_144);
+        if policy == "throttle" {
+            let held = poll_until(Duration::from_secs(60), || {
+                group(&site.status())["journal_throttling"] == true
+            });
+            assert!(held, "never throttled: {:#}", site.status());
+            assert!(
+                writer.try_wait().expect("qemu-io").is_none(),
+                "the host's writes completed although the journal is full"
+            );
+        } else {
+            let status = wait_child(&mut writer, Duration::from_secs(60)).expect("writer hung");
+            assert!(status.success());
+            let g = group(&site.status());
+            assert_eq!(g["journal_throttling"], false, "{g:#}");
+            assert_eq!(g["journal_over_capacity"], true, "{g:#}");
+            assert!(g["journal_bytes"].as_u64().unwrap_or(0) > CAPACITY, "{g:#}");
+        }
+        site.cdp_json(&[
+            "image",
+            "release",
+            image["id"].as_str().expect("id"),
+            "--json",
+        ]);
+        let status = wait_child(&mut writer, Duration::from_secs(60)).expect("writer hung");
+        assert!(status.success(), "qemu-io: {status}");
+        site.settle();
+        let within = poll_until(Duration::from_secs(30), || {
+            group(&site.status())["journal_over_capacity"] == false
+        });
+        assert!(within, "{policy}: {:#}", site.status());
+        assert!(
+            site.logs().contains("journal over capacity"),
+            "{policy}: no warning logged"
+        );
+        model.check_file(
+            &format!("{policy}: production"),
+            &site.volume("vol0").production,
+        );
+        site.assert_replica_equals_production("vol0");
+    }
+}

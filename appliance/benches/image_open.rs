@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cdp_appliance::config::{GroupConfig, VolumeConfig};
+use cdp_appliance::config::GroupConfig;
 use cdp_appliance::group::Group;
-use cdp_appliance::image::{AccessRequest, Images};
+use cdp_appliance::image::{AccessRequest, ImageInfo, Images};
 use cdp_appliance::point::ResolvedPoint;
 use cdp_journal::{JournalConfig, RecordIn};
 use cdp_nbd::client::Client;
@@ -39,17 +39,14 @@ fn main() {
 }
 
 fn open_group(dir: &Path) -> Arc<Group> {
-    let config = GroupConfig {
-        name: "bench".into(),
-        journal_capacity_bytes: 64 << 30,
-        journal_retention_s: None,
-        journal_compress: false,
-        volume: vec![VolumeConfig {
-            name: "vol0".into(),
-            size: VOLUME_BYTES,
-            replica: dir.join("vol0.replica"),
-        }],
-    };
+    // From TOML, so every setting not named here takes its documented default.
+    let config: GroupConfig = toml::from_str(&format!(
+        "name = \"bench\"\njournal_capacity_bytes = {}\n\
+         [[volume]]\nname = \"vol0\"\nsize = {VOLUME_BYTES}\nreplica = {:?}\n",
+        64u64 << 30,
+        dir.join("vol0.replica")
+    ))
+    .expect("group config");
     Group::open(
         dir,
         &config,
@@ -63,7 +60,7 @@ fn open_group(dir: &Path) -> Arc<Group> {
 fn bench(writes: u64) {
     let tmp = tempfile::tempdir_in("/var/tmp").expect("tempdir");
     let group = open_group(tmp.path());
-    let volume = Arc::clone(group.volume("vol0").expect("volume"));
+    let volume = group.volume("vol0").expect("volume");
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     let blocks = VOLUME_BYTES / WRITE_BYTES as u64;
     let started = Instant::now();
@@ -109,6 +106,7 @@ fn bench(writes: u64) {
         }
     });
     let endpoint = Endpoint::Unix(socket.clone());
+    let images_registry = registry.clone();
     let images = Arc::new(Images::new(
         registry,
         endpoint.to_string(),
@@ -141,22 +139,7 @@ fn bench(writes: u64) {
         group.unpin(pin);
         // End to end: image access, NBD handshake, first block.
         let t = Instant::now();
-        let info = images
-            .access(
-                &group,
-                AccessRequest {
-                    point: format!("seq:{}", at.0),
-                    resolved: ResolvedPoint {
-                        seq: at.0,
-                        timestamp_ns: 0,
-                        time: String::new(),
-                        bookmark: None,
-                    },
-                    writable: false,
-                    logged: false,
-                },
-            )
-            .expect("access");
+        let info = open_virtual(&images, &group, at);
         let mut client = Client::connect(&endpoint, &info.exports[0].export).expect("connect");
         client.read(0, &mut block).expect("nbd read");
         let nbd = t.elapsed();
@@ -197,6 +180,29 @@ fn bench(writes: u64) {
         }
         replica_s.push(t.elapsed().as_secs_f64());
     }
+    // The same through NBD: the image's export against the replica file served by the
+    // same NBD server, as a client sees both.
+    let info = open_virtual(&images, &group, at);
+    registry_for_replica(&images_registry, tmp.path().join("vol0.replica"));
+    let mut image_nbd_s = Vec::new();
+    let mut replica_nbd_s = Vec::new();
+    for _ in 0..3 {
+        for (export, out) in [
+            (info.exports[0].export.as_str(), &mut image_nbd_s),
+            ("replica", &mut replica_nbd_s),
+        ] {
+            let mut client = Client::connect(&endpoint, export).expect("connect");
+            let t = Instant::now();
+            let mut off = 0;
+            while off < VOLUME_BYTES {
+                client.read(off, &mut buf).expect("nbd read");
+                off += READ_CHUNK as u64;
+            }
+            out.push(t.elapsed().as_secs_f64());
+            client.disconnect().ok();
+        }
+    }
+    images.release(&info.id).expect("release");
     group.unpin(pin);
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -211,8 +217,83 @@ fn bench(writes: u64) {
         mib / rep,
         rep / img
     );
+    let (img, rep) = (median(&mut image_nbd_s), median(&mut replica_nbd_s));
+    println!(
+        "  same through NBD (one connection): image {:.0} MiB/s, replica {:.0} MiB/s, ratio {:.2}",
+        mib / img,
+        mib / rep,
+        rep / img
+    );
     println!("  index: {:?}", group.status().history);
     let _ = stop_tx.send(true);
     let _ = rt.block_on(serving);
     group.stop();
+}
+
+/// Serves the replica file read-only as export `replica`, the baseline for image reads.
+fn registry_for_replica(registry: &ExportRegistry, path: std::path::PathBuf) {
+    let file = cdp_types::BlockFile::open(&path, true).expect("open replica");
+    registry
+        .add("replica", "replica", Arc::new(FileExport(file)))
+        .expect("add replica export");
+}
+
+struct FileExport(cdp_types::BlockFile);
+
+#[async_trait::async_trait]
+impl cdp_nbd::Export for FileExport {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn features(&self) -> cdp_nbd::ExportFeatures {
+        cdp_nbd::ExportFeatures {
+            read_only: true,
+            can_flush: false,
+            can_fua: false,
+            can_trim: false,
+            can_write_zeroes: false,
+            can_multi_conn: true,
+        }
+    }
+    async fn read(&self, offset: u64, length: u32) -> Result<Bytes, cdp_nbd::ExportError> {
+        Ok(self.0.read_at(offset, length as usize)?)
+    }
+    async fn write(&self, _: u64, _: Bytes, _: bool) -> Result<(), cdp_nbd::ExportError> {
+        Err(cdp_nbd::ExportError::NotPermitted("read-only".into()))
+    }
+    async fn flush(&self) -> Result<(), cdp_nbd::ExportError> {
+        Ok(())
+    }
+    async fn trim(&self, _: u64, _: u32, _: bool) -> Result<(), cdp_nbd::ExportError> {
+        Err(cdp_nbd::ExportError::NotPermitted("read-only".into()))
+    }
+    async fn write_zeroes(
+        &self,
+        _: u64,
+        _: u32,
+        _: bool,
+        _: bool,
+    ) -> Result<(), cdp_nbd::ExportError> {
+        Err(cdp_nbd::ExportError::NotPermitted("read-only".into()))
+    }
+}
+
+/// A read-only virtual image of `group` at `at`, as `cdp image access --at seq:N` opens it.
+fn open_virtual(images: &Arc<Images>, group: &Arc<Group>, at: Seq) -> ImageInfo {
+    images
+        .access(
+            group,
+            AccessRequest {
+                point: format!("seq:{}", at.0),
+                resolved: ResolvedPoint {
+                    seq: at.0,
+                    timestamp_ns: 0,
+                    time: String::new(),
+                    bookmark: None,
+                },
+                writable: false,
+                logged: false,
+            },
+        )
+        .expect("image access")
 }

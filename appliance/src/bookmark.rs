@@ -197,6 +197,27 @@ impl BookmarkIndex {
         self.list(journal).into_iter().find(|b| b.name == name)
     }
 
+    /// Learns a bookmark record appended by remote replication (it arrived in order with the
+    /// writes, already numbered and stamped at the source). An unreadable payload is logged
+    /// and skipped, as at rebuild.
+    pub fn note_replicated(&self, seq: Seq, timestamp_ns: u64, payload: &[u8]) {
+        match BookmarkPayload::decode(payload) {
+            Ok(p) => self
+                .list
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(Bookmark {
+                    name: p.name,
+                    seq: seq.0,
+                    timestamp_ns,
+                    time: format_time(timestamp_ns),
+                    consistency: p.consistency,
+                    freeze_window_ms: p.freeze_window_ms,
+                }),
+            Err(e) => tracing::warn!(%seq, "replicated bookmark record skipped: {e}"),
+        }
+    }
+
     /// Appends a bookmark record after every record already appended (the journal's append
     /// lock is the group's write order, and a host write is acknowledged only after its
     /// append returned, so every acknowledged write precedes the bookmark), syncs the journal

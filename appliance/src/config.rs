@@ -37,6 +37,12 @@ pub struct ApplianceConfig {
     /// full speed at the cost of replica lag (shown by `cdp status`). Default 30, minimum 0.
     #[serde(default = "distribution_delay_default")]
     pub distribution_delay_max_s: u64,
+    // --- remote replication ---
+    /// Where this appliance accepts replication links from other appliances (`HOST:PORT`),
+    /// for its groups with `source = "remote"`. Default: none (no group here is a remote copy).
+    #[serde(default)]
+    pub replication_listen: Option<std::net::SocketAddr>,
+    // --- end remote replication ---
     #[serde(default)]
     pub group: Vec<GroupConfig>,
 }
@@ -81,8 +87,108 @@ pub struct GroupConfig {
     /// ARCHITECTURE.md); turn it on for compressible data where journal space matters more.
     #[serde(default = "journal_compress_default")]
     pub journal_compress: bool,
+    /// What happens when the journal is over capacity because distribution to the replica
+    /// is behind (retention may only release distributed history): `release` (default) runs
+    /// distribution at once, whatever the host is doing, so the oldest history can be
+    /// released; `throttle` also holds new host writes (backpressure through the split link)
+    /// until the journal is back within capacity. Either way `cdp status` shows it and a
+    /// warning is logged.
+    #[serde(default)]
+    pub journal_full_policy: JournalFullPolicy,
+    // --- remote replication ---
+    /// `local` (default): hosts write this group through splitters. `remote`: this group is
+    /// the remote copy of a group of the same name at another appliance, fed only by its
+    /// replication link; splitters are refused (no two writable copies).
+    #[serde(default)]
+    pub source: GroupSource,
+    /// Ship this group's journal to a remote appliance (`[group.remote]`).
+    #[serde(default)]
+    pub remote: Option<RemoteConfig>,
+    // --- end remote replication ---
     #[serde(default)]
     pub volume: Vec<VolumeConfig>,
+}
+
+// --- remote replication ---
+/// Where a group's writes come from; see `GroupConfig::source`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupSource {
+    #[default]
+    Local,
+    Remote,
+}
+
+/// `[group.remote]`: asynchronous replication of the group's journal to another appliance.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteConfig {
+    /// The remote appliance's `replication_listen` address, `HOST:PORT`.
+    pub endpoint: String,
+    /// Recovery point objective in seconds: `cdp status` flags the group and a warning is
+    /// logged (once per episode) when the oldest record not yet durable at the remote is
+    /// older than this. Default 30, minimum 1.
+    #[serde(default = "rpo_s_default")]
+    pub rpo_s: u64,
+    /// zstd level for batches on the wire: 0 sends them uncompressed, 1..=19. Default 3.
+    #[serde(default = "compress_level_default")]
+    pub compress_level: i32,
+}
+
+fn rpo_s_default() -> u64 {
+    30
+}
+
+fn compress_level_default() -> i32 {
+    3
+}
+
+impl GroupConfig {
+    /// Checks the group's replication settings, clamping soft mistakes with a warning.
+    fn sanitize_replication(&mut self, replication_listen: bool) -> Result<(), ApplianceError> {
+        if self.source == GroupSource::Remote {
+            if self.remote.is_some() {
+                return Err(ApplianceError::Config(format!(
+                    "group {:?} is a remote copy (source = \"remote\") and cannot ship to another remote yet",
+                    self.name
+                )));
+            }
+            if !replication_listen {
+                return Err(ApplianceError::Config(format!(
+                    "group {:?} is a remote copy but replication_listen is not set",
+                    self.name
+                )));
+            }
+        }
+        if let Some(r) = &mut self.remote {
+            if r.endpoint.trim().is_empty() {
+                return Err(ApplianceError::Config(format!(
+                    "group {:?}: remote.endpoint is empty",
+                    self.name
+                )));
+            }
+            if r.rpo_s == 0 {
+                tracing::warn!(group = %self.name, "remote.rpo_s = 0; using 1");
+                r.rpo_s = 1;
+            }
+            if !(0..=19).contains(&r.compress_level) {
+                let level = r.compress_level.clamp(0, 19);
+                tracing::warn!(group = %self.name, "remote.compress_level = {}; using {level}", r.compress_level);
+                r.compress_level = level;
+            }
+        }
+        Ok(())
+    }
+}
+// --- end remote replication ---
+
+/// See `GroupConfig::journal_full_policy`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JournalFullPolicy {
+    #[default]
+    Release,
+    Throttle,
 }
 
 /// A protected volume as the appliance knows it.
@@ -170,6 +276,7 @@ impl ApplianceConfig {
                 );
                 g.journal_capacity_bytes = capacity_min;
             }
+            g.sanitize_replication(self.replication_listen.is_some())?;
             if g.journal_retention_s == Some(0) {
                 tracing::warn!(group = %g.name, "journal_retention_s = 0; using 1");
                 g.journal_retention_s = Some(1);
@@ -224,5 +331,41 @@ replica = "/d/r0.img"
         );
         assert!(ApplianceConfig::from_toml(&shared_replica).is_err());
         assert!(ApplianceConfig::from_toml("data_dir = \"/d\"\nlink_listen = \"x\"\n").is_err());
+    }
+
+    // --- remote replication ---
+    #[test]
+    fn remote_replication_keys() {
+        let c = ApplianceConfig::from_toml(GOOD).unwrap();
+        assert_eq!(c.group[0].source, GroupSource::Local);
+        assert!(c.group[0].remote.is_none());
+        assert!(c.replication_listen.is_none());
+        let local = format!(
+            "{GOOD}\n[group.remote]\nendpoint = \"dr:7701\"\nrpo_s = 0\ncompress_level = 40\n"
+        );
+        let c = ApplianceConfig::from_toml(&local).unwrap();
+        let r = c.group[0].remote.as_ref().unwrap();
+        assert_eq!(
+            (r.endpoint.as_str(), r.rpo_s, r.compress_level),
+            ("dr:7701", 1, 19)
+        );
+        let defaults = format!("{GOOD}\n[group.remote]\nendpoint = \"dr:7701\"\n");
+        let c = ApplianceConfig::from_toml(&defaults).unwrap();
+        let r = c.group[0].remote.as_ref().unwrap();
+        assert_eq!((r.rpo_s, r.compress_level), (30, 3));
+        let remote = GOOD.replace(
+            "name = \"default\"\n",
+            "name = \"default\"\nsource = \"remote\"\n",
+        );
+        // A remote copy needs somewhere to accept its replication link.
+        assert!(ApplianceConfig::from_toml(&remote).is_err());
+        let remote = format!("replication_listen = \"127.0.0.1:7701\"\n{remote}");
+        let c = ApplianceConfig::from_toml(&remote).unwrap();
+        assert_eq!(c.group[0].source, GroupSource::Remote);
+        // A remote copy does not ship onwards yet.
+        let chained = format!("{remote}\n[group.remote]\nendpoint = \"x:1\"\n");
+        assert!(ApplianceConfig::from_toml(&chained).is_err());
+        let typo = format!("{GOOD}\n[group.remote]\nendpoint = \"x:1\"\nrpo = 3\n");
+        assert!(ApplianceConfig::from_toml(&typo).is_err());
     }
 }

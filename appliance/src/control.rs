@@ -1,6 +1,6 @@
 //! The control socket: one JSON request per line in, one JSON response per line out.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,6 +12,7 @@ use cdp_types::TimestampNs;
 
 use crate::bookmark::{BookmarkPayload, Consistency};
 use crate::group::{Group, GroupStatus};
+use crate::group_registry::{GroupCreate, Groups};
 use crate::image::{AccessRequest, Images};
 use crate::limits::CONTROL_CONNECTIONS_MAX;
 use crate::point::{parse_point, resolve, ResolvedPoint};
@@ -68,6 +69,27 @@ pub enum Request {
     ImageRelease {
         id: String,
     },
+    /// Create a consistency group with an empty journal; kept in DATA_DIR/managed.toml.
+    GroupCreate(GroupCreate),
+    /// Every group: journal capacity and use, oldest point, volumes.
+    GroupList,
+    /// Add a volume to a group. The replica defaults to DATA_DIR/replicas/GROUP/NAME.img,
+    /// created sparse.
+    VolumeAdd {
+        group: String,
+        name: String,
+        size: u64,
+        #[serde(default)]
+        replica: Option<PathBuf>,
+    },
+    /// Remove a volume from its group: refused while its splitter is connected unless
+    /// `force`. The journal keeps its records and the replica file is kept.
+    VolumeRemove {
+        group: String,
+        name: String,
+        #[serde(default)]
+        force: bool,
+    },
 }
 
 /// The answer to `status`.
@@ -76,19 +98,20 @@ pub struct ApplianceStatus {
     pub groups: Vec<GroupStatus>,
 }
 
-pub async fn serve_control(
-    listener: UnixListener,
-    groups: Arc<Vec<Arc<Group>>>,
-    images: Arc<Images>,
-) {
+pub async fn serve_control(listener: UnixListener, registry: Arc<Groups>, images: Arc<Images>) {
     cdp_link::control_socket::serve(
         listener,
         CONTROL_CONNECTIONS_MAX,
         move |request: Request| {
-            let groups = Arc::clone(&groups);
+            let registry = Arc::clone(&registry);
+            let groups = registry.list();
             let images = Arc::clone(&images);
             async move {
                 match request {
+                    request @ (Request::GroupCreate(_)
+                    | Request::GroupList
+                    | Request::VolumeAdd { .. }
+                    | Request::VolumeRemove { .. }) => manage_request(registry, request).await,
                     Request::Status => to_json(&status(&groups)),
                     request @ (Request::ImageAccess { .. }
                     | Request::ImageList { .. }
@@ -144,6 +167,48 @@ async fn image_request(
             Box::new(move || to_json(&serde_json::json!({ "released": images.release(&id)? })))
         }
         _ => return Err("not an image request".into()),
+    };
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| format!("request failed: {e}"))?
+}
+
+/// Group and volume management, on the blocking pool (files are created and synced;
+/// removing a volume waits for distribution).
+async fn manage_request(
+    registry: Arc<Groups>,
+    request: Request,
+) -> Result<serde_json::Value, String> {
+    let work = move || match request {
+        Request::GroupCreate(create) => {
+            let group = registry.create_group(create)?;
+            to_json(&serde_json::json!({ "created": group.name, "status": group.status() }))
+        }
+        Request::GroupList => to_json(&serde_json::json!({ "groups": registry.summaries() })),
+        Request::VolumeAdd {
+            group,
+            name,
+            size,
+            replica,
+        } => {
+            let volume = registry.add_volume(&group, &name, size, replica)?;
+            to_json(&serde_json::json!({
+                "group": group,
+                "added": volume.name,
+                "volume_id": volume.id,
+                "size": volume.size,
+                "replica": volume.replica_path,
+            }))
+        }
+        Request::VolumeRemove { group, name, force } => {
+            let volume = registry.remove_volume(&group, &name, force)?;
+            to_json(&serde_json::json!({
+                "group": group,
+                "removed": volume.name,
+                "replica_kept": volume.replica_path,
+            }))
+        }
+        _ => Err("not a management request".into()),
     };
     tokio::task::spawn_blocking(work)
         .await

@@ -24,7 +24,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::bookmark::{Bookmark, BookmarkIndex, BookmarkPayload};
-use crate::config::{GroupConfig, VolumeConfig};
+use crate::config::{GroupConfig, JournalFullPolicy, VolumeConfig};
 use crate::distribution_state;
 use crate::error::ApplianceError;
 use crate::group_meta::GroupMeta;
@@ -32,7 +32,7 @@ use crate::history::{overlay, BlockPlan, History, HistoryStats, RedoRef, UndoRef
 use crate::limits::{
     DISTRIBUTION_BATCH_BYTES_MAX, DISTRIBUTION_BATCH_RECORDS_MAX,
     DISTRIBUTION_CHECKPOINT_BYTES_MAX, DISTRIBUTION_HOST_QUIET, DISTRIBUTION_QUIET_CHECK_RECORDS,
-    SYNC_REQUESTS_MAX, UNDO_CHUNK_BYTES_MAX,
+    PARALLEL_ASSEMBLY_BLOCKS_MIN, SYNC_REQUESTS_MAX, UNDO_CHUNK_BYTES_MAX,
 };
 use crate::record_cache::{RecordCache, Stream};
 use crate::resync_span::{ResyncSpan, ResyncSpans};
@@ -69,6 +69,8 @@ pub struct GroupVolume {
     pub connected: AtomicBool,
     /// Highest splitter source_seq in the journal for this volume.
     pub last_source_seq: AtomicU64,
+    /// Removed from the group at runtime: appends for it are refused from then on.
+    pub removed: AtomicBool,
 }
 
 /// Status of a group, as `cdp status` shows it.
@@ -87,6 +89,10 @@ pub struct GroupStatus {
     /// The journal is above its capacity and nothing more may be released yet because
     /// distribution to the replica is behind. The host is not stopped (future policy).
     pub journal_over_capacity: bool,
+    /// What a full journal does to the host (`release` or `throttle`).
+    pub journal_full_policy: JournalFullPolicy,
+    /// Host writes are being held because the journal is full (policy `throttle`).
+    pub journal_throttling: bool,
     /// The time window, when one is configured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub journal_retention_s: Option<u64>,
@@ -110,6 +116,14 @@ pub struct GroupStatus {
     pub replica_held_at: Option<u64>,
     pub history: HistoryStats,
     pub volumes: Vec<VolumeStatus>,
+    /// `local`, or `remote` for the remote copy of another appliance's group.
+    pub source: crate::config::GroupSource,
+    /// Shipping to the remote copy, for a group with `[group.remote]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote: Option<crate::replication::RemoteStatus>,
+    /// Receiving from the source, for a remote copy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replication_source: Option<crate::replication::ReceivingStatus>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -124,10 +138,14 @@ pub struct VolumeStatus {
 pub struct Group {
     pub name: String,
     journal: Arc<Journal>,
-    volumes: BTreeMap<String, Arc<GroupVolume>>,
+    /// Changes at runtime (`cdp volume add/remove`); readers take a snapshot.
+    volumes: RwLock<BTreeMap<String, Arc<GroupVolume>>>,
     sync_tx: Mutex<Option<channel::Sender<SyncRequest>>>,
     distributed: AtomicU64,
     retention: RetentionPolicy,
+    journal_full_policy: JournalFullPolicy,
+    /// Open images keep the journal over capacity (logged once per episode).
+    held_by_images: AtomicBool,
     /// Set by the last retention pass; a warning is logged once per episode.
     over_capacity: AtomicBool,
     /// Per volume id, the highest source_seq among distributed (hence durable) records.
@@ -170,6 +188,8 @@ pub struct Group {
     rollback_progress: (AtomicU64, AtomicU64),
     record_cache: RecordCache,
     state_path: PathBuf,
+    /// Remote replication role and progress (`replication/`).
+    replication: crate::replication::GroupReplication,
 }
 
 /// The replica's state as image reads see it.
@@ -254,10 +274,12 @@ impl Group {
         let group = Arc::new(Group {
             name: config.name.clone(),
             journal,
-            volumes,
+            volumes: RwLock::new(volumes),
             sync_tx: Mutex::new(Some(sync_tx)),
             distributed: AtomicU64::new(distributed.0),
             retention,
+            journal_full_policy: config.journal_full_policy,
+            held_by_images: AtomicBool::new(false),
             over_capacity: AtomicBool::new(false),
             distributed_source_seqs: Mutex::new(distributed_source_seqs),
             source_seqs_path,
@@ -278,7 +300,7 @@ impl Group {
                 exact_from,
             }),
             undo_floor,
-            pins: Mutex::new(BTreeMap::new()),
+            pins: Mutex::new(Group::replication_pins(config)),
             next_pin: AtomicU64::new(1),
             hold: Mutex::new(None),
             urgent: AtomicBool::new(false),
@@ -286,6 +308,7 @@ impl Group {
             rollback_progress: (AtomicU64::new(0), AtomicU64::new(0)),
             record_cache: RecordCache::default(),
             state_path: dist_path.clone(),
+            replication: crate::replication::GroupReplication::new(config),
         });
         let mut threads = Vec::new();
         let g = Arc::clone(&group);
@@ -301,8 +324,137 @@ impl Group {
         Ok(group)
     }
 
-    pub fn volume(&self, name: &str) -> Option<&Arc<GroupVolume>> {
-        self.volumes.get(name)
+    pub fn volume(&self, name: &str) -> Option<Arc<GroupVolume>> {
+        self.read_volumes().get(name).cloned()
+    }
+
+    fn read_volumes(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<GroupVolume>>> {
+        // Every change is one map call, so a poisoned lock still guards a consistent map.
+        self.volumes.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a volume to the running group (`cdp volume add`). It gets a new id in
+    /// `group.json`, or its old one if it belonged to the group before: ids are never reused,
+    /// and the journal may still hold its records, so its resume point is recovered as at
+    /// start-up. Reads the journal backwards: call from a blocking thread.
+    pub fn add_volume(&self, config: &VolumeConfig) -> Result<Arc<GroupVolume>, String> {
+        if self.read_volumes().contains_key(&config.name) {
+            return Err(format!(
+                "group {} already has a volume {:?}",
+                self.name, config.name
+            ));
+        }
+        let dir = self
+            .state_path
+            .parent()
+            .ok_or_else(|| format!("group {} has no directory", self.name))?;
+        let meta = GroupMeta::load_or_create(dir, &self.name, std::slice::from_ref(&config.name))
+            .map_err(|e| e.to_string())?;
+        let id = meta
+            .volumes
+            .get(&config.name)
+            .copied()
+            .ok_or_else(|| format!("volume {} has no id in group.json", config.name))?;
+        let volume = Arc::new(open_volume(config, id).map_err(|e| e.to_string())?);
+        let single = BTreeMap::from([(config.name.clone(), Arc::clone(&volume))]);
+        recover_last_source_seqs(&self.journal, &single).map_err(|e| e.to_string())?;
+        let released = load_source_seqs(&self.source_seqs_path)
+            .map_err(|e| e.to_string())?
+            .get(&id)
+            .copied()
+            .unwrap_or(0);
+        let resume = volume
+            .last_source_seq
+            .fetch_max(released, Ordering::Relaxed)
+            .max(released);
+        {
+            let mut seqs = lock(&self.distributed_source_seqs);
+            let e = seqs.entry(id).or_default();
+            *e = (*e).max(resume);
+        }
+        let mut volumes = self.volumes.write().unwrap_or_else(|p| p.into_inner());
+        if volumes.contains_key(&config.name) {
+            return Err(format!(
+                "group {} already has a volume {:?}",
+                self.name, config.name
+            ));
+        }
+        volumes.insert(config.name.clone(), Arc::clone(&volume));
+        drop(volumes);
+        tracing::info!(group = %self.name, volume = %config.name, id, size = config.size, replica = %config.replica.display(), "volume added");
+        Ok(volume)
+    }
+
+    /// Removes a volume from the running group (`cdp volume remove`). Refused while its
+    /// splitter is connected unless `force`. Its records stay in the journal (retention
+    /// releases them as any others) and its replica file is kept: first distribution applies
+    /// everything journaled for it, so the replica ends equal to what production held at the
+    /// last journaled change. Waits for distribution: call from a blocking thread.
+    pub fn remove_volume(&self, name: &str, force: bool) -> Result<Arc<GroupVolume>, String> {
+        let volume = self.volume(name).ok_or_else(|| {
+            format!("group {} has no volume {name:?} (it has: {})", self.name, {
+                let names: Vec<String> = self.read_volumes().keys().cloned().collect();
+                if names.is_empty() {
+                    "none".to_string()
+                } else {
+                    names.join(", ")
+                }
+            })
+        })?;
+        // `cdp volume remove` stops the splitter's side first; its connection closes a
+        // moment later, so give it that moment before refusing.
+        let deadline = Instant::now() + VOLUME_REMOVE_DISCONNECT_WAIT;
+        while !force && volume.connected.load(Ordering::Relaxed) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if volume.connected.load(Ordering::Relaxed) && !force {
+            return Err(format!(
+                "volume {name:?} still has a connected splitter; remove it from the splitter \
+                 first (cdp volume remove does) or use --force"
+            ));
+        }
+        if let Some(held) = *lock(&self.hold) {
+            return Err(format!(
+                "a logged image holds group {}'s replicas at seq {held}; release it first, \
+                 so the replica of {name:?} can receive its last changes",
+                self.name
+            ));
+        }
+        volume.removed.store(true, Ordering::Relaxed);
+        if let Err(e) = self.distribute_everything(VOLUME_REMOVE_DISTRIBUTION_WAIT) {
+            volume.removed.store(false, Ordering::Relaxed);
+            return Err(format!("volume {name:?} not removed: {e}"));
+        }
+        self.volumes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        tracing::info!(group = %self.name, volume = %name, replica = %volume.replica_path.display(), "volume removed; its journal records and replica are kept");
+        Ok(volume)
+    }
+
+    /// Makes everything appended so far durable and waits until distribution applied it.
+    fn distribute_everything(&self, timeout: Duration) -> Result<(), String> {
+        let target = self.journal.last_seq();
+        if self.journal.durable_seq() < target {
+            self.journal.sync().map_err(|e| e.to_string())?;
+        }
+        let deadline = Instant::now() + timeout;
+        while self.distributed_seq() < target {
+            if let Some(failure) = self.failure.borrow().clone() {
+                return Err(failure);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "distribution did not reach seq {target} within {} s (it is at {})",
+                    timeout.as_secs(),
+                    self.distributed_seq()
+                ));
+            }
+            self.urge_distribution();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
     }
 
     pub fn failure(&self) -> watch::Receiver<Option<String>> {
@@ -314,6 +466,12 @@ impl Group {
     pub fn append(&self, volume: &GroupVolume, changes: &[RecordIn]) -> Result<(), String> {
         if let Some(failure) = self.failure.borrow().clone() {
             return Err(failure);
+        }
+        if volume.removed.load(Ordering::Relaxed) {
+            return Err(format!(
+                "volume {} was removed from group {}",
+                volume.name, self.name
+            ));
         }
         self.last_append_ns
             .store(self.epoch.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -345,7 +503,7 @@ impl Group {
     pub fn resync_span_containing(&self, seq: u64) -> Option<(String, ResyncSpan)> {
         let span = self.resync_spans.containing(seq)?;
         let name = self
-            .volumes
+            .read_volumes()
             .values()
             .find(|v| v.id == span.volume)
             .map_or_else(|| format!("volume id {}", span.volume), |v| v.name.clone());
@@ -387,6 +545,7 @@ impl Group {
         if let Some(failure) = self.failure.borrow().clone() {
             return Err(failure);
         }
+        self.refuse_local_changes_at_remote_copy()?;
         self.bookmarks
             .create(&self.journal, payload, append_deadline, |what| {
                 self.fail(what)
@@ -425,6 +584,9 @@ impl Group {
             lag_records: last.saturating_sub(distributed),
             journal_capacity_bytes: self.retention.capacity_bytes,
             journal_over_capacity: self.over_capacity.load(Ordering::Relaxed),
+            journal_full_policy: self.journal_full_policy,
+            journal_throttling: self.over_capacity.load(Ordering::Relaxed)
+                && self.journal_full_policy == JournalFullPolicy::Throttle,
             journal_retention_s: self.retention.window_ns.map(|w| w / 1_000_000_000),
             first_timestamp_ns,
             journal_write_logical_bytes: logical,
@@ -440,7 +602,7 @@ impl Group {
             replica_held_at: lock(&self.hold).map(|s| s.0),
             history: lock(&self.history).stats(),
             volumes: self
-                .volumes
+                .read_volumes()
                 .values()
                 .map(|v| VolumeStatus {
                     name: v.name.clone(),
@@ -450,6 +612,18 @@ impl Group {
                     last_source_seq: v.last_source_seq.load(Ordering::Relaxed),
                 })
                 .collect(),
+            source: self.replication.source,
+            remote: self
+                .replication
+                .shipping
+                .as_ref()
+                .map(|shipping| shipping.status(last)),
+            replication_source: (self.replication.source == crate::config::GroupSource::Remote)
+                .then(|| {
+                    self.replication
+                        .receiving
+                        .status(self.journal.durable_seq().0)
+                }),
         }
     }
 
@@ -556,6 +730,41 @@ impl Group {
                 .map(|b| history.plan(volume.id, b, at.0, distributed))
                 .collect()
         };
+        // Blocks assembled from journal or undo records cost a record read each; a request
+        // with many of them is split in two halves read in parallel.
+        let assembled = plans.iter().filter(|p| !p.is_replica_only()).count();
+        if assembled >= PARALLEL_ASSEMBLY_BLOCKS_MIN {
+            let mid_block = first_block + plans.len() as u64 / 2;
+            let split = (mid_block * BLOCK_BYTES - offset) as usize;
+            let (head, tail) = buf.split_at_mut(split);
+            let (head_plans, tail_plans) = plans.split_at(plans.len() / 2);
+            return std::thread::scope(|scope| {
+                let tail_done = scope.spawn(|| {
+                    self.fill_from_plans(volume, tail_plans, mid_block * BLOCK_BYTES, tail)
+                });
+                let head_done = self.fill_from_plans(volume, head_plans, offset, head);
+                let tail_done = tail_done.join().unwrap_or_else(|_| {
+                    Err(ApplianceError::Io(std::io::Error::other(
+                        "an image read thread panicked",
+                    )))
+                });
+                head_done.and(tail_done)
+            });
+        }
+        self.fill_from_plans(volume, &plans, offset, buf)
+    }
+
+    /// Fills `buf` (volume bytes from `offset`) following `plans`, one per block from the
+    /// block holding `offset`.
+    fn fill_from_plans(
+        &self,
+        volume: &GroupVolume,
+        plans: &[BlockPlan],
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), ApplianceError> {
+        let first_block = offset / BLOCK_BYTES;
+        let end = offset + buf.len() as u64;
         let plan_of = |pos: u64| &plans[(pos / BLOCK_BYTES - first_block) as usize];
         let mut pos = offset;
         let mut block_buf = vec![0u8; BLOCK_BYTES as usize];
@@ -651,7 +860,10 @@ impl Group {
             Stream::Undo => &self.undo,
         };
         let payload = journal.read_at(location, Seq(seq))?.payload;
-        self.record_cache.insert(stream, seq, payload.clone());
+        // A record no bigger than a block is read whole by the one block that needs it.
+        if payload.len() as u64 > BLOCK_BYTES {
+            self.record_cache.insert(stream, seq, payload.clone());
+        }
         Ok(payload)
     }
 
@@ -732,8 +944,9 @@ impl Group {
         self.rollback_progress
             .1
             .store(undos.len() as u64, Ordering::Relaxed);
+        let volumes = self.volumes();
         let by_id: BTreeMap<u32, &GroupVolume> =
-            self.volumes.values().map(|v| (v.id, v.as_ref())).collect();
+            volumes.iter().map(|v| (v.id, v.as_ref())).collect();
         tracing::info!(group = %self.name, from = distributed, to = %at, records = undos.len(), "rolling the replica back");
         // Newest first; a redo record's before-images restore the state just before it, so
         // the replica is exact at `redo_seq - 1` after each record's group.
@@ -746,12 +959,18 @@ impl Group {
                 .unwrap_or_else(|p| p.into_inner());
             while i < undos.len() && undos[i].1.redo_seq == redo_seq {
                 let (undo_seq, r) = undos[i];
-                let volume = by_id.get(&r.volume).ok_or_else(|| {
-                    format!(
-                        "undo record {undo_seq} names unknown volume id {}",
-                        r.volume
-                    )
-                })?;
+                let Some(volume) = by_id.get(&r.volume) else {
+                    // Only a volume removed from the group has no entry (ids are never
+                    // reused); its replica is no longer the group's to roll.
+                    tracing::debug!(
+                        undo_seq,
+                        volume = r.volume,
+                        "undo record of a removed volume skipped"
+                    );
+                    i += 1;
+                    self.rollback_progress.0.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
                 let applied = if r.zero {
                     volume.replica.zero(r.offset, r.length, true)
                 } else {
@@ -778,8 +997,21 @@ impl Group {
         Ok(())
     }
 
-    pub fn volumes(&self) -> impl Iterator<Item = &Arc<GroupVolume>> {
-        self.volumes.values()
+    /// The group's volumes now, by name (a snapshot: volumes may be added or removed).
+    pub fn volumes(&self) -> Vec<Arc<GroupVolume>> {
+        self.read_volumes().values().cloned().collect()
+    }
+
+    /// The journal-full policy, applied before each append from a split link: over
+    /// capacity, distribution runs at once so retention can release the oldest history;
+    /// under `throttle` the caller must also hold the host's writes (returns true) until
+    /// this returns false.
+    pub fn journal_full_hold(&self) -> bool {
+        if !self.over_capacity.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.urge_distribution();
+        self.journal_full_policy == JournalFullPolicy::Throttle
     }
 
     /// Seq of the last record appended to the journal.
@@ -925,8 +1157,9 @@ impl Group {
     fn distribute_through(&self, target: Seq, urgent: bool) -> Result<(), ApplianceError> {
         let _writer = lock(&self.replica_writer);
         let from = Seq(self.distributed.load(Ordering::Relaxed));
+        let volumes = self.volumes();
         let by_id: BTreeMap<u32, &GroupVolume> =
-            self.volumes.values().map(|v| (v.id, v.as_ref())).collect();
+            volumes.iter().map(|v| (v.id, v.as_ref())).collect();
         // Records below this already have their before-image; the last one captured is
         // captured again, because a crash may have cut its capture short (first capture
         // wins, see `history.rs`).
@@ -1111,18 +1344,43 @@ impl Group {
             self.release_undo();
         }
         drop(pins);
+        // Over capacity only because an open image holds history is not distribution's
+        // fault: the host is not held for it (the image's owner is told in the log).
+        let distribution_behind = plan.over_capacity
+            && (pinned.is_none_or(|p| p >= checkpointed)
+                || self
+                    .journal
+                    .retention_plan(&policy, checkpointed, TimestampNs::now().0)
+                    .over_capacity);
+        let held_by_images = plan.over_capacity && !distribution_behind;
+        if held_by_images && !self.held_by_images.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                group = %self.name,
+                pinned = ?pinned,
+                "journal over capacity while open images hold its oldest history; release them"
+            );
+        } else if !held_by_images {
+            self.held_by_images.store(false, Ordering::Relaxed);
+        }
         let was_over = self
             .over_capacity
-            .swap(plan.over_capacity, Ordering::Relaxed);
-        if plan.over_capacity && !was_over {
+            .swap(distribution_behind, Ordering::Relaxed);
+        if distribution_behind && !was_over {
             tracing::warn!(
                 group = %self.name,
                 journal_bytes = self.journal.size_bytes(),
                 capacity = self.retention.capacity_bytes,
                 distributed = %checkpointed,
-                "journal over capacity: distribution is behind, nothing more can be released yet"
+                policy = ?self.journal_full_policy,
+                "journal over capacity: distribution is behind, nothing more can be released \
+                 yet; distribution runs now{}",
+                if self.journal_full_policy == JournalFullPolicy::Throttle {
+                    " and host writes are held until the journal is back within capacity"
+                } else {
+                    ""
+                }
             );
-        } else if was_over && !plan.over_capacity {
+        } else if was_over && !distribution_behind {
             tracing::info!(group = %self.name, "journal back within capacity");
         }
     }
@@ -1159,7 +1417,7 @@ impl Group {
     }
 
     fn checkpoint(&self) -> Result<(), ApplianceError> {
-        for v in self.volumes.values() {
+        for v in self.volumes() {
             v.replica.sync_data()?;
         }
         distribution_state::store(
@@ -1167,6 +1425,115 @@ impl Group {
             Seq(self.distributed.load(Ordering::Relaxed)),
         )
     }
+
+    // --- remote replication ---
+
+    /// Retention pins for a group that ships to a remote copy: from open on, nothing the
+    /// remote has not acknowledged may be released (the shipper moves the pin as acks come).
+    fn replication_pins(config: &GroupConfig) -> BTreeMap<u64, Seq> {
+        let mut pins = BTreeMap::new();
+        if config.remote.is_some() {
+            pins.insert(REMOTE_COPY_PIN, Seq::ZERO);
+        }
+        pins
+    }
+
+    /// Lets retention release records up to `acked` (durable at the remote copy), no more.
+    pub fn release_for_remote_copy_through(&self, acked: Seq) {
+        lock(&self.pins).insert(REMOTE_COPY_PIN, acked);
+    }
+
+    pub fn replication(&self) -> &crate::replication::GroupReplication {
+        &self.replication
+    }
+
+    /// The id binding this group's journal records (sent in the replication Hello).
+    pub fn group_id(&self) -> u64 {
+        self.journal.group_id()
+    }
+
+    /// A remote copy takes records only from its replication link (rule 6: one writable copy).
+    pub fn refuse_local_changes_at_remote_copy(&self) -> Result<(), String> {
+        if self.replication.source == crate::config::GroupSource::Remote {
+            return Err(format!(
+                "group {} is the remote copy of another appliance's group (source = \"remote\"); \
+                 it takes changes only from its replication link",
+                self.name
+            ));
+        }
+        Ok(())
+    }
+
+    /// Appends records shipped from the source group with their original seqs and times,
+    /// indexing them like `append` (history for images, resync spans, bookmarks). A record
+    /// that does not continue the journal is the peer's error and changes nothing; an I/O
+    /// failure fences the group.
+    pub fn append_replicated(
+        &self,
+        records: &[RecordIn],
+        first_seq: Seq,
+        timestamps_ns: &[u64],
+    ) -> Result<Seq, String> {
+        if let Some(failure) = self.failure.borrow().clone() {
+            return Err(failure);
+        }
+        self.last_append_ns
+            .store(self.epoch.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let mut history = lock(&self.history);
+        let mut locations = Vec::with_capacity(records.len());
+        let last = match self.journal.append_replicated_located(
+            records,
+            first_seq,
+            timestamps_ns,
+            &mut locations,
+        ) {
+            Ok(last) => last,
+            Err(cdp_journal::JournalError::InvalidArgument(what)) => return Err(what),
+            Err(e) => {
+                drop(history);
+                let what = format!("journal append failed: {e}");
+                self.fail(what.clone());
+                return Err(what);
+            }
+        };
+        for (i, (r, location)) in records.iter().zip(&locations).enumerate() {
+            history.note_redo(first_seq.0 + i as u64, redo_ref(r, *location));
+        }
+        drop(history);
+        self.resync_spans.note_batch(records, last);
+        let by_id: BTreeMap<u32, Arc<GroupVolume>> =
+            self.volumes().into_iter().map(|v| (v.id, v)).collect();
+        for (i, r) in records.iter().enumerate() {
+            if r.kind == RecordKind::Bookmark {
+                self.bookmarks.note_replicated(
+                    Seq(first_seq.0 + i as u64),
+                    timestamps_ns[i],
+                    &r.payload,
+                );
+            } else if let Some(v) = by_id.get(&r.volume) {
+                // Kept for a later failover: a splitter attaching here resumes from it.
+                v.last_source_seq.fetch_max(r.source_seq, Ordering::Relaxed);
+            }
+        }
+        Ok(last)
+    }
+
+    /// Makes every replicated record durable (group commit) and lets distribution apply
+    /// them. A failure fences the group (never retry an fsync). Blocks: call from a thread.
+    pub fn sync_replicated(&self) -> Result<Seq, String> {
+        match self.journal.sync() {
+            Ok(seq) => {
+                let _ = self.distribution_wake.try_send(());
+                Ok(seq)
+            }
+            Err(e) => {
+                let what = format!("journal sync failed: {e}");
+                self.fail(what.clone());
+                Err(what)
+            }
+        }
+    }
+    // --- end remote replication ---
 }
 
 /// The volume a record changes, or `None` for markers and records that cannot apply
@@ -1238,6 +1605,9 @@ fn redo_ref(c: &RecordIn, location: RecordLocation) -> Option<RedoRef> {
         length: c.length,
     })
 }
+
+/// The retention pin id the remote-copy shipper holds (image pins count from 1).
+const REMOTE_COPY_PIN: u64 = 0;
 
 /// Distinguishes a group's undo stream from its journal in the records' CRCs, so one can
 /// never be read as the other.
@@ -1330,8 +1700,15 @@ fn open_volume(v: &VolumeConfig, id: u32) -> Result<GroupVolume, ApplianceError>
         replica,
         connected: AtomicBool::new(false),
         last_source_seq: AtomicU64::new(0),
+        removed: AtomicBool::new(false),
     })
 }
+
+/// How long removing a volume waits for distribution to apply its last changes.
+const VOLUME_REMOVE_DISTRIBUTION_WAIT: Duration = Duration::from_secs(60);
+
+/// How long removing a volume waits for its splitter's connection to close.
+const VOLUME_REMOVE_DISCONNECT_WAIT: Duration = Duration::from_secs(3);
 
 /// File in the group directory: per volume id, the highest source_seq that retention may
 /// have released from the journal (JSON object).

@@ -125,7 +125,7 @@ impl Images {
         let mut volumes = Vec::new();
         let mut scratch_files = Vec::new();
         let build = (|| -> Result<(), String> {
-            for volume in group.volumes() {
+            for volume in &group.volumes() {
                 let scratch = if request.writable {
                     std::fs::create_dir_all(&self.scratch_dir).map_err(|e| {
                         format!("scratch directory {}: {e}", self.scratch_dir.display())

@@ -7,21 +7,22 @@ pub mod distribution_state;
 pub mod error;
 pub mod group;
 pub mod group_meta;
+pub mod group_registry;
 pub mod history;
 pub mod image;
 pub mod limits;
 pub mod link_server;
+pub mod managed_groups;
 pub mod point;
 pub mod record_cache;
 pub mod replica_verify;
+pub mod replication;
 pub mod resync_span;
 pub mod timeline;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
-use cdp_journal::JournalConfig;
 use cdp_link::codec::{bind_unix, LinkListener};
 use cdp_types::Endpoint;
 use image::Images;
@@ -29,7 +30,7 @@ use tokio::sync::Semaphore;
 
 pub use config::ApplianceConfig;
 pub use error::ApplianceError;
-use group::Group;
+use group_registry::Groups;
 use limits::LINK_CONNECTIONS_MAX;
 
 /// Runs the appliance until `shutdown` completes.
@@ -38,22 +39,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ApplianceError> {
     std::fs::create_dir_all(&config.data_dir)?;
-    let mut journal_config = JournalConfig::default();
-    if let Some(bytes) = config.journal_segment_bytes {
-        journal_config.segment_bytes_max = bytes;
-    }
-    let sync_interval = Duration::from_millis(config.journal_sync_interval_ms);
-    let mut groups = Vec::new();
-    for g in &config.group {
-        groups.push(Group::open(
-            &config.data_dir,
-            g,
-            journal_config.clone(),
-            sync_interval,
-            Duration::from_secs(config.distribution_delay_max_s),
-        )?);
-    }
-    let groups = Arc::new(groups);
+    // appliance.toml's groups with the ones created and changed at runtime (managed.toml).
+    let groups = Arc::new(Groups::open(&config)?);
+    // --- remote replication: groups opened at start only; runtime-created ones do not ship yet.
+    let replication = replication::Replication::start(&config, &groups.list())?;
 
     let control_path = config.control_path();
     let control = bind_unix(&control_path)?;
@@ -127,14 +116,14 @@ pub async fn run(
     if let Endpoint::Unix(path) = &image_endpoint {
         let _ = std::fs::remove_file(path);
     }
+    // --- remote replication: stop before the groups, so no append races their stop.
+    tokio::task::spawn_blocking(move || replication.stop())
+        .await
+        .map_err(|e| ApplianceError::Io(std::io::Error::other(e.to_string())))?;
     let groups_to_stop = Arc::clone(&groups);
-    tokio::task::spawn_blocking(move || {
-        for g in groups_to_stop.iter() {
-            g.stop();
-        }
-    })
-    .await
-    .map_err(|e| ApplianceError::Io(std::io::Error::other(e.to_string())))?;
+    tokio::task::spawn_blocking(move || groups_to_stop.stop_all())
+        .await
+        .map_err(|e| ApplianceError::Io(std::io::Error::other(e.to_string())))?;
     if let config::ApplianceConfig {
         link_listen: cdp_types::Endpoint::Unix(path),
         ..

@@ -79,3 +79,31 @@ pub const IMAGE_RECORD_CACHE_ENTRIES_MAX: usize = 4096;
 
 /// Images open at once on an appliance.
 pub const IMAGES_MAX: usize = 64;
+
+/// How often a split link held by a full journal (policy `throttle`) looks again.
+pub const JOURNAL_FULL_HOLD_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
+// --- remote replication ---
+/// Replication links a remote appliance serves at once (each is one thread and up to
+/// `cdp_link::replication::BATCHES_IN_FLIGHT_MAX` batches of buffered socket data); a group
+/// takes one link at a time, further ones are refused.
+pub const REPLICATION_LINKS_MAX: usize = 16;
+
+/// A replication link with no message for this long is dead (the shipper sends a heartbeat
+/// every `REPLICATION_HEARTBEAT_INTERVAL` when idle); it is dropped and the shipper reconnects.
+pub const REPLICATION_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How often an idle shipper proves the link alive.
+pub const REPLICATION_HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Longest wait between two connection attempts of a shipper (it starts at 100 ms and doubles).
+pub const REPLICATION_RECONNECT_BACKOFF_MAX: std::time::Duration =
+    std::time::Duration::from_secs(5);
+
+const _: () =
+    assert!(REPLICATION_HEARTBEAT_INTERVAL.as_millis() * 3 <= REPLICATION_IDLE_TIMEOUT.as_millis());
+// --- end remote replication ---
+
+/// Blocks of one image read that must be assembled from journal or undo records (a record
+/// read each) before the read is split across two threads: 128 blocks = 512 KiB.
+pub const PARALLEL_ASSEMBLY_BLOCKS_MIN: usize = 128;

@@ -13,7 +13,8 @@ use cdp_link::{LinkError, LinkStream, Message};
 use tokio::sync::mpsc;
 
 use crate::group::{ConnectionProgress, Group, GroupVolume};
-use crate::limits::{APPEND_BATCH_BYTES_MAX, APPEND_BATCH_ITEMS_MAX};
+use crate::group_registry::Groups;
+use crate::limits::{APPEND_BATCH_BYTES_MAX, APPEND_BATCH_ITEMS_MAX, JOURNAL_FULL_HOLD_POLL};
 use crate::replica_verify::{self, ChecksumAsk};
 
 /// Releases a volume's "connected" mark when its connection ends, however it ends.
@@ -32,7 +33,7 @@ async fn refuse(writer: &mut cdp_link::FrameWriter, volume: &str, reason: String
 }
 
 /// Serves one split-link connection until it closes or breaks the protocol.
-pub async fn serve_link(groups: Arc<Vec<Arc<Group>>>, stream: LinkStream) {
+pub async fn serve_link(groups: Arc<Groups>, stream: LinkStream) {
     let LinkStream {
         mut reader,
         mut writer,
@@ -52,10 +53,7 @@ pub async fn serve_link(groups: Arc<Vec<Arc<Group>>>, stream: LinkStream) {
             return;
         }
     };
-    let Some((group, volume)) = groups.iter().find_map(|g| {
-        g.volume(&volume_name)
-            .map(|v| (Arc::clone(g), Arc::clone(v)))
-    }) else {
+    let Some((group, volume)) = groups.find_volume(&volume_name) else {
         refuse(
             &mut writer,
             &volume_name,
@@ -74,6 +72,11 @@ pub async fn serve_link(groups: Arc<Vec<Arc<Group>>>, stream: LinkStream) {
         ),
         )
         .await;
+        return;
+    }
+    // Remote replication: a remote copy is written only by its replication link (rule 6).
+    if let Err(reason) = group.refuse_local_changes_at_remote_copy() {
+        refuse(&mut writer, &volume_name, reason).await;
         return;
     }
     let fenced = group.failure().borrow().clone();
@@ -239,6 +242,11 @@ async fn receive_changes(
             }
         }
         if !batch.is_empty() {
+            // Backpressure: while held, this volume's Acks stop, the splitter's window of
+            // unacknowledged changes fills and the host's writes wait.
+            while group.journal_full_hold() {
+                tokio::time::sleep(JOURNAL_FULL_HOLD_POLL).await;
+            }
             group
                 .append(volume, &batch)
                 .map_err(|e| LinkError::Refused(format!("group {} is fenced: {e}", group.name)))?;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cdp_appliance::bookmark::{BookmarkPayload, Consistency};
-use cdp_appliance::config::{GroupConfig, VolumeConfig};
+use cdp_appliance::config::GroupConfig;
 use cdp_appliance::group::Group;
 use cdp_journal::{JournalConfig, RecordIn, RecordKind};
 use cdp_types::Seq;
@@ -97,21 +97,19 @@ impl Model {
     }
 }
 
+/// From TOML, so every setting not named here takes its documented default.
 fn group_config(dir: &Path, compress: bool) -> GroupConfig {
-    GroupConfig {
-        name: "g".into(),
-        journal_capacity_bytes: 1 << 30,
-        journal_retention_s: None,
-        journal_compress: compress,
-        volume: VOLUMES
-            .iter()
-            .map(|name| VolumeConfig {
-                name: name.to_string(),
-                size: VOLUME_BYTES,
-                replica: dir.join(format!("{name}.replica")),
-            })
-            .collect(),
+    let mut text = format!(
+        "name = \"g\"\njournal_capacity_bytes = {}\njournal_compress = {compress}\n",
+        1u64 << 30
+    );
+    for name in VOLUMES {
+        text += &format!(
+            "[[volume]]\nname = \"{name}\"\nsize = {VOLUME_BYTES}\nreplica = {:?}\n",
+            dir.join(format!("{name}.replica"))
+        );
     }
+    toml::from_str(&text).expect("group config")
 }
 
 fn open(dir: &Path, compress: bool) -> Arc<Group> {
@@ -147,16 +145,23 @@ fn check_image(group: &Group, model: &Model, at: u64) -> Result<(), TestCaseErro
         while pos < got.len() {
             let end = (pos + step).min(got.len());
             group
-                .read_at_point(volume, Seq(at), pos as u64, &mut got[pos..end])
+                .read_at_point(&volume, Seq(at), pos as u64, &mut got[pos..end])
                 .map_err(|e| TestCaseError::fail(format!("read seq {at}: {e}")))?;
             pos = end;
             step = step * 7 % 70_001 + 1;
         }
-        if let Some(off) = first_difference(&got, &want[i]) {
-            group.unpin(pin);
-            return Err(TestCaseError::fail(format!(
-                "image at seq {at}, volume {name}: first difference at byte {off}"
-            )));
+        // And the whole volume in one read, which may be split across threads.
+        let mut whole = vec![0u8; VOLUME_BYTES as usize];
+        group
+            .read_at_point(&volume, Seq(at), 0, &mut whole)
+            .map_err(|e| TestCaseError::fail(format!("read seq {at}: {e}")))?;
+        for (how, got) in [("in pieces", &got), ("whole", &whole)] {
+            if let Some(off) = first_difference(got, &want[i]) {
+                group.unpin(pin);
+                return Err(TestCaseError::fail(format!(
+                    "image at seq {at}, volume {name}, read {how}: first difference at byte {off}"
+                )));
+            }
         }
     }
     group.unpin(pin);
@@ -209,7 +214,7 @@ fn run(ops: Vec<Op>, points: Vec<f64>, compress: bool) -> Result<(), TestCaseErr
                     kind => RecordIn::range(kind, v.id, offset, length),
                 };
                 group
-                    .append(v, std::slice::from_ref(&record))
+                    .append(&v, std::slice::from_ref(&record))
                     .map_err(TestCaseError::fail)?;
                 model.changes.push((group.last_seq().0, volume, record));
             }
@@ -281,7 +286,7 @@ fn points_outside_the_window_are_refused() {
     let group = open(tmp.path(), false);
     let v = group.volume("v0").expect("volume");
     group
-        .append(v, &[RecordIn::write(v.id, 0, payload(1, 4096))])
+        .append(&v, &[RecordIn::write(v.id, 0, payload(1, 4096))])
         .expect("append");
     let err = group.pin_point(Seq(5)).expect_err("past the end");
     assert!(err.contains("past the journal's last record"), "{err}");

@@ -257,10 +257,54 @@ impl Journal {
         self.append_inner(records, Some(locations))
     }
 
+    /// Appends records another journal already numbered and stamped (remote replication),
+    /// so points, bookmarks and times mean the same at both sites: `records[i]` gets seq
+    /// `first_seq + i` and time `timestamps_ns[i]`. `first_seq` must be this journal's next
+    /// seq and the times must not go backwards (also not before this journal's last record);
+    /// otherwise `InvalidArgument` and nothing is appended. Locations as in `append_located`.
+    pub fn append_replicated_located(
+        &self,
+        records: &[RecordIn],
+        first_seq: Seq,
+        timestamps_ns: &[u64],
+        locations: &mut Vec<RecordLocation>,
+    ) -> Result<Seq, JournalError> {
+        if timestamps_ns.len() != records.len() {
+            return Err(JournalError::InvalidArgument(format!(
+                "{} records but {} timestamps",
+                records.len(),
+                timestamps_ns.len()
+            )));
+        }
+        if timestamps_ns.windows(2).any(|w| w[1] < w[0]) {
+            return Err(JournalError::InvalidArgument(
+                "replicated timestamps go backwards".into(),
+            ));
+        }
+        locations.clear();
+        self.append_inner_stamped(
+            records,
+            Some(locations),
+            Stamps::Given {
+                first_seq: first_seq.0,
+                timestamps_ns,
+            },
+        )
+    }
+
     fn append_inner(
         &self,
         records: &[RecordIn],
+        locations: Option<&mut Vec<RecordLocation>>,
+    ) -> Result<Seq, JournalError> {
+        self.append_inner_stamped(records, locations, Stamps::Now)
+    }
+
+    fn append_inner_stamped(
+        &self,
+        records: &[RecordIn],
         mut locations: Option<&mut Vec<RecordLocation>>,
+        stamps: Stamps<'_>,
     ) -> Result<Seq, JournalError> {
         if records.len() > BATCH_RECORDS_MAX {
             return Err(JournalError::InvalidArgument(format!(
@@ -294,8 +338,33 @@ impl Journal {
         if records.is_empty() {
             return Ok(Seq(w.next_seq - 1));
         }
-        let timestamp_ns = TimestampNs::now().0.max(w.last_timestamp_ns);
-        w.last_timestamp_ns = timestamp_ns;
+        let timestamps = match stamps {
+            Stamps::Now => {
+                let now = TimestampNs::now().0.max(w.last_timestamp_ns);
+                w.last_timestamp_ns = now;
+                Timestamps::Shared(now)
+            }
+            Stamps::Given {
+                first_seq,
+                timestamps_ns,
+            } => {
+                if first_seq != w.next_seq {
+                    return Err(JournalError::InvalidArgument(format!(
+                        "replicated records start at seq {first_seq}, the journal's next seq is {}",
+                        w.next_seq
+                    )));
+                }
+                // Checked non-empty and non-decreasing by the caller.
+                if timestamps_ns[0] < w.last_timestamp_ns {
+                    return Err(JournalError::InvalidArgument(format!(
+                        "replicated seq {first_seq} is stamped {} ns, before the journal's last record ({} ns)",
+                        timestamps_ns[0], w.last_timestamp_ns
+                    )));
+                }
+                w.last_timestamp_ns = timestamps_ns[timestamps_ns.len() - 1];
+                Timestamps::PerRecord(timestamps_ns)
+            }
+        };
         let segment_max = inner.config.segment_bytes_max;
 
         // The batch is written in parts, one per segment it lands in; usually one part.
@@ -333,7 +402,7 @@ impl Journal {
                 &stored,
                 first,
                 last,
-                timestamp_ns,
+                timestamps,
             );
             let bufs: Vec<&[u8]> = w
                 .plan
@@ -513,6 +582,32 @@ impl Journal {
     }
 }
 
+/// Who numbers and stamps an append: the journal (now), or another journal (replication).
+#[derive(Clone, Copy)]
+enum Stamps<'a> {
+    Now,
+    Given {
+        first_seq: u64,
+        timestamps_ns: &'a [u64],
+    },
+}
+
+/// The time each record of a batch gets: one for the whole call, or one per record.
+#[derive(Clone, Copy)]
+enum Timestamps<'a> {
+    Shared(u64),
+    PerRecord(&'a [u64]),
+}
+
+impl Timestamps<'_> {
+    fn of(self, record: usize) -> u64 {
+        match self {
+            Timestamps::Shared(t) => t,
+            Timestamps::PerRecord(all) => all[record],
+        }
+    }
+}
+
 /// A record's payload as it goes to disk, and its flags.
 struct Stored {
     flags: u8,
@@ -551,7 +646,7 @@ fn encode_part(
     stored: &[Stored],
     first: usize,
     last: usize,
-    timestamp_ns: u64,
+    timestamps: Timestamps<'_>,
 ) {
     w.scratch.clear();
     w.plan.clear();
@@ -563,7 +658,7 @@ fn encode_part(
             flags: stored[k].flags,
             volume: r.volume,
             seq: w.next_seq + (k - first) as u64,
-            timestamp_ns,
+            timestamp_ns: timestamps.of(k),
             offset: r.offset,
             length: r.length,
             source_seq: r.source_seq,

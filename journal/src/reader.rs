@@ -174,8 +174,9 @@ fn to_record(h: &RecordHeader, payload: bytes::Bytes) -> Record {
     }
 }
 
-/// What `read_one` reads in its first pread: a header and a 4 KiB write, compressed or not.
-const SINGLE_READ_BYTES: u64 = 8192 + RECORD_HEADER_LEN as u64;
+/// What `read_one` reads in its first pread: a header and a 4 KiB payload, the commonest
+/// record; bigger ones take a second read.
+const SINGLE_READ_BYTES: u64 = 4096 + RECORD_HEADER_LEN as u64;
 
 /// Reads the single record `seq` at `offset` of `segment` with exact-size reads (no
 /// read-ahead: callers jump around), checking its CRC and decompressing its payload.

@@ -1,6 +1,6 @@
 //! The splitter's TOML configuration.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use cdp_types::{validate_name, Endpoint};
 use serde::{Deserialize, Serialize};
@@ -34,6 +34,11 @@ pub struct SplitterConfig {
     /// `block` holds them until the appliance is back.
     #[serde(default)]
     pub on_appliance_loss: OnApplianceLoss,
+    /// Where volumes added or removed at runtime (`cdp volume add/remove`) are kept, so a
+    /// restart serves the same volumes. Default: `managed-volumes.toml` beside the control
+    /// socket; without either, volumes cannot be managed at runtime.
+    #[serde(default)]
+    pub managed_volumes: Option<PathBuf>,
     /// One NBD export per protected volume.
     #[serde(default)]
     pub volume: Vec<SplitVolumeConfig>,
@@ -91,7 +96,82 @@ impl SplitVolumeConfig {
     }
 }
 
+/// Volumes changed at runtime, stored in the `managed_volumes` file and applied over
+/// `splitter.toml` at start: removals first, then additions.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManagedVolumes {
+    /// Names of `splitter.toml` volumes removed at runtime.
+    #[serde(default)]
+    pub volume_removed: Vec<String>,
+    /// Volumes added at runtime.
+    #[serde(default)]
+    pub volume: Vec<SplitVolumeConfig>,
+}
+
+impl ManagedVolumes {
+    /// Reads the file; a missing file means nothing was changed at runtime.
+    pub fn load(path: &Path) -> Result<ManagedVolumes, SplitterError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str(&text)
+                .map_err(|e| SplitterError::Config(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ManagedVolumes::default()),
+            Err(e) => Err(SplitterError::Config(format!("{}: {e}", path.display()))),
+        }
+    }
+
+    /// Replaces the file atomically (temporary file, fsync, rename, directory fsync), so a
+    /// crash leaves the old or the new list.
+    pub fn store(&self, path: &Path) -> Result<(), String> {
+        let text =
+            toml::to_string(self).map_err(|e| format!("encoding {}: {e}", path.display()))?;
+        let tmp = path.with_extension("tmp");
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, text.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+            if let Some(parent) = path.parent() {
+                std::fs::File::open(parent)?.sync_all()?;
+            }
+            Ok(())
+        };
+        write().map_err(|e| format!("writing {}: {e}", path.display()))
+    }
+
+    /// The volumes to serve: `splitter.toml`'s without the removed ones, then the added ones.
+    pub fn apply(
+        &self,
+        configured: &[SplitVolumeConfig],
+    ) -> Result<Vec<SplitVolumeConfig>, SplitterError> {
+        let mut volumes: Vec<SplitVolumeConfig> = configured
+            .iter()
+            .filter(|v| !self.volume_removed.contains(&v.name))
+            .cloned()
+            .collect();
+        for v in &self.volume {
+            validate_name(&v.name).map_err(|e| SplitterError::Config(e.to_string()))?;
+            if volumes.iter().any(|c| c.name == v.name) {
+                return Err(SplitterError::Config(format!(
+                    "volume {:?} is both in splitter.toml and added at runtime; remove one",
+                    v.name
+                )));
+            }
+            volumes.push(v.clone());
+        }
+        Ok(volumes)
+    }
+}
+
 impl SplitterConfig {
+    /// The file runtime volume changes are kept in, if any.
+    pub fn managed_volumes_path(&self) -> Option<PathBuf> {
+        self.managed_volumes.clone().or_else(|| {
+            let control = self.control.as_ref()?;
+            Some(control.with_file_name("managed-volumes.toml"))
+        })
+    }
+
     pub fn from_toml(text: &str) -> Result<SplitterConfig, SplitterError> {
         let config: SplitterConfig =
             toml::from_str(text).map_err(|e| SplitterError::Config(e.to_string()))?;
@@ -105,9 +185,10 @@ impl SplitterConfig {
                 "no NBD listener: set nbd_unix and/or nbd_tcp".into(),
             ));
         }
-        if self.volume.is_empty() {
+        if self.volume.is_empty() && self.managed_volumes_path().is_none() {
             return Err(SplitterError::Config(
-                "no [[volume]] configured: nothing to serve".into(),
+                "no [[volume]] configured and no control socket to add one: nothing to serve"
+                    .into(),
             ));
         }
         let mut seen = std::collections::BTreeSet::new();
@@ -156,5 +237,36 @@ mod tests {
         assert!(dup.is_err());
         let typo = SplitterConfig::from_toml("appliance = \"unix:/l\"\nnbd_unixx = \"/n\"\n");
         assert!(typo.is_err());
+    }
+
+    #[test]
+    fn runtime_volume_changes_apply_over_the_config() {
+        let config = SplitterConfig::from_toml(
+            "appliance = \"unix:/l\"\ncontrol = \"/s/splitter.ctl\"\n[[volume]]\nname = \"a\"\npath = \"/p\"\n",
+        );
+        // No NBD listener: refused whatever the volumes.
+        assert!(config.is_err());
+        let config = SplitterConfig::from_toml(
+            "appliance = \"unix:/l\"\nnbd_unix = \"/n\"\ncontrol = \"/s/splitter.ctl\"\n[[volume]]\nname = \"a\"\npath = \"/p\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.managed_volumes_path(),
+            Some(PathBuf::from("/s/managed-volumes.toml"))
+        );
+        let changes: ManagedVolumes =
+            toml::from_str("volume_removed = [\"a\"]\n[[volume]]\nname = \"b\"\npath = \"/q\"\n")
+                .unwrap();
+        let served = changes.apply(&config.volume).unwrap();
+        assert_eq!(served.len(), 1);
+        assert_eq!(served[0].name, "b");
+        let clash: ManagedVolumes =
+            toml::from_str("[[volume]]\nname = \"a\"\npath = \"/q\"\n").unwrap();
+        assert!(clash.apply(&config.volume).is_err());
+        // A splitter with a control socket may start empty and get volumes at runtime.
+        assert!(SplitterConfig::from_toml(
+            "appliance = \"unix:/l\"\nnbd_unix = \"/n\"\ncontrol = \"/s/c\"\n"
+        )
+        .is_ok());
     }
 }

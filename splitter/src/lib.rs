@@ -5,6 +5,7 @@ pub mod control;
 pub mod dirty_bitmap;
 pub mod error;
 pub mod limits;
+pub mod served_volumes;
 pub mod split_export;
 pub mod split_link;
 
@@ -13,13 +14,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cdp_nbd::{ExportRegistry, Server, ServerConfig};
-use cdp_types::BlockFile;
 use tokio::sync::watch;
 
+use config::ManagedVolumes;
 pub use config::{SplitVolumeConfig, SplitterConfig};
 pub use error::SplitterError;
-use split_export::SplitExport;
-use split_link::SplitLink;
+use served_volumes::ServedVolumes;
 
 /// How long a clean stop waits for the appliance to make the last changes durable.
 const STOP_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -29,65 +29,27 @@ pub async fn run(
     config: SplitterConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), SplitterError> {
-    let registry = ExportRegistry::new();
-    let mut volumes = Vec::new();
-    for v in &config.volume {
-        let production =
-            Arc::new(
-                BlockFile::open(&v.path, v.read_only).map_err(|e| SplitterError::Volume {
-                    volume: v.name.clone(),
-                    what: e.to_string(),
-                })?,
-            );
-        if production.size() == 0 {
-            return Err(SplitterError::Volume {
-                volume: v.name.clone(),
-                what: format!("{} is empty (0 bytes)", v.path.display()),
-            });
-        }
-        let bitmap_path = v.dirty_bitmap_path()?;
-        let (bitmap, opened) = dirty_bitmap::DirtyBitmap::open(&bitmap_path, production.size())
-            .map_err(|e| SplitterError::Volume {
-                volume: v.name.clone(),
-                what: e.to_string(),
-            })?;
-        if let dirty_bitmap::Opened::Existing { dirty_regions } = &opened {
-            let dirty_regions = *dirty_regions;
-            if dirty_regions > 0 {
-                tracing::warn!(
-                    volume = %v.name,
-                    dirty_regions,
-                    dirty_bytes = dirty_regions * bitmap.region_bytes(),
-                    "volume was not cleanly in sync at the last stop; these regions will be resynchronised"
-                );
-            }
-        }
-        let link = SplitLink::start(
-            &v.name,
-            Arc::clone(&production),
-            config.appliance.clone(),
-            bitmap,
-            config.on_appliance_loss,
-        );
-        if opened == dirty_bitmap::Opened::Created {
-            // Never protected by this splitter: the replica cannot be assumed to match, so
-            // everything is copied once (holes and zeroes cost no payload).
-            link.request_full_resync(split_link::ResyncReason::Initial);
-        }
-        let export = SplitExport::new(Arc::clone(&production), Arc::clone(&link), v.read_only);
-        registry
-            .add(
-                &v.name,
-                &format!("cdp protected volume {}", v.name),
-                Arc::new(export),
-            )
-            .map_err(|e| SplitterError::Nbd(e.to_string()))?;
-        volumes.push((v.name.clone(), production, link));
+    let managed_path = config.managed_volumes_path();
+    let managed = match &managed_path {
+        Some(path) => ManagedVolumes::load(path)?,
+        None => ManagedVolumes::default(),
+    };
+    let volume_configs = managed.apply(&config.volume)?;
+    let served = Arc::new(ServedVolumes::new(
+        ExportRegistry::new(),
+        config.appliance.clone(),
+        config.on_appliance_loss,
+        managed_path,
+        managed,
+    ));
+    for v in &volume_configs {
+        served.start(v)?;
     }
 
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::pin!(shutdown);
-    for (name, _, link) in &volumes {
+    for volume in served.list() {
+        let (name, link) = (&volume.config.name, &volume.link);
         if !link.is_connected() {
             tracing::info!(volume = %name, appliance = %config.appliance, "waiting for the appliance");
         }
@@ -101,7 +63,7 @@ pub async fn run(
     }
 
     let server = Arc::new(Server::new(
-        registry,
+        served.registry.clone(),
         ServerConfig {
             handshake_timeout: Duration::from_secs(config.handshake_timeout_s),
             ..ServerConfig::default()
@@ -130,11 +92,7 @@ pub async fn run(
     if let Some(path) = &config.control {
         let listener = cdp_link::codec::bind_unix(path)?;
         let control = control::Control {
-            links: volumes
-                .iter()
-                .map(|(name, _, link)| (name.clone(), Arc::clone(link)))
-                .collect(),
-            registry: server.registry().clone(),
+            volumes: Arc::clone(&served),
             nbd_endpoints,
         };
         tasks.spawn(async move {
@@ -142,7 +100,7 @@ pub async fn run(
             Ok(())
         });
     }
-    tracing::info!(volumes = volumes.len(), "splitter ready");
+    tracing::info!(volumes = served.list().len(), "splitter ready");
 
     tokio::select! {
         () = &mut shutdown => {}
@@ -153,7 +111,8 @@ pub async fn run(
         }
     }
     let _ = stop_tx.send(true);
-    for (name, production, link) in &volumes {
+    for volume in served.list() {
+        let (name, production, link) = (&volume.config.name, &volume.production, &volume.link);
         let last = link.last_seq();
         if let Err(e) = production.sync_data() {
             tracing::error!(volume = %name, "final production sync failed: {e}");

@@ -166,6 +166,8 @@ pub struct SplitLink {
     progress: Mutex<ResyncProgress>,
     /// The last Welcome said the replica holds data: a first initialization verifies.
     replica_holds_data: AtomicBool,
+    /// Set by `stop` (the volume was removed at runtime): the connection task ends.
+    stopped: watch::Sender<bool>,
 }
 
 /// Why regions are being copied.
@@ -335,6 +337,7 @@ impl SplitLink {
             resync_wake: Notify::new(),
             progress: Mutex::new(ResyncProgress::default()),
             replica_holds_data: AtomicBool::new(false),
+            stopped: watch::Sender::new(false),
         });
         tokio::spawn(Arc::clone(&link).run_connections());
         link
@@ -458,7 +461,33 @@ impl SplitLink {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Ends the link for good (the volume was removed from this splitter): the connection
+    /// closes, and changes a host still attached sends from now on are only marked in the
+    /// dirty bitmap, so a later re-add resynchronises them and no host request hangs.
+    pub fn stop(&self) {
+        if self.stopped.send_replace(true) {
+            return;
+        }
+        self.connected.store(false, Ordering::Relaxed);
+        self.ready.send_if_modified(|r| {
+            let waiting = *r == Readiness::Waiting;
+            if waiting {
+                *r = Readiness::Refused("the volume was removed from the splitter".into());
+            }
+            waiting
+        });
+        self.start_marking();
+    }
+
     async fn run_connections(self: Arc<Self>) {
+        let mut stopped = self.stopped.subscribe();
+        tokio::select! {
+            () = self.run_connections_until_stopped() => {}
+            _ = stopped.wait_for(|s| *s) => {}
+        }
+    }
+
+    async fn run_connections_until_stopped(&self) {
         let mut backoff_ms = 50u64;
         loop {
             match self.run_one_connection().await {

@@ -969,3 +969,219 @@ pub fn control_request(socket: &Path, request: &serde_json::Value) -> serde_json
     );
     value
 }
+
+// ---------------------------------------------------------------------------------------------
+// Relocating the appliance's data directory (for tests that put it on a filesystem of their
+// own, e.g. a small tmpfs to fill it up).
+
+impl Site {
+    /// The appliance's `data_dir` as its config currently says.
+    pub fn appliance_data_dir(&self) -> PathBuf {
+        let config = std::fs::read_to_string(&self.appliance_config).unwrap();
+        let line = config
+            .lines()
+            .find_map(|l| l.strip_prefix("data_dir = \""))
+            .expect("appliance.toml has a data_dir line");
+        PathBuf::from(line.trim_end_matches('"'))
+    }
+
+    /// Points the appliance at another `data_dir` by rewriting appliance.toml; takes effect
+    /// at the appliance's next start (call between `Site::create` and `start_role`).
+    pub fn set_appliance_data_dir(&mut self, dir: &Path) {
+        let old = self.appliance_data_dir();
+        let config = std::fs::read_to_string(&self.appliance_config)
+            .unwrap()
+            .replacen(
+                &format!("data_dir = \"{}\"", old.display()),
+                &format!("data_dir = \"{}\"", dir.display()),
+                1,
+            );
+        std::fs::write(&self.appliance_config, config).unwrap();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Remote replication: a second appliance holding the remote copy of a site's group.
+
+/// A remote appliance (`cdp appliance --config`, its own data directory) whose group
+/// `default` is the remote copy (`source = "remote"`) of a site's group, fed over loopback TCP.
+pub struct RemoteAppliance {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub control_sock: PathBuf,
+    /// `replication_listen`, the address the site's `[group.remote]` names.
+    pub endpoint: String,
+    /// Volume name and remote replica file.
+    pub replicas: Vec<(String, PathBuf)>,
+    child: Option<Child>,
+}
+
+impl RemoteAppliance {
+    /// Writes the config for a remote copy of `volumes` and starts the appliance.
+    pub fn start(volumes: &[(&str, u64)]) -> RemoteAppliance {
+        let dir = tempfile::Builder::new()
+            .prefix("cdp-remote-")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let root = dir.path().to_path_buf();
+        std::fs::create_dir_all(root.join("replica")).unwrap();
+        let endpoint = format!("127.0.0.1:{}", free_port());
+        let control_sock = root.join("appliance.ctl");
+        let mut text = format!(
+            "data_dir = \"{}\"\nlink_listen = \"unix:{}\"\ncontrol = \"{}\"\nreplication_listen = \"{endpoint}\"\n\n[[group]]\nname = \"default\"\nsource = \"remote\"\n",
+            root.join("appliance").display(),
+            root.join("link.sock").display(),
+            control_sock.display()
+        );
+        let mut replicas = Vec::new();
+        for &(name, size) in volumes {
+            let replica = root.join("replica").join(format!("{name}.img"));
+            text += &format!(
+                "\n[[group.volume]]\nname = \"{name}\"\nsize = {size}\nreplica = \"{}\"\n",
+                replica.display()
+            );
+            replicas.push((name.to_string(), replica));
+        }
+        let config = root.join("appliance.toml");
+        std::fs::write(&config, text).unwrap();
+        let mut remote = RemoteAppliance {
+            dir,
+            config,
+            control_sock,
+            endpoint,
+            replicas,
+            child: None,
+        };
+        remote.start_process();
+        remote
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.root().join("remote-appliance.log")
+    }
+
+    /// Starts the process and waits for its control socket.
+    pub fn start_process(&mut self) {
+        assert!(self.child.is_none(), "remote appliance already running");
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let _ = writeln!(&log, "===== harness: starting remote appliance =====");
+        let mut cmd = Command::new(cdp_bin());
+        cmd.arg("appliance").arg("--config").arg(&self.config);
+        if std::env::var_os("CDP_LOG").is_none() {
+            cmd.env("CDP_LOG", "info");
+        }
+        cmd.env("NO_COLOR", "1");
+        self.child = Some(
+            cmd.stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {}: {e}", show(&cmd))),
+        );
+        let ready = poll_until(READY_DEADLINE, || {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "remote appliance exited during startup ({status})\n{}",
+                    self.logs()
+                );
+            }
+            unix_accepts(&self.control_sock)
+        });
+        assert!(ready, "remote appliance not ready\n{}", self.logs());
+    }
+
+    /// SIGKILLs the process (a crash at an arbitrary instant) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The last 200 lines of its log.
+    pub fn logs(&self) -> String {
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        format!(
+            "----- remote appliance log ({}) -----\n{}\n",
+            self.log_path().display(),
+            lines[lines.len().saturating_sub(200)..].join("\n")
+        )
+    }
+
+    /// `cdp status --json` of the remote appliance.
+    pub fn status(&self) -> serde_json::Value {
+        let out = run_ok(
+            Command::new(cdp_bin())
+                .args(["status", "--json", "--control"])
+                .arg(&self.control_sock),
+            Duration::from_secs(30),
+        );
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("remote status JSON ({e}): {out}"))
+    }
+
+    /// `cdp ARGS --control REMOTE_CTL --json`, parsed.
+    pub fn cdp_json(&self, args: &[&str]) -> serde_json::Value {
+        let out = run_ok(
+            Command::new(cdp_bin())
+                .args(args)
+                .arg("--control")
+                .arg(&self.control_sock),
+            Duration::from_secs(120),
+        );
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("cdp {args:?} JSON ({e}): {out}"))
+    }
+
+    pub fn replica(&self, volume: &str) -> &Path {
+        &self
+            .replicas
+            .iter()
+            .find(|(n, _)| n == volume)
+            .unwrap_or_else(|| panic!("no remote volume {volume}"))
+            .1
+    }
+
+    /// Waits until the remote group's replica holds every record it received.
+    pub fn wait_distributed(&self, last_seq: u64, timeout: Duration) {
+        let ok = poll_until(timeout, || {
+            let g = &self.status()["groups"][0];
+            g["last_seq"].as_u64() == Some(last_seq)
+                && g["distributed_seq"].as_u64() == Some(last_seq)
+        });
+        assert!(
+            ok,
+            "remote did not distribute through seq {last_seq}: {}\n{}",
+            self.status(),
+            self.logs()
+        );
+    }
+
+    /// The journal directory of the remote group (for offline comparison once stopped).
+    pub fn group_dir(&self) -> PathBuf {
+        self.root().join("appliance").join("groups").join("default")
+    }
+}
+
+impl Drop for RemoteAppliance {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+    }
+}
+
+/// Adds `[group.remote]` (shipping to `endpoint`) to the site's last configured group.
+pub fn add_remote_to_site_config(site: &Site, endpoint: &str, rpo_s: u64) {
+    let mut text = std::fs::read_to_string(&site.appliance_config).unwrap();
+    text += &format!("\n[group.remote]\nendpoint = \"{endpoint}\"\nrpo_s = {rpo_s}\n");
+    std::fs::write(&site.appliance_config, text).unwrap();
+}

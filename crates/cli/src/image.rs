@@ -32,7 +32,8 @@ pub struct AccessArgs {
     group: Option<String>,
     /// The point: a bookmark name, `seq:N`, an RFC 3339 time (`2026-11-23T10:00:00.000Z`) or
     /// a relative time (`-5m`, `-90s`, `-2h`).
-    #[arg(long)]
+    // Relative points start with '-' (`-5m`): a value, not a flag.
+    #[arg(long, allow_hyphen_values = true)]
     at: String,
     /// Accept writes; they go to a scratch area and vanish at release.
     #[arg(long)]

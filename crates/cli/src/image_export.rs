@@ -52,7 +52,8 @@ pub struct ExportArgs {
     group: Option<String>,
     /// The point in time: a bookmark name, `seq:N`, an RFC 3339 time with milliseconds, or
     /// `-30s`, `-5m`, `-2h`, `-1d`.
-    #[arg(long)]
+    // Relative points start with '-' (`-5m`): a value, not a flag.
+    #[arg(long, allow_hyphen_values = true)]
     at: String,
     /// Destination file; with several volumes (and no --volume), a directory that receives
     /// one VOL.img per volume.

@@ -2,6 +2,7 @@
 
 mod bookmark;
 mod control_client;
+mod group;
 mod image;
 mod image_export;
 mod journal;
@@ -51,7 +52,12 @@ enum Command {
     },
     /// Show volumes, journal size, last sequence number and distribution lag.
     Status(status::StatusArgs),
-    /// Per-volume operations: `resync`.
+    /// Consistency groups on the running appliance: `create`, `list`.
+    Group {
+        #[command(subcommand)]
+        command: group::GroupCommand,
+    },
+    /// Volumes: `add` to a group, `remove`, `resync`.
     Volume {
         #[command(subcommand)]
         command: volume::VolumeCommand,
@@ -142,6 +148,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Image { command } => image::run(command)?,
         Command::Restore(args) => restore::run(args)?,
         Command::Volume { command } => volume::run(command)?,
+        Command::Group { command } => group::run(command)?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -20,7 +20,8 @@ pub struct ResolveArgs {
     control: ControlArgs,
     /// The consistency group.
     group: String,
-    /// The point.
+    /// The point (relative points such as `-5m` are values, not flags).
+    #[arg(allow_hyphen_values = true)]
     point: String,
     /// Print JSON instead of a sentence.
     #[arg(long)]

@@ -38,7 +38,8 @@ pub struct RestoreArgs {
     group: Option<String>,
     /// The point in time to restore: a bookmark name, `seq:N`, an RFC 3339 time with
     /// milliseconds, or `-30s`, `-5m`, `-2h`, `-1d`.
-    #[arg(long)]
+    // Relative points start with '-' (`-5m`): a value, not a flag.
+    #[arg(long, allow_hyphen_values = true)]
     at: String,
     /// Restore although hosts are attached to the group's volumes. Their caches then hold
     /// data production no longer has; they must drop them (remount, restart) afterwards.

@@ -102,14 +102,68 @@ fn table(value: &serde_json::Value) -> Option<String> {
             );
         }
         if g.get("journal_over_capacity").and_then(|o| o.as_bool()) == Some(true) {
+            let action = if g.get("journal_throttling").and_then(|t| t.as_bool()) == Some(true) {
+                "host writes are held until it fits (policy throttle)"
+            } else {
+                "distribution runs now (policy release)"
+            };
             let _ = writeln!(
                 out,
-                "  OVER CAPACITY: distribution is behind; the journal cannot release old segments yet"
+                "  JOURNAL FULL: distribution is behind and old history cannot be released yet; {action}"
             );
         }
+        let _ = writeln!(
+            out,
+            "  oldest recoverable point seq {}, undo stream {}{}",
+            n("oldest_point_seq"),
+            format_bytes(n("undo_bytes")),
+            match g.get("replica_held_at").and_then(|h| h.as_u64()) {
+                Some(seq) => format!(", replica held at seq {seq} by a logged image"),
+                None => String::new(),
+            }
+        );
         if let Some(f) = g.get("failure").and_then(|f| f.as_str()) {
             let _ = writeln!(out, "  FENCED: {f}");
         }
+        // --- remote replication ---
+        if let Some(r) = g.get("remote").filter(|r| r.is_object()) {
+            let rn = |k: &str| r.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+            let connected = r.get("connected").and_then(|c| c.as_bool()) == Some(true);
+            let exceeded = r.get("rpo_exceeded").and_then(|c| c.as_bool()) == Some(true);
+            let _ = writeln!(
+                out,
+                "  remote {} {}: shipped seq {}, lag {} records / {:.1} s (RPO {} s{}), wire {:.2}x{}",
+                r.get("endpoint").and_then(|e| e.as_str()).unwrap_or("?"),
+                if connected { "connected" } else { "DISCONNECTED" },
+                rn("shipped_seq"),
+                rn("lag_records"),
+                r.get("lag_seconds").and_then(|l| l.as_f64()).unwrap_or(0.0),
+                rn("rpo_s"),
+                if exceeded { ", EXCEEDED" } else { "" },
+                r.get("wire_compression_ratio").and_then(|w| w.as_f64()).unwrap_or(1.0),
+                match r.get("last_error").and_then(|e| e.as_str()) {
+                    Some(e) if !connected => format!("; last error: {e}"),
+                    _ => String::new(),
+                }
+            );
+        }
+        if let Some(r) = g.get("replication_source").filter(|r| r.is_object()) {
+            let connected = r.get("connected").and_then(|c| c.as_bool()) == Some(true);
+            let _ = writeln!(
+                out,
+                "  remote copy (source = remote) fed by {} ({}), last received seq {}",
+                r.get("peer").and_then(|p| p.as_str()).unwrap_or("-"),
+                if connected {
+                    "connected"
+                } else {
+                    "disconnected"
+                },
+                r.get("last_received_seq")
+                    .and_then(|s| s.as_u64())
+                    .unwrap_or(0)
+            );
+        }
+        // --- end remote replication ---
         let _ = writeln!(
             out,
             "  {:<14} {:>10} {:<10} REPLICA",

@@ -1,13 +1,59 @@
-//! `cdp volume`: per-volume operations on the splitter (`resync`).
+//! `cdp volume`: add and remove volumes of a group (appliance and splitter), and `resync`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use anyhow::{bail, Context};
 use clap::Subcommand;
 
-use crate::units::format_bytes;
+use crate::group::ApplianceControlArgs;
+use crate::units::{format_bytes, parse_size};
 
 #[derive(Subcommand, Debug)]
 pub enum VolumeCommand {
+    /// Protect a volume in a group: the appliance adds it to the group's journal (with a
+    /// sparse replica), then the splitter serves it as an NBD export and copies it once in
+    /// the background. Kept across restarts of both.
+    Add {
+        /// The group (see `cdp group create`).
+        group: String,
+        /// The volume name; also its NBD export name.
+        volume: String,
+        /// The production volume: an existing file or block device.
+        #[arg(long)]
+        path: PathBuf,
+        /// The volume size. Default: the size of PATH.
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+        /// The replica file or block device. Default: the appliance's
+        /// DATA_DIR/replicas/GROUP/VOLUME.img, created sparse.
+        #[arg(long)]
+        replica: Option<PathBuf>,
+        /// Serve the export read-only.
+        #[arg(long)]
+        read_only: bool,
+        /// The splitter's control socket. Default: DIR/splitter.ctl.
+        #[arg(long)]
+        splitter_control: Option<PathBuf>,
+        #[command(flatten)]
+        control: ApplianceControlArgs,
+    },
+    /// Stop protecting a volume: the splitter stops serving it, then the appliance removes
+    /// it from the group. Refused while a host is attached (or its splitter connected)
+    /// unless --force. The journal keeps its history until retention releases it; the
+    /// replica file and production are kept.
+    Remove {
+        group: String,
+        volume: String,
+        /// Remove even with hosts attached (they keep their connection; their writes reach
+        /// production but are no longer journaled) or a splitter connected.
+        #[arg(long)]
+        force: bool,
+        /// The splitter's control socket. Default: DIR/splitter.ctl.
+        #[arg(long)]
+        splitter_control: Option<PathBuf>,
+        #[command(flatten)]
+        control: ApplianceControlArgs,
+    },
     /// Copy every region of a volume from production into the journal again (full resync),
     /// while the host keeps writing; `cdp status` shows the progress.
     Resync {
@@ -31,6 +77,38 @@ pub enum VolumeCommand {
 
 pub fn run(command: VolumeCommand) -> anyhow::Result<()> {
     match command {
+        VolumeCommand::Add {
+            group,
+            volume,
+            path,
+            size,
+            replica,
+            read_only,
+            splitter_control,
+            control,
+        } => {
+            let splitter = splitter_control.unwrap_or_else(|| control.dir.join("splitter.ctl"));
+            add(
+                &control.socket(),
+                &splitter,
+                &group,
+                &volume,
+                &path,
+                size,
+                replica,
+                read_only,
+            )
+        }
+        VolumeCommand::Remove {
+            group,
+            volume,
+            force,
+            splitter_control,
+            control,
+        } => {
+            let splitter = splitter_control.unwrap_or_else(|| control.dir.join("splitter.ctl"));
+            remove(&control.socket(), &splitter, &group, &volume, force)
+        }
         VolumeCommand::Resync {
             volume,
             verify,
@@ -63,6 +141,155 @@ pub fn run(command: VolumeCommand) -> anyhow::Result<()> {
             follow(&socket, &volume, dirty)
         }
     }
+}
+
+/// Adds the volume to the appliance's group, then to the splitter; undoes the first if the
+/// second fails, so neither is left half-configured.
+#[allow(clippy::too_many_arguments)]
+fn add(
+    appliance: &Path,
+    splitter: &Path,
+    group: &str,
+    volume: &str,
+    path: &Path,
+    size: Option<u64>,
+    replica: Option<PathBuf>,
+    read_only: bool,
+) -> anyhow::Result<()> {
+    // Both processes may run elsewhere than this shell's directory.
+    let path = std::fs::canonicalize(path)
+        .with_context(|| format!("production volume {}", path.display()))?;
+    let path_size = cdp_types::BlockFile::open(&path, true)
+        .with_context(|| format!("production volume {}", path.display()))?
+        .size();
+    let size = size.unwrap_or(path_size);
+    if size != path_size {
+        bail!(
+            "--size {size} differs from {}'s size {path_size}; the splitter serves the whole \
+             file, so resize the file instead",
+            path.display()
+        );
+    }
+    let replica = replica.map(|r| std::path::absolute(&r).unwrap_or(r));
+    let mut request = serde_json::json!({
+        "command": "volume_add", "group": group, "name": volume, "size": size,
+    });
+    if let Some(r) = &replica {
+        request["replica"] = r.display().to_string().into();
+    }
+    let added = crate::control_client::request(appliance, "appliance", &request)?;
+    let served = crate::control_client::request(
+        splitter,
+        "splitter",
+        &serde_json::json!({
+            "command": "volume_add", "name": volume, "path": path, "read_only": read_only,
+        }),
+    );
+    if let Err(e) = served {
+        let undo = crate::control_client::request(
+            appliance,
+            "appliance",
+            &serde_json::json!({
+                "command": "volume_remove", "group": group, "name": volume, "force": true,
+            }),
+        );
+        return match undo {
+            Ok(_) => Err(e.context(format!(
+                "volume {volume} not added (the appliance's side was undone)"
+            ))),
+            Err(undo) => Err(e.context(format!(
+                "volume {volume} not added, and undoing the appliance's side failed too \
+                 ({undo:#}); run `cdp volume remove {group} {volume} --force`"
+            ))),
+        };
+    }
+    println!(
+        "volume {volume} added to group {group}: {} from {}, replica {}; served as NBD export \
+         {volume}, first copied in the background (see cdp status)",
+        format_bytes(size),
+        path.display(),
+        added["replica"].as_str().unwrap_or("?"),
+    );
+    Ok(())
+}
+
+/// Removes the volume from the splitter (if it serves it), then from the appliance's group;
+/// if the appliance refuses, the splitter serves it again.
+fn remove(
+    appliance: &Path,
+    splitter: &Path,
+    group: &str,
+    volume: &str,
+    force: bool,
+) -> anyhow::Result<()> {
+    let served_here = if splitter.exists() {
+        let status = crate::control_client::request(
+            splitter,
+            "splitter",
+            &serde_json::json!({"command": "status"}),
+        )?;
+        status["volumes"]
+            .as_array()
+            .is_some_and(|vols| vols.iter().any(|v| v["name"] == volume))
+    } else {
+        false
+    };
+    let mut production = None;
+    if served_here {
+        let answer = crate::control_client::request(
+            splitter,
+            "splitter",
+            &serde_json::json!({"command": "volume_remove", "name": volume, "force": force}),
+        )?;
+        production = answer["production"].as_str().map(str::to_string);
+        if answer["last_changes_journaled"] == false {
+            eprintln!(
+                "cdp: warning: the appliance did not confirm {volume}'s last changes; they \
+                 stay marked in the splitter's dirty bitmap"
+            );
+        }
+    } else {
+        eprintln!(
+            "cdp: note: the splitter at {} does not serve {volume}; removing it from the \
+             appliance only",
+            splitter.display()
+        );
+    }
+    let removed = crate::control_client::request(
+        appliance,
+        "appliance",
+        &serde_json::json!({
+            "command": "volume_remove", "group": group, "name": volume, "force": force,
+        }),
+    );
+    let removed = match removed {
+        Ok(answer) => answer,
+        Err(e) => {
+            let Some(path) = production else {
+                return Err(e);
+            };
+            let again = crate::control_client::request(
+                splitter,
+                "splitter",
+                &serde_json::json!({"command": "volume_add", "name": volume, "path": path}),
+            );
+            return Err(match again {
+                Ok(_) => e.context(format!(
+                    "volume {volume} not removed (the splitter serves it again)"
+                )),
+                Err(again) => e.context(format!(
+                    "volume {volume} not removed from the appliance, and the splitter could \
+                     not serve it again ({again:#})"
+                )),
+            });
+        }
+    };
+    println!(
+        "volume {volume} removed from group {group}; its history stays in the journal until \
+         retention releases it; replica kept at {}",
+        removed["replica_kept"].as_str().unwrap_or("?")
+    );
+    Ok(())
 }
 
 /// Shows the copy's progress (a bar on a terminal, nothing otherwise) until the volume is

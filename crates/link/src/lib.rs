@@ -7,6 +7,7 @@ pub mod error;
 pub mod frame;
 pub mod limits;
 pub mod message;
+pub mod replication;
 pub mod watermark;
 
 pub use codec::{connect, FrameReader, FrameWriter, LinkStream};

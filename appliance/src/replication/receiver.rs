@@ -1,0 +1,376 @@
+//! The remote site's end of replication links: checks each batch continues the journal and appends it with its original seqs.
+//!
+//! One listener thread accepts links on `replication_listen`; each link gets a thread
+//! (at most `REPLICATION_LINKS_MAX`), and a group takes one link at a time. A batch is
+//! appended with the source's seqs and timestamps (`Group::append_replicated`), the journal
+//! is synced, and only then is the batch acknowledged, so an acknowledged record survives
+//! any crash here. Distribution, the undo stream and images then work as for a local group.
+
+use std::collections::BTreeMap;
+use std::io::{BufReader, BufWriter};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+use cdp_journal::{RecordIn, RecordKind};
+use cdp_link::replication::{
+    read_message, write_message, HelloVolume, ReplicatedKind, ReplicatedRecord, ReplicationMessage,
+};
+use cdp_link::LinkError;
+use cdp_types::Seq;
+use serde::{Deserialize, Serialize};
+
+use crate::config::GroupSource;
+use crate::error::ApplianceError;
+use crate::group::Group;
+use crate::limits::{REPLICATION_IDLE_TIMEOUT, REPLICATION_LINKS_MAX};
+
+/// File in a remote group's directory: which source group it is a copy of.
+const SOURCE_FILE: &str = "replication_source.json";
+
+#[derive(Serialize, Deserialize)]
+struct SourceIdentity {
+    source_group_id: u64,
+}
+
+/// The links being served: a handle on each socket (to shut it at stop) and its thread.
+type Links = Arc<Mutex<Vec<(TcpStream, JoinHandle<()>)>>>;
+
+/// The running listener; `stop` closes every link and joins the threads.
+pub struct Receiver {
+    local_addr: SocketAddr,
+    stopping: Arc<AtomicBool>,
+    links: Links,
+    listener: Option<JoinHandle<()>>,
+}
+
+impl Receiver {
+    /// Binds `listen` and serves replication links for the remote groups among `groups`.
+    pub fn start(
+        listen: SocketAddr,
+        data_dir: &Path,
+        groups: Vec<Arc<Group>>,
+    ) -> Result<Receiver, ApplianceError> {
+        let listener = TcpListener::bind(listen)?;
+        let local_addr = listener.local_addr()?;
+        let stopping = Arc::new(AtomicBool::new(false));
+        let links: Links = Arc::default();
+        let active = Arc::new(AtomicUsize::new(0));
+        let groups_dir = data_dir.join("groups");
+        let (stop, all) = (Arc::clone(&stopping), Arc::clone(&links));
+        let thread = std::thread::Builder::new()
+            .name("replication-accept".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let stream = match stream {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::warn!("replication accept failed: {e}");
+                            continue;
+                        }
+                    };
+                    let peer = stream
+                        .peer_addr()
+                        .map_or_else(|_| "?".to_string(), |a| a.to_string());
+                    if active.load(Ordering::Relaxed) >= REPLICATION_LINKS_MAX {
+                        tracing::warn!(%peer, "replication link refused: {REPLICATION_LINKS_MAX} links already served");
+                        continue;
+                    }
+                    let Ok(handle) = stream.try_clone() else {
+                        continue;
+                    };
+                    let groups = groups.clone();
+                    let groups_dir = groups_dir.clone();
+                    let active = Arc::clone(&active);
+                    active.fetch_add(1, Ordering::Relaxed);
+                    let spawned = std::thread::Builder::new()
+                        .name("replication-link".into())
+                        .spawn(move || {
+                            serve_link(stream, &peer, &groups, &groups_dir);
+                            active.fetch_sub(1, Ordering::Relaxed);
+                        });
+                    let mut links = all.lock().unwrap_or_else(|p| p.into_inner());
+                    // Forget links that ended, so the list stays bounded.
+                    links.retain(|(_, t)| !t.is_finished());
+                    match spawned {
+                        Ok(t) => links.push((handle, t)),
+                        Err(e) => tracing::warn!("replication link thread: {e}"),
+                    }
+                }
+            })?;
+        tracing::info!(listen = %local_addr, "replication links accepted");
+        Ok(Receiver {
+            local_addr,
+            stopping,
+            links,
+            listener: Some(thread),
+        })
+    }
+
+    /// Closes the listener and every link, and waits for their threads (each finishes or
+    /// abandons the batch it was appending; unacknowledged batches are resent later).
+    pub fn stop(mut self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        // Wake the blocking accept.
+        let _ = TcpStream::connect(self.local_addr);
+        if let Some(t) = self.listener.take() {
+            let _ = t.join();
+        }
+        let links = std::mem::take(&mut *self.links.lock().unwrap_or_else(|p| p.into_inner()));
+        for (stream, thread) in links {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Marks a remote group's link as gone however the session ends.
+struct ReceivingGuard<'a>(&'a Group);
+
+impl Drop for ReceivingGuard<'_> {
+    fn drop(&mut self) {
+        self.0
+            .replication()
+            .receiving
+            .connected
+            .store(false, Ordering::Relaxed);
+    }
+}
+
+fn serve_link(stream: TcpStream, peer: &str, groups: &[Arc<Group>], groups_dir: &Path) {
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(REPLICATION_IDLE_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(REPLICATION_IDLE_TIMEOUT));
+    let Ok(write_half) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::with_capacity(256 * 1024, stream);
+    let mut writer = BufWriter::new(write_half);
+    let outcome = match read_message(&mut reader) {
+        Ok(ReplicationMessage::Hello {
+            group,
+            source_group_id,
+            volumes,
+        }) => match admit(groups, groups_dir, &group, source_group_id, &volumes) {
+            Ok((g, volume_map)) => {
+                let g = Arc::clone(g);
+                let receiving = &g.replication().receiving;
+                if receiving.connected.swap(true, Ordering::Relaxed) {
+                    Err(format!(
+                        "group {group:?} already has a replication link; one source at a time"
+                    ))
+                } else {
+                    let _guard = ReceivingGuard(&g);
+                    *receiving.peer.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(peer.to_string());
+                    receive(&g, &volume_map, peer, &mut reader, &mut writer)
+                }
+            }
+            Err(reason) => Err(reason),
+        },
+        Ok(other) => Err(format!("expected Hello, got {}", message_name(&other))),
+        Err(e) => Err(format!("bad Hello: {e}")),
+    };
+    if let Err(reason) = outcome {
+        tracing::warn!(%peer, "replication link refused or ended: {reason}");
+        let _ = write_message(&mut writer, &ReplicationMessage::Refuse { reason });
+    }
+}
+
+/// Checks the Hello: a configured remote copy of that name whose volumes match, copying
+/// this source group (or nothing yet). Returns the group and source volume id -> local id.
+fn admit<'a>(
+    groups: &'a [Arc<Group>],
+    groups_dir: &Path,
+    name: &str,
+    source_group_id: u64,
+    volumes: &[HelloVolume],
+) -> Result<(&'a Arc<Group>, BTreeMap<u32, u32>), String> {
+    let group = groups
+        .iter()
+        .find(|g| g.name == name)
+        .ok_or_else(|| format!("no group {name:?} is configured on this appliance"))?;
+    if group.replication().source != GroupSource::Remote {
+        return Err(format!(
+            "group {name:?} here is not a remote copy (set source = \"remote\" in its [[group]])"
+        ));
+    }
+    if let Some(failure) = group.failure().borrow().clone() {
+        return Err(format!("group {name:?} is fenced: {failure}"));
+    }
+    let mut map = BTreeMap::new();
+    for v in volumes {
+        let local = group.volume(&v.name).ok_or_else(|| {
+            format!(
+                "volume {:?} of group {name:?} is not configured here",
+                v.name
+            )
+        })?;
+        if local.size != v.size {
+            return Err(format!(
+                "volume {:?} is {} bytes at the source but {} bytes here",
+                v.name, v.size, local.size
+            ));
+        }
+        map.insert(v.id, local.id);
+    }
+    check_source_identity(&groups_dir.join(name), group, source_group_id)?;
+    Ok((group, map))
+}
+
+/// A remote copy belongs to one source group for good: the first link records the source's
+/// group id; a link from another group (same name, other appliance or recreated group) is
+/// refused once records are here, since its seqs would mean other writes.
+fn check_source_identity(dir: &Path, group: &Group, source_group_id: u64) -> Result<(), String> {
+    let path: PathBuf = dir.join(SOURCE_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let known: SourceIdentity = serde_json::from_slice(&bytes)
+                .map_err(|e| format!("{}: unreadable: {e}", path.display()))?;
+            if known.source_group_id != source_group_id {
+                return Err(format!(
+                    "group {:?} here is the copy of source group id {:016x}, not {source_group_id:016x}; \
+                     refusing records of another group (remove this copy's data to start over)",
+                    group.name, known.source_group_id
+                ));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if group.last_seq() > Seq::ZERO {
+                return Err(format!(
+                    "group {:?} here already holds records of unknown origin; refusing to mix in source {source_group_id:016x}",
+                    group.name
+                ));
+            }
+            let text = serde_json::to_vec(&SourceIdentity { source_group_id })
+                .map_err(|e| e.to_string())?;
+            crate::group_meta::write_atomically(&path, &text).map_err(|e| e.to_string())
+        }
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+fn message_name(m: &ReplicationMessage) -> &'static str {
+    match m {
+        ReplicationMessage::Hello { .. } => "Hello",
+        ReplicationMessage::Batch { .. } => "Batch",
+        ReplicationMessage::Heartbeat => "Heartbeat",
+        ReplicationMessage::Welcome { .. } => "Welcome",
+        ReplicationMessage::BatchAck { .. } => "BatchAck",
+        ReplicationMessage::Refuse { .. } => "Refuse",
+    }
+}
+
+/// Welcomes the source with the journal's durable end, then appends, syncs and
+/// acknowledges batches until the link ends. `Err` carries a reason for a Refuse.
+fn receive(
+    group: &Group,
+    volume_map: &BTreeMap<u32, u32>,
+    peer: &str,
+    reader: &mut BufReader<TcpStream>,
+    writer: &mut BufWriter<TcpStream>,
+) -> Result<(), String> {
+    // Everything in the journal after a restart is on disk or in the page cache; sync so
+    // the resume point we announce is durable.
+    let mut durable = group.sync_replicated()?;
+    write_message(
+        writer,
+        &ReplicationMessage::Welcome {
+            last_seq: durable.0,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    tracing::info!(group = %group.name, %peer, last_seq = %durable, "replication source connected");
+    loop {
+        let message = match read_message(reader) {
+            Ok(m) => m,
+            Err(LinkError::Closed) => {
+                tracing::info!(group = %group.name, %peer, "replication source disconnected");
+                return Ok(());
+            }
+            Err(e) => return Err(format!("replication link: {e}")),
+        };
+        match message {
+            ReplicationMessage::Batch { records } => {
+                let first = records[0].seq;
+                if first != durable.0 + 1 {
+                    return Err(format!(
+                        "batch starts at seq {first} but this copy holds seqs up to {durable}: \
+                         a gap or a duplicate"
+                    ));
+                }
+                let (ins, stamps) = to_journal_records(group, volume_map, &records)?;
+                group.append_replicated(&ins, Seq(first), &stamps)?;
+                durable = group.sync_replicated()?;
+            }
+            ReplicationMessage::Heartbeat => {}
+            other => {
+                return Err(format!(
+                    "unexpected {} on a replication link",
+                    message_name(&other)
+                ))
+            }
+        }
+        write_message(
+            writer,
+            &ReplicationMessage::BatchAck {
+                through_seq: durable.0,
+            },
+        )
+        .map_err(|e| e.to_string())?;
+    }
+}
+
+/// Translates shipped records into this journal's terms (local volume ids), checking each
+/// change lies within its volume.
+fn to_journal_records(
+    group: &Group,
+    volume_map: &BTreeMap<u32, u32>,
+    records: &[ReplicatedRecord],
+) -> Result<(Vec<RecordIn>, Vec<u64>), String> {
+    let sizes: BTreeMap<u32, u64> = group.volumes().iter().map(|v| (v.id, v.size)).collect();
+    let mut ins = Vec::with_capacity(records.len());
+    let mut stamps = Vec::with_capacity(records.len());
+    for r in records {
+        let kind = match r.kind {
+            ReplicatedKind::Write => RecordKind::Write,
+            ReplicatedKind::Trim => RecordKind::Trim,
+            ReplicatedKind::Zero => RecordKind::Zero,
+            ReplicatedKind::Bookmark => RecordKind::Bookmark,
+            ReplicatedKind::ResyncStart => RecordKind::ResyncStart,
+            ReplicatedKind::ResyncEnd => RecordKind::ResyncEnd,
+        };
+        let volume = if kind == RecordKind::Bookmark {
+            0
+        } else {
+            let id = *volume_map.get(&r.volume).ok_or_else(|| {
+                format!("seq {}: volume id {} was not in the Hello", r.seq, r.volume)
+            })?;
+            let size = sizes.get(&id).copied().unwrap_or(0);
+            if kind.change_kind().is_some() && r.offset + r.length > size {
+                return Err(format!(
+                    "seq {}: {:?} at {} + {} is past the volume's end ({size})",
+                    r.seq, r.kind, r.offset, r.length
+                ));
+            }
+            id
+        };
+        ins.push(RecordIn {
+            kind,
+            volume,
+            source_seq: r.source_seq,
+            offset: r.offset,
+            length: r.length,
+            payload: Bytes::clone(&r.payload),
+        });
+        stamps.push(r.timestamp_ns);
+    }
+    Ok((ins, stamps))
+}

@@ -1,0 +1,495 @@
+//! The local site's end of a replication link: ships the group's durable journal records to its remote copy, in order, exactly once.
+//!
+//! One thread per group with `[group.remote]`. Each connection: Hello (group name, group id,
+//! volumes) -> Welcome (the remote's durable last seq) -> batches of whole records from that
+//! seq + 1, only records already durable here (so the remote never holds a record this
+//! journal could lose), at most `BATCHES_IN_FLIGHT_MAX` unacknowledged. A second thread reads
+//! the cumulative `BatchAck`s, raises `shipped_seq` and moves the group's retention pin, so the
+//! local journal keeps every record the remote has not made durable. When the link breaks the
+//! shipper reconnects with backoff and resumes from the remote's answer: the remote's durable
+//! seq decides, so nothing is skipped and nothing is appended twice.
+
+use std::collections::VecDeque;
+use std::io::{BufReader, BufWriter, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use cdp_journal::{Record, RecordKind};
+use cdp_link::replication::{
+    read_message, write_message, BatchCodec, HelloVolume, ReplicatedKind, ReplicatedRecord,
+    ReplicationMessage, BATCHES_IN_FLIGHT_MAX, BATCH_RAW_BYTES_TARGET, BATCH_RECORDS_MAX,
+    RECORD_HEAD_LEN,
+};
+use cdp_types::{Seq, TimestampNs};
+
+use crate::error::ApplianceError;
+use crate::group::Group;
+use crate::limits::{
+    REPLICATION_HEARTBEAT_INTERVAL, REPLICATION_IDLE_TIMEOUT, REPLICATION_RECONNECT_BACKOFF_MAX,
+};
+use crate::replication::ShippingState;
+
+/// How often a shipper with nothing to send looks for newly durable records. Journal syncs
+/// happen at least every `journal_sync_interval_ms` (200 by default), so this adds little lag.
+const DURABLE_POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// A stop request that wakes a sleeping shipper at once.
+#[derive(Default)]
+struct StopSignal {
+    stopped: Mutex<bool>,
+    wake: Condvar,
+}
+
+impl StopSignal {
+    fn is_set(&self) -> bool {
+        *self.stopped.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn set(&self) {
+        *self.stopped.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.wake.notify_all();
+    }
+    /// Sleeps up to `d`; true if stopped.
+    fn wait(&self, d: Duration) -> bool {
+        let guard = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
+        let (guard, _) = self
+            .wake
+            .wait_timeout_while(guard, d, |stopped| !*stopped)
+            .unwrap_or_else(|p| p.into_inner());
+        *guard
+    }
+}
+
+/// The running shipper of one group.
+pub struct Shipper {
+    stop: Arc<StopSignal>,
+    /// The socket of the current link, shut down to unblock the thread at stop.
+    link: Arc<Mutex<Option<TcpStream>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Shipper {
+    /// Starts shipping `group`, which must have `[group.remote]`.
+    pub fn start(group: Arc<Group>) -> Result<Shipper, ApplianceError> {
+        let stop = Arc::new(StopSignal::default());
+        let link: Arc<Mutex<Option<TcpStream>>> = Arc::default();
+        let (s, l) = (Arc::clone(&stop), Arc::clone(&link));
+        let thread = std::thread::Builder::new()
+            .name(format!("ship-{}", group.name))
+            .spawn(move || run(&group, &s, &l))?;
+        Ok(Shipper {
+            stop,
+            link,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops shipping (what is in flight is resent after the next start) and joins.
+    pub fn stop(mut self) {
+        self.stop.set();
+        if let Some(s) = self.link.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(group: &Group, stop: &StopSignal, link: &Mutex<Option<TcpStream>>) {
+    let Some(state) = group.replication().shipping.as_ref() else {
+        return;
+    };
+    let mut backoff = Duration::from_millis(100);
+    let mut last_logged: Option<String> = None;
+    let mut lag = LagClock::default();
+    while !stop.is_set() {
+        let started = Instant::now();
+        let result = ship_one_connection(group, state, stop, link, &mut lag);
+        state.connected.store(false, Ordering::Relaxed);
+        *link.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        if let Err(what) = result {
+            if stop.is_set() {
+                break;
+            }
+            // The same failure every retry would flood the log: once per distinct reason.
+            if last_logged.as_deref() != Some(what.as_str()) {
+                tracing::warn!(group = %group.name, endpoint = %state.config.endpoint, "replication link: {what}; retrying");
+                last_logged = Some(what.clone());
+            }
+            *state.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(what);
+        }
+        // A link that worked for a while starts the backoff over.
+        if started.elapsed() > REPLICATION_RECONNECT_BACKOFF_MAX {
+            backoff = Duration::from_millis(100);
+        }
+        let deadline = Instant::now() + backoff;
+        while Instant::now() < deadline {
+            lag.update(group, state, None);
+            if stop.wait(Duration::from_millis(250).min(deadline - Instant::now())) {
+                return;
+            }
+        }
+        backoff = (backoff * 2).min(REPLICATION_RECONNECT_BACKOFF_MAX);
+    }
+}
+
+/// What the shipper remembers of a batch until it is acknowledged.
+#[derive(Clone, Copy)]
+struct SentBatch {
+    last_seq: u64,
+    /// Timestamp of its first record: the age of the oldest unacknowledged record.
+    first_timestamp_ns: u64,
+}
+
+/// Acknowledgement progress shared by the sending and the ack-reading thread.
+struct InFlight {
+    /// Each unacknowledged batch, oldest first (at most BATCHES_IN_FLIGHT_MAX).
+    batches: VecDeque<SentBatch>,
+    /// Set when the ack reader failed; the link is over.
+    broken: Option<String>,
+}
+
+fn ship_one_connection(
+    group: &Group,
+    state: &ShippingState,
+    stop: &StopSignal,
+    link: &Mutex<Option<TcpStream>>,
+    lag: &mut LagClock,
+) -> Result<(), String> {
+    let endpoint = &state.config.endpoint;
+    let addr = endpoint
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {endpoint}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{endpoint} resolves to no address"))?;
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| format!("cannot connect to {endpoint}: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(REPLICATION_IDLE_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(REPLICATION_IDLE_TIMEOUT));
+    let io = |e: std::io::Error| e.to_string();
+    *link.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream.try_clone().map_err(io)?);
+    if stop.is_set() {
+        return Ok(());
+    }
+    let mut reader = BufReader::new(stream.try_clone().map_err(io)?);
+    let mut writer = BufWriter::with_capacity(256 * 1024, stream.try_clone().map_err(io)?);
+    let volumes = group
+        .volumes()
+        .iter()
+        .map(|v| HelloVolume {
+            id: v.id,
+            size: v.size,
+            name: v.name.clone(),
+        })
+        .collect();
+    write_message(
+        &mut writer,
+        &ReplicationMessage::Hello {
+            group: group.name.clone(),
+            source_group_id: group.group_id(),
+            volumes,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let remote_last = match read_message(&mut reader).map_err(|e| e.to_string())? {
+        ReplicationMessage::Welcome { last_seq } => last_seq,
+        ReplicationMessage::Refuse { reason } => return Err(format!("refused: {reason}")),
+        other => return Err(format!("expected Welcome, got {other:?}")),
+    };
+    let journal = group.journal();
+    let local_last = journal.last_seq().0;
+    if remote_last > local_last {
+        return Err(format!(
+            "the remote copy holds seqs up to {remote_last} but this journal ends at {local_last}: \
+             it has records this group never had; not shipping"
+        ));
+    }
+    if remote_last + 1 < journal.first_seq().0 {
+        return Err(format!(
+            "the remote copy ends at seq {remote_last} but this journal starts at {}: \
+             it needs seeding, which this version cannot do",
+            journal.first_seq()
+        ));
+    }
+    state.shipped_seq.store(remote_last, Ordering::Relaxed);
+    state.shipped_known.store(true, Ordering::Relaxed);
+    group.release_for_remote_copy_through(Seq(remote_last));
+    state.connected.store(true, Ordering::Relaxed);
+    *state.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    tracing::info!(group = %group.name, %endpoint, remote_last, local_last, "replication link up");
+
+    let in_flight = Arc::new((
+        Mutex::new(InFlight {
+            batches: VecDeque::new(),
+            broken: None,
+        }),
+        Condvar::new(),
+    ));
+    let result = std::thread::scope(|scope| {
+        let acks = Arc::clone(&in_flight);
+        scope.spawn(move || read_acks(group, state, reader, &acks));
+        let result = send_batches(
+            group,
+            state,
+            stop,
+            &mut writer,
+            remote_last,
+            &in_flight,
+            lag,
+        );
+        // Ends the ack reader too.
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        result
+    });
+    let broken = in_flight
+        .0
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .broken
+        .take();
+    match (result, broken) {
+        (Err(e), _) => Err(e),
+        (Ok(()), Some(b)) if !stop.is_set() => Err(b),
+        (Ok(()), _) => Ok(()),
+    }
+}
+
+/// Reads cumulative BatchAcks until the link ends; each must cover whole batches sent.
+fn read_acks(
+    group: &Group,
+    state: &ShippingState,
+    mut reader: BufReader<TcpStream>,
+    in_flight: &(Mutex<InFlight>, Condvar),
+) {
+    let broken = loop {
+        let through = match read_message(&mut reader) {
+            Ok(ReplicationMessage::BatchAck { through_seq }) => through_seq,
+            Ok(ReplicationMessage::Refuse { reason }) => break format!("remote refused: {reason}"),
+            Ok(other) => break format!("unexpected message from the remote: {other:?}"),
+            Err(e) => break format!("link lost: {e}"),
+        };
+        let shipped = state.shipped_seq.load(Ordering::Relaxed);
+        let mut f = in_flight.0.lock().unwrap_or_else(|p| p.into_inner());
+        let sent = f.batches.back().map_or(shipped, |b| b.last_seq);
+        if through < shipped || through > sent {
+            break format!(
+                "the remote acknowledged seq {through}, outside what was sent ({shipped}..={sent})"
+            );
+        }
+        while f.batches.front().is_some_and(|b| b.last_seq <= through) {
+            f.batches.pop_front();
+        }
+        drop(f);
+        in_flight.1.notify_all();
+        state.shipped_seq.store(through, Ordering::Relaxed);
+        group.release_for_remote_copy_through(Seq(through));
+    };
+    // A sender blocked in a write to a peer that stopped reading must not wait for the
+    // write timeout.
+    let _ = reader.get_ref().shutdown(std::net::Shutdown::Both);
+    in_flight.0.lock().unwrap_or_else(|p| p.into_inner()).broken = Some(broken);
+    in_flight.1.notify_all();
+}
+
+/// Reads durable records from `remote_last + 1` on and sends them in bounded batches.
+fn send_batches(
+    group: &Group,
+    state: &ShippingState,
+    stop: &StopSignal,
+    writer: &mut BufWriter<TcpStream>,
+    remote_last: u64,
+    in_flight: &(Mutex<InFlight>, Condvar),
+    lag: &mut LagClock,
+) -> Result<(), String> {
+    let journal = group.journal();
+    let mut reader = journal
+        .read_from(Seq(remote_last + 1))
+        .map_err(|e| e.to_string())?;
+    let codec = match state.config.compress_level {
+        0 => BatchCodec::Raw,
+        level => BatchCodec::Zstd(level),
+    };
+    let mut next = remote_last + 1;
+    // A record read but not yet durable (or not fitting the last batch) waits here.
+    let mut pending: Option<Record> = None;
+    let mut last_sent = Instant::now();
+    let mut last_lag_update = Instant::now();
+    loop {
+        if stop.is_set() {
+            return Ok(());
+        }
+        if last_lag_update.elapsed() >= Duration::from_secs(1) {
+            let shipped = state.shipped_seq.load(Ordering::Relaxed);
+            let oldest_sent = in_flight
+                .0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .batches
+                .front()
+                .map(|b| b.first_timestamp_ns);
+            let oldest_unsent = pending
+                .as_ref()
+                .filter(|r| r.seq.0 == shipped + 1)
+                .map(|r| r.timestamp.0);
+            lag.update(group, state, oldest_sent.or(oldest_unsent));
+            last_lag_update = Instant::now();
+        }
+        {
+            // Bounded window: wait for an ack before reading more.
+            let f = in_flight.0.lock().unwrap_or_else(|p| p.into_inner());
+            let (f, _) = in_flight
+                .1
+                .wait_timeout_while(f, Duration::from_millis(250), |f| {
+                    f.broken.is_none() && f.batches.len() >= BATCHES_IN_FLIGHT_MAX
+                })
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(b) = &f.broken {
+                return Err(b.clone());
+            }
+            if f.batches.len() >= BATCHES_IN_FLIGHT_MAX {
+                continue;
+            }
+        }
+        let durable = journal.durable_seq().0;
+        let mut records = Vec::new();
+        let mut raw_bytes = 0usize;
+        while records.len() < BATCH_RECORDS_MAX {
+            let record = match pending.take() {
+                Some(r) => r,
+                None => match reader.next() {
+                    Some(r) => r.map_err(|e| format!("reading the journal at seq {next}: {e}"))?,
+                    None => break,
+                },
+            };
+            // Paired check: the reader yields every seq once, in order.
+            if record.seq.0 != next {
+                return Err(format!(
+                    "journal reader returned seq {} where {next} was expected",
+                    record.seq
+                ));
+            }
+            let size = RECORD_HEAD_LEN + record.payload.len();
+            if record.seq.0 > durable
+                || (!records.is_empty() && raw_bytes + size > BATCH_RAW_BYTES_TARGET)
+            {
+                pending = Some(record);
+                break;
+            }
+            raw_bytes += size;
+            next += 1;
+            records.push(to_replicated(record));
+        }
+        if records.is_empty() {
+            if last_sent.elapsed() >= REPLICATION_HEARTBEAT_INTERVAL {
+                write_message(writer, &ReplicationMessage::Heartbeat)
+                    .map_err(|e| format!("link lost: {e}"))?;
+                last_sent = Instant::now();
+            }
+            if stop.wait(DURABLE_POLL_INTERVAL) {
+                return Ok(());
+            }
+            continue;
+        }
+        let sent = SentBatch {
+            last_seq: records[records.len() - 1].seq,
+            first_timestamp_ns: records[0].timestamp_ns,
+        };
+        let encoded = ReplicationMessage::Batch { records }.encode(codec);
+        // Recorded before the write, so an ack can never name a batch not yet recorded.
+        in_flight
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .batches
+            .push_back(sent);
+        writer
+            .write_all(&encoded.bytes)
+            .and_then(|()| writer.flush())
+            .map_err(|e| format!("link lost: {e}"))?;
+        state
+            .raw_bytes
+            .fetch_add(encoded.raw_len as u64, Ordering::Relaxed);
+        state
+            .wire_bytes
+            .fetch_add(encoded.bytes.len() as u64, Ordering::Relaxed);
+        last_sent = Instant::now();
+    }
+}
+
+fn to_replicated(r: Record) -> ReplicatedRecord {
+    let kind = match r.kind {
+        RecordKind::Write => ReplicatedKind::Write,
+        RecordKind::Trim => ReplicatedKind::Trim,
+        RecordKind::Zero => ReplicatedKind::Zero,
+        RecordKind::Bookmark => ReplicatedKind::Bookmark,
+        RecordKind::ResyncStart => ReplicatedKind::ResyncStart,
+        RecordKind::ResyncEnd => ReplicatedKind::ResyncEnd,
+    };
+    ReplicatedRecord {
+        seq: r.seq.0,
+        timestamp_ns: r.timestamp.0,
+        kind,
+        volume: r.volume,
+        source_seq: r.source_seq,
+        offset: r.offset,
+        length: r.length,
+        payload: r.payload,
+    }
+}
+
+/// Computes the age of the oldest record the remote has not acknowledged, and warns once per
+/// episode when it exceeds the RPO.
+#[derive(Default)]
+struct LagClock {
+    /// The timestamp of one seq read from the journal, so a stalled link does not make the
+    /// shipper scan for the same header every second.
+    looked_up: Option<(u64, u64)>,
+}
+
+impl LagClock {
+    /// `oldest_ns`: the oldest unacknowledged record's timestamp when the sender knows it
+    /// (first record of the oldest batch in flight, or the next record to send).
+    fn update(&mut self, group: &Group, state: &ShippingState, oldest_ns: Option<u64>) {
+        let shipped = state.shipped_seq.load(Ordering::Relaxed);
+        let journal = group.journal();
+        let oldest_ns = if shipped >= journal.last_seq().0 {
+            None
+        } else if let Some(t) = oldest_ns {
+            Some(t)
+        } else {
+            let seq = (shipped + 1).max(journal.first_seq().0);
+            match self.looked_up {
+                Some((s, t)) if s == seq => Some(t),
+                _ => match crate::bookmark::record_timestamp(journal, Seq(seq)) {
+                    Ok(t) => {
+                        self.looked_up = Some((seq, t));
+                        Some(t)
+                    }
+                    // Unreadable right now: keep the last figure.
+                    Err(_) => return,
+                },
+            }
+        };
+        let lag_ns = oldest_ns.map_or(0, |t| TimestampNs::now().0.saturating_sub(t));
+        state.lag_ns.store(lag_ns, Ordering::Relaxed);
+        let exceeded = lag_ns > state.config.rpo_s.saturating_mul(1_000_000_000);
+        let was = state.rpo_exceeded.swap(exceeded, Ordering::Relaxed);
+        if exceeded && !was {
+            tracing::warn!(
+                group = %group.name,
+                endpoint = %state.config.endpoint,
+                lag_s = lag_ns / 1_000_000_000,
+                rpo_s = state.config.rpo_s,
+                unshipped_records = journal.last_seq().0.saturating_sub(shipped),
+                connected = state.connected.load(Ordering::Relaxed),
+                "remote copy lags beyond its RPO"
+            );
+        } else if was && !exceeded {
+            tracing::info!(group = %group.name, "remote copy back within its RPO");
+        }
+    }
+}

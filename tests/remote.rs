@@ -1,0 +1,564 @@
+//! Remote replication end to end: a site (appliance + splitter) ships its group's journal to a
+//! second appliance on loopback TCP; the remote copy's replica, images and journal must equal
+//! the local ones, across kill -9 of either appliance mid-stream.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cdp_journal::{Journal, JournalConfig, Record};
+use cdp_types::Seq;
+use common::*;
+
+const MIB: u64 = 1 << 20;
+const T: Duration = Duration::from_secs(120);
+const VOLUME_BYTES: u64 = 64 * MIB;
+
+fn requirements() -> bool {
+    !reference_mode() && requires("qemu-io") && requires("qemu-img")
+}
+
+/// A site whose group `default` ships to a freshly started remote appliance.
+fn start_pair(rpo_s: u64) -> (Site, RemoteAppliance) {
+    start_pair_sized(rpo_s, VOLUME_BYTES)
+}
+
+fn start_pair_sized(rpo_s: u64, volume_bytes: u64) -> (Site, RemoteAppliance) {
+    let volumes = [("vol0", volume_bytes)];
+    let remote = RemoteAppliance::start(&volumes);
+    let mut site = Site::create(&volumes, SiteOptions::default());
+    add_remote_to_site_config(&site, &remote.endpoint, rpo_s);
+    site.start_role(Role::Appliance);
+    site.start_role(Role::Splitter);
+    site.wait_connected(T);
+    (site, remote)
+}
+
+/// `count` writes of random patterns at random 4 KiB-aligned places (4 KiB..512 KiB), in
+/// one qemu-io run; each is acknowledged before the next is sent.
+fn write_random(site: &Site, model: &mut Model, rng: &mut SplitMix64, count: usize) {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for _ in 0..count {
+        let len = (rng.below(128) + 1) * 4096;
+        let offset = rng.below((VOLUME_BYTES - len) / 4096) * 4096;
+        let byte = (rng.below(255) + 1) as u8;
+        cmd.arg("-c").arg(format!("write -P {byte} {offset} {len}"));
+        model.fill(offset, len, byte);
+    }
+    cmd.arg(site.nbd_uri("vol0"));
+    run_ok(&mut cmd, T);
+}
+
+/// Waits until the remote acknowledged every record of the local journal; returns last_seq.
+fn wait_shipped(site: &Site, remote: &RemoteAppliance) -> u64 {
+    let mut last = 0;
+    let ok = poll_until(T, || {
+        let g = &site.status()["groups"][0];
+        last = g["last_seq"].as_u64().unwrap_or(0);
+        g["remote"]["shipped_seq"].as_u64() == Some(last) && last > 0
+    });
+    assert!(
+        ok,
+        "remote did not catch up: {}\n{}\n{}",
+        site.status(),
+        site.logs(),
+        remote.logs()
+    );
+    last
+}
+
+fn assert_same_bytes(what: &str, a: &Path, b: &Path) {
+    let out = run(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(a)
+            .arg(b),
+        T,
+    );
+    assert!(
+        out.status.success(),
+        "{what}: {} and {} differ: {}{}",
+        a.display(),
+        b.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Reads a whole NBD export into a file.
+fn read_export(uri: &str, to: &Path) -> Vec<u8> {
+    let _ = std::fs::remove_file(to);
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw", uri])
+            .arg(to),
+        T,
+    );
+    std::fs::read(to).expect("read exported image")
+}
+
+#[test]
+fn remote_copy_follows_writes_and_bookmarks() {
+    // Goal: the remote copy holds the same writes and bookmarks, in order. Method: random
+    // writes with a byte model, bookmark b1, more writes; once the remote acknowledged the
+    // local journal's last seq, its replica must equal production (qemu-img compare) and
+    // its image at b1 (cdp image access against the remote) must equal the model at b1.
+    if !requirements() {
+        return;
+    }
+    let (site, remote) = start_pair(30);
+    let mut model = Model::zeroed(VOLUME_BYTES);
+    let mut rng = SplitMix64(seed("remote_copy"));
+    write_random(&site, &mut model, &mut rng, 60);
+    let b1 = site.cdp_json(&["bookmark", "create", "b1", "--json"]);
+    let at_b1 = model.clone();
+    write_random(&site, &mut model, &mut rng, 60);
+    site.settle();
+    let started = Instant::now();
+    let last = wait_shipped(&site, &remote);
+    eprintln!(
+        "remote acknowledged seq {last} {:?} after the local settle",
+        started.elapsed()
+    );
+    remote.wait_distributed(last, T);
+    model.check_file("production", &site.volume("vol0").production);
+    assert_same_bytes(
+        "remote replica vs production",
+        remote.replica("vol0"),
+        &site.volume("vol0").production,
+    );
+
+    let image = remote.cdp_json(&["image", "access", "--at", "b1", "--json"]);
+    // Same point, same time at both sites: seqs and timestamps travel unchanged.
+    assert_eq!(image["seq"], b1["seq"], "{image} {b1}");
+    assert_eq!(image["time_ns"], b1["timestamp_ns"], "{image} {b1}");
+    let scratch = remote.root().join("b1.raw");
+    at_b1.check(
+        "remote image at b1",
+        &read_export(&site.image_uri(&image, "vol0"), &scratch),
+    );
+    let id = image["id"].as_str().expect("image id").to_string();
+    remote.cdp_json(&["image", "release", &id, "--json"]);
+
+    // Logged access at the remote rolls its replica back to b1 while shipping goes on.
+    let logged = remote.cdp_json(&["image", "access", "--at", "b1", "--logged", "--json"]);
+    assert_eq!(logged["mode"], "logged", "{logged}");
+    at_b1.check_file("remote replica held at b1", remote.replica("vol0"));
+    write_random(&site, &mut model, &mut rng, 30);
+    site.settle();
+    let last = wait_shipped(&site, &remote);
+    at_b1.check(
+        "remote logged image at b1 while shipping",
+        &read_export(&site.image_uri(&logged, "vol0"), &scratch),
+    );
+    let id = logged["id"].as_str().expect("image id").to_string();
+    remote.cdp_json(&["image", "release", &id, "--json"]);
+    remote.wait_distributed(last, T);
+    assert_same_bytes(
+        "remote replica after the logged image",
+        remote.replica("vol0"),
+        &site.volume("vol0").production,
+    );
+
+    let status = site.status();
+    let r = &status["groups"][0]["remote"];
+    assert_eq!(r["connected"], true, "{status}");
+    assert_eq!(r["lag_records"], 0, "{status}");
+    assert_eq!(r["rpo_exceeded"], false, "{status}");
+    let ratio = r["wire_compression_ratio"].as_f64().unwrap_or(0.0);
+    eprintln!(
+        "wire: {} raw bytes as {} bytes ({ratio:.2}x)",
+        r["wire_raw_bytes"], r["wire_bytes"]
+    );
+    assert!(ratio > 2.0, "pattern writes compress on the wire: {status}");
+    let rs = remote.status();
+    let g = &rs["groups"][0];
+    assert_eq!(g["source"], "remote", "{rs}");
+    assert_eq!(g["replication_source"]["connected"], true, "{rs}");
+    assert_eq!(g["replication_source"]["last_received_seq"], last, "{rs}");
+    let human = run_ok(
+        Command::new(cdp_bin())
+            .args(["status", "--control"])
+            .arg(&site.control_sock),
+        T,
+    );
+    assert!(human.contains("remote 127.0.0.1:"), "{human}");
+
+    // Rule 6: a splitter may not attach to the remote copy's volumes.
+    let bookmark_at_remote = run(
+        Command::new(cdp_bin())
+            .args(["bookmark", "create", "nope", "--control"])
+            .arg(&remote.control_sock),
+        T,
+    );
+    assert!(
+        !bookmark_at_remote.status.success(),
+        "a bookmark was taken at the remote copy"
+    );
+}
+
+/// Writes in a background thread (qemu-io runs of 20 writes) until stopped.
+struct BackgroundWriter {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<usize>>,
+}
+
+impl BackgroundWriter {
+    fn start(uri: String, seed: u64) -> BackgroundWriter {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut rng = SplitMix64(seed);
+            let mut runs = 0;
+            while !s.load(Ordering::Relaxed) {
+                let mut cmd = Command::new("qemu-io");
+                cmd.args(["-f", "raw"]);
+                for _ in 0..20 {
+                    let len = (rng.below(64) + 1) * 4096;
+                    let offset = rng.below((VOLUME_BYTES - len) / 4096) * 4096;
+                    cmd.arg("-c")
+                        .arg(format!("write -P {} {offset} {len}", rng.below(255) + 1));
+                }
+                // Failures while an appliance is down are expected to be absent (the
+                // splitter marks), but a failed run is not the point of the test either.
+                let _ = run(cmd.arg(&uri), T);
+                runs += 1;
+            }
+            runs
+        });
+        BackgroundWriter {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(mut self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+/// Volume name -> id of a group directory's group.json.
+fn volume_ids(group_dir: &Path) -> (u64, BTreeMap<String, u32>) {
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(group_dir.join("group.json")).unwrap()).unwrap();
+    let ids = meta["volumes"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_u64().unwrap() as u32))
+        .collect();
+    (meta["group_id"].as_u64().unwrap(), ids)
+}
+
+fn read_journal(group_dir: &Path) -> (Vec<Record>, BTreeMap<u32, String>) {
+    let (group_id, ids) = volume_ids(group_dir);
+    let (journal, _) = Journal::open(
+        &group_dir.join("journal"),
+        group_id,
+        JournalConfig::default(),
+    )
+    .unwrap();
+    let records = journal
+        .read_from(Seq(1))
+        .unwrap()
+        .map(|r| r.expect("readable record"))
+        .collect();
+    (records, ids.into_iter().map(|(n, id)| (id, n)).collect())
+}
+
+/// Both journals hold the same records seq by seq: same seq, time, kind, volume (by name),
+/// range, source seq and payload; no gap, no duplicate.
+fn assert_same_journals(local_dir: &Path, remote_dir: &Path) -> usize {
+    let (local, local_names) = read_journal(local_dir);
+    let (remote, remote_names) = read_journal(remote_dir);
+    assert_eq!(local.len(), remote.len(), "record counts differ");
+    for (i, (a, b)) in local.iter().zip(&remote).enumerate() {
+        assert_eq!(
+            a.seq,
+            Seq(i as u64 + 1),
+            "local journal starts at 1, no gaps"
+        );
+        assert_eq!(a.seq, b.seq);
+        assert_eq!(a.timestamp, b.timestamp, "seq {}", a.seq);
+        assert_eq!(a.kind, b.kind, "seq {}", a.seq);
+        if a.kind.change_kind().is_some() {
+            assert_eq!(
+                local_names.get(&a.volume),
+                remote_names.get(&b.volume),
+                "seq {}",
+                a.seq
+            );
+        }
+        assert_eq!(
+            (a.offset, a.length, a.source_seq),
+            (b.offset, b.length, b.source_seq)
+        );
+        assert!(a.payload == b.payload, "payload of seq {} differs", a.seq);
+    }
+    local.len()
+}
+
+/// Kills `victim` mid-stream while a host writes, restarts it, and checks the copies.
+fn survive_kill(kill_local: bool) {
+    let (mut site, mut remote) = start_pair(1);
+    let writer = BackgroundWriter::start(site.nbd_uri("vol0"), seed("remote_kill"));
+    // Let shipping get going, then crash while records are in flight.
+    let ok = poll_until(T, || {
+        site.status()["groups"][0]["remote"]["shipped_seq"]
+            .as_u64()
+            .unwrap_or(0)
+            > 200
+    });
+    assert!(ok, "shipping did not start: {}", site.status());
+    let before = site.status()["groups"][0].clone();
+    if kill_local {
+        site.kill_appliance();
+        std::thread::sleep(Duration::from_millis(500));
+        site.start_role(Role::Appliance);
+    } else {
+        remote.kill();
+        // The local journal keeps everything while the remote is away, and the lag passes
+        // the 1 s RPO while the host keeps writing.
+        let mut during = serde_json::Value::Null;
+        let exceeded = poll_until(T, || {
+            during = site.status()["groups"][0].clone();
+            during["remote"]["rpo_exceeded"] == true
+        });
+        assert!(exceeded, "RPO not flagged: {during}");
+        assert_eq!(during["remote"]["connected"], false, "{during}");
+        assert!(
+            during["remote"]["lag_records"].as_u64().unwrap_or(0) > 0,
+            "{during}"
+        );
+        assert!(
+            during["remote"]["lag_seconds"].as_f64().unwrap_or(0.0) > 1.0,
+            "{during}"
+        );
+        let log = std::fs::read_to_string(site.log_path(Role::Appliance)).unwrap();
+        assert_eq!(
+            log.matches("remote copy lags beyond its RPO").count(),
+            1,
+            "warned once"
+        );
+        remote.start_process();
+    }
+    eprintln!(
+        "killed {} at local last_seq {} shipped_seq {}",
+        if kill_local {
+            "the local appliance"
+        } else {
+            "the remote appliance"
+        },
+        before["last_seq"],
+        before["remote"]["shipped_seq"]
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let runs = writer.stop();
+    site.settle();
+    let last = wait_shipped(&site, &remote);
+    remote.wait_distributed(last, T);
+    site.assert_replica_equals_production("vol0");
+    assert_same_bytes(
+        "remote replica vs production",
+        remote.replica("vol0"),
+        &site.volume("vol0").production,
+    );
+    eprintln!("{runs} qemu-io runs; {last} records shipped");
+    site.kill(Role::Splitter);
+    site.kill_appliance();
+    remote.kill();
+    if !kill_local {
+        let log = std::fs::read_to_string(site.log_path(Role::Appliance)).unwrap();
+        assert!(log.contains("remote copy back within its RPO"), "{log}");
+    }
+    let compared = assert_same_journals(
+        &site.root().join("appliance").join("groups").join("default"),
+        &remote.group_dir(),
+    );
+    assert_eq!(compared as u64, last);
+}
+
+#[test]
+fn remote_killed_mid_stream_resumes_without_gap_or_duplicate() {
+    // Goal: a remote crash loses nothing and duplicates nothing. Method: kill -9 the remote
+    // appliance while a host writes, restart it; after the writes the remote journal must
+    // equal the local one record by record and its replica must equal production.
+    if !requirements() {
+        return;
+    }
+    survive_kill(false);
+}
+
+#[test]
+fn local_killed_mid_stream_resumes_without_gap_or_duplicate() {
+    // Goal: a crash of the shipping appliance loses nothing and duplicates nothing. Method:
+    // kill -9 the local appliance while a host writes (the splitter marks and resyncs),
+    // restart it; the journals must match record by record, the replicas production.
+    if !requirements() {
+        return;
+    }
+    survive_kill(true);
+}
+
+#[test]
+fn remote_shipping_rate_with_incompressible_data() {
+    // Goal: measure how fast the remote copy follows a sequential burst of incompressible
+    // writes (zstd level 3 on the wire, which then sends batches raw). Method: qemu-img
+    // convert 256 MiB of random bytes into vol0, then time until the remote acknowledged
+    // the last seq; the remote replica must equal production.
+    if !requirements() {
+        return;
+    }
+    const BYTES: u64 = 256 * MIB;
+    let (site, remote) = start_pair_sized(30, BYTES);
+    let source = site.root().join("random.img");
+    let mut rng = SplitMix64(seed("remote_rate"));
+    let data: Vec<u8> = (0..BYTES / 8)
+        .flat_map(|_| rng.next_u64().to_le_bytes())
+        .collect();
+    std::fs::write(&source, &data).unwrap();
+    let started = Instant::now();
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(&source)
+            .arg(site.nbd_uri("vol0")),
+        T,
+    );
+    site.flush_all();
+    let written = started.elapsed();
+    let last = wait_shipped(&site, &remote);
+    let shipped = started.elapsed();
+    let status = site.status();
+    let r = &status["groups"][0]["remote"];
+    eprintln!(
+        "256 MiB written in {written:?} ({:.0} MiB/s), acknowledged by the remote after {shipped:?} \
+         ({:.0} MiB/s end to end); {last} records, wire {} of {} raw bytes",
+        256.0 / written.as_secs_f64(),
+        256.0 / shipped.as_secs_f64(),
+        r["wire_bytes"],
+        r["wire_raw_bytes"]
+    );
+    remote.wait_distributed(last, T);
+    assert_same_bytes(
+        "remote replica vs production",
+        remote.replica("vol0"),
+        &site.volume("vol0").production,
+    );
+}
+
+/// A TCP forwarder the test can cut (like a pulled cable) and restore; copied from the idea
+/// of `marking.rs`'s `LinkProxy`.
+struct LinkProxy {
+    port: u16,
+    open: Arc<AtomicBool>,
+    live: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl LinkProxy {
+    fn start(target: String) -> LinkProxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = Arc::new(AtomicBool::new(true));
+        let live: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+        let (open2, live2) = (Arc::clone(&open), Arc::clone(&live));
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if !open2.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect(&target) else {
+                    continue;
+                };
+                let mut streams = live2.lock().unwrap();
+                for (from, to) in [(&client, &server), (&server, &client)] {
+                    let (mut from, mut to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+                streams.push(client);
+                streams.push(server);
+            }
+        });
+        LinkProxy { port, open, live }
+    }
+
+    /// Breaks every forwarded connection and refuses new ones.
+    fn cut(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        for s in self.live.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn restore(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn link_cuts_pause_shipping_and_it_resumes_where_it_stopped() {
+    // Goal: link loss with both appliances up pauses shipping, keeps everything in the local
+    // journal, and resumes with no gap or duplicate. Method: ship through a forwarder, cut it
+    // three times for a second while a host writes, then compare journals record by record
+    // and the remote replica with production.
+    if !requirements() {
+        return;
+    }
+    let volumes = [("vol0", VOLUME_BYTES)];
+    let mut remote = RemoteAppliance::start(&volumes);
+    let proxy = LinkProxy::start(remote.endpoint.clone());
+    let mut site = Site::create(&volumes, SiteOptions::default());
+    add_remote_to_site_config(&site, &format!("127.0.0.1:{}", proxy.port), 30);
+    site.start_role(Role::Appliance);
+    site.start_role(Role::Splitter);
+    site.wait_connected(T);
+    let writer = BackgroundWriter::start(site.nbd_uri("vol0"), seed("remote_cut"));
+    for cut in 0..3 {
+        let shipped = |site: &Site| {
+            site.status()["groups"][0]["remote"]["shipped_seq"]
+                .as_u64()
+                .unwrap_or(0)
+        };
+        let before = shipped(&site);
+        assert!(
+            poll_until(T, || shipped(&site) > before + 50),
+            "shipping did not go on before cut {cut}: {}",
+            site.status()
+        );
+        proxy.cut();
+        std::thread::sleep(Duration::from_secs(1));
+        let during = site.status()["groups"][0].clone();
+        assert_eq!(during["remote"]["connected"], false, "{during}");
+        proxy.restore();
+    }
+    let runs = writer.stop();
+    site.settle();
+    let last = wait_shipped(&site, &remote);
+    remote.wait_distributed(last, T);
+    assert_same_bytes(
+        "remote replica vs production",
+        remote.replica("vol0"),
+        &site.volume("vol0").production,
+    );
+    eprintln!("{runs} qemu-io runs; {last} records shipped across 3 link cuts");
+    site.kill(Role::Splitter);
+    site.kill_appliance();
+    remote.kill();
+    let compared = assert_same_journals(
+        &site.root().join("appliance").join("groups").join("default"),
+        &remote.group_dir(),
+    );
+    assert_eq!(compared as u64, last);
+}
