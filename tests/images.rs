@@ -351,7 +351,13 @@ fn images_stay_exact_across_appliance_crashes() {
         qemu_io(&uri, &commands);
         let name = format!("r{round}");
         site.cdp_json(&["bookmark", "create", &name, "--json"]);
-        points.push((name, model.clone()));
+        points.push((name.clone(), model.clone()));
+        // A writable image open at the crash: its scratch file must not outlive it.
+        let open = site.cdp_json(&["image", "access", "--at", &name, "--writable", "--json"]);
+        qemu_io(
+            &site.image_uri(&open, "vol0"),
+            &["write -P 0x99 0 64k".into()],
+        );
 
         let mut commands = writes(&mut model, &mut rng, 60);
         commands.push("flush".into());
@@ -375,6 +381,14 @@ fn images_stay_exact_across_appliance_crashes() {
         );
         site.start_role(Role::Appliance);
         site.settle();
+        let scratch = site.root().join("appliance/scratch");
+        let left: Vec<_> = std::fs::read_dir(&scratch)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(
+            left.is_empty(),
+            "scratch files survived the crash: {left:?}"
+        );
         for (name, snapshot) in &points {
             let image = site.cdp_json(&["image", "access", "--at", name, "--json"]);
             let file = site.root().join(format!("{name}-{round}.img"));

@@ -1289,14 +1289,14 @@ impl Group {
         let last = self.undo.append_located(records, &mut locations)?;
         let first = last.0 + 1 - locations.len() as u64;
         for (i, (r, location)) in records.iter().zip(&locations).enumerate() {
-            let undo = UndoRef {
-                location: *location,
-                redo_seq: r.source_seq,
-                zero: r.kind == RecordKind::Zero,
-                volume: r.volume,
-                offset: r.offset,
-                length: r.length,
-            };
+            let undo = UndoRef::new(
+                *location,
+                r.kind,
+                r.volume,
+                r.offset,
+                r.length,
+                r.source_seq,
+            );
             history
                 .note_undo(first + i as u64, undo)
                 .map_err(|e| ApplianceError::Io(std::io::Error::other(e)))?;
@@ -1596,14 +1596,7 @@ impl Batch {
 }
 
 fn redo_ref(c: &RecordIn, location: RecordLocation) -> Option<RedoRef> {
-    c.kind.change_kind()?;
-    Some(RedoRef {
-        location,
-        kind: c.kind,
-        volume: c.volume,
-        offset: c.offset,
-        length: c.length,
-    })
+    RedoRef::new(location, c.kind, c.volume, c.offset, c.length)
 }
 
 /// The retention pin id the remote-copy shipper holds (image pins count from 1).
@@ -1641,13 +1634,7 @@ fn rebuild_history(journal: &Journal, undo: &Journal) -> Result<History, Applian
         let Some(location) = reader.last_location() else {
             continue;
         };
-        let redo = r.kind.change_kind().map(|_| RedoRef {
-            location,
-            kind: r.kind,
-            volume: r.volume,
-            offset: r.offset,
-            length: r.length,
-        });
+        let redo = RedoRef::new(location, r.kind, r.volume, r.offset, r.length);
         history.note_redo(r.seq.0, redo);
     }
     let mut reader = undo.read_headers_from(undo.first_seq())?;
@@ -1656,14 +1643,7 @@ fn rebuild_history(journal: &Journal, undo: &Journal) -> Result<History, Applian
         let Some(location) = reader.last_location() else {
             continue;
         };
-        let undo = UndoRef {
-            location,
-            redo_seq: r.source_seq,
-            zero: r.kind == RecordKind::Zero,
-            volume: r.volume,
-            offset: r.offset,
-            length: r.length,
-        };
+        let undo = UndoRef::new(location, r.kind, r.volume, r.offset, r.length, r.source_seq);
         history
             .note_undo(r.seq.0, undo)
             .map_err(|e| ApplianceError::Io(std::io::Error::other(e)))?;

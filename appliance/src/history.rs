@@ -46,6 +46,48 @@ pub struct UndoRef {
     pub length: u64,
 }
 
+impl RedoRef {
+    /// A journal record at `location`, or `None` if it changes no volume bytes.
+    pub fn new(
+        location: RecordLocation,
+        kind: RecordKind,
+        volume: u32,
+        offset: u64,
+        length: u64,
+    ) -> Option<RedoRef> {
+        kind.change_kind()?;
+        Some(RedoRef {
+            location,
+            kind,
+            volume,
+            offset,
+            length,
+        })
+    }
+}
+
+impl UndoRef {
+    /// An undo-stream record at `location`: a zero record or a write holding the bytes,
+    /// with the redo seq it serves in its `source_seq`.
+    pub fn new(
+        location: RecordLocation,
+        kind: RecordKind,
+        volume: u32,
+        offset: u64,
+        length: u64,
+        redo_seq: u64,
+    ) -> UndoRef {
+        UndoRef {
+            location,
+            redo_seq,
+            zero: kind == RecordKind::Zero,
+            volume,
+            offset,
+            length,
+        }
+    }
+}
+
 /// How to assemble one block at a point.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BlockPlan {
@@ -74,15 +116,20 @@ struct Levels {
 }
 
 impl Levels {
+    /// The level a record of `length` bytes is indexed in, and that level's unit.
+    fn level(&mut self, length: u64) -> (&mut HashMap<u64, Vec<u64>>, u64) {
+        if length <= FINE_RECORD_BYTES_MAX {
+            (&mut self.fine, BLOCK_BYTES)
+        } else {
+            (&mut self.coarse, CHUNK_BYTES)
+        }
+    }
+
     fn insert(&mut self, seq: u64, offset: u64, length: u64) {
         if length == 0 {
             return;
         }
-        let (map, unit) = if length <= FINE_RECORD_BYTES_MAX {
-            (&mut self.fine, BLOCK_BYTES)
-        } else {
-            (&mut self.coarse, CHUNK_BYTES)
-        };
+        let (map, unit) = self.level(length);
         for key in offset / unit..=(offset + length - 1) / unit {
             let seqs = map.entry(key).or_default();
             // Appends arrive in seq order, so this is a push in all but rare cases.
@@ -97,11 +144,7 @@ impl Levels {
         if length == 0 {
             return;
         }
-        let (map, unit) = if length <= FINE_RECORD_BYTES_MAX {
-            (&mut self.fine, BLOCK_BYTES)
-        } else {
-            (&mut self.coarse, CHUNK_BYTES)
-        };
+        let (map, unit) = self.level(length);
         for key in offset / unit..=(offset + length - 1) / unit {
             if let Some(seqs) = map.get_mut(&key) {
                 seqs.retain(|&s| s != seq);

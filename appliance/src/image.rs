@@ -84,6 +84,22 @@ pub struct AccessRequest {
 
 impl Images {
     pub fn new(exports: ExportRegistry, nbd: String, scratch_dir: PathBuf) -> Images {
+        // Images do not survive the appliance: scratch files left by a crash hold writes
+        // nobody can reach any more.
+        if let Ok(entries) = std::fs::read_dir(&scratch_dir) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.extension().is_some_and(|e| e == "scratch") {
+                    match std::fs::remove_file(&path) {
+                        Ok(()) => tracing::info!(
+                            "removed the scratch file of a past image: {}",
+                            path.display()
+                        ),
+                        Err(e) => tracing::warn!("removing {}: {e}", path.display()),
+                    }
+                }
+            }
+        }
         Images {
             exports,
             nbd,
