@@ -1,5 +1,6 @@
 //! One write order across the volumes of a group: a write acknowledged on one volume before
-//! a write is sent on another precedes it in the group's journal (DESIGN rules 2 and 3).
+//! a write is sent on another precedes it in the group's journal, and every image of the
+//! group shows exactly the writes journaled up to its point (DESIGN rules 2 and 3).
 
 mod common;
 
@@ -16,13 +17,19 @@ fn causal_writes_across_three_volumes_keep_their_order_in_the_journal() {
     // image of the group can show the later write without the earlier one. Method: three
     // volumes in one group; three threads each run a causal chain (write on volume k, wait for
     // the acknowledgement, then write on volume k+1, ...), interleaving freely with each other;
-    // stop the processes and read the journal back with the journal crate: every chain's seqs
-    // must increase, and every write must be there exactly once with its bytes.
+    // open images of the group at 25 points over the journal; stop the processes and read the
+    // journal back with the journal crate: every chain's seqs must increase, every write must
+    // be there exactly once with its bytes, and every image must show exactly the writes
+    // journaled up to its point.
     if reference_mode() || !requires("qemu-io") || !requires("qemu-img") {
         return;
     }
     let mut site = Site::start(&[("vol0", 16 * MIB), ("vol1", 16 * MIB), ("vol2", 16 * MIB)]);
     site.settle();
+    // Points before this lie in the volumes' first-time initialization.
+    let base = site.status()["groups"][0]["last_seq"]
+        .as_u64()
+        .expect("last_seq");
     const CHAINS: u64 = 3;
     const STEPS: u64 = 12;
     let uris: Vec<String> = (0..3).map(|v| site.nbd_uri(&format!("vol{v}"))).collect();
@@ -47,6 +54,30 @@ fn causal_writes_across_three_volumes_keep_their_order_in_the_journal() {
     });
     site.settle();
     site.assert_all_replicas_equal_production();
+    // Images of the group at points spread over the whole journal, read while the processes
+    // run; checked below against the journal's own order.
+    let last = site.status()["groups"][0]["last_seq"]
+        .as_u64()
+        .expect("last_seq");
+    let points: Vec<u64> = (0..=24).map(|i| base + (last - base) * i / 24).collect();
+    for &at in &points {
+        let image = site.cdp_json(&["image", "access", "--at", &format!("seq:{at}"), "--json"]);
+        for v in 0..3 {
+            run_ok(
+                Command::new("qemu-img")
+                    .args(["convert", "-f", "raw", "-O", "raw"])
+                    .arg(site.image_uri(&image, &format!("vol{v}")))
+                    .arg(site.root().join(format!("image-{at}-vol{v}.img"))),
+                Duration::from_secs(60),
+            );
+        }
+        site.cdp_json(&[
+            "image",
+            "release",
+            image["id"].as_str().expect("id"),
+            "--json",
+        ]);
+    }
     let status = site.terminate(Role::Splitter, Duration::from_secs(30));
     assert!(status.success());
     let status = site.terminate(Role::Appliance, Duration::from_secs(60));
@@ -89,6 +120,26 @@ fn causal_writes_across_three_volumes_keep_their_order_in_the_journal() {
                 "chain {chain}: step {step} (seq {seq}) precedes the step acknowledged before it (seq {last_seq})"
             );
             last_seq = seq;
+        }
+    }
+    // Every image shows exactly the writes journaled up to its point (rule 3), so none shows
+    // a chain's later write without the earlier ones.
+    for &at in &points {
+        let images: Vec<Vec<u8>> = (0..3)
+            .map(|v| std::fs::read(site.root().join(format!("image-{at}-vol{v}.img"))).unwrap())
+            .collect();
+        for chain in 0..CHAINS {
+            for step in 0..STEPS {
+                let v = (chain + step) % 3;
+                let offset = (chain * STEPS + step) * 65536;
+                let (seq, byte) = found[&(volume_id(&format!("vol{v}")), offset)];
+                let region = &images[v as usize][offset as usize..offset as usize + 65536];
+                let want = if seq <= at { byte } else { 0 };
+                assert!(
+                    region.iter().all(|&b| b == want),
+                    "image at seq {at}: chain {chain} step {step} (seq {seq}) should read {want:#x}"
+                );
+            }
         }
     }
 }

@@ -108,7 +108,8 @@ fn torn_journal_tail_is_cut_and_service_resumes() {
         model.fill(i as u64 * 2 * MIB, MIB, byte);
         site.settle();
         site.kill_appliance();
-        let segs = segments(&site.root().join("appliance"));
+        // The journal's segments, not the undo stream's (groups/default/undo/...).
+        let segs = segments(&site.root().join("appliance/groups/default/journal"));
         let last = segs.last().expect("no journal segment (*.seg) found");
         let tail = if tail.is_empty() {
             // A plausible-looking torn record: the segment's own leading bytes.

@@ -31,7 +31,8 @@
 //! (comma-separated cadences, default `256,8192`), `CDP_BENCH_COMPRESS=1` (journal with
 //! compression on; off by default, as in the appliance), `CDP_BENCH_SOURCE_SHIFT` (bytes by
 //! which payloads start past a page boundary of the source buffer; default 0),
-//! `CDP_BENCH_PREFAULT=0` (skip touching the run's volume of memory before each run).
+//! `CDP_BENCH_PREFAULT=0` (skip touching the run's volume of memory before each run),
+//! `CDP_BENCH_VEC_BYTES_MAX` (cap the bytes of one `pwritev` call of *raw batched*).
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
@@ -179,6 +180,17 @@ fn run_raw_batched(dir: &Path, case: Case, pool: &Bytes) -> f64 {
     secs
 }
 
+/// `CDP_BENCH_VEC_BYTES_MAX`: bytes at most per `pwritev` call of the raw batched method
+/// (unset: no cap beyond 1024 iovecs, as the journal).
+fn vec_bytes_max() -> Option<usize> {
+    static CAP: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *CAP.get_or_init(|| {
+        std::env::var("CDP_BENCH_VEC_BYTES_MAX")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    })
+}
+
 /// `pwritev` of all of `bufs` at `offset` (1024 iovecs per call, as the journal does);
 /// returns the offset after them.
 fn pwritev_all(file: &std::fs::File, bufs: &[&[u8]], mut offset: u64) -> u64 {
@@ -192,7 +204,17 @@ fn pwritev_all(file: &std::fs::File, bufs: &[&[u8]], mut offset: u64) -> u64 {
         .collect();
     let mut first = 0;
     while first < iov.len() {
-        let end = (first + 1024).min(iov.len());
+        let mut end = (first + 1024).min(iov.len());
+        if let Some(cap) = vec_bytes_max() {
+            // Stop the call at the cap (at least one iovec), as an experiment on write shape.
+            let mut bytes = 0;
+            let mut k = first;
+            while k < end && (k == first || bytes + iov[k].iov_len <= cap) {
+                bytes += iov[k].iov_len;
+                k += 1;
+            }
+            end = k;
+        }
         // SAFETY: every iovec points into a slice of `bufs`, borrowed for the whole call.
         let n = unsafe {
             libc::pwritev(
