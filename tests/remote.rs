@@ -201,6 +201,39 @@ fn remote_copy_follows_writes_and_bookmarks() {
         !bookmark_at_remote.status.success(),
         "a bookmark was taken at the remote copy"
     );
+
+    // Rule 6: a splitter attaching to the remote copy's volumes is refused and exits.
+    let root = remote.root();
+    let production = root.join("other-production.img");
+    std::fs::File::create(&production)
+        .unwrap()
+        .set_len(VOLUME_BYTES)
+        .unwrap();
+    let splitter_config = root.join("splitter.toml");
+    std::fs::write(
+        &splitter_config,
+        format!(
+            "appliance = \"unix:{}\"\nnbd_unix = \"{}\"\ncontrol = \"{}\"\nhandshake_timeout_s = 10\n\n[[volume]]\nname = \"vol0\"\npath = \"{}\"\n",
+            root.join("link.sock").display(),
+            root.join("nbd.sock").display(),
+            root.join("splitter.ctl").display(),
+            production.display()
+        ),
+    )
+    .unwrap();
+    let splitter = run(
+        Command::new(cdp_bin())
+            .args(["splitter", "--config"])
+            .arg(&splitter_config),
+        T,
+    );
+    let said = String::from_utf8_lossy(&splitter.stderr).to_string()
+        + &String::from_utf8_lossy(&splitter.stdout);
+    assert!(
+        !splitter.status.success(),
+        "a splitter attached to the remote copy: {said}"
+    );
+    assert!(said.contains("remote copy"), "{said}");
 }
 
 /// Writes in a background thread (qemu-io runs of 20 writes) until stopped.
@@ -561,4 +594,51 @@ fn link_cuts_pause_shipping_and_it_resumes_where_it_stopped() {
         &remote.group_dir(),
     );
     assert_eq!(compared as u64, last);
+}
+
+#[test]
+fn a_remote_copy_refuses_another_source_group() {
+    // Goal: a remote copy belongs to one source group; a second site whose group has the
+    // same name (another group id) is refused with a clear error, and the first keeps
+    // shipping. Method: two sites ship group `default` to one remote appliance.
+    if !requirements() {
+        return;
+    }
+    let (first, remote) = start_pair(30);
+    let mut model = Model::zeroed(VOLUME_BYTES);
+    let mut rng = SplitMix64(seed("remote_identity"));
+    write_random(&first, &mut model, &mut rng, 10);
+    first.settle();
+    wait_shipped(&first, &remote);
+
+    let mut second = Site::create(&[("vol0", VOLUME_BYTES)], SiteOptions::default());
+    add_remote_to_site_config(&second, &remote.endpoint, 30);
+    second.start_role(Role::Appliance);
+    let mut status = serde_json::Value::Null;
+    let refused = poll_until(T, || {
+        status = second.status();
+        status["groups"][0]["remote"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("refusing records of another group"))
+    });
+    assert!(
+        refused,
+        "second source not refused: {status}\n{}",
+        remote.logs()
+    );
+    assert_eq!(
+        status["groups"][0]["remote"]["connected"], false,
+        "{status}"
+    );
+
+    // The first source still ships.
+    write_random(&first, &mut model, &mut rng, 10);
+    first.settle();
+    let last = wait_shipped(&first, &remote);
+    remote.wait_distributed(last, T);
+    assert_same_bytes(
+        "remote replica vs the first site's production",
+        remote.replica("vol0"),
+        &first.volume("vol0").production,
+    );
 }

@@ -144,7 +144,8 @@ pub struct Group {
     distributed: AtomicU64,
     retention: RetentionPolicy,
     journal_full_policy: JournalFullPolicy,
-    /// Open images keep the journal over capacity (logged once per episode).
+    /// Open images or the remote copy keep the journal over capacity (logged once per
+    /// episode; the host is not throttled for them).
     held_by_images: AtomicBool,
     /// Set by the last retention pass; a warning is logged once per episode.
     over_capacity: AtomicBool,
@@ -1318,9 +1319,13 @@ impl Group {
                 .saturating_sub(self.undo.size_bytes()),
             window_ns: self.retention.window_ns,
         };
-        // Open images read the records just above their point: release nothing at or above.
+        // Open images read the records just above their point, and the remote copy still
+        // needs what it has not acknowledged: release nothing at or above either.
         let pins = lock(&self.pins);
         let pinned = pins.values().min().copied();
+        let remote_holds = pins
+            .get(&REMOTE_COPY_PIN)
+            .is_some_and(|&p| Some(p) == pinned);
         let releasable = pinned.map_or(checkpointed, |p| p.min(checkpointed));
         let plan = self
             .journal
@@ -1354,11 +1359,20 @@ impl Group {
                     .over_capacity);
         let held_by_images = plan.over_capacity && !distribution_behind;
         if held_by_images && !self.held_by_images.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                group = %self.name,
-                pinned = ?pinned,
-                "journal over capacity while open images hold its oldest history; release them"
-            );
+            if remote_holds {
+                tracing::warn!(
+                    group = %self.name,
+                    pinned = ?pinned,
+                    "journal over capacity: the remote copy has not acknowledged its oldest \
+                     history, which is kept until shipping catches up"
+                );
+            } else {
+                tracing::warn!(
+                    group = %self.name,
+                    pinned = ?pinned,
+                    "journal over capacity while open images hold its oldest history; release them"
+                );
+            }
         } else if !held_by_images {
             self.held_by_images.store(false, Ordering::Relaxed);
         }

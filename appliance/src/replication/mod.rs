@@ -106,6 +106,8 @@ pub struct ReceivingState {
     pub connected: AtomicBool,
     /// The source's address of the current (or last) link.
     pub peer: Mutex<Option<String>>,
+    /// The current link's socket, so a newer link from the same source can close it.
+    pub link: Mutex<Option<std::net::TcpStream>>,
 }
 
 /// `groups[].remote` in `cdp status --json`, for a group that ships.

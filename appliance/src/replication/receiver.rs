@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cdp_journal::{RecordIn, RecordKind};
@@ -130,16 +131,47 @@ impl Receiver {
     }
 }
 
+/// How long a new link of a group waits for the link it replaces to end.
+const LINK_TAKEOVER_WAIT: Duration = Duration::from_secs(5);
+
+/// Makes this link the group's only one. The source (already checked to be the bound one)
+/// reconnects only when its side of the old link is gone, so an old link still here is
+/// half-open (a cut cable sends no FIN): close it rather than refuse the new one until it
+/// times out. Waits for the old session to end, so its last append precedes our Welcome.
+fn take_over_link(receiving: &crate::replication::ReceivingState) -> bool {
+    let deadline = Instant::now() + LINK_TAKEOVER_WAIT;
+    while receiving.connected.swap(true, Ordering::Relaxed) {
+        if let Some(old) = receiving
+            .link
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            tracing::info!(
+                "closing the previous replication link of this group: a newer one arrived"
+            );
+            let _ = old.shutdown(std::net::Shutdown::Both);
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
 /// Marks a remote group's link as gone however the session ends.
 struct ReceivingGuard<'a>(&'a Group);
 
 impl Drop for ReceivingGuard<'_> {
     fn drop(&mut self) {
-        self.0
-            .replication()
-            .receiving
-            .connected
-            .store(false, Ordering::Relaxed);
+        let receiving = &self.0.replication().receiving;
+        receiving
+            .link
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        receiving.connected.store(false, Ordering::Relaxed);
     }
 }
 
@@ -161,15 +193,18 @@ fn serve_link(stream: TcpStream, peer: &str, groups: &[Arc<Group>], groups_dir: 
             Ok((g, volume_map)) => {
                 let g = Arc::clone(g);
                 let receiving = &g.replication().receiving;
-                if receiving.connected.swap(true, Ordering::Relaxed) {
-                    Err(format!(
-                        "group {group:?} already has a replication link; one source at a time"
-                    ))
-                } else {
+                if take_over_link(receiving) {
                     let _guard = ReceivingGuard(&g);
                     *receiving.peer.lock().unwrap_or_else(|p| p.into_inner()) =
                         Some(peer.to_string());
+                    *receiving.link.lock().unwrap_or_else(|p| p.into_inner()) =
+                        reader.get_ref().try_clone().ok();
                     receive(&g, &volume_map, peer, &mut reader, &mut writer)
+                } else {
+                    Err(format!(
+                        "group {group:?} still has a replication link that did not end within \
+                         {LINK_TAKEOVER_WAIT:?}; one link at a time"
+                    ))
                 }
             }
             Err(reason) => Err(reason),
