@@ -1,5 +1,6 @@
 //! The Linux kernel NBD client (nbd-client in a QEMU guest, ../shared/tools/nbd-guest) against the
-//! splitter: ext4 written by the real kernel is intact in production and replicated exactly.
+//! splitter: ext4 written by the real kernel is intact in production and replicated exactly, and
+//! a point-in-time image of it mounts in the kernel with the same file.
 
 mod common;
 
@@ -97,4 +98,57 @@ fn guest_kernel_ext4_md5() {
     );
     site.settle();
     site.assert_replica_equals_production("vol0");
+
+    // The same kernel client reads a point-in-time image: bookmark the filesystem, wreck
+    // production's first 64 MiB, and mount the image at the bookmark in a second guest.
+    site.cdp_json(&["bookmark", "create", "ext4-written", "--json"]);
+    run_ok(
+        Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write -P 0x5a 0 64M", "-c", "flush"])
+            .arg(site.nbd_uri("vol0")),
+        Duration::from_secs(120),
+    );
+    let image = site.cdp_json(&["image", "access", "--at", "ext4-written", "--json"]);
+    let export = image["exports"][0]["export"].as_str().expect("export");
+    let socket = image["nbd"]
+        .as_str()
+        .and_then(|n| n.strip_prefix("unix:"))
+        .expect("image socket");
+    let out = run(
+        Command::new(&run_script)
+            .args(["--timeout", "300", "--export", export, socket])
+            .arg(tests_dir().join("guest/image-md5.sh")),
+        Duration::from_secs(360),
+    );
+    let console = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    assert!(
+        out.status.success(),
+        "nbd-guest run on the image exited {}:\n{console}\n{}",
+        out.status,
+        site.logs()
+    );
+    let image_field = |key: &str| {
+        console
+            .lines()
+            .filter_map(|l| l.strip_prefix(key))
+            .map(|s| s.trim().to_string())
+            .next_back()
+            .unwrap_or_else(|| panic!("guest printed no {key}:\n{console}"))
+    };
+    assert_eq!(
+        image_field("GUEST_RO "),
+        "1",
+        "the image export must be read-only"
+    );
+    assert_eq!(
+        image_field("GUEST_MD5 "),
+        guest_md5,
+        "the image at the bookmark holds another /file.bin than the guest wrote"
+    );
+    site.cdp_json(&[
+        "image",
+        "release",
+        image["id"].as_str().expect("id"),
+        "--json",
+    ]);
 }
