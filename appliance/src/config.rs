@@ -119,7 +119,7 @@ pub enum GroupSource {
     Remote,
 }
 
-/// `[group.remote]`: asynchronous replication of the group's journal to another appliance.
+/// `[group.remote]`: replication of the group's journal to another appliance.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RemoteConfig {
@@ -133,7 +133,42 @@ pub struct RemoteConfig {
     /// zstd level for batches on the wire: 0 sends them uncompressed, 1..=19. Default 3.
     #[serde(default = "compress_level_default")]
     pub compress_level: i32,
+    /// `async` (default): the host is never held for the remote copy. `sync`: a host write
+    /// is acknowledged only once the remote copy made it durable, and a FLUSH means durable
+    /// at both sites; while the remote is unreachable host writes wait. `dynamic`: sync,
+    /// but once host writes have waited `sync_wait_ms_max` for the remote it runs async
+    /// until the remote keeps up again.
+    #[serde(default)]
+    pub mode: ReplicationMode,
+    /// `dynamic` mode: how long host writes may wait for the remote copy before the group
+    /// falls back to async. Default 5000, minimum 100.
+    #[serde(default = "sync_wait_ms_max_default")]
+    pub sync_wait_ms_max: u64,
+    /// Limit for replication bytes on the wire (after compression), bytes per second.
+    /// Default: none. Minimum `BANDWIDTH_BYTES_PER_S_MIN` (smaller values are raised).
+    #[serde(default)]
+    pub bandwidth_bytes_per_s: Option<u64>,
 }
+
+/// When a host write to a shipping group is acknowledged; see `RemoteConfig::mode`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicationMode {
+    #[default]
+    Async,
+    Sync,
+    Dynamic,
+}
+
+fn sync_wait_ms_max_default() -> u64 {
+    5000
+}
+
+/// The smallest `sync_wait_ms_max`: the shipper looks at the lag a few times a second.
+pub const SYNC_WAIT_MS_MAX_MIN: u64 = 100;
+
+/// The smallest bandwidth limit: below it one heartbeat-sized batch would take seconds.
+pub const BANDWIDTH_BYTES_PER_S_MIN: u64 = 64 * 1024;
 
 fn rpo_s_default() -> u64 {
     30
@@ -175,6 +210,16 @@ impl GroupConfig {
                 let level = r.compress_level.clamp(0, 19);
                 tracing::warn!(group = %self.name, "remote.compress_level = {}; using {level}", r.compress_level);
                 r.compress_level = level;
+            }
+            if r.sync_wait_ms_max < SYNC_WAIT_MS_MAX_MIN {
+                tracing::warn!(group = %self.name, "remote.sync_wait_ms_max = {}; using {SYNC_WAIT_MS_MAX_MIN}", r.sync_wait_ms_max);
+                r.sync_wait_ms_max = SYNC_WAIT_MS_MAX_MIN;
+            }
+            if let Some(limit) = r.bandwidth_bytes_per_s {
+                if limit < BANDWIDTH_BYTES_PER_S_MIN {
+                    tracing::warn!(group = %self.name, "remote.bandwidth_bytes_per_s = {limit}; using {BANDWIDTH_BYTES_PER_S_MIN}");
+                    r.bandwidth_bytes_per_s = Some(BANDWIDTH_BYTES_PER_S_MIN);
+                }
             }
         }
         Ok(())
@@ -367,5 +412,33 @@ replica = "/d/r0.img"
         assert!(ApplianceConfig::from_toml(&chained).is_err());
         let typo = format!("{GOOD}\n[group.remote]\nendpoint = \"x:1\"\nrpo = 3\n");
         assert!(ApplianceConfig::from_toml(&typo).is_err());
+    }
+
+    #[test]
+    fn remote_mode_and_bandwidth_keys() {
+        let defaults = format!("{GOOD}\n[group.remote]\nendpoint = \"dr:7701\"\n");
+        let c = ApplianceConfig::from_toml(&defaults).unwrap();
+        let r = c.group[0].remote.as_ref().unwrap();
+        assert_eq!(r.mode, ReplicationMode::Async);
+        assert_eq!(r.bandwidth_bytes_per_s, None);
+        assert_eq!(r.sync_wait_ms_max, 5000);
+        let set = format!(
+            "{GOOD}\n[group.remote]\nendpoint = \"dr:7701\"\nmode = \"dynamic\"\n\
+             sync_wait_ms_max = 1\nbandwidth_bytes_per_s = 10\n"
+        );
+        let c = ApplianceConfig::from_toml(&set).unwrap();
+        let r = c.group[0].remote.as_ref().unwrap();
+        assert_eq!(r.mode, ReplicationMode::Dynamic);
+        // Soft mistakes are clamped to the minimums.
+        assert_eq!(r.sync_wait_ms_max, SYNC_WAIT_MS_MAX_MIN);
+        assert_eq!(r.bandwidth_bytes_per_s, Some(BANDWIDTH_BYTES_PER_S_MIN));
+        let sync = format!("{GOOD}\n[group.remote]\nendpoint = \"dr:7701\"\nmode = \"sync\"\n");
+        let c = ApplianceConfig::from_toml(&sync).unwrap();
+        assert_eq!(
+            c.group[0].remote.as_ref().unwrap().mode,
+            ReplicationMode::Sync
+        );
+        let bad = format!("{GOOD}\n[group.remote]\nendpoint = \"dr:7701\"\nmode = \"semi\"\n");
+        assert!(ApplianceConfig::from_toml(&bad).is_err());
     }
 }

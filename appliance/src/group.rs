@@ -28,7 +28,7 @@ use crate::config::{GroupConfig, JournalFullPolicy, VolumeConfig};
 use crate::distribution_state;
 use crate::error::ApplianceError;
 use crate::group_meta::GroupMeta;
-use crate::history::{overlay, BlockPlan, History, HistoryStats, RedoRef, UndoRef, BLOCK_BYTES};
+use crate::history::{BlockPlan, History, HistoryStats, RedoRef, UndoRef, BLOCK_BYTES};
 use crate::limits::{
     DISTRIBUTION_BATCH_BYTES_MAX, DISTRIBUTION_BATCH_RECORDS_MAX,
     DISTRIBUTION_CHECKPOINT_BYTES_MAX, DISTRIBUTION_HOST_QUIET, DISTRIBUTION_QUIET_CHECK_RECORDS,
@@ -37,10 +37,19 @@ use crate::limits::{
 use crate::record_cache::{RecordCache, Stream};
 use crate::resync_span::{ResyncSpan, ResyncSpans};
 
-/// Progress reported back to one split-link connection; cumulative, so no queue is needed.
+/// Progress reported back to one split-link connection; cumulative, so no queue is needed
+/// (except in sync mode, see `remote_pending`).
 pub struct ConnectionProgress {
+    /// Highest source_seq appended to the local journal.
     pub acked: watch::Sender<u64>,
+    /// Highest source_seq a local journal sync covered after the splitter's Flush.
     pub durable: watch::Sender<u64>,
+    /// Sync mode only: (last journal seq, last source_seq) of each appended batch whose Ack
+    /// still waits for the remote copy, oldest first. The journal interleaves the group's
+    /// volumes, so a connection's source_seq maps to a journal seq only through this list.
+    /// At most `SYNC_ACKS_PENDING_MAX` entries: past that, a batch joins the newest entry
+    /// (its changes are then acknowledged a little later, never earlier).
+    pub remote_pending: Mutex<std::collections::VecDeque<(u64, u64)>>,
 }
 
 impl ConnectionProgress {
@@ -48,7 +57,36 @@ impl ConnectionProgress {
         Arc::new(ConnectionProgress {
             acked: watch::Sender::new(start),
             durable: watch::Sender::new(0),
+            remote_pending: Mutex::new(std::collections::VecDeque::new()),
         })
+    }
+
+    /// Sync mode: notes that changes through `source_seq` are at journal seq ≤ `journal_seq`
+    /// and must wait for the remote copy before their Ack.
+    pub fn note_remote_pending(&self, journal_seq: u64, source_seq: u64) {
+        let mut q = lock(&self.remote_pending);
+        if q.len() >= crate::limits::SYNC_ACKS_PENDING_MAX {
+            if let Some(back) = q.back_mut() {
+                *back = (journal_seq, source_seq);
+                return;
+            }
+        }
+        q.push_back((journal_seq, source_seq));
+    }
+
+    /// Sync mode: the highest source_seq whose batch the remote copy holds once it
+    /// acknowledged `shipped`, dropping those entries; `None` if no entry is covered yet.
+    pub fn remote_covered(&self, shipped: u64) -> Option<u64> {
+        let mut q = lock(&self.remote_pending);
+        let mut covered = None;
+        while let Some(&(journal_seq, source_seq)) = q.front() {
+            if journal_seq > shipped {
+                break;
+            }
+            covered = Some(source_seq);
+            q.pop_front();
+        }
+        covered
     }
 }
 
@@ -462,9 +500,10 @@ impl Group {
         self.failure.subscribe()
     }
 
-    /// Appends a batch of one volume's changes, in order, and records the last source_seq.
-    /// A failure fences the group: nothing after it is acknowledged.
-    pub fn append(&self, volume: &GroupVolume, changes: &[RecordIn]) -> Result<(), String> {
+    /// Appends a batch of one volume's changes, in order, and records the last source_seq;
+    /// returns the journal seq of the last change. A failure fences the group: nothing after
+    /// it is acknowledged.
+    pub fn append(&self, volume: &GroupVolume, changes: &[RecordIn]) -> Result<Seq, String> {
         if let Some(failure) = self.failure.borrow().clone() {
             return Err(failure);
         }
@@ -478,14 +517,15 @@ impl Group {
             .store(self.epoch.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let mut history = lock(&self.history);
         let mut locations = Vec::with_capacity(changes.len());
-        match self.journal.append_located(changes, &mut locations) {
+        let last = match self.journal.append_located(changes, &mut locations) {
             Ok(last) => {
                 let first = last.0 + 1 - locations.len() as u64;
                 for (i, (c, location)) in changes.iter().zip(&locations).enumerate() {
                     history.note_redo(first + i as u64, redo_ref(c, *location));
                 }
                 drop(history);
-                self.resync_spans.note_batch(changes, last)
+                self.resync_spans.note_batch(changes, last);
+                last
             }
             Err(e) => {
                 drop(history);
@@ -493,11 +533,17 @@ impl Group {
                 self.fail(what.clone());
                 return Err(what);
             }
-        }
+        };
         if let Some(last) = changes.iter().map(|c| c.source_seq).max() {
             volume.last_source_seq.fetch_max(last, Ordering::Relaxed);
         }
-        Ok(())
+        // Sync mode ships appended records at once: the host waits for the round trip.
+        if let Some(shipping) = self.replication.shipping.as_ref() {
+            if shipping.tracks_remote_acks() {
+                shipping.wake_shipper();
+            }
+        }
+        Ok(last)
     }
 
     /// The resync span a recovery point falls into, with the volume's name.
@@ -808,14 +854,15 @@ impl Group {
                 if undo.zero {
                     buf.fill(0);
                 } else {
-                    let payload = self.payload(Stream::Undo, *undo_seq, undo.location)?;
                     let from = (start - undo.offset) as usize;
-                    let src = payload.get(from..from + buf.len()).ok_or_else(|| {
-                        ApplianceError::Io(std::io::Error::other(format!(
-                            "undo record {undo_seq} does not cover offset {start}"
-                        )))
-                    })?;
-                    buf.copy_from_slice(src);
+                    self.copy_payload(
+                        Stream::Undo,
+                        *undo_seq,
+                        undo.location,
+                        undo.length,
+                        from,
+                        buf,
+                    )?;
                 }
             }
             BlockPlan::Layers {
@@ -828,22 +875,54 @@ impl Group {
                     buf.fill(0);
                 }
                 for (seq, r) in layers {
-                    let payload = if r.kind == RecordKind::Write {
-                        self.payload(Stream::Redo, *seq, r.location)?
-                    } else {
-                        bytes::Bytes::new()
-                    };
-                    if r.kind == RecordKind::Write && payload.len() as u64 != r.length {
-                        return Err(ApplianceError::Io(std::io::Error::other(format!(
-                            "journal record {seq} holds {} bytes, its header says {}",
-                            payload.len(),
-                            r.length
-                        ))));
+                    let end = start + buf.len() as u64;
+                    let from = r.offset.max(start);
+                    let to = (r.offset + r.length).min(end);
+                    if from >= to {
+                        continue;
                     }
-                    overlay(buf, start, r, &payload);
+                    let dst = &mut buf[(from - start) as usize..(to - start) as usize];
+                    if r.kind == RecordKind::Write {
+                        let at = (from - r.offset) as usize;
+                        self.copy_payload(Stream::Redo, *seq, r.location, r.length, at, dst)?;
+                    } else {
+                        // Trims and zeroes read as zeroes.
+                        dst.fill(0);
+                    }
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Copies `dst.len()` bytes of a record's payload from byte `from`. A record no bigger
+    /// than a block is read straight into `dst` (from the segment's map when sealed); a
+    /// bigger one is read whole, once, and kept in the cache for its other blocks.
+    fn copy_payload(
+        &self,
+        stream: Stream,
+        seq: u64,
+        location: RecordLocation,
+        length: u64,
+        from: usize,
+        dst: &mut [u8],
+    ) -> Result<(), ApplianceError> {
+        if length <= BLOCK_BYTES {
+            let journal = match stream {
+                Stream::Redo => &self.journal,
+                Stream::Undo => &self.undo,
+            };
+            return Ok(journal.read_payload_into(location, Seq(seq), from, dst)?);
+        }
+        let payload = self.payload(stream, seq, location)?;
+        let src = payload.get(from..from + dst.len()).ok_or_else(|| {
+            ApplianceError::Io(std::io::Error::other(format!(
+                "record {seq} holds {} payload bytes, {} wanted from {from}",
+                payload.len(),
+                dst.len()
+            )))
+        })?;
+        dst.copy_from_slice(src);
         Ok(())
     }
 
@@ -861,10 +940,7 @@ impl Group {
             Stream::Undo => &self.undo,
         };
         let payload = journal.read_at(location, Seq(seq))?.payload;
-        // A record no bigger than a block is read whole by the one block that needs it.
-        if payload.len() as u64 > BLOCK_BYTES {
-            self.record_cache.insert(stream, seq, payload.clone());
-        }
+        self.record_cache.insert(stream, seq, payload.clone());
         Ok(payload)
     }
 

@@ -389,25 +389,6 @@ impl History {
     }
 }
 
-/// Lays record `r`'s bytes for block `[start, start + buf.len())` over `buf`; `payload` is
-/// the record's payload for writes (ignored otherwise: trims and zeroes read as zeroes).
-pub fn overlay(buf: &mut [u8], start: u64, r: &RedoRef, payload: &[u8]) {
-    let end = start + buf.len() as u64;
-    let from = r.offset.max(start);
-    let to = (r.offset + r.length).min(end);
-    if from >= to {
-        return;
-    }
-    let dst = &mut buf[(from - start) as usize..(to - start) as usize];
-    match r.kind {
-        RecordKind::Write => {
-            let src = (from - r.offset) as usize;
-            dst.copy_from_slice(&payload[src..src + dst.len()]);
-        }
-        _ => dst.fill(0),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

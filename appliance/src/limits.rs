@@ -102,6 +102,19 @@ pub const REPLICATION_RECONNECT_BACKOFF_MAX: std::time::Duration =
 
 const _: () =
     assert!(REPLICATION_HEARTBEAT_INTERVAL.as_millis() * 3 <= REPLICATION_IDLE_TIMEOUT.as_millis());
+
+/// Sync mode: append batches of one split-link connection whose Acks wait for the remote
+/// copy (16 bytes each). The splitter's unacked window keeps far fewer outstanding; past
+/// this, batches merge into the newest entry, which delays their Acks but never drops one.
+pub const SYNC_ACKS_PENDING_MAX: usize = 4096;
+
+/// Sync mode: host writes waiting this long for the remote copy flag `sync_waiting` in
+/// status and log one warning per episode.
+pub const SYNC_WAIT_WARN: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Dynamic mode: how long the remote must keep up (lag under a quarter of
+/// `sync_wait_ms_max`, link connected) before a group running async returns to sync.
+pub const DYNAMIC_SYNC_RETURN: std::time::Duration = std::time::Duration::from_secs(5);
 // --- end remote replication ---
 
 /// Blocks of one image read that must be assembled from journal or undo records (a record

@@ -2,6 +2,13 @@
 //!
 //! Checksum requests (verified seeding) are handed to a per-connection task in
 //! `replica_verify.rs`, so waiting for distribution never holds up this volume's appends.
+//!
+//! In sync (and dynamic, while synchronous) replication mode the receive half still appends
+//! at once, but the sender half holds each Ack (and Durable) until the remote copy
+//! acknowledged the journal seqs of the changes it covers (`ConnectionProgress::
+//! remote_pending` against the group's `shipped` watch). The receive loop never waits for
+//! the remote: the splitter's unacked window is what holds the host back. The Welcome
+//! itself waits in sync mode until the remote holds the whole journal (see `serve_link`).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -89,6 +96,31 @@ pub async fn serve_link(groups: Arc<Groups>, stream: LinkStream) {
         .await;
         return;
     }
+    // Sync mode: the Welcome tells the splitter which changes the journal holds, and it then
+    // completes their host requests. After a crash of this appliance the journal may hold
+    // changes the remote copy does not have yet, so the Welcome waits until the remote
+    // acknowledged everything journaled so far (or dynamic mode falls back to async). A
+    // splitter with `on_appliance_loss = "block"` keeps its host waiting meanwhile; one in
+    // marking mode has already answered its host from the bitmap.
+    if let Some(shipping) = group
+        .replication()
+        .shipping
+        .as_ref()
+        .filter(|s| s.is_sync_active())
+    {
+        let target = group.last_seq().0;
+        let mut shipped = shipping.shipped.subscribe();
+        if *shipped.borrow_and_update() < target {
+            tracing::info!(volume = %volume_name, target, "sync replication: the splitter is welcomed once the remote copy holds the journal through seq {target}");
+            if shipped
+                .wait_for(|s| *s >= target || !shipping.is_sync_active())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
     if volume.connected.swap(true, Ordering::Relaxed) {
         refuse(
             &mut writer,
@@ -148,21 +180,44 @@ pub async fn serve_link(groups: Arc<Groups>, stream: LinkStream) {
     let mut acked = progress.acked.subscribe();
     let mut durable = progress.durable.subscribe();
     let mut failure = group.failure();
+    // Sync and dynamic mode: the remote copy's acknowledged journal seq gates Acks and
+    // Durables (in dynamic mode only while `sync_active`).
+    let shipping = group
+        .replication()
+        .shipping
+        .as_ref()
+        .filter(|s| s.tracks_remote_acks());
+    let mut shipped = shipping.map(|s| s.shipped.subscribe());
     let send = async {
+        // What the splitter was last told; marks are cumulative, so only rises are sent.
+        let mut sent_ack = last_journaled;
+        let mut sent_durable = 0u64;
+        // Sync mode: highest source_seq whose journal seq the remote copy acknowledged.
+        let mut remote_covered = last_journaled;
         loop {
             tokio::select! {
+                // Each wake-up only marks its mark seen; what to send is worked out below
+                // from all of them, since in sync mode any one can release the others.
                 r = acked.changed() => {
                     if r.is_err() { return Ok(()); }
-                    let source_seq = *acked.borrow_and_update();
-                    writer.send(&Message::Ack { source_seq }).await?;
+                    acked.mark_unchanged();
                 }
                 r = durable.changed() => {
                     if r.is_err() { return Ok(()); }
-                    let source_seq = *durable.borrow_and_update();
-                    writer.send(&Message::Durable { source_seq }).await?;
+                    durable.mark_unchanged();
+                }
+                r = async {
+                    match shipped.as_mut() {
+                        Some(rx) => rx.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if r.is_err() { return Ok(()); }
                 }
                 Some(answer) = answers_rx.recv() => {
                     writer.send(&answer).await?;
+                    writer.flush().await?;
+                    continue;
                 }
                 _ = failure.changed() => {
                     let reason = failure.borrow_and_update().clone().unwrap_or_default();
@@ -170,6 +225,31 @@ pub async fn serve_link(groups: Arc<Groups>, stream: LinkStream) {
                     writer.flush().await?;
                     return Err(LinkError::Refused(reason));
                 }
+            }
+            let (mut ack, mut durable_through) = (*acked.borrow(), *durable.borrow());
+            if let (Some(rx), Some(shipping)) = (shipped.as_mut(), shipping) {
+                let through = *rx.borrow_and_update();
+                if let Some(covered) = progress.remote_covered(through) {
+                    remote_covered = remote_covered.max(covered);
+                }
+                // Dynamic mode running async: the list is still kept (and drained here), so
+                // switching back to sync needs no catch-up of its own.
+                if shipping.is_sync_active() {
+                    ack = ack.min(remote_covered);
+                    durable_through = durable_through.min(remote_covered);
+                }
+            }
+            if ack > sent_ack {
+                writer.send(&Message::Ack { source_seq: ack }).await?;
+                sent_ack = ack;
+            }
+            if durable_through > sent_durable {
+                writer
+                    .send(&Message::Durable {
+                        source_seq: durable_through,
+                    })
+                    .await?;
+                sent_durable = durable_through;
             }
             writer.flush().await?;
         }
@@ -195,6 +275,11 @@ async fn receive_changes(
     last_journaled: u64,
     checksum_asks: &mpsc::Sender<ChecksumAsk>,
 ) -> Result<(), LinkError> {
+    let sync = group
+        .replication()
+        .shipping
+        .as_ref()
+        .is_some_and(|s| s.tracks_remote_acks());
     let mut last_received = last_journaled;
     let mut batch: Vec<RecordIn> = Vec::with_capacity(APPEND_BATCH_ITEMS_MAX);
     // Checksum requests of this batch: answered for the journal as it stands after the
@@ -247,10 +332,13 @@ async fn receive_changes(
             while group.journal_full_hold() {
                 tokio::time::sleep(JOURNAL_FULL_HOLD_POLL).await;
             }
-            group
+            let journal_last = group
                 .append(volume, &batch)
                 .map_err(|e| LinkError::Refused(format!("group {} is fenced: {e}", group.name)))?;
             batch.clear();
+            if sync {
+                progress.note_remote_pending(journal_last.0, last_received);
+            }
             cdp_link::watermark::raise(&progress.acked, last_received);
         }
         for (offset, length, region_bytes) in checksum_requests.drain(..) {

@@ -565,20 +565,53 @@ impl Journal {
     /// `JournalReader::last_location`), CRC-checked and decompressed. Fails if retention
     /// released its segment or the bytes there are not that record.
     pub fn read_at(&self, location: RecordLocation, seq: Seq) -> Result<Record, JournalError> {
-        let segment = {
-            let segs = self.inner.segments();
-            let i = segs.partition_point(|s| s.index < location.segment);
-            match segs.get(i) {
-                Some(s) if s.index == location.segment => s.clone(),
-                _ => {
-                    return Err(JournalError::InvalidArgument(format!(
-                        "seq {seq} was released by retention (segment {} is gone)",
-                        location.segment
-                    )))
-                }
-            }
-        };
-        crate::reader::read_one(&segment, self.inner.group_id, location.offset, seq.0)
+        let (segment, sealed) = self.located_segment(location, seq)?;
+        crate::reader::read_one(
+            &segment,
+            self.inner.group_id,
+            location.offset,
+            seq.0,
+            sealed,
+        )
+    }
+
+    /// Copies part of record `seq`'s payload (from byte `from`) into `dst`, CRC-checked
+    /// like `read_at`; for small reads of sealed segments without allocating.
+    pub fn read_payload_into(
+        &self,
+        location: RecordLocation,
+        seq: Seq,
+        from: usize,
+        dst: &mut [u8],
+    ) -> Result<(), JournalError> {
+        let (segment, sealed) = self.located_segment(location, seq)?;
+        crate::reader::payload_into(
+            &segment,
+            self.inner.group_id,
+            location.offset,
+            seq.0,
+            sealed,
+            from,
+            dst,
+        )
+    }
+
+    /// The segment `location` names, and whether it is sealed (a later segment exists, so it
+    /// is never appended to or cut again).
+    fn located_segment(
+        &self,
+        location: RecordLocation,
+        seq: Seq,
+    ) -> Result<(Arc<Segment>, bool), JournalError> {
+        let segs = self.inner.segments();
+        let i = segs.partition_point(|s| s.index < location.segment);
+        match segs.get(i) {
+            Some(s) if s.index == location.segment => Ok((s.clone(), i + 1 < segs.len())),
+            _ => Err(JournalError::InvalidArgument(format!(
+                "seq {seq} was released by retention (segment {} is gone)",
+                location.segment
+            ))),
+        }
     }
 }
 

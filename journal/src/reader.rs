@@ -185,6 +185,7 @@ pub(crate) fn read_one(
     group_id: u64,
     offset: u64,
     seq: u64,
+    sealed: bool,
 ) -> Result<Record, JournalError> {
     let corrupt = |what: String| JournalError::corruption(segment.path(), offset, what);
     let limit = segment.written();
@@ -192,6 +193,11 @@ pub(crate) fn read_one(
         return Err(corrupt(format!(
             "no record of seq {seq} here: the segment ends at {limit}"
         )));
+    }
+    if sealed {
+        if let Some(bytes) = segment.sealed_bytes() {
+            return read_mapped(segment, bytes, group_id, offset, seq);
+        }
     }
     // One read covers the header and a small record's payload; a bigger payload takes a
     // second read of exactly its size.
@@ -227,6 +233,94 @@ pub(crate) fn read_one(
         payload
     };
     Ok(to_record(&h, payload))
+}
+
+/// `read_one` from a sealed segment's map: the same checks, no system call.
+fn read_mapped(
+    segment: &Segment,
+    bytes: &[u8],
+    group_id: u64,
+    offset: u64,
+    seq: u64,
+) -> Result<Record, JournalError> {
+    let (h, payload) = checked_in_map(segment, bytes, group_id, offset, seq)?;
+    let payload = if h.flags & RECORD_FLAG_ZSTD != 0 {
+        decompress(payload, h.length)
+            .map_err(|what| JournalError::corruption(segment.path(), offset, what))?
+    } else {
+        bytes::Bytes::copy_from_slice(payload)
+    };
+    Ok(to_record(&h, payload))
+}
+
+/// The header and (stored) payload of record `seq` at `offset` of a mapped segment, CRC
+/// checked.
+fn checked_in_map<'a>(
+    segment: &Segment,
+    bytes: &'a [u8],
+    group_id: u64,
+    offset: u64,
+    seq: u64,
+) -> Result<(RecordHeader, &'a [u8]), JournalError> {
+    let corrupt = |what: String| JournalError::corruption(segment.path(), offset, what);
+    let at = offset as usize;
+    let head: [u8; RECORD_HEADER_LEN] = bytes
+        .get(at..at + RECORD_HEADER_LEN)
+        .and_then(|h| h.try_into().ok())
+        .ok_or_else(|| corrupt("record header past the end of the segment".into()))?;
+    let h = RecordHeader::decode(&head).map_err(|c| corrupt(c.0))?;
+    if h.seq != seq {
+        return Err(corrupt(format!(
+            "record seq {} where {seq} was expected",
+            h.seq
+        )));
+    }
+    let payload_at = at + RECORD_HEADER_LEN;
+    let payload = bytes
+        .get(payload_at..payload_at + h.payload_len as usize)
+        .ok_or_else(|| corrupt("record runs past the end of the segment".into()))?;
+    h.verify(&head, group_id, segment.index, payload)
+        .map_err(|c| corrupt(c.0))?;
+    Ok((h, payload))
+}
+
+/// Copies `dst.len()` bytes of record `seq`'s payload, from byte `from` of it, into `dst`:
+/// for a sealed, uncompressed record straight from the map (no allocation), otherwise
+/// through `read_one`.
+pub(crate) fn payload_into(
+    segment: &Segment,
+    group_id: u64,
+    offset: u64,
+    seq: u64,
+    sealed: bool,
+    from: usize,
+    dst: &mut [u8],
+) -> Result<(), JournalError> {
+    let short = |len: usize| {
+        JournalError::InvalidArgument(format!(
+            "record {seq} holds {len} payload bytes, {} wanted from {from}",
+            dst.len()
+        ))
+    };
+    if sealed {
+        if let Some(bytes) = segment.sealed_bytes() {
+            let (h, payload) = checked_in_map(segment, bytes, group_id, offset, seq)?;
+            if h.flags & RECORD_FLAG_ZSTD == 0 {
+                let src = payload
+                    .get(from..from + dst.len())
+                    .ok_or_else(|| short(payload.len()))?;
+                dst.copy_from_slice(src);
+                return Ok(());
+            }
+        }
+    }
+    let record = read_one(segment, group_id, offset, seq, sealed)?;
+    let src = record
+        .payload
+        .get(from..from + dst.len())
+        .ok_or_else(|| short(record.payload.len()))?;
+    dst.copy_from_slice(src);
+    Ok(())
 }
 
 fn read_exact_at(segment: &Segment, buf: &mut [u8], at: u64) -> Result<(), JournalError> {

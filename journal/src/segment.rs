@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 use crate::env::{Env, EnvFile};
 use crate::error::JournalError;
@@ -38,6 +39,10 @@ pub struct Segment {
     pub created_ns: u64,
     file: EnvFile,
     written: AtomicU64,
+    /// A read-only map, made on the first single-record read once the segment is sealed
+    /// (a later segment exists, so it is never appended to or truncated again): reads then
+    /// cost no system call. `None` if mapping failed; reads fall back to `pread`.
+    map: OnceLock<Option<memmap2::Mmap>>,
 }
 
 impl Segment {
@@ -81,6 +86,7 @@ impl Segment {
             created_ns,
             file,
             written: AtomicU64::new(SEGMENT_HEADER_LEN as u64),
+            map: OnceLock::new(),
         })
     }
 
@@ -92,6 +98,7 @@ impl Segment {
             created_ns: header.created_ns,
             file,
             written: AtomicU64::new(written),
+            map: OnceLock::new(),
         }
     }
 
@@ -101,6 +108,23 @@ impl Segment {
 
     pub fn file(&self) -> &EnvFile {
         &self.file
+    }
+
+    /// The segment's bytes below `written`, mapped; only for a sealed segment (the caller
+    /// knows a later one exists). `None` when mapping is not possible.
+    pub fn sealed_bytes(&self) -> Option<&[u8]> {
+        let map = self
+            .map
+            .get_or_init(|| match self.file.map_read_only() {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::warn!(path = %self.path().display(), "mapping a sealed segment failed, reading it with pread: {e}");
+                    None
+                }
+            })
+            .as_ref()?;
+        let written = (self.written() as usize).min(map.len());
+        Some(&map[..written])
     }
 
     /// Bytes readers may read (header included).

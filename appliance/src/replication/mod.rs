@@ -3,8 +3,13 @@
 //! `shipper.rs` runs at the local site (one thread per group with `[group.remote]`),
 //! `receiver.rs` at the remote site (one listener, one thread per replication link). The
 //! wire format is `cdp_link::replication`. This module holds the per-group state both sides
-//! share with `cdp status`.
+//! share with `cdp status`. `bandwidth.rs` is the shipper's bandwidth limit.
+//!
+//! Sync mode (`mode = "sync"`, and `dynamic` while `sync_active`) gates the split link's acks
+//! on `ShippingState::shipped`, a watch every split-link connection of the group subscribes
+//! to (`link_server.rs`).
 
+pub mod bandwidth;
 pub mod receiver;
 pub mod shipper;
 
@@ -12,8 +17,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use serde::Serialize;
+use tokio::sync::watch;
 
-use crate::config::{GroupConfig, GroupSource, RemoteConfig};
+use crate::config::{GroupConfig, GroupSource, RemoteConfig, ReplicationMode};
 
 /// A group's replication role and progress, kept in its `Group`.
 pub struct GroupReplication {
@@ -52,10 +58,26 @@ pub struct ShippingState {
     pub wire_bytes: AtomicU64,
     /// Why the last connection attempt or link failed, for status.
     pub last_error: Mutex<Option<String>>,
+    /// `shipped_seq` as a watch, for split-link connections in sync mode: their acks wait
+    /// for it to cover their changes' journal seqs. Only ever raised.
+    pub shipped: watch::Sender<u64>,
+    /// Sync mode (or dynamic while synchronous): the oldest change the remote copy lacks
+    /// has waited longer than `SYNC_WAIT_WARN`, so host writes are waiting for it.
+    pub sync_waiting: AtomicBool,
+    /// Host Acks wait for the remote: always in sync mode, never in async mode, and in
+    /// dynamic mode until host writes waited `sync_wait_ms_max` (then again once the remote
+    /// kept up for `DYNAMIC_SYNC_RETURN`).
+    pub sync_active: AtomicBool,
+    /// Wire bytes per second over the last few seconds (`bandwidth::RateMeter`).
+    pub wire_rate_bytes_per_s: AtomicU64,
+    /// The shipper thread, unparked on each append in sync mode so records leave at once.
+    /// Set once when the shipper starts (one shipper per group for the appliance's life).
+    pub shipper_thread: std::sync::OnceLock<std::thread::Thread>,
 }
 
 impl ShippingState {
     fn new(config: RemoteConfig) -> ShippingState {
+        let sync_active = config.mode != ReplicationMode::Async;
         ShippingState {
             config,
             connected: AtomicBool::new(false),
@@ -66,6 +88,44 @@ impl ShippingState {
             raw_bytes: AtomicU64::new(0),
             wire_bytes: AtomicU64::new(0),
             last_error: Mutex::new(None),
+            shipped: watch::Sender::new(0),
+            sync_waiting: AtomicBool::new(false),
+            sync_active: AtomicBool::new(sync_active),
+            wire_rate_bytes_per_s: AtomicU64::new(0),
+            shipper_thread: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Records that the remote copy holds every record up to `seq` durably.
+    pub fn set_shipped(&self, seq: u64) {
+        self.shipped_seq.store(seq, Ordering::Relaxed);
+        cdp_link::watermark::raise(&self.shipped, seq);
+    }
+
+    /// Sync or dynamic mode: split-link connections track which changes the remote holds,
+    /// and the shipper ships appended records at once.
+    pub fn tracks_remote_acks(&self) -> bool {
+        self.config.mode != ReplicationMode::Async
+    }
+
+    /// Host Acks wait for the remote right now (sync mode, or dynamic mode while synchronous).
+    pub fn is_sync_active(&self) -> bool {
+        self.sync_active.load(Ordering::Relaxed)
+    }
+
+    /// Dynamic mode: switches between waiting for the remote and not. Wakes every split-link
+    /// sender (through `shipped`, which they all watch) so Acks held for the remote are
+    /// released at once when falling back to async.
+    pub fn set_sync_active(&self, active: bool) {
+        self.sync_active.store(active, Ordering::Relaxed);
+        self.shipped.send_modify(|_| ());
+    }
+
+    /// Tells the shipper new records were appended (sync mode ships them at once). Cheap: an
+    /// unpark is an atomic swap, and a futex wake only when the shipper sleeps.
+    pub fn wake_shipper(&self) {
+        if let Some(t) = self.shipper_thread.get() {
+            t.unpark();
         }
     }
 
@@ -84,6 +144,11 @@ impl ShippingState {
             rpo_s: self.config.rpo_s,
             rpo_exceeded: self.rpo_exceeded.load(Ordering::Relaxed),
             compress_level: self.config.compress_level,
+            mode: self.config.mode,
+            sync_waiting: self.sync_waiting.load(Ordering::Relaxed),
+            sync_active: self.is_sync_active(),
+            bandwidth_bytes_per_s: self.config.bandwidth_bytes_per_s,
+            wire_rate_bytes_per_s: self.wire_rate_bytes_per_s.load(Ordering::Relaxed),
             wire_raw_bytes: raw,
             wire_bytes: wire,
             wire_compression_ratio: if wire == 0 {
@@ -126,6 +191,17 @@ pub struct RemoteStatus {
     pub rpo_s: u64,
     pub rpo_exceeded: bool,
     pub compress_level: i32,
+    /// `async`, `sync` or `dynamic` (`[group.remote] mode`).
+    pub mode: ReplicationMode,
+    /// Host writes wait for the remote copy right now (sync, or dynamic while synchronous).
+    pub sync_active: bool,
+    /// Sync mode: host writes have been waiting for the remote copy for more than a second.
+    pub sync_waiting: bool,
+    /// The configured wire bandwidth limit, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bandwidth_bytes_per_s: Option<u64>,
+    /// Measured wire bytes per second over the last ~5 s.
+    pub wire_rate_bytes_per_s: u64,
     /// Batch bytes shipped since start before compression, on the wire, and their ratio.
     pub wire_raw_bytes: u64,
     pub wire_bytes: u64,

@@ -1,9 +1,13 @@
-//! The local site's end of a replication link: ships the group's durable journal records to its remote copy, in order, exactly once.
+//! The local site's end of a replication link: ships the group's journal records (durable ones in async mode, appended ones in sync mode) to its remote copy, in order, exactly once.
 //!
 //! One thread per group with `[group.remote]`. Each connection: Hello (group name, group id,
 //! volumes) -> Welcome (the remote's durable last seq) -> batches of whole records from that
-//! seq + 1, only records already durable here (so the remote never holds a record this
-//! journal could lose), at most `BATCHES_IN_FLIGHT_MAX` unacknowledged. A second thread reads
+//! seq + 1, at most `BATCHES_IN_FLIGHT_MAX` unacknowledged. In async mode only records
+//! already durable here are shipped (so the remote never holds a record this journal could
+//! lose); in sync mode every appended record is shipped at once (`Group::append` unparks
+//! this thread), because the host's Ack waits for the remote and a local fsync first would
+//! add its latency to every write. With `bandwidth_bytes_per_s` each batch first waits for
+//! its wire bytes in a token bucket (`bandwidth.rs`). A second thread reads
 //! the cumulative `BatchAck`s, raises `shipped_seq` and moves the group's retention pin, so the
 //! local journal keeps every record the remote has not made durable. When the link breaks the
 //! shipper reconnects with backoff and resumes from the remote's answer: the remote's durable
@@ -25,16 +29,26 @@ use cdp_link::replication::{
 };
 use cdp_types::{Seq, TimestampNs};
 
+use crate::config::ReplicationMode;
 use crate::error::ApplianceError;
 use crate::group::Group;
 use crate::limits::{
-    REPLICATION_HEARTBEAT_INTERVAL, REPLICATION_IDLE_TIMEOUT, REPLICATION_RECONNECT_BACKOFF_MAX,
+    DYNAMIC_SYNC_RETURN, REPLICATION_HEARTBEAT_INTERVAL, REPLICATION_IDLE_TIMEOUT,
+    REPLICATION_RECONNECT_BACKOFF_MAX, SYNC_WAIT_WARN,
 };
+use crate::replication::bandwidth::{RateMeter, TokenBucket};
 use crate::replication::ShippingState;
 
 /// How often a shipper with nothing to send looks for newly durable records. Journal syncs
 /// happen at least every `journal_sync_interval_ms` (200 by default), so this adds little lag.
+/// (In sync mode appends also wake it at once.)
 const DURABLE_POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// With a bandwidth limit, batches are cut at 1/this of a second of traffic, so the rate is
+/// smooth at the scale of a second rather than one 8 MiB step at a time.
+const LIMITED_BATCHES_PER_S: u64 = 8;
+/// ... but never smaller than this (per-batch overhead, one remote fsync each).
+const LIMITED_BATCH_BYTES_MIN: usize = 64 * 1024;
 
 /// A stop request that wakes a sleeping shipper at once.
 #[derive(Default)]
@@ -76,9 +90,14 @@ impl Shipper {
         let stop = Arc::new(StopSignal::default());
         let link: Arc<Mutex<Option<TcpStream>>> = Arc::default();
         let (s, l) = (Arc::clone(&stop), Arc::clone(&link));
+        let g = Arc::clone(&group);
         let thread = std::thread::Builder::new()
             .name(format!("ship-{}", group.name))
-            .spawn(move || run(&group, &s, &l))?;
+            .spawn(move || run(&g, &s, &l))?;
+        if let Some(state) = group.replication().shipping.as_ref() {
+            // One shipper per group for the appliance's life, so this is set once.
+            let _ = state.shipper_thread.set(thread.thread().clone());
+        }
         Ok(Shipper {
             stop,
             link,
@@ -93,6 +112,7 @@ impl Shipper {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
         if let Some(t) = self.thread.take() {
+            t.thread().unpark();
             let _ = t.join();
         }
     }
@@ -215,7 +235,7 @@ fn ship_one_connection(
             journal.first_seq()
         ));
     }
-    state.shipped_seq.store(remote_last, Ordering::Relaxed);
+    state.set_shipped(remote_last);
     state.shipped_known.store(true, Ordering::Relaxed);
     group.release_for_remote_copy_through(Seq(remote_last));
     state.connected.store(true, Ordering::Relaxed);
@@ -285,7 +305,7 @@ fn read_acks(
         }
         drop(f);
         in_flight.1.notify_all();
-        state.shipped_seq.store(through, Ordering::Relaxed);
+        state.set_shipped(through);
         group.release_for_remote_copy_through(Seq(through));
     };
     // A sender blocked in a write to a peer that stopped reading must not wait for the
@@ -295,7 +315,8 @@ fn read_acks(
     in_flight.1.notify_all();
 }
 
-/// Reads durable records from `remote_last + 1` on and sends them in bounded batches.
+/// Reads records (durable ones, or appended ones in sync mode) from `remote_last + 1` on and
+/// sends them in bounded batches, paced by the bandwidth limit if one is set.
 fn send_batches(
     group: &Group,
     state: &ShippingState,
@@ -312,6 +333,17 @@ fn send_batches(
     let codec = match state.config.compress_level {
         0 => BatchCodec::Raw,
         level => BatchCodec::Zstd(level),
+    };
+    let sync = state.tracks_remote_acks();
+    let mut bucket = state
+        .config
+        .bandwidth_bytes_per_s
+        .map(|limit| TokenBucket::new(limit, Instant::now()));
+    let batch_bytes_target = match state.config.bandwidth_bytes_per_s {
+        Some(limit) => usize::try_from(limit / LIMITED_BATCHES_PER_S)
+            .unwrap_or(usize::MAX)
+            .clamp(LIMITED_BATCH_BYTES_MIN, BATCH_RAW_BYTES_TARGET),
+        None => BATCH_RAW_BYTES_TARGET,
     };
     let mut next = remote_last + 1;
     // A record read but not yet durable (or not fitting the last batch) waits here.
@@ -354,7 +386,12 @@ fn send_batches(
                 continue;
             }
         }
-        let durable = journal.durable_seq().0;
+        // Sync mode ships whatever was appended (the remote makes it durable before its ack).
+        let ship_through = if sync {
+            u64::MAX
+        } else {
+            journal.durable_seq().0
+        };
         let mut records = Vec::new();
         let mut raw_bytes = 0usize;
         while records.len() < BATCH_RECORDS_MAX {
@@ -373,8 +410,8 @@ fn send_batches(
                 ));
             }
             let size = RECORD_HEAD_LEN + record.payload.len();
-            if record.seq.0 > durable
-                || (!records.is_empty() && raw_bytes + size > BATCH_RAW_BYTES_TARGET)
+            if record.seq.0 > ship_through
+                || (!records.is_empty() && raw_bytes + size > batch_bytes_target)
             {
                 pending = Some(record);
                 break;
@@ -389,7 +426,13 @@ fn send_batches(
                     .map_err(|e| format!("link lost: {e}"))?;
                 last_sent = Instant::now();
             }
-            if stop.wait(DURABLE_POLL_INTERVAL) {
+            if sync {
+                // Woken by the next append (or the stop, which unparks too).
+                std::thread::park_timeout(DURABLE_POLL_INTERVAL);
+                if stop.is_set() {
+                    return Ok(());
+                }
+            } else if stop.wait(DURABLE_POLL_INTERVAL) {
                 return Ok(());
             }
             continue;
@@ -399,6 +442,17 @@ fn send_batches(
             first_timestamp_ns: records[0].timestamp_ns,
         };
         let encoded = ReplicationMessage::Batch { records }.encode(codec);
+        if let Some(bucket) = bucket.as_mut() {
+            loop {
+                let wait = bucket.delay_for(encoded.bytes.len(), Instant::now());
+                if wait.is_zero() {
+                    break;
+                }
+                if stop.wait(wait) {
+                    return Ok(());
+                }
+            }
+        }
         // Recorded before the write, so an ack can never name a batch not yet recorded.
         in_flight
             .0
@@ -442,18 +496,67 @@ fn to_replicated(r: Record) -> ReplicatedRecord {
 }
 
 /// Computes the age of the oldest record the remote has not acknowledged, and warns once per
-/// episode when it exceeds the RPO.
+/// episode when it exceeds the RPO (or, in sync mode, when host writes wait for the remote);
+/// also samples the wire rate.
 #[derive(Default)]
 struct LagClock {
     /// The timestamp of one seq read from the journal, so a stalled link does not make the
     /// shipper scan for the same header every second.
     looked_up: Option<(u64, u64)>,
+    wire_rate: RateMeter,
+    /// Dynamic mode running async: since when the remote has kept up (lag within a quarter
+    /// of `sync_wait_ms_max`, link connected).
+    keeping_up_since: Option<Instant>,
 }
 
 impl LagClock {
+    /// Dynamic mode: falls back to async once the oldest record the remote lacks is
+    /// `sync_wait_ms_max` old (host writes have waited that long), and returns to sync
+    /// after the remote kept the lag under a quarter of that for `DYNAMIC_SYNC_RETURN`
+    /// (hysteresis, so a link at the edge does not flap). Each switch is logged.
+    fn switch_dynamic_mode(&mut self, group: &Group, state: &ShippingState, lag_ns: u64) {
+        if state.config.mode != ReplicationMode::Dynamic {
+            return;
+        }
+        let limit_ns = state.config.sync_wait_ms_max.saturating_mul(1_000_000);
+        if state.is_sync_active() {
+            if lag_ns >= limit_ns {
+                state.set_sync_active(false);
+                self.keeping_up_since = None;
+                tracing::warn!(
+                    group = %group.name,
+                    endpoint = %state.config.endpoint,
+                    waited_ms = lag_ns / 1_000_000,
+                    sync_wait_ms_max = state.config.sync_wait_ms_max,
+                    connected = state.connected.load(Ordering::Relaxed),
+                    "dynamic replication: switching to async, host writes no longer wait for the remote copy"
+                );
+            }
+            return;
+        }
+        if !state.connected.load(Ordering::Relaxed) || lag_ns > limit_ns / 4 {
+            self.keeping_up_since = None;
+            return;
+        }
+        let since = *self.keeping_up_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= DYNAMIC_SYNC_RETURN {
+            state.set_sync_active(true);
+            self.keeping_up_since = None;
+            tracing::info!(
+                group = %group.name,
+                endpoint = %state.config.endpoint,
+                "dynamic replication: the remote copy keeps up; switching back to sync"
+            );
+        }
+    }
+
     /// `oldest_ns`: the oldest unacknowledged record's timestamp when the sender knows it
     /// (first record of the oldest batch in flight, or the next record to send).
     fn update(&mut self, group: &Group, state: &ShippingState, oldest_ns: Option<u64>) {
+        let rate = self
+            .wire_rate
+            .sample(Instant::now(), state.wire_bytes.load(Ordering::Relaxed));
+        state.wire_rate_bytes_per_s.store(rate, Ordering::Relaxed);
         let shipped = state.shipped_seq.load(Ordering::Relaxed);
         let journal = group.journal();
         let oldest_ns = if shipped >= journal.last_seq().0 {
@@ -490,6 +593,20 @@ impl LagClock {
             );
         } else if was && !exceeded {
             tracing::info!(group = %group.name, "remote copy back within its RPO");
+        }
+        self.switch_dynamic_mode(group, state, lag_ns);
+        let waiting = state.is_sync_active() && lag_ns >= SYNC_WAIT_WARN.as_nanos() as u64;
+        let was = state.sync_waiting.swap(waiting, Ordering::Relaxed);
+        if waiting && !was {
+            tracing::warn!(
+                group = %group.name,
+                endpoint = %state.config.endpoint,
+                waited_s = lag_ns / 1_000_000_000,
+                connected = state.connected.load(Ordering::Relaxed),
+                "sync replication: host writes are waiting for the remote copy"
+            );
+        } else if was && !waiting {
+            tracing::info!(group = %group.name, "sync replication: the remote copy caught up; host writes flow");
         }
     }
 }

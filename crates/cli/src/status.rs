@@ -132,15 +132,32 @@ fn table(value: &serde_json::Value) -> Option<String> {
             let exceeded = r.get("rpo_exceeded").and_then(|c| c.as_bool()) == Some(true);
             let _ = writeln!(
                 out,
-                "  remote {} {}: shipped seq {}, lag {} records / {:.1} s (RPO {} s{}), wire {:.2}x{}",
+                "  remote {} {} {}{}: shipped seq {}, lag {} records / {:.1} s (RPO {} s{}), wire {:.2}x, {:.1} MiB/s{}{}",
                 r.get("endpoint").and_then(|e| e.as_str()).unwrap_or("?"),
+                match r.get("mode").and_then(|m| m.as_str()).unwrap_or("async") {
+                    "dynamic" if r.get("sync_active").and_then(|a| a.as_bool()) == Some(true) => {
+                        "dynamic (now sync)"
+                    }
+                    "dynamic" => "dynamic (now ASYNC)",
+                    other => other,
+                },
                 if connected { "connected" } else { "DISCONNECTED" },
+                if r.get("sync_waiting").and_then(|w| w.as_bool()) == Some(true) {
+                    ", HOST WRITES WAITING"
+                } else {
+                    ""
+                },
                 rn("shipped_seq"),
                 rn("lag_records"),
                 r.get("lag_seconds").and_then(|l| l.as_f64()).unwrap_or(0.0),
                 rn("rpo_s"),
                 if exceeded { ", EXCEEDED" } else { "" },
                 r.get("wire_compression_ratio").and_then(|w| w.as_f64()).unwrap_or(1.0),
+                rn("wire_rate_bytes_per_s") as f64 / 1048576.0,
+                match r.get("bandwidth_bytes_per_s").and_then(|b| b.as_u64()) {
+                    Some(b) => format!(" (limit {:.1})", b as f64 / 1048576.0),
+                    None => String::new(),
+                },
                 match r.get("last_error").and_then(|e| e.as_str()) {
                     Some(e) if !connected => format!("; last error: {e}"),
                     _ => String::new(),

@@ -145,6 +145,14 @@ pub struct EnvFile {
 }
 
 impl EnvFile {
+    /// Maps the whole file read-only. The caller must make sure nobody truncates the file
+    /// while the map lives (reading a truncated page raises SIGBUS).
+    pub fn map_read_only(&self) -> io::Result<memmap2::Mmap> {
+        // SAFETY: the map is read-only; `Segment::map` only maps sealed segments, which are
+        // never truncated or written again (unlinking one keeps its pages alive).
+        unsafe { memmap2::Mmap::map(&self.file) }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
