@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::link_proxy::LinkProxy;
 use common::*;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -285,61 +286,6 @@ fn appliance_killed_during_fio_verify_host_sees_no_error() {
     site.settle();
     site.assert_replica_equals_production("vol0");
     assert!(site.logs().contains("resync complete"), "{}", site.logs());
-}
-
-/// A TCP forwarder between splitter and appliance that the test can cut and restore, to
-/// break the split link without crashing either process.
-struct LinkProxy {
-    port: u16,
-    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    live: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
-}
-
-impl LinkProxy {
-    fn start(target: String) -> LinkProxy {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        use std::sync::{Arc, Mutex};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let open = Arc::new(AtomicBool::new(true));
-        let live: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
-        let (open2, live2) = (Arc::clone(&open), Arc::clone(&live));
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { continue };
-                if !open2.load(Ordering::SeqCst) {
-                    drop(client);
-                    continue;
-                }
-                let Ok(server) = std::net::TcpStream::connect(&target) else {
-                    continue;
-                };
-                let mut streams = live2.lock().unwrap();
-                for (from, to) in [(&client, &server), (&server, &client)] {
-                    let (mut from, mut to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
-                    std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                    });
-                }
-                streams.push(client);
-                streams.push(server);
-            }
-        });
-        LinkProxy { port, open, live }
-    }
-
-    /// Breaks every forwarded connection and refuses new ones.
-    fn cut(&self) {
-        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
-        for s in self.live.lock().unwrap().drain(..) {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
-    }
-
-    fn restore(&self) {
-        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
 }
 
 #[test]

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use cdp_journal::{Journal, JournalConfig, Record};
 use cdp_types::Seq;
+use common::link_proxy::LinkProxy;
 use common::*;
 
 const MIB: u64 = 1 << 20;
@@ -498,59 +499,6 @@ fn remote_shipping_rate_with_incompressible_data() {
         remote.replica("vol0"),
         &site.volume("vol0").production,
     );
-}
-
-/// A TCP forwarder the test can cut (like a pulled cable) and restore; copied from the idea
-/// of `marking.rs`'s `LinkProxy`.
-struct LinkProxy {
-    port: u16,
-    open: Arc<AtomicBool>,
-    live: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
-}
-
-impl LinkProxy {
-    fn start(target: String) -> LinkProxy {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let open = Arc::new(AtomicBool::new(true));
-        let live: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>> = Arc::default();
-        let (open2, live2) = (Arc::clone(&open), Arc::clone(&live));
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { continue };
-                if !open2.load(Ordering::SeqCst) {
-                    drop(client);
-                    continue;
-                }
-                let Ok(server) = std::net::TcpStream::connect(&target) else {
-                    continue;
-                };
-                let mut streams = live2.lock().unwrap();
-                for (from, to) in [(&client, &server), (&server, &client)] {
-                    let (mut from, mut to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
-                    std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                    });
-                }
-                streams.push(client);
-                streams.push(server);
-            }
-        });
-        LinkProxy { port, open, live }
-    }
-
-    /// Breaks every forwarded connection and refuses new ones.
-    fn cut(&self) {
-        self.open.store(false, Ordering::SeqCst);
-        for s in self.live.lock().unwrap().drain(..) {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
-    }
-
-    fn restore(&self) {
-        self.open.store(true, Ordering::SeqCst);
-    }
 }
 
 #[test]

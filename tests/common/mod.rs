@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod cli;
+pub mod link_proxy;
 pub mod mount;
 
 use std::fs::{File, OpenOptions};
