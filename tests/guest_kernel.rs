@@ -22,6 +22,16 @@ fn guest_run() -> Option<PathBuf> {
     std::env::var_os("NBD_GUEST_RUN").map(PathBuf::from)
 }
 
+/// The value the guest printed last after `key` (for example "GUEST_MD5 ").
+fn console_field(console: &str, key: &str) -> String {
+    console
+        .lines()
+        .filter_map(|l| l.strip_prefix(key))
+        .map(|s| s.trim().to_string())
+        .next_back()
+        .unwrap_or_else(|| panic!("guest printed no {key}:\n{console}"))
+}
+
 fn md5_of(path: &std::path::Path) -> String {
     let out = run_ok(Command::new("md5sum").arg(path), Duration::from_secs(60));
     out.split_whitespace().next().unwrap().to_string()
@@ -58,14 +68,7 @@ fn guest_kernel_ext4_md5() {
         String::from_utf8_lossy(&out.stderr),
         site.logs()
     );
-    let field = |key: &str| {
-        console
-            .lines()
-            .filter_map(|l| l.strip_prefix(key))
-            .map(|s| s.trim().to_string())
-            .next_back()
-            .unwrap_or_else(|| panic!("guest printed no {key}:\n{console}"))
-    };
+    let field = |key: &str| console_field(&console, key);
     assert_eq!(
         field("GUEST_SIZE "),
         SIZE.to_string(),
@@ -127,14 +130,7 @@ fn guest_kernel_ext4_md5() {
         out.status,
         site.logs()
     );
-    let image_field = |key: &str| {
-        console
-            .lines()
-            .filter_map(|l| l.strip_prefix(key))
-            .map(|s| s.trim().to_string())
-            .next_back()
-            .unwrap_or_else(|| panic!("guest printed no {key}:\n{console}"))
-    };
+    let image_field = |key: &str| console_field(&console, key);
     assert_eq!(
         image_field("GUEST_RO "),
         "1",

@@ -140,13 +140,8 @@ fn remote_copy_follows_writes_and_bookmarks() {
         "remote acknowledged seq {last} {:?} after the local settle",
         started.elapsed()
     );
-    remote.wait_distributed(last, T);
     model.check_file("production", &site.volume("vol0").production);
-    assert_same_bytes(
-        "remote replica vs production",
-        remote.replica("vol0"),
-        &site.volume("vol0").production,
-    );
+    assert_remote_replica_equals_production(&site, &remote, last);
 
     let image = remote.cdp_json(&["image", "access", "--at", "b1", "--json"]);
     // Same point, same time at both sites: seqs and timestamps travel unchanged.
@@ -410,13 +405,8 @@ fn survive_kill(kill_local: bool) {
     let runs = writer.stop();
     site.settle();
     let last = wait_shipped(&site, &remote);
-    remote.wait_distributed(last, T);
     site.assert_replica_equals_production("vol0");
-    assert_same_bytes(
-        "remote replica vs production",
-        remote.replica("vol0"),
-        &site.volume("vol0").production,
-    );
+    assert_remote_replica_equals_production(&site, &remote, last);
     eprintln!("{runs} qemu-io runs; {last} records shipped");
     site.kill(Role::Splitter);
     site.kill_appliance();
@@ -493,12 +483,7 @@ fn remote_shipping_rate_with_incompressible_data() {
         r["wire_bytes"],
         r["wire_raw_bytes"]
     );
-    remote.wait_distributed(last, T);
-    assert_same_bytes(
-        "remote replica vs production",
-        remote.replica("vol0"),
-        &site.volume("vol0").production,
-    );
+    assert_remote_replica_equals_production(&site, &remote, last);
 }
 
 #[test]
@@ -540,12 +525,7 @@ fn link_cuts_pause_shipping_and_it_resumes_where_it_stopped() {
     let runs = writer.stop();
     site.settle();
     let last = wait_shipped(&site, &remote);
-    remote.wait_distributed(last, T);
-    assert_same_bytes(
-        "remote replica vs production",
-        remote.replica("vol0"),
-        &site.volume("vol0").production,
-    );
+    assert_remote_replica_equals_production(&site, &remote, last);
     eprintln!("{runs} qemu-io runs; {last} records shipped across 3 link cuts");
     site.kill(Role::Splitter);
     site.kill_appliance();
@@ -853,12 +833,7 @@ fn bandwidth_limit_holds() {
         "shipped too fast: {shipped:?}"
     );
     let last = site.status()["groups"][0]["last_seq"].as_u64().unwrap_or(0);
-    remote.wait_distributed(last, T);
-    assert_same_bytes(
-        "remote replica vs production",
-        remote.replica("vol0"),
-        &site.volume("vol0").production,
-    );
+    assert_remote_replica_equals_production(&site, &remote, last);
 }
 
 #[test]
@@ -924,13 +899,8 @@ fn dynamic_mode_falls_back_to_async_and_returns_to_sync() {
     assert!(started.elapsed() >= Duration::from_millis(WAIT_MS));
     remote.start_process();
     let last = wait_shipped(&site, &remote);
-    remote.wait_distributed(last, T);
     site.settle();
-    assert_same_bytes(
-        "remote replica vs production",
-        remote.replica("vol0"),
-        &site.volume("vol0").production,
-    );
+    assert_remote_replica_equals_production(&site, &remote, last);
 }
 
 #[test]
@@ -1054,4 +1024,15 @@ fn sync_mode_restarted_appliance_welcomes_the_splitter_only_when_the_remote_has_
     assert!(image[2 * MIB as usize..(2 * MIB + 65536) as usize]
         .iter()
         .all(|&b| b == 0x6b));
+}
+
+/// Waits until the remote has distributed through `last`, then compares its replica of vol0
+/// with production.
+fn assert_remote_replica_equals_production(site: &Site, remote: &RemoteAppliance, last: u64) {
+    remote.wait_distributed(last, T);
+    assert_same_bytes(
+        "remote replica vs production",
+        remote.replica("vol0"),
+        &site.volume("vol0").production,
+    );
 }
