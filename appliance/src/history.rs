@@ -113,15 +113,17 @@ impl BlockPlan {
 struct Levels {
     fine: HashMap<u64, Vec<u64>>,
     coarse: HashMap<u64, Vec<u64>>,
+    /// Seqs held in both maps, kept as they change: status must not walk the index.
+    entries: usize,
 }
 
 impl Levels {
     /// The level a record of `length` bytes is indexed in, and that level's unit.
-    fn level(&mut self, length: u64) -> (&mut HashMap<u64, Vec<u64>>, u64) {
+    fn level(&mut self, length: u64) -> (&mut HashMap<u64, Vec<u64>>, u64, &mut usize) {
         if length <= FINE_RECORD_BYTES_MAX {
-            (&mut self.fine, BLOCK_BYTES)
+            (&mut self.fine, BLOCK_BYTES, &mut self.entries)
         } else {
-            (&mut self.coarse, CHUNK_BYTES)
+            (&mut self.coarse, CHUNK_BYTES, &mut self.entries)
         }
     }
 
@@ -129,13 +131,14 @@ impl Levels {
         if length == 0 {
             return;
         }
-        let (map, unit) = self.level(length);
+        let (map, unit, entries) = self.level(length);
         for key in offset / unit..=(offset + length - 1) / unit {
             let seqs = map.entry(key).or_default();
             // Appends arrive in seq order, so this is a push in all but rare cases.
             let at = seqs.partition_point(|&s| s < seq);
             if seqs.get(at) != Some(&seq) {
                 seqs.insert(at, seq);
+                *entries += 1;
             }
         }
     }
@@ -144,10 +147,12 @@ impl Levels {
         if length == 0 {
             return;
         }
-        let (map, unit) = self.level(length);
+        let (map, unit, entries) = self.level(length);
         for key in offset / unit..=(offset + length - 1) / unit {
             if let Some(seqs) = map.get_mut(&key) {
+                let before = seqs.len();
                 seqs.retain(|&s| s != seq);
+                *entries -= before - seqs.len();
                 if seqs.is_empty() {
                     map.remove(&key);
                 }
@@ -165,11 +170,6 @@ impl Levels {
             .map_or(&[][..], |v| &v[..]);
         [fine, coarse]
     }
-
-    fn entries(&self) -> usize {
-        self.fine.values().map(Vec::len).sum::<usize>()
-            + self.coarse.values().map(Vec::len).sum::<usize>()
-    }
 }
 
 #[derive(Default)]
@@ -185,6 +185,8 @@ pub struct History {
     /// change no bytes (bookmarks, markers).
     redo_first: u64,
     redo: VecDeque<Option<RedoRef>>,
+    /// The `Some` entries of `redo`.
+    redo_records: u64,
     /// Seq (in the undo stream) of `undo[0]`; the undo stream has no gaps.
     undo_first: u64,
     undo: VecDeque<UndoRef>,
@@ -205,6 +207,7 @@ impl History {
         History {
             redo_first: redo_next,
             redo: VecDeque::new(),
+            redo_records: 0,
             undo_first: undo_next,
             undo: VecDeque::new(),
             volumes: HashMap::new(),
@@ -236,6 +239,7 @@ impl History {
                 .or_default()
                 .redo
                 .insert(seq, r.offset, r.length);
+            self.redo_records += 1;
         }
         self.redo.push_back(redo);
     }
@@ -280,6 +284,7 @@ impl History {
                 break;
             };
             if let Some(r) = front {
+                self.redo_records -= 1;
                 if let Some(v) = self.volumes.get_mut(&r.volume) {
                     v.redo.remove(self.redo_first, r.offset, r.length);
                 }
@@ -311,12 +316,12 @@ impl History {
 
     pub fn stats(&self) -> HistoryStats {
         HistoryStats {
-            redo_records: self.redo.iter().filter(|r| r.is_some()).count() as u64,
+            redo_records: self.redo_records,
             undo_records: self.undo.len() as u64,
             index_entries: self
                 .volumes
                 .values()
-                .map(|v| (v.redo.entries() + v.undo.entries()) as u64)
+                .map(|v| (v.redo.entries + v.undo.entries) as u64)
                 .sum(),
         }
     }
@@ -406,6 +411,24 @@ mod tests {
         })
     }
 
+    /// The counters `stats` reports, recomputed by walking the whole index.
+    fn counted(h: &History) -> (u64, u64) {
+        let entries = h
+            .volumes
+            .values()
+            .flat_map(|v| [&v.redo, &v.undo])
+            .flat_map(|l| l.fine.values().chain(l.coarse.values()))
+            .map(|seqs| seqs.len() as u64)
+            .sum();
+        let records = h.redo.iter().filter(|r| r.is_some()).count() as u64;
+        (entries, records)
+    }
+
+    fn assert_counters(h: &History) {
+        let stats = h.stats();
+        assert_eq!(counted(h), (stats.index_entries, stats.redo_records));
+    }
+
     #[test]
     fn later_full_write_hides_earlier_layers() {
         let mut h = History::new(1, 1);
@@ -449,7 +472,9 @@ mod tests {
         assert_eq!(seqs(&h, 3 * BLOCKS_PER_CHUNK), vec![1]);
         assert_eq!(seqs(&h, 3 * BLOCKS_PER_CHUNK + 1), vec![2]);
         assert!(h.stats().index_entries < 100);
+        assert_counters(&h);
         h.release_redo_before(2);
+        assert_counters(&h);
         assert_eq!(seqs(&h, 0), Vec::<u64>::new());
     }
 
@@ -490,7 +515,9 @@ mod tests {
         // Replica at 2 (undo 3 captured, not applied): point 2 is the replica.
         assert!(h.plan(1, 0, 2, 2).is_replica_only());
         assert_eq!(h.undo_release_point(2), Some(2));
+        assert_counters(&h);
         h.release_undo_before(3);
+        assert_counters(&h);
         assert!(matches!(
             h.plan(1, 0, 2, 3),
             BlockPlan::Undo { undo_seq: 3, .. }
