@@ -824,8 +824,10 @@ impl Group {
                 while run_end < end && plan_of(run_end).is_replica_only() {
                     run_end = (run_end + BLOCK_BYTES).min(end);
                 }
-                let bytes = volume.replica.read_at(pos, (run_end - pos) as usize)?;
-                buf[(pos - offset) as usize..(run_end - offset) as usize].copy_from_slice(&bytes);
+                volume.replica.read_into(
+                    pos,
+                    &mut buf[(pos - offset) as usize..(run_end - offset) as usize],
+                )?;
                 pos = run_end;
                 continue;
             }
@@ -870,7 +872,7 @@ impl Group {
                 layers,
             } => {
                 if *from_replica {
-                    buf.copy_from_slice(&volume.replica.read_at(start, buf.len())?);
+                    volume.replica.read_into(start, buf)?;
                 } else {
                     buf.fill(0);
                 }
@@ -1126,8 +1128,7 @@ impl Group {
                 ),
             )));
         }
-        let bytes = volume.replica.read_at(offset, buf.len())?;
-        buf.copy_from_slice(&bytes);
+        volume.replica.read_into(offset, buf)?;
         Ok(())
     }
 

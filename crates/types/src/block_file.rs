@@ -105,6 +105,22 @@ impl BlockFile {
         Ok(Bytes::from(buf))
     }
 
+    /// Fills `buf` from `offset`; a short file reads as zeroes past its end. For callers
+    /// that already own the destination (no allocation, no second copy).
+    pub fn read_into(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        buf[done..].fill(0);
+        Ok(())
+    }
+
     pub fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.file.write_all_at(data, offset)
     }
@@ -233,6 +249,9 @@ mod tests {
         v.zero(20_000, 5000, false).unwrap();
         model[20_000..25_000].fill(0);
         assert_eq!(&v.read_at(0, 1 << 20).unwrap()[..], &model[..]);
+        let mut into = vec![0xffu8; 70_001];
+        v.read_into(999, &mut into).unwrap();
+        assert_eq!(&into[..], &model[999..71_000]);
         // The trimmed range is a hole on file systems that punch; data follows it.
         if let Some(next) = v.next_data(4096).unwrap() {
             assert!(next <= 12288, "data after a hole found at {next}");
@@ -243,5 +262,9 @@ mod tests {
             &v.read_at((1 << 20) - 10, 10).unwrap()[..],
             &model[(1 << 20) - 10..]
         );
+        let mut past = [0xffu8; 30];
+        v.read_into((1 << 20) - 10, &mut past).unwrap();
+        assert_eq!(&past[..10], &model[(1 << 20) - 10..]);
+        assert_eq!(past[10..], [0u8; 20]);
     }
 }
