@@ -32,26 +32,6 @@ fn last_line(log: &Path) -> String {
         .to_string()
 }
 
-fn verify(log: &Path, image: &Path, baseline: &Path, what: &str, site: &Site) {
-    let out = run(
-        python("crash_client.py")
-            .arg("verify")
-            .arg(log)
-            .arg(image)
-            .arg(baseline),
-        Duration::from_secs(120),
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    eprint!("{what}: {text}");
-    assert!(
-        out.status.success(),
-        "{what}: durable writes lost or corrupted ({}):\n{text}{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr),
-        site.logs()
-    );
-}
-
 fn start_client(
     site: &Site,
     log: &Path,
@@ -213,10 +193,10 @@ fn crash_test(victim: Victim, iterations: u64, convergence: Convergence, block: 
         );
 
         let volume = site.volume("vol0").clone();
-        verify(&log, &volume.production, &baseline, "production", &site);
+        verify_crash_log(&log, &volume.production, &baseline, "production", &site);
         site.settle();
         if !reference_mode() {
-            verify(&log, &volume.replica, &replica_baseline, "replica", &site);
+            verify_crash_log(&log, &volume.replica, &replica_baseline, "replica", &site);
         }
         if convergence == Convergence::Required {
             site.assert_replica_equals_production("vol0");

@@ -151,28 +151,6 @@ fn log_prefix(log: &Path) -> String {
     }
 }
 
-/// `crash_client.py verify`: `image` holds every write the log calls durable (or a later
-/// one), and outside the workload's region what `baseline` holds.
-fn verify(log: &Path, image: &Path, baseline: &Path, what: &str, site: &Site) {
-    let out = run(
-        python("crash_client.py")
-            .arg("verify")
-            .arg(log)
-            .arg(image)
-            .arg(baseline),
-        Duration::from_secs(120),
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    eprint!("{what}: {text}");
-    assert!(
-        out.status.success(),
-        "{what}: durable writes lost or corrupted ({}):\n{text}{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr),
-        site.logs()
-    );
-}
-
 /// The splitter's state for `vol` in `cdp status --json` ("protecting", "marking", ...).
 fn splitter_state(status: &serde_json::Value, vol: &str) -> String {
     let vols = status["splitter"]["volumes"].as_array().cloned();
@@ -384,7 +362,7 @@ fn journal_disk_full_fences_group_and_host_keeps_writing() {
     }
     let prefix_log = site.root().join("client-before-fence.log");
     std::fs::write(&prefix_log, &oracle).unwrap();
-    verify(
+    verify_crash_log(
         &prefix_log,
         &site.volume("vol0").replica,
         &baseline,
@@ -395,24 +373,7 @@ fn journal_disk_full_fences_group_and_host_keeps_writing() {
     // The splitter resyncs what it marked; then both copies hold every durable write.
     site.start_role(Role::Splitter);
     site.settle();
-    verify(
-        &log,
-        &site.volume("vol0").production,
-        &baseline,
-        "production",
-        &site,
-    );
-    verify(
-        &log,
-        &site.volume("vol0").replica,
-        &baseline,
-        "replica",
-        &site,
-    );
-    site.assert_replica_equals_production("vol0");
-    assert_journal_clean(&data_dir, &site);
-    site.assert_alive();
-    assert_no_panic(&site);
+    assert_copies_durable_and_clean(&mut site, &log, &baseline, &data_dir);
 }
 
 #[test]
@@ -508,22 +469,20 @@ fn journal_torn_tail_after_kill_during_writes() {
     site.wait_connected(DISTRIBUTED_DEADLINE);
     stop_client(client, &stop, &log, &site);
     site.settle();
-    verify(
-        &log,
-        &site.volume("vol0").production,
-        &baseline,
-        "production",
-        &site,
-    );
-    verify(
-        &log,
-        &site.volume("vol0").replica,
-        &baseline,
-        "replica",
-        &site,
-    );
+    assert_copies_durable_and_clean(&mut site, &log, &baseline, &data_dir);
+}
+
+/// Both copies hold every durable write of the log and equal each other, the journal is
+/// clean offline, both processes live and none panicked.
+fn assert_copies_durable_and_clean(site: &mut Site, log: &Path, baseline: &Path, data_dir: &Path) {
+    for (what, copy) in [
+        ("production", &site.volume("vol0").production),
+        ("replica", &site.volume("vol0").replica),
+    ] {
+        verify_crash_log(log, copy, baseline, what, site);
+    }
     site.assert_replica_equals_production("vol0");
-    assert_journal_clean(&data_dir, &site);
+    assert_journal_clean(data_dir, site);
     site.assert_alive();
-    assert_no_panic(&site);
+    assert_no_panic(site);
 }

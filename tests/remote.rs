@@ -317,6 +317,19 @@ fn read_journal(group_dir: &Path) -> (Vec<Record>, BTreeMap<u32, String>) {
 
 /// Both journals hold the same records seq by seq: same seq, time, kind, volume (by name),
 /// range, source seq and payload; no gap, no duplicate.
+/// Kills the local site and the remote, then checks that both journals hold the same
+/// `last` records, seq by seq.
+fn stop_and_assert_same_journals(site: &mut Site, remote: &mut RemoteAppliance, last: u64) {
+    site.kill(Role::Splitter);
+    site.kill_appliance();
+    remote.kill();
+    let compared = assert_same_journals(
+        &site.root().join("appliance").join("groups").join("default"),
+        &remote.group_dir(),
+    );
+    assert_eq!(compared as u64, last);
+}
+
 fn assert_same_journals(local_dir: &Path, remote_dir: &Path) -> usize {
     let (local, local_names) = read_journal(local_dir);
     let (remote, remote_names) = read_journal(remote_dir);
@@ -408,18 +421,11 @@ fn survive_kill(kill_local: bool) {
     site.assert_replica_equals_production("vol0");
     assert_remote_replica_equals_production(&site, &remote, last);
     eprintln!("{runs} qemu-io runs; {last} records shipped");
-    site.kill(Role::Splitter);
-    site.kill_appliance();
-    remote.kill();
+    stop_and_assert_same_journals(&mut site, &mut remote, last);
     if !kill_local {
         let log = std::fs::read_to_string(site.log_path(Role::Appliance)).unwrap();
         assert!(log.contains("remote copy back within its RPO"), "{log}");
     }
-    let compared = assert_same_journals(
-        &site.root().join("appliance").join("groups").join("default"),
-        &remote.group_dir(),
-    );
-    assert_eq!(compared as u64, last);
 }
 
 #[test]
@@ -527,14 +533,7 @@ fn link_cuts_pause_shipping_and_it_resumes_where_it_stopped() {
     let last = wait_shipped(&site, &remote);
     assert_remote_replica_equals_production(&site, &remote, last);
     eprintln!("{runs} qemu-io runs; {last} records shipped across 3 link cuts");
-    site.kill(Role::Splitter);
-    site.kill_appliance();
-    remote.kill();
-    let compared = assert_same_journals(
-        &site.root().join("appliance").join("groups").join("default"),
-        &remote.group_dir(),
-    );
-    assert_eq!(compared as u64, last);
+    stop_and_assert_same_journals(&mut site, &mut remote, last);
 }
 
 #[test]
@@ -682,14 +681,7 @@ fn sync_mode_remote_journal_holds_every_flushed_write() {
     site.wait_connected(T);
     site.settle();
     let last = wait_shipped(&site, &remote);
-    site.kill_splitter();
-    site.kill_appliance();
-    remote.kill();
-    let compared = assert_same_journals(
-        &site.root().join("appliance").join("groups").join("default"),
-        &remote.group_dir(),
-    );
-    assert_eq!(compared as u64, last);
+    stop_and_assert_same_journals(&mut site, &mut remote, last);
 }
 
 #[test]

@@ -336,10 +336,12 @@ impl ApplianceConfig {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const GOOD: &str = r#"
+    /// A minimal valid appliance.toml: one group, one volume (also the base of
+    /// `managed_groups`' tests).
+    pub(crate) const GOOD: &str = r#"
 data_dir = "/d"
 link_listen = "unix:/d/link.sock"
 [[group]]

@@ -124,16 +124,7 @@ impl ManagedGroups {
 mod tests {
     use super::*;
 
-    const BASE: &str = r#"
-data_dir = "/d"
-link_listen = "unix:/d/link.sock"
-[[group]]
-name = "default"
-[[group.volume]]
-name = "vol0"
-size = 1048576
-replica = "/d/r0.img"
-"#;
+    use crate::config::tests::GOOD as BASE;
 
     fn managed(text: &str) -> ManagedGroups {
         toml::from_str(text).unwrap()

@@ -1186,3 +1186,25 @@ pub fn add_remote_to_site_config(site: &Site, endpoint: &str, rpo_s: u64) {
     text += &format!("\n[group.remote]\nendpoint = \"{endpoint}\"\nrpo_s = {rpo_s}\n");
     std::fs::write(&site.appliance_config, text).unwrap();
 }
+
+/// `py/crash_client.py verify`: `image` holds every write the client's log calls durable
+/// (or a later one), and outside the workload's region what `baseline` holds.
+pub fn verify_crash_log(log: &Path, image: &Path, baseline: &Path, what: &str, site: &Site) {
+    let out = run(
+        python("crash_client.py")
+            .arg("verify")
+            .arg(log)
+            .arg(image)
+            .arg(baseline),
+        Duration::from_secs(120),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprint!("{what}: {text}");
+    assert!(
+        out.status.success(),
+        "{what}: durable writes lost or corrupted ({}):\n{text}{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        site.logs()
+    );
+}
