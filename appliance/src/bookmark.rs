@@ -12,6 +12,10 @@
 //! | 8 | 4 | freeze window in ms: quiesce start to the bookmark request (0 for crash) |
 //! | 12 | n | name (printable ASCII, see `validate_name`) |
 //!
+//! Version 2 (written only for bookmarks marked to keep, so version-1 readers still read
+//! every other bookmark) inserts 4 bytes before the name: byte 12 holds flags (bit 0: keep
+//! this point through consolidation), bytes 13..16 are zero, and the name starts at 16.
+//!
 //! A released version never changes (golden bytes in the tests); a new field means a new
 //! version. Bookmarks live only in the journal: when retention releases a segment, the
 //! bookmarks in it go with it, which is right, because the point they name can no longer be
@@ -31,6 +35,11 @@ use crate::point::format_time;
 pub const PAYLOAD_MAGIC: [u8; 4] = *b"CDPB";
 pub const PAYLOAD_VERSION: u8 = 1;
 const PAYLOAD_HEADER_LEN: usize = 12;
+/// Version 2: adds the flags word.
+pub const PAYLOAD_VERSION_FLAGS: u8 = 2;
+const PAYLOAD_V2_HEADER_LEN: usize = 16;
+/// Flag: consolidation keeps this bookmark's point.
+const FLAG_KEEP: u8 = 0x01;
 
 /// How consistent the image at a bookmark is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,6 +74,8 @@ pub struct BookmarkPayload {
     pub name: String,
     pub consistency: Consistency,
     pub freeze_window_ms: u32,
+    /// Consolidation keeps this point (`cdp bookmark create --keep`).
+    pub keep: bool,
 }
 
 impl BookmarkPayload {
@@ -73,10 +84,17 @@ impl BookmarkPayload {
         let name = self.name.as_bytes();
         let mut out = Vec::with_capacity(PAYLOAD_HEADER_LEN + name.len());
         out.extend_from_slice(&PAYLOAD_MAGIC);
-        out.push(PAYLOAD_VERSION);
+        out.push(if self.keep {
+            PAYLOAD_VERSION_FLAGS
+        } else {
+            PAYLOAD_VERSION
+        });
         out.push(self.consistency.code());
         out.extend_from_slice(&(name.len() as u16).to_le_bytes());
         out.extend_from_slice(&self.freeze_window_ms.to_le_bytes());
+        if self.keep {
+            out.extend_from_slice(&[FLAG_KEEP, 0, 0, 0]);
+        }
         out.extend_from_slice(name);
         out
     }
@@ -92,26 +110,37 @@ impl BookmarkPayload {
         if b[0..4] != PAYLOAD_MAGIC {
             return Err("bookmark payload has a bad magic".into());
         }
-        if b[4] != PAYLOAD_VERSION {
-            return Err(format!("bookmark payload version {} is unknown", b[4]));
-        }
+        let (header_len, keep) = match b[4] {
+            PAYLOAD_VERSION => (PAYLOAD_HEADER_LEN, false),
+            PAYLOAD_VERSION_FLAGS => {
+                let flags = b
+                    .get(PAYLOAD_HEADER_LEN..PAYLOAD_V2_HEADER_LEN)
+                    .ok_or("bookmark payload of version 2 is too short")?;
+                if flags[0] & !FLAG_KEEP != 0 || flags[1..] != [0, 0, 0] {
+                    return Err(format!("bookmark payload flags {flags:?} are unknown"));
+                }
+                (PAYLOAD_V2_HEADER_LEN, flags[0] & FLAG_KEEP != 0)
+            }
+            v => return Err(format!("bookmark payload version {v} is unknown")),
+        };
         let consistency = Consistency::from_code(b[5])
             .ok_or_else(|| format!("bookmark consistency {} is unknown", b[5]))?;
         let name_len = u16::from_le_bytes([b[6], b[7]]) as usize;
         let freeze_window_ms = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
-        if b.len() != PAYLOAD_HEADER_LEN + name_len {
+        if b.len() != header_len + name_len {
             return Err(format!(
                 "bookmark payload of {} bytes, its name length says {name_len}",
                 b.len()
             ));
         }
-        let name = std::str::from_utf8(&b[PAYLOAD_HEADER_LEN..])
+        let name = std::str::from_utf8(&b[header_len..])
             .map_err(|_| "bookmark name is not UTF-8".to_string())?;
         validate_name(name)?;
         Ok(BookmarkPayload {
             name: name.to_string(),
             consistency,
             freeze_window_ms,
+            keep,
         })
     }
 }
@@ -149,6 +178,11 @@ pub struct Bookmark {
     pub time: String,
     pub consistency: Consistency,
     pub freeze_window_ms: u32,
+    /// Kept through consolidation.
+    pub keep: bool,
+    /// Consolidation dropped this point (it was not marked to keep): it can no longer be
+    /// opened. Set by `Group::bookmarks`.
+    pub consolidated: bool,
 }
 
 /// The group's bookmarks in seq order, kept in memory and rebuilt from the journal at start.
@@ -175,6 +209,8 @@ impl BookmarkIndex {
                     time: format_time(record.timestamp.0),
                     consistency: p.consistency,
                     freeze_window_ms: p.freeze_window_ms,
+                    keep: p.keep,
+                    consolidated: false,
                 }),
                 // A bookmark record this version cannot read names no point we can show;
                 // skipping it loses nothing of the volume's data.
@@ -213,6 +249,8 @@ impl BookmarkIndex {
                     time: format_time(timestamp_ns),
                     consistency: p.consistency,
                     freeze_window_ms: p.freeze_window_ms,
+                    keep: p.keep,
+                    consolidated: false,
                 }),
             Err(e) => tracing::warn!(%seq, "replicated bookmark record skipped: {e}"),
         }
@@ -271,6 +309,8 @@ impl BookmarkIndex {
             time: format_time(timestamp_ns),
             consistency: payload.consistency,
             freeze_window_ms: payload.freeze_window_ms,
+            keep: payload.keep,
+            consolidated: false,
         };
         list.push(bookmark.clone());
         Ok(bookmark)
@@ -306,6 +346,7 @@ mod tests {
             name: "pre-upgrade".into(),
             consistency: Consistency::Application,
             freeze_window_ms: 0x0102_0304,
+            keep: false,
         };
         let golden: Vec<u8> = [
             &b"CDPB"[..],
@@ -321,6 +362,7 @@ mod tests {
             name: "x".into(),
             consistency: Consistency::Crash,
             freeze_window_ms: 0,
+            keep: false,
         };
         assert_eq!(
             crash.encode(),
@@ -336,6 +378,7 @@ mod tests {
             name: "b1".into(),
             consistency: Consistency::Crash,
             freeze_window_ms: 0,
+            keep: false,
         }
         .encode();
         let damaged = |i: usize, v: u8| {
@@ -389,6 +432,7 @@ mod tests {
             name: name.into(),
             consistency: Consistency::Crash,
             freeze_window_ms: 0,
+            keep: false,
         }
     }
 
@@ -448,5 +492,32 @@ mod tests {
             index.create(&journal, payload("a"), None, |_| {}).is_ok(),
             "name free again"
         );
+    }
+
+    /// Version 2 carries the keep flag; version 1 payloads read as not kept; unknown
+    /// flags are refused.
+    #[test]
+    fn keep_flag_is_version_2() {
+        let p = BookmarkPayload {
+            name: "quarter-end".into(),
+            consistency: Consistency::Crash,
+            freeze_window_ms: 0,
+            keep: true,
+        };
+        let b = p.encode();
+        assert_eq!(b[4], PAYLOAD_VERSION_FLAGS);
+        assert_eq!(&b[12..16], &[1, 0, 0, 0]);
+        assert_eq!(BookmarkPayload::decode(&b).unwrap(), p);
+        let v1 = BookmarkPayload {
+            keep: false,
+            ..p.clone()
+        }
+        .encode();
+        assert_eq!(v1[4], PAYLOAD_VERSION);
+        assert!(!BookmarkPayload::decode(&v1).unwrap().keep);
+        let mut bad = b.clone();
+        bad[12] = 0x02;
+        assert!(BookmarkPayload::decode(&bad).unwrap_err().contains("flags"));
+        assert!(BookmarkPayload::decode(&b[..14]).is_err());
     }
 }

@@ -95,6 +95,12 @@ pub struct GroupConfig {
     /// warning is logged.
     #[serde(default)]
     pub journal_full_policy: JournalFullPolicy,
+    /// Consolidation of old history (`[group.consolidation]`): every point younger than
+    /// `keep_all_s` stays, older history keeps one point per tier interval plus bookmarks
+    /// created with `--keep`, and the payloads no kept point needs are dropped from journal
+    /// and undo stream. Default: none (every point stays until retention releases it).
+    #[serde(default)]
+    pub consolidation: Option<crate::consolidation::ConsolidationConfig>,
     // --- remote replication ---
     /// `local` (default): hosts write this group through splitters. `remote`: this group is
     /// the remote copy of a group of the same name at another appliance, fed only by its
@@ -322,6 +328,9 @@ impl ApplianceConfig {
                 g.journal_capacity_bytes = capacity_min;
             }
             g.sanitize_replication(self.replication_listen.is_some())?;
+            if let Some(c) = &g.consolidation {
+                c.validate(&g.name).map_err(ApplianceError::Config)?;
+            }
             if g.journal_retention_s == Some(0) {
                 tracing::warn!(group = %g.name, "journal_retention_s = 0; using 1");
                 g.journal_retention_s = Some(1);

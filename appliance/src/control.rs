@@ -37,6 +37,9 @@ pub enum Request {
         /// or not at all (the caller thaws the application after its timeout).
         #[serde(default)]
         deadline_ms: Option<u64>,
+        /// Consolidation keeps this point.
+        #[serde(default)]
+        keep: bool,
     },
     BookmarkList {
         #[serde(default)]
@@ -49,6 +52,11 @@ pub enum Request {
         point: String,
     },
     Timeline {
+        #[serde(default)]
+        group: Option<String>,
+    },
+    /// Run a consolidation pass now (see `consolidation.rs`).
+    JournalConsolidate {
         #[serde(default)]
         group: Option<String>,
     },
@@ -279,6 +287,7 @@ async fn group_request(
             consistency,
             freeze_window_ms,
             deadline_ms,
+            keep,
         } => (
             find_group(groups, group.as_deref())?,
             Box::new(move |g| {
@@ -287,6 +296,7 @@ async fn group_request(
                     name,
                     consistency,
                     freeze_window_ms,
+                    keep,
                 };
                 let b = g.create_bookmark(payload, deadline)?;
                 tracing::info!(group = %g.name, name = %b.name, seq = b.seq, consistency = ?b.consistency, "bookmark created");
@@ -309,6 +319,13 @@ async fn group_request(
         Request::Timeline { group } => (
             find_group(groups, group.as_deref())?,
             Box::new(|g| to_json(&timeline(&g.name, g.journal(), g.bookmarks())?)),
+        ),
+        Request::JournalConsolidate { group } => (
+            find_group(groups, group.as_deref())?,
+            Box::new(|g| {
+                let report = g.consolidate()?;
+                to_json(&serde_json::json!({ "group": g.name, "consolidation": report }))
+            }),
         ),
         _ => return Err("not a group request".into()),
     };

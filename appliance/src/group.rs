@@ -8,6 +8,8 @@
 //! segments the replica already holds are released once the journal exceeds its capacity or
 //! its time window.
 
+mod consolidate;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,6 +38,8 @@ use crate::limits::{
 };
 use crate::record_cache::{RecordCache, Stream};
 use crate::resync_span::{ResyncSpan, ResyncSpans};
+
+pub use consolidate::{ConsolidationReport, ConsolidationStatus};
 
 /// Progress reported back to one split-link connection; cumulative, so no queue is needed
 /// (except in sync mode, see `remote_pending`).
@@ -153,6 +157,9 @@ pub struct GroupStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replica_held_at: Option<u64>,
     pub history: HistoryStats,
+    /// The consolidation policy and what its passes did, if the group has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consolidation: Option<consolidate::ConsolidationStatus>,
     pub volumes: Vec<VolumeStatus>,
     /// `local`, or `remote` for the remote copy of another appliance's group.
     pub source: crate::config::GroupSource,
@@ -229,6 +236,17 @@ pub struct Group {
     state_path: PathBuf,
     /// Remote replication role and progress (`replication/`).
     replication: crate::replication::GroupReplication,
+    /// `[group.consolidation]`, if the group has a policy (`consolidate.rs`).
+    consolidation: Option<crate::consolidation::ConsolidationConfig>,
+    /// Points consolidation kept: at or below its `through`, other points are refused.
+    consolidation_state: RwLock<crate::consolidation::ConsolidationState>,
+    /// Held by a consolidation pass, and by rollback and retention, which must not move
+    /// history under it.
+    consolidation_pass: Mutex<()>,
+    consolidation_stats: Mutex<consolidate::PassStats>,
+    /// Image reads hold it shared from planning to reading; consolidation exclusively while
+    /// it moves records to their rewritten segments.
+    relocation: RwLock<()>,
 }
 
 /// The replica's state as image reads see it.
@@ -276,6 +294,8 @@ impl Group {
         tracing::info!(group = %config.name, report = ?undo_report, "undo stream opened");
         let undo = Arc::new(undo);
         let history = rebuild_history(&journal, &undo)?;
+        let consolidation_state =
+            crate::consolidation::ConsolidationState::load(&dir).map_err(ApplianceError::Config)?;
         let exact_from = Seq(history.undo_captured_through());
         tracing::info!(group = %config.name, stats = ?history.stats(), "history index rebuilt");
 
@@ -348,6 +368,11 @@ impl Group {
             record_cache: RecordCache::default(),
             state_path: dist_path.clone(),
             replication: crate::replication::GroupReplication::new(config),
+            consolidation: config.consolidation.clone(),
+            consolidation_state: RwLock::new(consolidation_state),
+            consolidation_pass: Mutex::new(()),
+            consolidation_stats: Mutex::new(consolidate::PassStats::new()),
+            relocation: RwLock::new(()),
         });
         let mut threads = Vec::new();
         let g = Arc::clone(&group);
@@ -601,7 +626,15 @@ impl Group {
 
     /// The bookmarks still in the journal, oldest first.
     pub fn bookmarks(&self) -> Vec<Bookmark> {
-        self.bookmarks.list(&self.journal)
+        let mut list = self.bookmarks.list(&self.journal);
+        let state = self
+            .consolidation_state
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        for b in &mut list {
+            b.consolidated = !state.is_kept(b.seq);
+        }
+        list
     }
 
     /// The group's journal, for read-only scans (point lookup, timeline).
@@ -648,6 +681,7 @@ impl Group {
             oldest_point_seq: self.oldest_point().0,
             replica_held_at: lock(&self.hold).map(|s| s.0),
             history: lock(&self.history).stats(),
+            consolidation: self.consolidation_status(),
             volumes: self
                 .read_volumes()
                 .values()
@@ -696,9 +730,23 @@ impl Group {
     /// The oldest point an image can show: retention released what lies below, and the
     /// undo stream holds nothing older than its floor.
     pub fn oldest_point(&self) -> Seq {
-        Seq(self
+        let oldest = self
             .undo_floor
-            .max(self.journal.first_seq().0.saturating_sub(1)))
+            .max(self.journal.first_seq().0.saturating_sub(1));
+        // Consolidation may have dropped that point: the oldest kept one is the oldest.
+        let state = self
+            .consolidation_state
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        if state.is_kept(oldest) {
+            return Seq(oldest);
+        }
+        Seq(state
+            .kept
+            .range(oldest..)
+            .next()
+            .copied()
+            .unwrap_or(state.consolidated_below))
     }
 
     /// Keeps retention away from what an image at `at` reads; refuses points outside the
@@ -717,6 +765,7 @@ impl Group {
                 "seq {at} is past the journal's last record (seq {last})"
             ));
         }
+        self.check_not_consolidated(at)?;
         let id = self.next_pin.fetch_add(1, Ordering::Relaxed);
         pins.insert(id, at);
         Ok(id)
@@ -759,6 +808,7 @@ impl Group {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<(), ApplianceError> {
+        let _locations_stay = self.relocation.read().unwrap_or_else(|p| p.into_inner());
         let state = self.replica_state.read().unwrap_or_else(|p| p.into_inner());
         if !state.exact {
             return Err(ApplianceError::Io(std::io::Error::other(
@@ -995,11 +1045,19 @@ impl Group {
             let _ = self.distribution_wake.try_send(());
             std::thread::sleep(Duration::from_millis(10));
         }
+        let _no_consolidation = lock(&self.consolidation_pass);
         let _writer = lock(&self.replica_writer);
         let distributed = self.distributed.load(Ordering::Relaxed);
         if distributed <= at.0 {
             return Ok(());
         }
+        // In consolidated history the replica is exact only at kept points (dropped
+        // before-images are skipped), so image reads see it only there.
+        let consolidated = self
+            .consolidation_state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         // Checkpoint the target first: if the appliance dies mid-rollback, it restarts
         // distribution from `at`, which rewrites every block the rollback may have touched.
         distribution_state::store(&self.state_path, at).map_err(|e| e.to_string())?;
@@ -1030,14 +1088,23 @@ impl Group {
         // Newest first; a redo record's before-images restore the state just before it, so
         // the replica is exact at `redo_seq - 1` after each record's group.
         let mut i = 0;
+        let mut held = None;
         while i < undos.len() {
             let redo_seq = undos[i].1.redo_seq;
-            let mut state = self
-                .replica_state
-                .write()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut state = held.take().unwrap_or_else(|| {
+                self.replica_state
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+            });
             while i < undos.len() && undos[i].1.redo_seq == redo_seq {
                 let (undo_seq, r) = undos[i];
+                if r.dropped {
+                    // No kept point needs it: a later (older) before-image of the same
+                    // blocks is applied before the replica is shown again.
+                    i += 1;
+                    self.rollback_progress.0.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 let Some(volume) = by_id.get(&r.volume) else {
                     // Only a volume removed from the group has no entry (ids are never
                     // reused); its replica is no longer the group's to roll.
@@ -1061,13 +1128,18 @@ impl Group {
                 i += 1;
                 self.rollback_progress.0.fetch_add(1, Ordering::Relaxed);
             }
-            state.seq = Seq(redo_seq - 1);
-            self.distributed.store(redo_seq - 1, Ordering::Relaxed);
+            if consolidated.is_kept(redo_seq - 1) {
+                state.seq = Seq(redo_seq - 1);
+                self.distributed.store(redo_seq - 1, Ordering::Relaxed);
+            } else {
+                held = Some(state);
+            }
         }
-        let mut state = self
-            .replica_state
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut state = held.unwrap_or_else(|| {
+            self.replica_state
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+        });
         state.seq = at;
         self.distributed.store(at.0, Ordering::Relaxed);
         drop(state);
@@ -1217,6 +1289,7 @@ impl Group {
             if stopping {
                 return;
             }
+            self.consolidate_if_due();
             let _ = wake.recv_timeout(Duration::from_secs(1));
         }
     }
@@ -1388,6 +1461,10 @@ impl Group {
     /// they are older than the window. Failures are logged, never fatal: an unreleased
     /// segment only costs disk space.
     fn retain(&self, checkpointed: Seq) {
+        // A consolidation pass is moving history; the next pass of retention runs soon.
+        let Ok(_no_consolidation) = self.consolidation_pass.try_lock() else {
+            return;
+        };
         // The undo stream shares the group's capacity with the journal.
         let policy = RetentionPolicy {
             capacity_bytes: self
@@ -1651,6 +1728,11 @@ fn apply(by_id: &BTreeMap<u32, &GroupVolume>, record: &Record) -> Result<u64, Ap
     let Some(volume) = target_volume(by_id, record) else {
         return Ok(0);
     };
+    if record.payload_dropped {
+        // Consolidated history: a later record of the same blocks, replayed before any
+        // kept point, holds the bytes that matter (`consolidation.rs`).
+        return Ok(0);
+    }
     match record.kind {
         RecordKind::Write => volume.replica.write_at(record.offset, &record.payload)?,
         RecordKind::Trim => volume.replica.trim(record.offset, record.length)?,
@@ -1725,7 +1807,8 @@ fn rebuild_history(journal: &Journal, undo: &Journal) -> Result<History, Applian
         let Some(location) = reader.last_location() else {
             continue;
         };
-        let redo = RedoRef::new(location, r.kind, r.volume, r.offset, r.length);
+        let redo = RedoRef::new(location, r.kind, r.volume, r.offset, r.length)
+            .filter(|_| !r.payload_dropped);
         history.note_redo(r.seq.0, redo);
     }
     let mut reader = undo.read_headers_from(undo.first_seq())?;
@@ -1734,7 +1817,8 @@ fn rebuild_history(journal: &Journal, undo: &Journal) -> Result<History, Applian
         let Some(location) = reader.last_location() else {
             continue;
         };
-        let undo = UndoRef::new(location, r.kind, r.volume, r.offset, r.length, r.source_seq);
+        let mut undo = UndoRef::new(location, r.kind, r.volume, r.offset, r.length, r.source_seq);
+        undo.dropped = r.payload_dropped;
         history
             .note_undo(r.seq.0, undo)
             .map_err(|e| ApplianceError::Io(std::io::Error::other(e)))?;

@@ -41,6 +41,9 @@ pub struct UndoRef {
     pub redo_seq: u64,
     /// The range held only zeroes: the record has no payload.
     pub zero: bool,
+    /// Consolidation dropped its payload (no kept point needs it): it is not in the block
+    /// index, and a rollback skips it.
+    pub dropped: bool,
     pub volume: u32,
     pub offset: u64,
     pub length: u64,
@@ -81,6 +84,7 @@ impl UndoRef {
             location,
             redo_seq,
             zero: kind == RecordKind::Zero,
+            dropped: false,
             volume,
             offset,
             length,
@@ -252,13 +256,56 @@ impl History {
                 self.undo_next()
             ));
         }
-        self.volumes.entry(undo.volume).or_default().undo.insert(
-            undo_seq,
-            undo.offset,
-            undo.length,
-        );
+        if !undo.dropped {
+            self.volumes.entry(undo.volume).or_default().undo.insert(
+                undo_seq,
+                undo.offset,
+                undo.length,
+            );
+        }
         self.undo.push_back(undo);
         Ok(())
+    }
+
+    /// Consolidation rewrote redo record `seq` to `location`, maybe without its payload:
+    /// a dropped record leaves the index (only points that do not need it remain).
+    pub fn relocate_redo(&mut self, seq: u64, location: RecordLocation, dropped: bool) {
+        let Some(i) = seq.checked_sub(self.redo_first) else {
+            return;
+        };
+        let Some(slot) = self.redo.get_mut(i as usize) else {
+            return;
+        };
+        let Some(r) = slot.as_mut() else { return };
+        if dropped {
+            let r = *r;
+            *slot = None;
+            self.redo_records -= 1;
+            if let Some(v) = self.volumes.get_mut(&r.volume) {
+                v.redo.remove(seq, r.offset, r.length);
+            }
+        } else {
+            r.location = location;
+        }
+    }
+
+    /// Consolidation rewrote undo record `undo_seq` to `location`, maybe without its
+    /// payload: a dropped one leaves the block index and is marked for rollback to skip.
+    pub fn relocate_undo(&mut self, undo_seq: u64, location: RecordLocation, dropped: bool) {
+        let Some(i) = undo_seq.checked_sub(self.undo_first) else {
+            return;
+        };
+        let Some(u) = self.undo.get_mut(i as usize) else {
+            return;
+        };
+        u.location = location;
+        if dropped && !u.dropped {
+            u.dropped = true;
+            let u = *u;
+            if let Some(v) = self.volumes.get_mut(&u.volume) {
+                v.undo.remove(undo_seq, u.offset, u.length);
+            }
+        }
     }
 
     /// The highest redo seq with a before-image in the undo stream (0 if none).
@@ -300,8 +347,10 @@ impl History {
                 self.undo_first = first;
                 break;
             };
-            if let Some(v) = self.volumes.get_mut(&u.volume) {
-                v.undo.remove(self.undo_first, u.offset, u.length);
+            if !u.dropped {
+                if let Some(v) = self.volumes.get_mut(&u.volume) {
+                    v.undo.remove(self.undo_first, u.offset, u.length);
+                }
             }
             self.undo_first += 1;
         }
@@ -490,6 +539,7 @@ mod tests {
                 offset: redo_seq,
             },
             redo_seq,
+            dropped: false,
             zero: false,
             volume: 1,
             offset: 0,

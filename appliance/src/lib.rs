@@ -2,6 +2,7 @@
 
 pub mod bookmark;
 pub mod config;
+pub mod consolidation;
 pub mod control;
 pub mod distribution_state;
 pub mod error;

@@ -402,6 +402,7 @@ mod tests {
                             name: "mid".into(),
                             consistency: Consistency::Crash,
                             freeze_window_ms: 0,
+                            keep: false,
                         },
                         None,
                         |_| {},

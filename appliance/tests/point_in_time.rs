@@ -1,7 +1,8 @@
 //! Model-based property test of point-in-time images: random writes, trims, zeroes and
 //! bookmarks on two volumes of a real group (journal, undo stream, distribution thread),
-//! logged rollbacks to random points, restarts; every image and every rolled-back replica
-//! is compared byte for byte with the model.
+//! logged rollbacks to random points, restarts, consolidation passes that keep only some
+//! points; every image that opens and every rolled-back replica is compared byte for byte
+//! with the model, and kept points must open.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -28,7 +29,10 @@ enum Op {
         length: u64,
         seed: u64,
     },
-    Bookmark,
+    /// A bookmark, marked to keep through consolidation or not.
+    Bookmark(bool),
+    /// A consolidation pass (policy: one point per second, nothing young kept).
+    Consolidate,
     /// Logged access: hold the replica at this fraction of the journal, check it, release.
     RollTo(f64),
     Restart,
@@ -55,7 +59,8 @@ fn op() -> impl Strategy<Value = Op> {
         });
     prop_oneof![
         12 => change,
-        2 => Just(Op::Bookmark),
+        2 => any::<bool>().prop_map(Op::Bookmark),
+        1 => Just(Op::Consolidate),
         1 => (0.0f64..1.0).prop_map(Op::RollTo),
         1 => Just(Op::Restart),
     ]
@@ -103,6 +108,9 @@ fn group_config(dir: &Path, compress: bool) -> GroupConfig {
         "name = \"g\"\njournal_capacity_bytes = {}\njournal_compress = {compress}\n",
         1u64 << 30
     );
+    // Every point older than 0 s is consolidated to one per second when a pass runs; the
+    // automatic pass is an hour away, so only `Op::Consolidate` runs one.
+    text += "[consolidation]\nkeep_all_s = 0\ninterval_s = 3600\n[[consolidation.tier]]\nevery_s = 1\nfor_s = 1\n";
     for name in VOLUMES {
         text += &format!(
             "[[volume]]\nname = \"{name}\"\nsize = {VOLUME_BYTES}\nreplica = {:?}\n",
@@ -129,6 +137,25 @@ fn open(dir: &Path, compress: bool) -> Arc<Group> {
 
 fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
     a.iter().zip(b).position(|(x, y)| x != y)
+}
+
+/// Checks the image at `at` against the model. A point consolidation dropped is refused
+/// (and reported as `Ok(false)`) unless `must_open`.
+fn check_image_if_kept(
+    group: &Group,
+    model: &Model,
+    at: u64,
+    must_open: bool,
+) -> Result<bool, TestCaseError> {
+    match group.pin_point(Seq(at)) {
+        Ok(pin) => {
+            group.unpin(pin);
+            check_image(group, model, at)?;
+            Ok(true)
+        }
+        Err(e) if !must_open && e.contains("consolidated away") => Ok(false),
+        Err(e) => Err(TestCaseError::fail(format!("pin seq {at}: {e}"))),
+    }
 }
 
 fn check_image(group: &Group, model: &Model, at: u64) -> Result<(), TestCaseError> {
@@ -197,6 +224,7 @@ fn run(ops: Vec<Op>, points: Vec<f64>, compress: bool) -> Result<(), TestCaseErr
     let mut group = open(dir, compress);
     let mut model = Model::default();
     let mut bookmarks = Vec::new();
+    let mut kept_bookmarks = Vec::new();
     for op in ops {
         match op {
             Op::Change {
@@ -218,7 +246,7 @@ fn run(ops: Vec<Op>, points: Vec<f64>, compress: bool) -> Result<(), TestCaseErr
                     .map_err(TestCaseError::fail)?;
                 model.changes.push((group.last_seq().0, volume, record));
             }
-            Op::Bookmark => {
+            Op::Bookmark(keep) => {
                 let name = format!("bm{}", bookmarks.len());
                 let b = group
                     .create_bookmark(
@@ -226,18 +254,57 @@ fn run(ops: Vec<Op>, points: Vec<f64>, compress: bool) -> Result<(), TestCaseErr
                             name,
                             consistency: Consistency::Crash,
                             freeze_window_ms: 0,
+                            keep,
                         },
                         None,
                     )
                     .map_err(TestCaseError::fail)?;
                 bookmarks.push(b.seq);
+                if keep {
+                    kept_bookmarks.push(b.seq);
+                }
+            }
+            Op::Consolidate => {
+                // Whole-volume writes seal the journal's segment (only sealed ones are
+                // rewritten) and hide most earlier bytes, so some payloads can go.
+                for (i, name) in VOLUMES.iter().enumerate() {
+                    let v = group.volume(name).expect("volume");
+                    let seed = model.changes.len() as u64 * 7919 + i as u64;
+                    let record = RecordIn::write(v.id, 0, payload(seed, VOLUME_BYTES as usize));
+                    group
+                        .append(&v, std::slice::from_ref(&record))
+                        .map_err(TestCaseError::fail)?;
+                    model.changes.push((group.last_seq().0, i, record));
+                }
+                wait_distributed(&group);
+                let before = group.status();
+                let report = group.consolidate().map_err(TestCaseError::fail)?;
+                let after = group.status();
+                prop_assert_eq!(
+                    before.journal_bytes + before.undo_bytes - report.bytes_freed,
+                    after.journal_bytes + after.undo_bytes
+                );
+                // Every kept bookmark and the oldest point still open, exactly.
+                for &at in kept_bookmarks.iter().chain([&group.oldest_point().0]) {
+                    check_image_if_kept(&group, &model, at, true)?;
+                }
             }
             Op::RollTo(fraction) => {
                 let last = group.last_seq().0;
                 let at = (fraction * last as f64) as u64;
+                // Logged access goes through the same refusal as any image.
+                let Ok(pin) = group.pin_point(Seq(at)) else {
+                    continue;
+                };
+                group.unpin(pin);
                 group.hold_replica(Seq(at)).map_err(TestCaseError::fail)?;
                 check_replicas(dir, &model, at, "logged access")?;
                 check_image(&group, &model, at)?;
+                // Later points now lay journal records over the rolled-back replica; in
+                // consolidated history only the kept records are left to do it.
+                for &later in bookmarks.iter().filter(|&&b| b > at) {
+                    check_image_if_kept(&group, &model, later, kept_bookmarks.contains(&later))?;
+                }
                 group.release_replica();
             }
             Op::Restart => {
@@ -254,13 +321,15 @@ fn run(ops: Vec<Op>, points: Vec<f64>, compress: bool) -> Result<(), TestCaseErr
         .chain(points.iter().map(|f| (f * last as f64) as u64))
         .chain([0, last])
     {
-        check_image(&group, &model, at)?;
+        let must_open = kept_bookmarks.contains(&at) || at == last;
+        check_image_if_kept(&group, &model, at, must_open)?;
     }
+    check_image(&group, &model, group.oldest_point().0)?;
     // Rolled back and carried forward again, the replica ends as production.
     wait_distributed(&group);
     check_replicas(dir, &model, last, "after distribution")?;
     for at in [0, last / 2, last] {
-        check_image(&group, &model, at)?;
+        check_image_if_kept(&group, &model, at, at == last)?;
     }
     group.stop();
     Ok(())

@@ -1,7 +1,8 @@
 //! Encodes and decodes segment and record headers; nothing else lives here.
 //!
 //! All integers are fixed-width little-endian. Version 1 layout (version 2 is the same
-//! except that record flag bit 0 may be set, see `RECORD_FLAG_ZSTD`):
+//! except that record flag bit 0 may be set, see `RECORD_FLAG_ZSTD`; version 3, written
+//! only by consolidation, also allows flag bit 1, see `RECORD_FLAG_PAYLOAD_DROPPED`):
 //!
 //! Segment header, 64 bytes, at offset 0 of every segment file:
 //!
@@ -25,7 +26,8 @@
 //! |      0 |    4 | magic `0x5243_4A43` (bytes `"CJCR"`)               |
 //! |      4 |    1 | kind: 1 Write, 2 Trim, 3 Zero, 4 Bookmark, 5 Resync|
 //! |        |      | Start, 6 ResyncEnd                                 |
-//! |      5 |    1 | flags: zero in version 1; bit 0 (v2) zstd payload  |
+//! |      5 |    1 | flags: zero in version 1; bit 0 (v2) zstd payload; |
+//! |        |      | bit 1 (v3) payload dropped by consolidation        |
 //! |      6 |    2 | reserved, zero                                     |
 //! |      8 |    4 | volume id                                          |
 //! |     12 |    4 | reserved, zero                                     |
@@ -66,8 +68,13 @@ const RECORD_CRC_AT: usize = RECORD_HEADER_LEN - 4;
 /// `length` bytes (and `payload_len < length`). Defined from version 2 on; version 1
 /// readers refuse version 2 segments by their header, so they never misread such records.
 pub const RECORD_FLAG_ZSTD: u8 = 0x01;
+/// Record flag: consolidation dropped this Write's payload (`payload_len` is 0, `length`
+/// still says how many bytes the write covered) because no kept point needs it. The header
+/// stays, so seqs, times and bookmarks stay contiguous and resolvable. Defined from
+/// version 3 on, which only consolidated segments carry.
+pub const RECORD_FLAG_PAYLOAD_DROPPED: u8 = 0x02;
 /// Every flag this code understands.
-const RECORD_FLAGS_KNOWN: u8 = RECORD_FLAG_ZSTD;
+const RECORD_FLAGS_KNOWN: u8 = RECORD_FLAG_ZSTD | RECORD_FLAG_PAYLOAD_DROPPED;
 
 /// Format versions this code can read. Never change a released version: add the next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,6 +83,9 @@ pub enum Version {
     V1 = 1,
     /// Adds `RECORD_FLAG_ZSTD`.
     V2 = 2,
+    /// Adds `RECORD_FLAG_PAYLOAD_DROPPED`; written by consolidation only, so journals that
+    /// were never consolidated stay readable by version-2 code.
+    V3 = 3,
 }
 
 impl Version {
@@ -86,6 +96,7 @@ impl Version {
         match v {
             1 => Some(Version::V1),
             2 => Some(Version::V2),
+            3 => Some(Version::V3),
             _ => None,
         }
     }
@@ -305,6 +316,17 @@ impl RecordHeader {
             return corrupt("record offset + length overflows");
         }
         let zstd = h.flags & RECORD_FLAG_ZSTD != 0;
+        if h.flags & RECORD_FLAG_PAYLOAD_DROPPED != 0 {
+            if kind != RecordKind::Write || zstd || payload_len != 0 {
+                return corrupt(
+                    "a record with a dropped payload must be an uncompressed write with no payload",
+                );
+            }
+            if h.length > WRITE_PAYLOAD_BYTES_MAX {
+                return corrupt("consolidated write record has a bad length");
+            }
+            return Ok(h);
+        }
         match kind {
             RecordKind::Write
                 if zstd
@@ -362,6 +384,11 @@ impl RecordHeader {
             return corrupt("record CRC mismatch");
         }
         Ok(())
+    }
+
+    /// Consolidation dropped this record's payload.
+    pub fn payload_dropped(&self) -> bool {
+        self.flags & RECORD_FLAG_PAYLOAD_DROPPED != 0
     }
 
     /// Bytes the record occupies in its segment.
@@ -485,8 +512,37 @@ mod tests {
         h.length = 0;
         h.encode(1, 2, payload, &mut r);
         assert!(RecordHeader::decode(&r).is_err());
-        r[5] = 0x02;
+        r[5] = 0x04;
         assert!(RecordHeader::decode(&r).unwrap_err().0.contains("flags"));
+    }
+
+    /// A dropped payload is only valid on an uncompressed, payload-less write; version 3
+    /// segment headers decode.
+    #[test]
+    fn dropped_payload_flag() {
+        let mut s = sample_segment();
+        s.version = Version::V3;
+        assert_eq!(SegmentHeader::decode(&s.encode()).unwrap(), s);
+        let (mut h, _) = sample_record();
+        h.flags = RECORD_FLAG_PAYLOAD_DROPPED;
+        h.payload_len = 0;
+        h.length = 4096;
+        let mut r = [0u8; RECORD_HEADER_LEN];
+        h.encode(1, 2, b"", &mut r);
+        let d = RecordHeader::decode(&r).unwrap();
+        assert!(d.payload_dropped());
+        d.verify(&r, 1, 2, b"").unwrap();
+        h.payload_len = 5;
+        h.encode(1, 2, b"hello", &mut r);
+        assert!(RecordHeader::decode(&r).unwrap_err().0.contains("dropped"));
+        h.payload_len = 0;
+        h.flags = RECORD_FLAG_PAYLOAD_DROPPED | RECORD_FLAG_ZSTD;
+        h.encode(1, 2, b"", &mut r);
+        assert!(RecordHeader::decode(&r).is_err());
+        h.flags = RECORD_FLAG_PAYLOAD_DROPPED;
+        h.kind = RecordKind::Trim;
+        h.encode(1, 2, b"", &mut r);
+        assert!(RecordHeader::decode(&r).is_err());
     }
 
     /// Every single-bit flip in a record or segment header is caught by decode or verify.
@@ -528,7 +584,7 @@ mod tests {
         assert!(SegmentHeader::decode(&[0u8; 10]).is_err());
         assert!(RecordHeader::decode(&[0u8; 10]).is_err());
         let mut s = sample_segment().encode();
-        s[8] = 3;
+        s[8] = 4;
         let crc = crc32fast::hash(&s[..60]);
         s[60..].copy_from_slice(&crc.to_le_bytes());
         assert!(SegmentHeader::decode(&s).unwrap_err().0.contains("version"));

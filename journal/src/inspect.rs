@@ -40,6 +40,8 @@ pub struct InspectReport {
     pub segments: Vec<SegmentReport>,
     /// Valid records in all segments.
     pub records: u64,
+    /// Of those, writes whose payload consolidation dropped (their headers remain).
+    pub payloads_dropped: u64,
     /// First seq of the first segment (0 if none).
     pub first_seq: Seq,
     /// Seq of the last valid record (or `first_seq - 1`).
@@ -139,9 +141,10 @@ pub fn inspect(dir: &Path) -> Result<InspectReport, JournalError> {
                     });
                     break None;
                 }
-                Ok(Some(_)) => {
+                Ok(Some(r)) => {
                     next_seq += 1;
                     seg.records += 1;
+                    report.payloads_dropped += r.header.payload_dropped() as u64;
                 }
                 Err(ScanError::Corrupt { offset, what }) => {
                     report.damage.push(Damage {

@@ -4,9 +4,10 @@
 //! Modules, one concern each (after tikv/raft-engine): `format` encodes and decodes,
 //! `segment` owns one file, `env` is the file-system seam, `group_commit` shares fsyncs,
 //! `recover` opens, `engine` appends and syncs, `reader` reads, `inspect` validates
-//! offline, `retention` releases old segments, `limits` bounds everything. See README.md for the on-disk format.
+//! offline, `retention` releases old segments, `consolidate` rewrites them without unneeded payloads, `limits` bounds everything. See README.md for the on-disk format.
 
 mod config;
+mod consolidate;
 mod engine;
 pub mod env;
 mod error;
@@ -22,6 +23,7 @@ mod scan;
 mod segment;
 
 pub use config::JournalConfig;
+pub use consolidate::SegmentRewrite;
 pub use engine::{Journal, JOURNAL_DIR_NAME};
 pub use error::JournalError;
 pub use inspect::{inspect, Damage, InspectReport, SegmentReport};

@@ -171,6 +171,7 @@ fn to_record(h: &RecordHeader, payload: bytes::Bytes) -> Record {
         offset: h.offset,
         length: h.length,
         payload,
+        payload_dropped: h.payload_dropped(),
     }
 }
 
@@ -212,6 +213,9 @@ pub(crate) fn read_one(
             "record seq {} where {seq} was expected",
             h.seq
         )));
+    }
+    if h.payload_dropped() {
+        return Err(payload_dropped(seq));
     }
     if offset + h.encoded_len() > limit {
         return Err(corrupt("record runs past the end of the segment".into()));
@@ -275,6 +279,9 @@ fn checked_in_map<'a>(
             h.seq
         )));
     }
+    if h.payload_dropped() {
+        return Err(payload_dropped(seq));
+    }
     let payload_at = at + RECORD_HEADER_LEN;
     let payload = bytes
         .get(payload_at..payload_at + h.payload_len as usize)
@@ -321,6 +328,14 @@ pub(crate) fn payload_into(
         .ok_or_else(|| short(record.payload.len()))?;
     dst.copy_from_slice(src);
     Ok(())
+}
+
+/// A single-record read of a record whose payload consolidation dropped: the caller asked
+/// for bytes no kept point needs, which is a bug or a point that is no longer kept.
+fn payload_dropped(seq: u64) -> JournalError {
+    JournalError::InvalidArgument(format!(
+        "record {seq}'s payload was dropped by consolidation (no kept point needs it)"
+    ))
 }
 
 fn read_exact_at(segment: &Segment, buf: &mut [u8], at: u64) -> Result<(), JournalError> {

@@ -178,6 +178,9 @@ pub struct Record {
     pub offset: u64,
     pub length: u64,
     pub payload: Bytes,
+    /// Consolidation dropped this Write's payload (`payload` is empty): no kept point
+    /// needs its bytes. Readers of payloads skip or refuse such records.
+    pub payload_dropped: bool,
 }
 
 /// Where a record lies: its segment's index and its byte offset in that file.

@@ -131,6 +131,7 @@ fn check_contiguous(found: &[(u64, PathBuf)]) -> Result<(), JournalError> {
 
 /// Recovers the journal in `dir` (which exists and is locked by the caller).
 pub fn recover(env: &Env, dir: &Path, group_id: u64) -> Result<Recovered, JournalError> {
+    crate::consolidate::remove_leftovers(dir)?;
     let mut found = list_segments(dir)?;
     check_contiguous(&found)?;
     let mut report = RecoveryReport::default();

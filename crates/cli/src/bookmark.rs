@@ -58,6 +58,9 @@ pub struct CreateArgs {
     /// Seconds allowed for each of: quiesce, the bookmark request, thaw.
     #[arg(long, default_value_t = 30)]
     timeout: u64,
+    /// Keep this point when consolidation thins out old history.
+    #[arg(long)]
+    keep: bool,
     /// Print JSON instead of a sentence.
     #[arg(long)]
     json: bool,
@@ -97,6 +100,7 @@ async fn create(args: CreateArgs) -> anyhow::Result<()> {
             // The appliance appends within the timeout or not at all, so a bookmark marked
             // application-consistent never lands after the thaw below.
             deadline_ms: Some(timeout.as_millis().min(u64::MAX as u128) as u64),
+            keep: args.keep,
         };
         async move {
             let wait = timeout + BOOKMARK_ANSWER_GRACE;
@@ -152,6 +156,7 @@ async fn create(args: CreateArgs) -> anyhow::Result<()> {
         "timestamp_ns": b["timestamp_ns"],
         "time": b["time"],
         "consistency": b["consistency"],
+        "keep": b["keep"],
         // Quiesce start to thaw end, as the application saw it.
         "freeze_window_ms": freeze_window_ms,
     });
@@ -239,18 +244,26 @@ fn table(answer: &serde_json::Value) -> Option<String> {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<24} {:<24} {:>10} {:<12} {:>10}",
+        "{:<24} {:<24} {:>10} {:<12} {:>10}  KEPT",
         "NAME", "TIME", "SEQ", "CONSISTENCY", "FREEZE_MS"
     );
     for b in answer.get("bookmarks")?.as_array()? {
         let _ = writeln!(
             out,
-            "{:<24} {:<24} {:>10} {:<12} {:>10}",
+            "{:<24} {:<24} {:>10} {:<12} {:>10}  {}",
             b.get("name")?.as_str()?,
             b.get("time")?.as_str()?,
             b.get("seq")?.as_u64()?,
             b.get("consistency")?.as_str()?,
             b.get("freeze_window_ms")?.as_u64()?,
+            match (
+                b.get("consolidated").and_then(|c| c.as_bool()),
+                b.get("keep").and_then(|k| k.as_bool()),
+            ) {
+                (Some(true), _) => "consolidated away",
+                (_, Some(true)) => "keep",
+                _ => "",
+            },
         );
     }
     Some(out)

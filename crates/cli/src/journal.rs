@@ -1,7 +1,9 @@
 //! `cdp journal inspect DIR`: offline validation of one journal or of every group's journal
 //! under an appliance data directory, with every damaged place named by file and byte offset.
+//! `cdp journal consolidate [GROUP]`: a consolidation pass on the running appliance now.
 //!
-//! Exit status: 0 clean, 1 damaged, 2 usage error (no journal at DIR, or it cannot be read).
+//! Inspect's exit status: 0 clean, 1 damaged, 2 usage error (no journal at DIR, or it cannot
+//! be read).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -16,6 +18,21 @@ pub enum JournalCommand {
     /// Check every record's CRC and the sequence continuity of a journal, offline; print a
     /// summary and each damaged place (file and byte offset). Exit 0 clean, 1 damaged, 2 usage.
     Inspect(InspectArgs),
+    /// Consolidate a group's old history now under its `[group.consolidation]` policy
+    /// (passes also run every `interval_s`): keeps the policy's points and bookmarks made
+    /// with `--keep`, drops the payloads no kept point needs, and says how much it freed.
+    Consolidate(ConsolidateArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ConsolidateArgs {
+    #[command(flatten)]
+    control: crate::group::ApplianceControlArgs,
+    /// The consistency group (may be left out when the appliance has one).
+    group: Option<String>,
+    /// Print JSON instead of a sentence.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -36,7 +53,55 @@ const EXIT_USAGE: u8 = 2;
 pub fn run(command: JournalCommand) -> ExitCode {
     match command {
         JournalCommand::Inspect(args) => inspect(&args),
+        JournalCommand::Consolidate(args) => match consolidate(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cdp: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
+}
+
+fn consolidate(args: ConsolidateArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let answer = crate::runtime()?.block_on(cdp_appliance::control::request(
+        &args.control.socket(),
+        &cdp_appliance::control::Request::JournalConsolidate {
+            group: args.group.clone(),
+        },
+    ))?;
+    if let Some(error) = answer.get("error").and_then(|e| e.as_str()) {
+        anyhow::bail!("{error}");
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(());
+    }
+    let text = consolidate_text(&answer).context("unexpected answer from the appliance")?;
+    println!("{text}");
+    Ok(())
+}
+
+fn consolidate_text(answer: &serde_json::Value) -> Option<String> {
+    let group = answer.get("group")?.as_str()?;
+    let c = answer.get("consolidation")?;
+    let through = c.get("through_seq")?.as_u64()?;
+    if let Some(why) = c.get("nothing_because").and_then(|w| w.as_str()) {
+        return Some(format!("group {group}: nothing to consolidate: {why}"));
+    }
+    let before = c.get("bytes_before")?.as_u64()?;
+    let after = c.get("bytes_after")?.as_u64()?;
+    Some(format!(
+        "group {group}: history through seq {through} consolidated to {} kept points; {} segments rewritten, {} payloads dropped, {} freed ({} -> {}) in {} ms",
+        c.get("kept_points")?.as_u64()?,
+        c.get("segments_rewritten")?.as_u64()?,
+        c.get("payloads_dropped")?.as_u64()?,
+        format_bytes(c.get("bytes_freed")?.as_u64()?),
+        format_bytes(before),
+        format_bytes(after),
+        c.get("millis")?.as_u64()?,
+    ))
 }
 
 /// One inspected journal, as printed.
@@ -48,6 +113,7 @@ struct JournalOut {
     group_id: Option<u64>,
     segments: Vec<SegmentOut>,
     records: u64,
+    payloads_dropped: u64,
     first_seq: u64,
     last_seq: u64,
     bytes: u64,
@@ -105,6 +171,7 @@ fn inspect(args: &InspectArgs) -> ExitCode {
             group,
             group_id: report.group_id,
             records: report.records,
+            payloads_dropped: report.payloads_dropped,
             first_seq: report.first_seq.0,
             last_seq: report.last_seq.0,
             bytes: report.segments.iter().map(|s| s.bytes).sum(),
@@ -178,6 +245,13 @@ fn text(out: &Output) -> String {
             format_bytes(j.bytes),
             j.bytes
         );
+        if j.payloads_dropped > 0 {
+            let _ = writeln!(
+                s,
+                "  {} write payloads dropped by consolidation (headers kept)",
+                j.payloads_dropped
+            );
+        }
         for seg in &j.segments {
             let _ = writeln!(
                 s,

@@ -122,6 +122,37 @@ fn table(value: &serde_json::Value) -> Option<String> {
                 None => String::new(),
             }
         );
+        if let Some(c) = g.get("consolidation").filter(|c| c.is_object()) {
+            let cn = |k: &str| c.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+            let tiers: Vec<String> = c
+                .get("tiers")
+                .and_then(|t| t.as_array())
+                .map(|t| {
+                    t.iter()
+                        .filter_map(|pair| {
+                            let every = pair.get(0)?.as_u64()?;
+                            let span = pair.get(1)?.as_u64()?;
+                            Some(format!("1 per {every} s for {span} s"))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "  consolidation: every point for {} s, then {}; through seq {}, {} kept points, {} passes freed {}{}",
+                cn("keep_all_s"),
+                tiers.join(", then "),
+                cn("through_seq"),
+                cn("kept_points"),
+                cn("passes"),
+                format_bytes(cn("bytes_freed_total")),
+                if c.get("running").and_then(|r| r.as_bool()) == Some(true) {
+                    " (a pass is running)"
+                } else {
+                    ""
+                }
+            );
+        }
         if let Some(f) = g.get("failure").and_then(|f| f.as_str()) {
             let _ = writeln!(out, "  FENCED: {f}");
         }
