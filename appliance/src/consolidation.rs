@@ -324,6 +324,32 @@ mod tests {
         assert!(again.is_subset(&kept));
     }
 
+    /// The form docs/cli.md shows parses, with the volumes after the policy's tables.
+    #[test]
+    fn documented_config_parses() {
+        let text = r#"
+name = "db"
+[consolidation]
+keep_all_s = 86400
+interval_s = 600
+[[consolidation.tier]]
+every_s = 3600
+for_s = 604800
+[[consolidation.tier]]
+every_s = 86400
+for_s = 2592000
+[[volume]]
+name = "vol0"
+size = 1048576
+replica = "/r"
+"#;
+        let g: crate::config::GroupConfig = toml::from_str(text).unwrap();
+        let c = g.consolidation.unwrap();
+        assert_eq!((c.keep_all_s, c.interval_s, c.tier.len()), (86400, 600, 2));
+        assert_eq!(g.volume.len(), 1);
+        c.validate("db").unwrap();
+    }
+
     #[test]
     fn policy_validation() {
         let mut p = policy();
