@@ -221,6 +221,28 @@ fn consolidation_keeps_kept_points_exact_and_frees_space() {
         }
     }
     assert!(refused > 0, "consolidation dropped no bookmark's point");
+    // The timeline lists the kept points of the consolidated region: the kept bookmarks are
+    // among them, the refused ones are not.
+    let timeline = site.cdp_json(&["timeline", "--json"]);
+    let kept_seqs: Vec<u64> = timeline["consolidated"]["kept"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no consolidated region in {timeline}"))
+        .iter()
+        .filter_map(|k| k["seq"].as_u64())
+        .collect();
+    for b in listed["bookmarks"].as_array().expect("bookmarks") {
+        let seq = b["seq"].as_u64().expect("seq");
+        let below = timeline["consolidated"]["below_seq"]
+            .as_u64()
+            .expect("below_seq");
+        if seq < below {
+            assert_eq!(
+                kept_seqs.contains(&seq),
+                b["consolidated"] == false,
+                "bookmark {b} vs timeline {timeline}"
+            );
+        }
+    }
 
     // Logged access to a kept point in consolidated history rolls the replica back exactly;
     // release rolls it forward through the thinned-out journal to production.

@@ -318,7 +318,14 @@ async fn group_request(
         ),
         Request::Timeline { group } => (
             find_group(groups, group.as_deref())?,
-            Box::new(|g| to_json(&timeline(&g.name, g.journal(), g.bookmarks())?)),
+            Box::new(|g| {
+                to_json(&timeline(
+                    &g.name,
+                    g.journal(),
+                    g.bookmarks(),
+                    &g.consolidation_state(),
+                )?)
+            }),
         ),
         Request::JournalConsolidate { group } => (
             find_group(groups, group.as_deref())?,

@@ -7,6 +7,7 @@ use cdp_journal::Journal;
 use serde::Serialize;
 
 use crate::bookmark::Bookmark;
+use crate::consolidation::ConsolidationState;
 use crate::limits::{TIMELINE_BUCKETS_MAX, TIMELINE_BUCKET_NS_DEFAULT};
 use crate::point::format_time;
 
@@ -39,6 +40,16 @@ pub struct Timeline {
     pub bucket_s: u64,
     /// Buckets with activity, oldest first (empty buckets are left out).
     pub activity: Vec<ActivityBucket>,
+    /// History consolidation thinned out, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consolidated: Option<Consolidated>,
+}
+
+/// Below `below_seq` only the `kept` points can be opened.
+#[derive(Clone, Debug, Serialize)]
+pub struct Consolidated {
+    pub below_seq: u64,
+    pub kept: Vec<WindowEnd>,
 }
 
 /// Scans the journal from its first record and builds the timeline.
@@ -46,7 +57,9 @@ pub fn timeline(
     group: &str,
     journal: &Journal,
     bookmarks: Vec<Bookmark>,
+    consolidation: &ConsolidationState,
 ) -> Result<Timeline, String> {
+    let mut kept = Vec::new();
     // (timestamp, bytes) of every change record, in seq order.
     let mut stamps: Vec<(u64, u64)> = Vec::new();
     let mut first = None;
@@ -64,6 +77,9 @@ pub fn timeline(
         };
         if first.is_none() {
             first = Some(end.clone());
+        }
+        if end.seq < consolidation.consolidated_below && consolidation.kept.contains(&end.seq) {
+            kept.push(end.clone());
         }
         last = Some(end);
         // Only volume changes count as activity (not bookmarks or other markers).
@@ -101,6 +117,10 @@ pub fn timeline(
         bookmarks,
         bucket_s: bucket_ns / 1_000_000_000,
         activity,
+        consolidated: (consolidation.consolidated_below > 0).then_some(Consolidated {
+            below_seq: consolidation.consolidated_below,
+            kept,
+        }),
     })
 }
 
@@ -116,7 +136,8 @@ mod tests {
     fn counts_records_and_bytes() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let (journal, _) = Journal::open(tmp.path(), 3, JournalConfig::default()).expect("open");
-        let empty = timeline("g", &journal, Vec::new()).expect("empty timeline");
+        let empty = timeline("g", &journal, Vec::new(), &ConsolidationState::default())
+            .expect("empty timeline");
         assert!(empty.first.is_none() && empty.activity.is_empty());
         let writes: Vec<RecordIn> = (1..=5u64)
             .map(|i| {
@@ -134,7 +155,8 @@ mod tests {
         journal
             .append(&[RecordIn::range(RecordKind::Trim, 1, 0, 8192)])
             .expect("trim");
-        let t = timeline("g", &journal, Vec::new()).expect("timeline");
+        let t =
+            timeline("g", &journal, Vec::new(), &ConsolidationState::default()).expect("timeline");
         assert_eq!(t.first.as_ref().map(|f| f.seq), Some(1));
         assert_eq!(t.last.as_ref().map(|l| l.seq), Some(7));
         assert_eq!(t.bucket_s, 60);

@@ -91,6 +91,14 @@ impl Group {
         ))
     }
 
+    /// The points consolidation kept so far.
+    pub fn consolidation_state(&self) -> ConsolidationState {
+        self.consolidation_state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Consolidation in `cdp status`, if the group has a policy.
     pub fn consolidation_status(&self) -> Option<ConsolidationStatus> {
         let config = self.consolidation.as_ref()?;

@@ -31,6 +31,9 @@ pub fn run(args: TimelineArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Kept points of consolidated history listed in the text output (all are in `--json`).
+const TIMELINE_KEPT_SHOWN: usize = 24;
+
 fn text(t: &serde_json::Value) -> Option<String> {
     use std::fmt::Write;
     let mut out = String::new();
@@ -48,6 +51,28 @@ fn text(t: &serde_json::Value) -> Option<String> {
         last.get("seq")?.as_u64()?,
         last.get("time")?.as_str()?,
     );
+    if let Some(c) = t.get("consolidated").filter(|c| c.is_object()) {
+        let kept = c.get("kept")?.as_array()?;
+        let _ = writeln!(
+            out,
+            "  consolidated below seq {}: only these {} kept points open there{}",
+            c.get("below_seq")?.as_u64()?,
+            kept.len(),
+            if kept.len() > TIMELINE_KEPT_SHOWN {
+                format!(" (newest {TIMELINE_KEPT_SHOWN} shown)")
+            } else {
+                String::new()
+            }
+        );
+        for k in kept.iter().rev().take(TIMELINE_KEPT_SHOWN).rev() {
+            let _ = writeln!(
+                out,
+                "    {} seq {}",
+                k.get("time")?.as_str()?,
+                k.get("seq")?.as_u64()?
+            );
+        }
+    }
     let bookmarks = t.get("bookmarks")?.as_array()?;
     let _ = writeln!(out, "  bookmarks: {}", bookmarks.len());
     for b in bookmarks {
