@@ -42,6 +42,15 @@ pub struct ApplianceConfig {
     /// for its groups with `source = "remote"`. Default: none (no group here is a remote copy).
     #[serde(default)]
     pub replication_listen: Option<std::net::SocketAddr>,
+    /// Mutual TLS for `replication_listen`: `{ ca = PATH, cert = PATH, key = PATH }` (PEM).
+    /// A source must present a certificate signed by `ca`; this appliance proves itself with
+    /// `cert`/`key`. Required with `replication_listen` unless `replication_plaintext = true`.
+    #[serde(default)]
+    pub replication_tls: Option<TlsFilesConfig>,
+    /// Accept replication links unencrypted and unauthenticated (trusted networks, tests).
+    /// Default false: it must be said explicitly, and excludes `replication_tls`.
+    #[serde(default)]
+    pub replication_plaintext: bool,
     // --- end remote replication ---
     #[serde(default)]
     pub group: Vec<GroupConfig>,
@@ -136,9 +145,30 @@ pub struct RemoteConfig {
     /// older than this. Default 30, minimum 1.
     #[serde(default = "rpo_s_default")]
     pub rpo_s: u64,
-    /// zstd level for batches on the wire: 0 sends them uncompressed, 1..=19. Default 3.
-    #[serde(default = "compress_level_default")]
-    pub compress_level: i32,
+    /// Also a recovery point objective in bytes: exceeded when more journal bytes than
+    /// this are not yet durable at the remote. Default: none (only `rpo_s`).
+    #[serde(default)]
+    pub rpo_bytes: Option<u64>,
+    /// Async (and dynamic while asynchronous): while the RPO is exceeded and the link is up,
+    /// hold host writes (backpressure through the split link, never an error) until the
+    /// remote copy is back within it, so the host never runs further ahead of the remote
+    /// than the RPO. Never while the link is down: an unreachable remote does not stop the
+    /// host (the journal keeps the history). Default false.
+    #[serde(default)]
+    pub throttle_on_rpo: bool,
+    /// zstd level for batches on the wire: 0 sends them uncompressed, 1..=19, or
+    /// `"adaptive"` (default): chosen per batch from what holds the link back (see
+    /// `replication/compression.rs`).
+    #[serde(default)]
+    pub compress_level: CompressLevel,
+    /// Send repeated 4 KiB blocks (and all-zero ones) of writes as references to blocks
+    /// both ends still hold from this connection (`cdp_link::dedup_window`). Default true.
+    #[serde(default = "dedup_default")]
+    pub dedup: bool,
+    /// Bytes of recently sent blocks each end keeps for dedup references (memory at both
+    /// ends, per link). Default 64 MiB; 1 MiB..=256 MiB, rounded down to 4 KiB.
+    #[serde(default = "dedup_window_bytes_default")]
+    pub dedup_window_bytes: u64,
     /// `async` (default): the host is never held for the remote copy. `sync`: a host write
     /// is acknowledged only once the remote copy made it durable, and a FLUSH means durable
     /// at both sites; while the remote is unreachable host writes wait. `dynamic`: sync,
@@ -154,6 +184,40 @@ pub struct RemoteConfig {
     /// Default: none. Minimum `BANDWIDTH_BYTES_PER_S_MIN` (smaller values are raised).
     #[serde(default)]
     pub bandwidth_bytes_per_s: Option<u64>,
+    /// Mutual TLS towards the remote: `{ ca = PATH, cert = PATH, key = PATH, server_name = NAME }`
+    /// (PEM). The remote must present a certificate signed by `ca` and valid for
+    /// `server_name` (default: the endpoint's host; an IP address matches an IP SAN); this
+    /// appliance proves itself with `cert`/`key`. Required unless `plaintext = true`.
+    #[serde(default)]
+    pub tls: Option<RemoteTlsConfig>,
+    /// Ship unencrypted and unauthenticated (trusted networks, tests). Default false: it must
+    /// be said explicitly, and excludes `tls`.
+    #[serde(default)]
+    pub plaintext: bool,
+}
+
+/// PEM files of one side of a mutually authenticated TLS link.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFilesConfig {
+    /// The CA certificate(s) a peer's certificate must chain to.
+    pub ca: PathBuf,
+    /// This appliance's certificate (chain), leaf first.
+    pub cert: PathBuf,
+    /// The private key of `cert` (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// `[group.remote] tls`: `TlsFilesConfig` plus the name the remote's certificate must carry.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteTlsConfig {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// DNS name or IP address expected in the remote's certificate. Default: the endpoint's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
 }
 
 /// When a host write to a shipping group is acknowledged; see `RemoteConfig::mode`.
@@ -180,8 +244,60 @@ fn rpo_s_default() -> u64 {
     30
 }
 
-fn compress_level_default() -> i32 {
-    3
+fn dedup_default() -> bool {
+    true
+}
+
+fn dedup_window_bytes_default() -> u64 {
+    cdp_link::dedup_window::DEDUP_WINDOW_BYTES_DEFAULT as u64
+}
+
+/// The smallest dedup window: below it references would rarely reach the previous batch.
+pub const DEDUP_WINDOW_BYTES_MIN: u64 = 1024 * 1024;
+
+/// `[group.remote] compress_level`: a fixed zstd level (0 = off) or `"adaptive"`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CompressLevel {
+    Fixed(i32),
+    #[default]
+    Adaptive,
+}
+
+impl Serialize for CompressLevel {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            CompressLevel::Fixed(level) => s.serialize_i32(*level),
+            CompressLevel::Adaptive => s.serialize_str("adaptive"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for CompressLevel {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct LevelVisitor;
+        impl serde::de::Visitor<'_> for LevelVisitor {
+            type Value = CompressLevel;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a zstd level (0 = off, 1..=19) or \"adaptive\"")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<CompressLevel, E> {
+                // Out-of-range levels are clamped (with a warning) by sanitize.
+                Ok(CompressLevel::Fixed(
+                    v.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32,
+                ))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<CompressLevel, E> {
+                Ok(CompressLevel::Fixed(v.min(i32::MAX as u64) as i32))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<CompressLevel, E> {
+                match v {
+                    "adaptive" => Ok(CompressLevel::Adaptive),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
+                }
+            }
+        }
+        d.deserialize_any(LevelVisitor)
+    }
 }
 
 impl GroupConfig {
@@ -208,14 +324,27 @@ impl GroupConfig {
                     self.name
                 )));
             }
+            check_remote_security(&self.name, r)?;
             if r.rpo_s == 0 {
                 tracing::warn!(group = %self.name, "remote.rpo_s = 0; using 1");
                 r.rpo_s = 1;
             }
-            if !(0..=19).contains(&r.compress_level) {
-                let level = r.compress_level.clamp(0, 19);
-                tracing::warn!(group = %self.name, "remote.compress_level = {}; using {level}", r.compress_level);
-                r.compress_level = level;
+            if let CompressLevel::Fixed(level) = r.compress_level {
+                if !(0..=19).contains(&level) {
+                    let clamped = level.clamp(0, 19);
+                    tracing::warn!(group = %self.name, "remote.compress_level = {level}; using {clamped}");
+                    r.compress_level = CompressLevel::Fixed(clamped);
+                }
+            }
+            let window_max = cdp_link::dedup_window::DEDUP_WINDOW_BYTES_MAX as u64;
+            let window = r
+                .dedup_window_bytes
+                .clamp(DEDUP_WINDOW_BYTES_MIN, window_max)
+                / cdp_link::dedup_window::DEDUP_BLOCK_BYTES as u64
+                * cdp_link::dedup_window::DEDUP_BLOCK_BYTES as u64;
+            if window != r.dedup_window_bytes {
+                tracing::warn!(group = %self.name, "remote.dedup_window_bytes = {}; using {window}", r.dedup_window_bytes);
+                r.dedup_window_bytes = window;
             }
             if r.sync_wait_ms_max < SYNC_WAIT_MS_MAX_MIN {
                 tracing::warn!(group = %self.name, "remote.sync_wait_ms_max = {}; using {SYNC_WAIT_MS_MAX_MIN}", r.sync_wait_ms_max);
@@ -229,6 +358,58 @@ impl GroupConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// The link to the remote is either mutual TLS or explicitly plaintext: never by omission.
+fn check_remote_security(group: &str, r: &RemoteConfig) -> Result<(), ApplianceError> {
+    match (&r.tls, r.plaintext) {
+        (None, false) => Err(ApplianceError::Config(format!(
+            "group {group:?}: [group.remote] needs tls = {{ ca = \"CA.pem\", cert = \"CERT.pem\", \
+             key = \"KEY.pem\" }} (mutual TLS; `cdp tls ca` and `cdp tls issue` make the files), \
+             or plaintext = true to ship unencrypted and unauthenticated"
+        ))),
+        (Some(_), true) => Err(ApplianceError::Config(format!(
+            "group {group:?}: [group.remote] sets both tls and plaintext = true; keep one"
+        ))),
+        (Some(tls), false) => match &tls.server_name {
+            Some(name) if name.trim().is_empty() => Err(ApplianceError::Config(format!(
+                "group {group:?}: [group.remote] tls.server_name is empty (leave it out to use \
+                 the endpoint's host)"
+            ))),
+            _ => Ok(()),
+        },
+        (None, true) => Ok(()),
+    }
+}
+
+impl ApplianceConfig {
+    /// `replication_listen` accepts either mutual TLS or, explicitly, plaintext.
+    fn check_listener_security(&self) -> Result<(), ApplianceError> {
+        let bad = |m: String| Err(ApplianceError::Config(m));
+        match (
+            self.replication_listen,
+            &self.replication_tls,
+            self.replication_plaintext,
+        ) {
+            (_, Some(_), true) => bad(
+                "both replication_tls and replication_plaintext = true are set; keep one".into(),
+            ),
+            (Some(listen), None, false) => bad(format!(
+                "replication_listen = \"{listen}\" needs replication_tls = {{ ca = \"CA.pem\", \
+                 cert = \"CERT.pem\", key = \"KEY.pem\" }} (mutual TLS; `cdp tls ca` and \
+                 `cdp tls issue` make the files), or replication_plaintext = true to accept \
+                 unencrypted, unauthenticated replication links"
+            )),
+            (None, Some(_), _) | (None, None, true) => {
+                tracing::warn!(
+                    "replication_tls / replication_plaintext are set but replication_listen is \
+                     not; they are unused"
+                );
+                Ok(())
+            }
+            _ => Ok(()),
+        }
     }
 }
 // --- end remote replication ---
@@ -340,6 +521,7 @@ impl ApplianceConfig {
             tracing::warn!("journal_sync_interval_ms = 0; using 1");
             self.journal_sync_interval_ms = 1;
         }
+        self.check_listener_security()?;
         Ok(self)
     }
 }
@@ -397,44 +579,110 @@ replica = "/d/r0.img"
         assert!(c.group[0].remote.is_none());
         assert!(c.replication_listen.is_none());
         let local = format!(
-            "{GOOD}\n[group.remote]\nendpoint = \"dr:7701\"\nrpo_s = 0\ncompress_level = 40\n"
+            "{GOOD}\n[group.remote]\nendpoint = \"dr:7701\"\nplaintext = true\nrpo_s = 0\ncompress_level = 40\n"
         );
         let c = ApplianceConfig::from_toml(&local).unwrap();
         let r = c.group[0].remote.as_ref().unwrap();
         assert_eq!(
             (r.endpoint.as_str(), r.rpo_s, r.compress_level),
-            ("dr:7701", 1, 19)
+            ("dr:7701", 1, CompressLevel::Fixed(19))
         );
-        let defaults = format!("{GOOD}\n[group.remote]\nendpoint = \"dr:7701\"\n");
+        let defaults =
+            format!("{GOOD}\n[group.remote]\nendpoint = \"dr:7701\"\nplaintext = true\n");
         let c = ApplianceConfig::from_toml(&defaults).unwrap();
         let r = c.group[0].remote.as_ref().unwrap();
-        assert_eq!((r.rpo_s, r.compress_level), (30, 3));
+        assert_eq!((r.rpo_s, r.compress_level), (30, CompressLevel::Adaptive));
+        assert!(r.dedup);
+        assert_eq!(r.dedup_window_bytes, 64 << 20);
         let remote = GOOD.replace(
             "name = \"default\"\n",
             "name = \"default\"\nsource = \"remote\"\n",
         );
         // A remote copy needs somewhere to accept its replication link.
         assert!(ApplianceConfig::from_toml(&remote).is_err());
-        let remote = format!("replication_listen = \"127.0.0.1:7701\"\n{remote}");
+        let remote = format!(
+            "replication_listen = \"127.0.0.1:7701\"\nreplication_plaintext = true\n{remote}"
+        );
         let c = ApplianceConfig::from_toml(&remote).unwrap();
         assert_eq!(c.group[0].source, GroupSource::Remote);
         // A remote copy does not ship onwards yet.
         let chained = format!("{remote}\n[group.remote]\nendpoint = \"x:1\"\n");
         assert!(ApplianceConfig::from_toml(&chained).is_err());
-        let typo = format!("{GOOD}\n[group.remote]\nendpoint = \"x:1\"\nrpo = 3\n");
+        let typo =
+            format!("{GOOD}\n[group.remote]\nendpoint = \"x:1\"\nplaintext = true\nrpo = 3\n");
         assert!(ApplianceConfig::from_toml(&typo).is_err());
     }
 
     #[test]
+    fn remote_link_security_keys() {
+        let err = |text: &str| ApplianceConfig::from_toml(text).err().unwrap().to_string();
+        // Neither TLS nor plaintext: refused, naming both keys.
+        let bare = format!("{GOOD}\n[group.remote]\nendpoint = \"dr:7701\"\n");
+        let e = err(&bare);
+        assert!(
+            e.contains("[group.remote] needs tls = {") && e.contains("plaintext = true"),
+            "{e}"
+        );
+        let tls = format!(
+            "{GOOD}\n[group.remote]\nendpoint = \"dr:7701\"\n\
+             tls = {{ ca = \"/c/ca.pem\", cert = \"/c/cert.pem\", key = \"/c/key.pem\" }}\n"
+        );
+        let c = ApplianceConfig::from_toml(&tls).unwrap();
+        let r = c.group[0].remote.as_ref().unwrap();
+        let files = r.tls.as_ref().unwrap();
+        assert_eq!(files.cert, PathBuf::from("/c/cert.pem"));
+        assert_eq!(files.server_name, None);
+        assert!(!r.plaintext);
+        let both = format!("{tls}plaintext = true\n");
+        assert!(
+            err(&both).contains("both tls and plaintext"),
+            "{}",
+            err(&both)
+        );
+        let empty_name = tls.replace("key.pem\" }", "key.pem\", server_name = \" \" }");
+        assert!(err(&empty_name).contains("server_name is empty"));
+        let missing_key = tls.replace(", key = \"/c/key.pem\"", "");
+        assert!(err(&missing_key).contains("key"), "{}", err(&missing_key));
+        let typo = tls.replace("ca = ", "cafile = ");
+        assert!(err(&typo).contains("cafile"), "{}", err(&typo));
+
+        // The listener: the same choice, made explicitly.
+        let remote = GOOD.replace(
+            "name = \"default\"\n",
+            "name = \"default\"\nsource = \"remote\"\n",
+        );
+        let bare = format!("replication_listen = \"127.0.0.1:7701\"\n{remote}");
+        let e = err(&bare);
+        assert!(
+            e.contains("needs replication_tls = {") && e.contains("replication_plaintext = true"),
+            "{e}"
+        );
+        let tls = format!(
+            "replication_listen = \"127.0.0.1:7701\"\nreplication_tls = {{ ca = \"/c/ca.pem\", \
+             cert = \"/c/cert.pem\", key = \"/c/key.pem\" }}\n{remote}"
+        );
+        let c = ApplianceConfig::from_toml(&tls).unwrap();
+        assert_eq!(
+            c.replication_tls.as_ref().unwrap().ca,
+            PathBuf::from("/c/ca.pem")
+        );
+        let both = format!("replication_plaintext = true\n{tls}");
+        assert!(err(&both).contains("keep one"), "{}", err(&both));
+        // A local-only appliance needs neither.
+        assert!(ApplianceConfig::from_toml(GOOD).is_ok());
+    }
+
+    #[test]
     fn remote_mode_and_bandwidth_keys() {
-        let defaults = format!("{GOOD}\n[group.remote]\nendpoint = \"dr:7701\"\n");
+        let defaults =
+            format!("{GOOD}\n[group.remote]\nendpoint = \"dr:7701\"\nplaintext = true\n");
         let c = ApplianceConfig::from_toml(&defaults).unwrap();
         let r = c.group[0].remote.as_ref().unwrap();
         assert_eq!(r.mode, ReplicationMode::Async);
         assert_eq!(r.bandwidth_bytes_per_s, None);
         assert_eq!(r.sync_wait_ms_max, 5000);
         let set = format!(
-            "{GOOD}\n[group.remote]\nendpoint = \"dr:7701\"\nmode = \"dynamic\"\n\
+            "{GOOD}\n[group.remote]\nendpoint = \"dr:7701\"\nplaintext = true\nmode = \"dynamic\"\n\
              sync_wait_ms_max = 1\nbandwidth_bytes_per_s = 10\n"
         );
         let c = ApplianceConfig::from_toml(&set).unwrap();
@@ -443,13 +691,53 @@ replica = "/d/r0.img"
         // Soft mistakes are clamped to the minimums.
         assert_eq!(r.sync_wait_ms_max, SYNC_WAIT_MS_MAX_MIN);
         assert_eq!(r.bandwidth_bytes_per_s, Some(BANDWIDTH_BYTES_PER_S_MIN));
-        let sync = format!("{GOOD}\n[group.remote]\nendpoint = \"dr:7701\"\nmode = \"sync\"\n");
+        let sync = format!(
+            "{GOOD}\n[group.remote]\nendpoint = \"dr:7701\"\nplaintext = true\nmode = \"sync\"\n"
+        );
         let c = ApplianceConfig::from_toml(&sync).unwrap();
         assert_eq!(
             c.group[0].remote.as_ref().unwrap().mode,
             ReplicationMode::Sync
         );
-        let bad = format!("{GOOD}\n[group.remote]\nendpoint = \"dr:7701\"\nmode = \"semi\"\n");
+        let bad = format!(
+            "{GOOD}\n[group.remote]\nendpoint = \"dr:7701\"\nplaintext = true\nmode = \"semi\"\n"
+        );
         assert!(ApplianceConfig::from_toml(&bad).is_err());
+    }
+
+    #[test]
+    fn remote_dedup_and_compression_keys() {
+        let remote = |keys: &str| {
+            format!("{GOOD}\n[group.remote]\nendpoint = \"dr:7701\"\nplaintext = true\n{keys}")
+        };
+        let c = ApplianceConfig::from_toml(&remote(
+            "compress_level = \"adaptive\"\ndedup = false\ndedup_window_bytes = 5000000\n",
+        ))
+        .unwrap();
+        let r = c.group[0].remote.as_ref().unwrap();
+        assert_eq!(r.compress_level, CompressLevel::Adaptive);
+        assert!(!r.dedup);
+        // Rounded down to whole 4 KiB blocks.
+        assert_eq!(r.dedup_window_bytes, 5000000 / 4096 * 4096);
+        let c = ApplianceConfig::from_toml(&remote("compress_level = 0\ndedup_window_bytes = 1\n"))
+            .unwrap();
+        let r = c.group[0].remote.as_ref().unwrap();
+        assert_eq!(r.compress_level, CompressLevel::Fixed(0));
+        assert_eq!(r.dedup_window_bytes, DEDUP_WINDOW_BYTES_MIN);
+        let c = ApplianceConfig::from_toml(&remote(
+            "compress_level = -5\ndedup_window_bytes = 99999999999\n",
+        ))
+        .unwrap();
+        let r = c.group[0].remote.as_ref().unwrap();
+        assert_eq!(r.compress_level, CompressLevel::Fixed(0));
+        assert_eq!(
+            r.dedup_window_bytes,
+            cdp_link::dedup_window::DEDUP_WINDOW_BYTES_MAX as u64
+        );
+        assert!(ApplianceConfig::from_toml(&remote("compress_level = \"fast\"\n")).is_err());
+        assert_eq!(
+            serde_json::to_string(&[CompressLevel::Adaptive, CompressLevel::Fixed(3)]).unwrap(),
+            "[\"adaptive\",3]"
+        );
     }
 }

@@ -1158,11 +1158,57 @@ impl Group {
     /// under `throttle` the caller must also hold the host's writes (returns true) until
     /// this returns false.
     pub fn journal_full_hold(&self) -> bool {
+        // Async replication with `throttle_on_rpo`: the remote copy is further behind than
+        // its RPO while the link is up, so the host waits for shipping to catch up.
+        if let Some(s) = self
+            .replication
+            .shipping
+            .as_ref()
+            .filter(|s| s.rpo_regulated())
+        {
+            // The byte target is checked on every append, not only at the shipper's
+            // once-a-second measurement, so the backlog never grows far past it.
+            let shipped = Seq(s.shipped_seq.load(Ordering::Relaxed));
+            if s.rpo_throttling()
+                || s.config
+                    .rpo_bytes
+                    .is_some_and(|b| self.journal_bytes_after(shipped) > b)
+            {
+                return true;
+            }
+        }
         if !self.over_capacity.load(Ordering::Relaxed) {
             return false;
         }
         self.urge_distribution();
         self.journal_full_policy == JournalFullPolicy::Throttle
+    }
+
+    /// Journal bytes holding records after `seq` (what a remote copy at `seq` lacks), to
+    /// record precision where the index knows the next change's place, else by segment.
+    pub fn journal_bytes_after(&self, seq: Seq) -> u64 {
+        let infos = self.journal.segment_infos();
+        let next = seq.0 + 1;
+        let i = infos
+            .partition_point(|s| s.first_seq <= next)
+            .saturating_sub(1);
+        let Some(holding) = infos.get(i) else {
+            return 0;
+        };
+        let later: u64 = infos[i + 1..].iter().map(|s| s.bytes).sum();
+        let in_holding = {
+            let history = lock(&self.history);
+            (next..next.saturating_add(RPO_BYTES_LOOKAHEAD_RECORDS))
+                .find_map(|s| history.redo_ref(s))
+                .filter(|r| r.location.segment == holding.index)
+                .map_or(holding.bytes, |r| {
+                    holding.bytes.saturating_sub(r.location.offset)
+                })
+        };
+        if seq.0 >= self.journal.last_seq().0 {
+            return 0;
+        }
+        in_holding + later
     }
 
     /// Seq of the last record appended to the journal.
@@ -1774,6 +1820,8 @@ fn redo_ref(c: &RecordIn, location: RecordLocation) -> Option<RedoRef> {
 
 /// The retention pin id the remote-copy shipper holds (image pins count from 1).
 const REMOTE_COPY_PIN: u64 = 0;
+/// `journal_bytes_after` looks this far for the next record the index places.
+const RPO_BYTES_LOOKAHEAD_RECORDS: u64 = 64;
 
 /// Distinguishes a group's undo stream from its journal in the records' CRCs, so one can
 /// never be read as the other.

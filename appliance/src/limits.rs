@@ -103,6 +103,14 @@ pub const REPLICATION_RECONNECT_BACKOFF_MAX: std::time::Duration =
 const _: () =
     assert!(REPLICATION_HEARTBEAT_INTERVAL.as_millis() * 3 <= REPLICATION_IDLE_TIMEOUT.as_millis());
 
+/// A replication link's TLS handshake must finish within this: a peer that connects and stays
+/// silent holds one of the `REPLICATION_LINKS_MAX` link threads only this long.
+pub const REPLICATION_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Socket bytes a TLS replication link reads at once before decrypting them (one buffer per
+/// link; a TLS record is at most ~16 KiB, so this holds a few).
+pub const REPLICATION_TLS_READ_BYTES: usize = 64 * 1024;
+
 /// Sync mode: append batches of one split-link connection whose Acks wait for the remote
 /// copy (16 bytes each). The splitter's unacked window keeps far fewer outstanding; past
 /// this, batches merge into the newest entry, which delays their Acks but never drops one.

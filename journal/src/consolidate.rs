@@ -249,7 +249,6 @@ mod tests {
         JournalConfig {
             segment_bytes_max: crate::limits::SEGMENT_BYTES_MIN,
             compress_writes: false,
-            ..JournalConfig::default()
         }
     }
 

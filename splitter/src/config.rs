@@ -34,6 +34,13 @@ pub struct SplitterConfig {
     /// `block` holds them until the appliance is back.
     #[serde(default)]
     pub on_appliance_loss: OnApplianceLoss,
+    /// Bytes of host changes per volume sent to the appliance but not yet acknowledged by
+    /// it (the splitter's memory for them). Host writes wait when it is full: this is how
+    /// far the host can run ahead while the appliance holds its acknowledgements (journal
+    /// full with `throttle`, remote RPO with `throttle_on_rpo`, sync replication). Default
+    /// and maximum 256 MiB, minimum 8 MiB.
+    #[serde(default = "link_window_bytes_default")]
+    pub link_window_bytes: usize,
     /// Where volumes added or removed at runtime (`cdp volume add/remove`) are kept, so a
     /// restart serves the same volumes. Default: `managed-volumes.toml` beside the control
     /// socket; without either, volumes cannot be managed at runtime.
@@ -51,6 +58,10 @@ pub enum OnApplianceLoss {
     #[default]
     Mark,
     Block,
+}
+
+fn link_window_bytes_default() -> usize {
+    crate::limits::UNACKED_BYTES_MAX
 }
 
 fn handshake_timeout_default() -> u64 {
@@ -180,6 +191,19 @@ impl SplitterConfig {
 
     /// Rejects contradictions; clamps soft mistakes with a warning.
     pub fn sanitize(mut self) -> Result<SplitterConfig, SplitterError> {
+        let window = self.link_window_bytes.clamp(
+            crate::limits::UNACKED_BYTES_MIN,
+            crate::limits::UNACKED_BYTES_MAX,
+        );
+        if window != self.link_window_bytes {
+            tracing::warn!(
+                "link_window_bytes = {} is outside {}..={}; using {window}",
+                self.link_window_bytes,
+                crate::limits::UNACKED_BYTES_MIN,
+                crate::limits::UNACKED_BYTES_MAX
+            );
+            self.link_window_bytes = window;
+        }
         if self.nbd_unix.is_none() && self.nbd_tcp.is_none() {
             return Err(SplitterError::Config(
                 "no NBD listener: set nbd_unix and/or nbd_tcp".into(),

@@ -39,6 +39,7 @@ pub async fn run(
         ExportRegistry::new(),
         config.appliance.clone(),
         config.on_appliance_loss,
+        config.link_window_bytes,
         managed_path,
         managed,
     ));

@@ -5,6 +5,9 @@
 /// pushes back on the host instead of growing memory without bound. Each byte is held in
 /// memory until the appliance's Ack so it can be resent after a reconnect.
 pub const UNACKED_BYTES_MAX: usize = 256 * 1024 * 1024;
+/// The smallest `link_window_bytes` accepted: a window this small already costs host
+/// throughput (fewer changes in flight per round trip).
+pub const UNACKED_BYTES_MIN: usize = 8 * 1024 * 1024;
 
 /// Changes handed to the socket in one batch before the writer flushes.
 pub const SEND_BATCH_MESSAGES_MAX: usize = 256;

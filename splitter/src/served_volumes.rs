@@ -34,6 +34,8 @@ pub struct ServedVolumes {
     pub registry: ExportRegistry,
     appliance: Endpoint,
     policy: OnApplianceLoss,
+    /// Each link's window of unacknowledged change bytes (`link_window_bytes`).
+    window_bytes: usize,
     /// Where runtime changes are stored (None: runtime changes are refused).
     managed_path: Option<PathBuf>,
     /// The stored runtime changes. Held across a whole add or remove, so two requests never
@@ -46,6 +48,7 @@ impl ServedVolumes {
         registry: ExportRegistry,
         appliance: Endpoint,
         policy: OnApplianceLoss,
+        window_bytes: usize,
         managed_path: Option<PathBuf>,
         managed: ManagedVolumes,
     ) -> ServedVolumes {
@@ -54,6 +57,7 @@ impl ServedVolumes {
             registry,
             appliance,
             policy,
+            window_bytes,
             managed_path,
             managed: tokio::sync::Mutex::new(managed),
         }
@@ -94,6 +98,7 @@ impl ServedVolumes {
             self.appliance.clone(),
             bitmap,
             self.policy,
+            self.window_bytes,
         );
         if opened == dirty_bitmap::Opened::Created {
             // Never protected by this splitter: the replica cannot be assumed to match, so

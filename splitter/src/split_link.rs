@@ -33,9 +33,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore}
 
 use crate::config::OnApplianceLoss;
 use crate::dirty_bitmap::DirtyBitmap;
-use crate::limits::{
-    CHANGE_OVERHEAD_BYTES, RECONNECT_BACKOFF_MS_MAX, SEND_BATCH_MESSAGES_MAX, UNACKED_BYTES_MAX,
-};
+use crate::limits::{CHANGE_OVERHEAD_BYTES, RECONNECT_BACKOFF_MS_MAX, SEND_BATCH_MESSAGES_MAX};
 use crate::limits::{RESYNC_REPORT_INTERVAL, RESYNC_ZERO_RUN_BYTES_MAX};
 use crate::limits::{VERIFY_REGION_BYTES, VERIFY_REQUEST_REGIONS_MAX, VERIFY_RETRIES_MAX};
 
@@ -158,6 +156,8 @@ pub struct SplitLink {
     connected: AtomicBool,
     ready: watch::Sender<Readiness>,
     window: Arc<Semaphore>,
+    /// The window's size in bytes (`link_window_bytes`).
+    window_bytes: usize,
     policy: OnApplianceLoss,
     production: Arc<BlockFile>,
     marking: watch::Sender<bool>,
@@ -301,6 +301,7 @@ impl SplitLink {
         endpoint: Endpoint,
         bitmap: DirtyBitmap,
         policy: OnApplianceLoss,
+        window_bytes: usize,
     ) -> Arc<SplitLink> {
         // Regions dirty at start-up may hold changes the journal never got (a crash, or a stop
         // while marking): copy them at the first connection.
@@ -329,7 +330,8 @@ impl SplitLink {
             durable: watch::Sender::new(0),
             connected: AtomicBool::new(false),
             ready: watch::Sender::new(Readiness::Waiting),
-            window: Arc::new(Semaphore::new(UNACKED_BYTES_MAX)),
+            window: Arc::new(Semaphore::new(window_bytes)),
+            window_bytes,
             policy,
             production,
             marking: watch::Sender::new(false),
@@ -366,7 +368,8 @@ impl SplitLink {
 
     /// Reserves room for a change of `payload_bytes`; waits while the appliance is behind.
     pub async fn reserve(&self, payload_bytes: usize) -> WindowPermit {
-        let cost = (payload_bytes + CHANGE_OVERHEAD_BYTES).min(UNACKED_BYTES_MAX) as u32;
+        // A change bigger than the whole window takes all of it.
+        let cost = (payload_bytes + CHANGE_OVERHEAD_BYTES).min(self.window_bytes) as u32;
         match Arc::clone(&self.window).acquire_many_owned(cost).await {
             Ok(permit) => WindowPermit(permit),
             // The semaphore is never closed while the link exists.

@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod cli;
+pub mod journals;
 pub mod link_proxy;
 pub mod mount;
 
@@ -1004,6 +1005,91 @@ impl Site {
 // ---------------------------------------------------------------------------------------------
 // Remote replication: a second appliance holding the remote copy of a site's group.
 
+/// How a test's replication link is secured: mutual TLS with `test_pki()` (the default), or
+/// plaintext, explicitly configured at both ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkSecurity {
+    Tls,
+    Plaintext,
+}
+
+/// `cdp tls ca --out DIR`: a certificate authority (ca.pem, ca-key.pem).
+pub fn cdp_tls_ca(out: &Path) {
+    run_ok(
+        Command::new(cdp_bin())
+            .args(["tls", "ca", "--out"])
+            .arg(out),
+        Duration::from_secs(30),
+    );
+}
+
+/// `cdp tls issue --ca CA --name NAME EXTRA... --out DIR`: cert.pem, key.pem and ca.pem.
+pub fn cdp_tls_issue(ca: &Path, name: &str, extra: &[&str], out: &Path) {
+    run_ok(
+        Command::new(cdp_bin())
+            .args(["tls", "issue", "--ca"])
+            .arg(ca)
+            .args(["--name", name])
+            .args(extra)
+            .arg("--out")
+            .arg(out),
+        Duration::from_secs(30),
+    );
+}
+
+/// The inline TOML table naming the three PEM files `cdp tls issue` wrote into `dir`.
+pub fn tls_table(dir: &Path) -> String {
+    format!(
+        "{{ ca = \"{}\", cert = \"{}\", key = \"{}\" }}",
+        dir.join("ca.pem").display(),
+        dir.join("cert.pem").display(),
+        dir.join("key.pem").display()
+    )
+}
+
+/// Certificates every replication test of this test process shares, made once by the
+/// `cdp tls` commands under test: one CA, `remote` for receivers (valid for 127.0.0.1 and
+/// localhost) and `source` for shippers. Each directory holds ca.pem, cert.pem, key.pem.
+pub struct TestPki {
+    pub ca: PathBuf,
+    pub remote: PathBuf,
+    pub source: PathBuf,
+}
+
+pub fn test_pki() -> &'static TestPki {
+    static PKI: std::sync::OnceLock<TestPki> = std::sync::OnceLock::new();
+    PKI.get_or_init(|| {
+        let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        // Directories of test processes that are gone (named by their pid).
+        if let Ok(entries) = std::fs::read_dir(base) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if let Some(pid) = name.strip_prefix("cdp-tls-") {
+                    if !Path::new("/proc").join(pid).exists() {
+                        let _ = std::fs::remove_dir_all(entry.path());
+                    }
+                }
+            }
+        }
+        let root = base.join(format!("cdp-tls-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let pki = TestPki {
+            ca: root.join("ca"),
+            remote: root.join("remote"),
+            source: root.join("source"),
+        };
+        cdp_tls_ca(&pki.ca);
+        cdp_tls_issue(
+            &pki.ca,
+            "remote",
+            &["--ip", "127.0.0.1", "--dns", "localhost"],
+            &pki.remote,
+        );
+        cdp_tls_issue(&pki.ca, "source", &[], &pki.source);
+        pki
+    })
+}
+
 /// A remote appliance (`cdp appliance --config`, its own data directory) whose group
 /// `default` is the remote copy (`source = "remote"`) of a site's group, fed over loopback TCP.
 pub struct RemoteAppliance {
@@ -1018,8 +1104,14 @@ pub struct RemoteAppliance {
 }
 
 impl RemoteAppliance {
-    /// Writes the config for a remote copy of `volumes` and starts the appliance.
+    /// Writes the config for a remote copy of `volumes` (mutual TLS with `test_pki()`) and
+    /// starts the appliance.
     pub fn start(volumes: &[(&str, u64)]) -> RemoteAppliance {
+        RemoteAppliance::start_with(volumes, LinkSecurity::Tls)
+    }
+
+    /// Like `start`, with the replication listener secured as `security` says.
+    pub fn start_with(volumes: &[(&str, u64)], security: LinkSecurity) -> RemoteAppliance {
         let dir = tempfile::Builder::new()
             .prefix("cdp-remote-")
             .tempdir_in("/tmp")
@@ -1028,8 +1120,12 @@ impl RemoteAppliance {
         std::fs::create_dir_all(root.join("replica")).unwrap();
         let endpoint = format!("127.0.0.1:{}", free_port());
         let control_sock = root.join("appliance.ctl");
+        let security_line = match security {
+            LinkSecurity::Tls => format!("replication_tls = {}\n", tls_table(&test_pki().remote)),
+            LinkSecurity::Plaintext => "replication_plaintext = true\n".to_string(),
+        };
         let mut text = format!(
-            "data_dir = \"{}\"\nlink_listen = \"unix:{}\"\ncontrol = \"{}\"\nreplication_listen = \"{endpoint}\"\n\n[[group]]\nname = \"default\"\nsource = \"remote\"\n",
+            "data_dir = \"{}\"\nlink_listen = \"unix:{}\"\ncontrol = \"{}\"\nreplication_listen = \"{endpoint}\"\n{security_line}\n[[group]]\nname = \"default\"\nsource = \"remote\"\n",
             root.join("appliance").display(),
             root.join("link.sock").display(),
             control_sock.display()
@@ -1180,10 +1276,39 @@ impl Drop for RemoteAppliance {
     }
 }
 
-/// Adds `[group.remote]` (shipping to `endpoint`) to the site's last configured group.
+/// Adds `[group.remote]` (shipping to `endpoint` over mutual TLS with `test_pki()`'s
+/// `source` certificate) to the site's last configured group.
 pub fn add_remote_to_site_config(site: &Site, endpoint: &str, rpo_s: u64) {
+    let tls = format!("tls = {}\n", tls_table(&test_pki().source));
+    add_remote_to_site_config_with(site, endpoint, rpo_s, &tls);
+}
+
+/// Adds `[group.remote]` shipping to `endpoint` with the link secured as `security` says.
+pub fn add_remote_to_site_config_secured(
+    site: &Site,
+    endpoint: &str,
+    rpo_s: u64,
+    security: LinkSecurity,
+) {
+    match security {
+        LinkSecurity::Tls => add_remote_to_site_config(site, endpoint, rpo_s),
+        LinkSecurity::Plaintext => {
+            add_remote_to_site_config_with(site, endpoint, rpo_s, "plaintext = true\n")
+        }
+    }
+}
+
+/// Adds `[group.remote]` shipping to `endpoint`, with `security_lines` (a `tls = {..}` or
+/// `plaintext = true` line, or none to test the refusal) in it.
+pub fn add_remote_to_site_config_with(
+    site: &Site,
+    endpoint: &str,
+    rpo_s: u64,
+    security_lines: &str,
+) {
     let mut text = std::fs::read_to_string(&site.appliance_config).unwrap();
-    text += &format!("\n[group.remote]\nendpoint = \"{endpoint}\"\nrpo_s = {rpo_s}\n");
+    text +=
+        &format!("\n[group.remote]\nendpoint = \"{endpoint}\"\nrpo_s = {rpo_s}\n{security_lines}");
     std::fs::write(&site.appliance_config, text).unwrap();
 }
 

@@ -1,9 +1,10 @@
 //! The remote site's end of replication links: checks each batch continues the journal and appends it with its original seqs.
 //!
 //! One listener thread accepts links on `replication_listen`; each link gets a thread
-//! (at most `REPLICATION_LINKS_MAX`), and a group takes one link at a time. A batch is
-//! appended with the source's seqs and timestamps (`Group::append_replicated`), the journal
-//! is synced, and only then is the batch acknowledged, so an acknowledged record survives
+//! (at most `REPLICATION_LINKS_MAX`), which first authenticates the peer (mutual TLS unless
+//! configured plaintext, `tls.rs`; a refusal is logged with the peer and reason), and a
+//! group takes one link at a time. A batch is appended with the source's seqs and
+//! timestamps (`Group::append_replicated`), the journal is synced, and only then is the batch acknowledged, so an acknowledged record survives
 //! any crash here. Distribution, the undo stream and images then work as for a local group.
 
 use std::collections::BTreeMap;
@@ -18,7 +19,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use cdp_journal::{RecordIn, RecordKind};
 use cdp_link::replication::{
-    read_message, write_message, HelloVolume, ReplicatedKind, ReplicatedRecord, ReplicationMessage,
+    read_message, write_message, BatchDecoder, HelloVolume, ReplicatedKind, ReplicatedRecord,
+    ReplicationMessage,
 };
 use cdp_link::LinkError;
 use cdp_types::Seq;
@@ -28,6 +30,8 @@ use crate::config::GroupSource;
 use crate::error::ApplianceError;
 use crate::group::Group;
 use crate::limits::{REPLICATION_IDLE_TIMEOUT, REPLICATION_LINKS_MAX};
+use crate::replication::link_stream::{LinkReader, LinkWriter};
+use crate::replication::tls::{self, ServerSecurity};
 
 /// File in a remote group's directory: which source group it is a copy of.
 const SOURCE_FILE: &str = "replication_source.json";
@@ -49,12 +53,15 @@ pub struct Receiver {
 }
 
 impl Receiver {
-    /// Binds `listen` and serves replication links for the remote groups among `groups`.
+    /// Binds `listen` and serves replication links for the remote groups among `groups`,
+    /// with mutual TLS unless `security` is `None` (plaintext, explicitly configured).
     pub fn start(
         listen: SocketAddr,
         data_dir: &Path,
         groups: Vec<Arc<Group>>,
+        security: ServerSecurity,
     ) -> Result<Receiver, ApplianceError> {
+        let tls_on = security.is_some();
         let listener = TcpListener::bind(listen)?;
         let local_addr = listener.local_addr()?;
         let stopping = Arc::new(AtomicBool::new(false));
@@ -88,12 +95,13 @@ impl Receiver {
                     };
                     let groups = groups.clone();
                     let groups_dir = groups_dir.clone();
+                    let security = security.clone();
                     let active = Arc::clone(&active);
                     active.fetch_add(1, Ordering::Relaxed);
                     let spawned = std::thread::Builder::new()
                         .name("replication-link".into())
                         .spawn(move || {
-                            serve_link(stream, &peer, &groups, &groups_dir);
+                            serve_link(stream, &peer, &security, &groups, &groups_dir);
                             active.fetch_sub(1, Ordering::Relaxed);
                         });
                     let mut links = all.lock().unwrap_or_else(|p| p.into_inner());
@@ -105,7 +113,7 @@ impl Receiver {
                     }
                 }
             })?;
-        tracing::info!(listen = %local_addr, "replication links accepted");
+        tracing::info!(listen = %local_addr, tls = tls_on, "replication links accepted");
         Ok(Receiver {
             local_addr,
             stopping,
@@ -175,14 +183,86 @@ impl Drop for ReceivingGuard<'_> {
     }
 }
 
-fn serve_link(stream: TcpStream, peer: &str, groups: &[Arc<Group>], groups_dir: &Path) {
+/// Authenticates the peer (mutual TLS unless configured plaintext) and splits the link, or
+/// refuses it: logged at warn with the peer and the reason, and the socket closed gently so
+/// the peer can read why (a TLS alert, or a plaintext Refuse) before the connection ends.
+fn open_link(
+    stream: TcpStream,
+    peer: &str,
+    security: &ServerSecurity,
+) -> Option<(LinkReader, LinkWriter)> {
+    let handle = stream.try_clone().ok()?;
+    let wrong_dialect = match security {
+        Some(_) if tls::peer_speaks_plaintext_replication(&stream) => Some(
+            "a plaintext replication peer on a TLS listener: this appliance requires mutual TLS \
+             (give the source's [group.remote] a tls table)",
+        ),
+        None if tls::peer_speaks_tls(&stream) => Some(
+            "a TLS client on a plaintext listener: this appliance has replication_plaintext = \
+             true (configure replication_tls here, or plaintext = true at the source)",
+        ),
+        _ => None,
+    };
+    let opened = match (wrong_dialect, security) {
+        (Some(reason), _) => {
+            // Said in the replication dialect: a plaintext source shows it in its status, and
+            // a TLS source recognises a plaintext answer by it.
+            let refuse = ReplicationMessage::Refuse {
+                reason: reason.to_string(),
+            };
+            let _ = write_message(&mut &stream, &refuse);
+            Err(reason.to_string())
+        }
+        (None, Some(config)) => tls::accept(stream, config),
+        (None, None) => {
+            LinkReader::plain_pair(stream).map_err(|e| format!("cloning the socket: {e}"))
+        }
+    };
+    match opened {
+        Ok(halves) => Some(halves),
+        Err(reason) => {
+            tracing::warn!(%peer, "replication link refused: {reason}");
+            close_gently(&handle);
+            None
+        }
+    }
+}
+
+/// Longest a refused connection is kept open for its peer to read why.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+
+/// Ends a refused connection without discarding what we sent: closing a socket with unread
+/// input makes the kernel send a reset, which can destroy the alert or Refuse the peer has
+/// not read yet. So: send FIN, drain what the peer still sends (bounded in bytes and time),
+/// then close.
+fn close_gently(socket: &TcpStream) {
+    let _ = socket.shutdown(std::net::Shutdown::Write);
+    let _ = socket.set_read_timeout(Some(REFUSAL_LINGER));
+    let deadline = Instant::now() + REFUSAL_LINGER;
+    let mut sink = [0u8; 4096];
+    let mut drained = 0usize;
+    while Instant::now() < deadline && drained < 256 * 1024 {
+        match std::io::Read::read(&mut &*socket, &mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => drained += n,
+        }
+    }
+}
+
+fn serve_link(
+    stream: TcpStream,
+    peer: &str,
+    security: &ServerSecurity,
+    groups: &[Arc<Group>],
+    groups_dir: &Path,
+) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(REPLICATION_IDLE_TIMEOUT));
     let _ = stream.set_write_timeout(Some(REPLICATION_IDLE_TIMEOUT));
-    let Ok(write_half) = stream.try_clone() else {
+    let Some((read_half, write_half)) = open_link(stream, peer, security) else {
         return;
     };
-    let mut reader = BufReader::with_capacity(256 * 1024, stream);
+    let mut reader = BufReader::with_capacity(256 * 1024, read_half);
     let mut writer = BufWriter::new(write_half);
     let outcome = match read_message(&mut reader) {
         Ok(ReplicationMessage::Hello {
@@ -198,7 +278,7 @@ fn serve_link(stream: TcpStream, peer: &str, groups: &[Arc<Group>], groups_dir: 
                     *receiving.peer.lock().unwrap_or_else(|p| p.into_inner()) =
                         Some(peer.to_string());
                     *receiving.link.lock().unwrap_or_else(|p| p.into_inner()) =
-                        reader.get_ref().try_clone().ok();
+                        reader.get_ref().socket().try_clone().ok();
                     receive(&g, &volume_map, peer, &mut reader, &mut writer)
                 } else {
                     Err(format!(
@@ -309,8 +389,8 @@ fn receive(
     group: &Group,
     volume_map: &BTreeMap<u32, u32>,
     peer: &str,
-    reader: &mut BufReader<TcpStream>,
-    writer: &mut BufWriter<TcpStream>,
+    reader: &mut BufReader<LinkReader>,
+    writer: &mut BufWriter<LinkWriter>,
 ) -> Result<(), String> {
     // Everything in the journal after a restart is on disk or in the page cache; sync so
     // the resume point we announce is durable.
@@ -323,8 +403,10 @@ fn receive(
     )
     .map_err(|e| e.to_string())?;
     tracing::info!(group = %group.name, %peer, last_seq = %durable, "replication source connected");
+    // Deduplicated batches refer to blocks of earlier batches of this connection only.
+    let mut decoder = BatchDecoder::new();
     loop {
-        let message = match read_message(reader) {
+        let message = match decoder.read_message(reader) {
             Ok(m) => m,
             Err(LinkError::Closed) => {
                 tracing::info!(group = %group.name, %peer, "replication source disconnected");

@@ -1,13 +1,16 @@
 //! The local site's end of a replication link: ships the group's journal records (durable ones in async mode, appended ones in sync mode) to its remote copy, in order, exactly once.
 //!
-//! One thread per group with `[group.remote]`. Each connection: Hello (group name, group id,
-//! volumes) -> Welcome (the remote's durable last seq) -> batches of whole records from that
+//! One thread per group with `[group.remote]`. Each connection (mutual TLS unless configured
+//! plaintext: `tls.rs`, with `link_stream.rs` splitting it for the ack reader): Hello (group
+//! name, group id, volumes) -> Welcome (the remote's durable last seq) -> batches of whole records from that
 //! seq + 1, at most `BATCHES_IN_FLIGHT_MAX` unacknowledged. In async mode only records
 //! already durable here are shipped (so the remote never holds a record this journal could
 //! lose); in sync mode every appended record is shipped at once (`Group::append` unparks
 //! this thread), because the host's Ack waits for the remote and a local fsync first would
 //! add its latency to every write. With `bandwidth_bytes_per_s` each batch first waits for
-//! its wire bytes in a token bucket (`bandwidth.rs`). A second thread reads
+//! its wire bytes in a token bucket (`bandwidth.rs`). Batches are deduplicated against a
+//! window of blocks sent on this connection (`cdp_link::dedup_window`, reset per connection
+//! like the receiver's) and compressed at the level `compression.rs` picks. A second thread reads
 //! the cumulative `BatchAck`s, raises `shipped_seq` and moves the group's retention pin, so the
 //! local journal keeps every record the remote has not made durable. When the link breaks the
 //! shipper reconnects with backoff and resumes from the remote's answer: the remote's durable
@@ -22,10 +25,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use cdp_journal::{Record, RecordKind};
+use cdp_link::dedup_window::DedupIndex;
 use cdp_link::replication::{
-    read_message, write_message, BatchCodec, HelloVolume, ReplicatedKind, ReplicatedRecord,
-    ReplicationMessage, BATCHES_IN_FLIGHT_MAX, BATCH_RAW_BYTES_TARGET, BATCH_RECORDS_MAX,
-    RECORD_HEAD_LEN,
+    read_message, write_message, BatchCodec, BatchStream, HelloVolume, ReplicatedKind,
+    ReplicatedRecord, ReplicationMessage, BATCHES_IN_FLIGHT_MAX, BATCH_RAW_BYTES_TARGET,
+    BATCH_RECORDS_MAX, RECORD_HEAD_LEN,
 };
 use cdp_types::{Seq, TimestampNs};
 
@@ -37,6 +41,10 @@ use crate::limits::{
     REPLICATION_RECONNECT_BACKOFF_MAX, SYNC_WAIT_WARN,
 };
 use crate::replication::bandwidth::{RateMeter, TokenBucket};
+use crate::replication::compression::{BatchCost, LevelChooser};
+use crate::replication::dedup_policy::DedupPolicy;
+use crate::replication::link_stream::{LinkReader, LinkWriter};
+use crate::replication::tls::ClientSecurity;
 use crate::replication::ShippingState;
 
 /// How often a shipper with nothing to send looks for newly durable records. Journal syncs
@@ -85,15 +93,16 @@ pub struct Shipper {
 }
 
 impl Shipper {
-    /// Starts shipping `group`, which must have `[group.remote]`.
-    pub fn start(group: Arc<Group>) -> Result<Shipper, ApplianceError> {
+    /// Starts shipping `group`, which must have `[group.remote]`, over a link secured as
+    /// `security` says.
+    pub fn start(group: Arc<Group>, security: ClientSecurity) -> Result<Shipper, ApplianceError> {
         let stop = Arc::new(StopSignal::default());
         let link: Arc<Mutex<Option<TcpStream>>> = Arc::default();
         let (s, l) = (Arc::clone(&stop), Arc::clone(&link));
         let g = Arc::clone(&group);
         let thread = std::thread::Builder::new()
             .name(format!("ship-{}", group.name))
-            .spawn(move || run(&g, &s, &l))?;
+            .spawn(move || run(&g, &security, &s, &l))?;
         if let Some(state) = group.replication().shipping.as_ref() {
             // One shipper per group for the appliance's life, so this is set once.
             let _ = state.shipper_thread.set(thread.thread().clone());
@@ -118,7 +127,12 @@ impl Shipper {
     }
 }
 
-fn run(group: &Group, stop: &StopSignal, link: &Mutex<Option<TcpStream>>) {
+fn run(
+    group: &Group,
+    security: &ClientSecurity,
+    stop: &StopSignal,
+    link: &Mutex<Option<TcpStream>>,
+) {
     let Some(state) = group.replication().shipping.as_ref() else {
         return;
     };
@@ -127,7 +141,7 @@ fn run(group: &Group, stop: &StopSignal, link: &Mutex<Option<TcpStream>>) {
     let mut lag = LagClock::default();
     while !stop.is_set() {
         let started = Instant::now();
-        let result = ship_one_connection(group, state, stop, link, &mut lag);
+        let result = ship_one_connection(group, state, security, stop, link, &mut lag);
         state.connected.store(false, Ordering::Relaxed);
         *link.lock().unwrap_or_else(|p| p.into_inner()) = None;
         if let Err(what) = result {
@@ -175,6 +189,7 @@ struct InFlight {
 fn ship_one_connection(
     group: &Group,
     state: &ShippingState,
+    security: &ClientSecurity,
     stop: &StopSignal,
     link: &Mutex<Option<TcpStream>>,
     lag: &mut LagClock,
@@ -195,8 +210,16 @@ fn ship_one_connection(
     if stop.is_set() {
         return Ok(());
     }
-    let mut reader = BufReader::new(stream.try_clone().map_err(io)?);
-    let mut writer = BufWriter::with_capacity(256 * 1024, stream.try_clone().map_err(io)?);
+    let (reader, writer) = match security {
+        ClientSecurity::Plaintext => {
+            LinkReader::plain_pair(stream.try_clone().map_err(io)?).map_err(io)?
+        }
+        ClientSecurity::Tls(tls) => {
+            crate::replication::tls::connect(stream.try_clone().map_err(io)?, tls, endpoint)?
+        }
+    };
+    let mut reader = BufReader::new(reader);
+    let mut writer = BufWriter::with_capacity(256 * 1024, writer);
     let volumes = group
         .volumes()
         .iter()
@@ -282,7 +305,7 @@ fn ship_one_connection(
 fn read_acks(
     group: &Group,
     state: &ShippingState,
-    mut reader: BufReader<TcpStream>,
+    mut reader: BufReader<LinkReader>,
     in_flight: &(Mutex<InFlight>, Condvar),
 ) {
     let broken = loop {
@@ -310,7 +333,7 @@ fn read_acks(
     };
     // A sender blocked in a write to a peer that stopped reading must not wait for the
     // write timeout.
-    let _ = reader.get_ref().shutdown(std::net::Shutdown::Both);
+    let _ = reader.get_ref().socket().shutdown(std::net::Shutdown::Both);
     in_flight.0.lock().unwrap_or_else(|p| p.into_inner()).broken = Some(broken);
     in_flight.1.notify_all();
 }
@@ -321,7 +344,7 @@ fn send_batches(
     group: &Group,
     state: &ShippingState,
     stop: &StopSignal,
-    writer: &mut BufWriter<TcpStream>,
+    writer: &mut BufWriter<LinkWriter>,
     remote_last: u64,
     in_flight: &(Mutex<InFlight>, Condvar),
     lag: &mut LagClock,
@@ -330,10 +353,15 @@ fn send_batches(
     let mut reader = journal
         .read_from(Seq(remote_last + 1))
         .map_err(|e| e.to_string())?;
-    let codec = match state.config.compress_level {
-        0 => BatchCodec::Raw,
-        level => BatchCodec::Zstd(level),
-    };
+    let mut levels = LevelChooser::new(state.config.compress_level);
+    // The dedup window lives as long as this connection: the receiver starts a new one
+    // with each connection too, and both follow the batches in the order sent.
+    let mut dedup = state
+        .config
+        .dedup
+        .then(|| DedupIndex::new(state.config.dedup_window_bytes as usize));
+    let mut dedup_policy = DedupPolicy::new(state.config.dedup);
+    let mut ack_wait = Duration::ZERO;
     let sync = state.tracks_remote_acks();
     let mut bucket = state
         .config
@@ -372,6 +400,7 @@ fn send_batches(
         }
         {
             // Bounded window: wait for an ack before reading more.
+            let waited_from = Instant::now();
             let f = in_flight.0.lock().unwrap_or_else(|p| p.into_inner());
             let (f, _) = in_flight
                 .1
@@ -379,6 +408,7 @@ fn send_batches(
                     f.broken.is_none() && f.batches.len() >= BATCHES_IN_FLIGHT_MAX
                 })
                 .unwrap_or_else(|p| p.into_inner());
+            ack_wait += waited_from.elapsed();
             if let Some(b) = &f.broken {
                 return Err(b.clone());
             }
@@ -394,6 +424,8 @@ fn send_batches(
         };
         let mut records = Vec::new();
         let mut raw_bytes = 0usize;
+        // The batch was cut by its size with more records ready: the link has a backlog.
+        let mut backlog = false;
         while records.len() < BATCH_RECORDS_MAX {
             let record = match pending.take() {
                 Some(r) => r,
@@ -410,16 +442,20 @@ fn send_batches(
                 ));
             }
             let size = RECORD_HEAD_LEN + record.payload.len();
-            if record.seq.0 > ship_through
-                || (!records.is_empty() && raw_bytes + size > batch_bytes_target)
-            {
+            if record.seq.0 > ship_through {
                 pending = Some(record);
+                break;
+            }
+            if !records.is_empty() && raw_bytes + size > batch_bytes_target {
+                pending = Some(record);
+                backlog = true;
                 break;
             }
             raw_bytes += size;
             next += 1;
             records.push(to_replicated(record));
         }
+        backlog |= records.len() == BATCH_RECORDS_MAX;
         if records.is_empty() {
             if last_sent.elapsed() >= REPLICATION_HEARTBEAT_INTERVAL {
                 write_message(writer, &ReplicationMessage::Heartbeat)
@@ -441,7 +477,18 @@ fn send_batches(
             last_seq: records[records.len() - 1].seq,
             first_timestamp_ns: records[0].timestamp_ns,
         };
-        let encoded = ReplicationMessage::Batch { records }.encode(codec);
+        let deduplicate = dedup_policy.use_dedup();
+        let stream = match dedup.as_mut().filter(|_| deduplicate) {
+            Some(index) => BatchStream::deduplicated(&records, index),
+            None => BatchStream::plain(&records),
+        };
+        drop(records);
+        let counts = stream.counts;
+        let codec = levels.codec();
+        let compress_started = Instant::now();
+        let encoded = stream.encode(codec);
+        let compress = compress_started.elapsed();
+        let wire_wait_started = Instant::now();
         if let Some(bucket) = bucket.as_mut() {
             loop {
                 let wait = bucket.delay_for(encoded.bytes.len(), Instant::now());
@@ -464,14 +511,47 @@ fn send_batches(
             .write_all(&encoded.bytes)
             .and_then(|()| writer.flush())
             .map_err(|e| format!("link lost: {e}"))?;
-        state
-            .raw_bytes
-            .fetch_add(encoded.raw_len as u64, Ordering::Relaxed);
-        state
-            .wire_bytes
-            .fetch_add(encoded.bytes.len() as u64, Ordering::Relaxed);
+        let tried = codec != BatchCodec::Raw;
+        levels.observe(BatchCost {
+            compress: if tried { compress } else { Duration::ZERO },
+            wire_wait: wire_wait_started.elapsed(),
+            ack_wait: std::mem::take(&mut ack_wait),
+            backlog,
+            stream_len: encoded.stream_len,
+            sent_len: if encoded.compressed {
+                encoded.bytes.len()
+            } else {
+                encoded.stream_len
+            },
+            tried,
+        });
+        dedup_policy.observe(deduplicate, counts);
+        publish_batch(state, &encoded, counts, codec);
         last_sent = Instant::now();
     }
+}
+
+/// Adds a sent batch to the byte and block counters status shows.
+fn publish_batch(
+    state: &ShippingState,
+    encoded: &cdp_link::replication::EncodedMessage,
+    counts: cdp_link::replication::DedupCounts,
+    codec: BatchCodec,
+) {
+    let add = |counter: &std::sync::atomic::AtomicU64, n: u64| {
+        counter.fetch_add(n, Ordering::Relaxed);
+    };
+    add(&state.raw_bytes, encoded.raw_len as u64);
+    add(&state.dedup_bytes, encoded.stream_len as u64);
+    add(&state.wire_bytes, encoded.bytes.len() as u64);
+    add(&state.dedup_literal_blocks, counts.literal_blocks);
+    add(&state.dedup_zero_blocks, counts.zero_blocks);
+    add(&state.dedup_reference_blocks, counts.reference_blocks);
+    let level = match codec {
+        BatchCodec::Zstd(level) if encoded.compressed => level,
+        _ => 0,
+    };
+    state.compress_level_now.store(level, Ordering::Relaxed);
 }
 
 fn to_replicated(r: Record) -> ReplicatedRecord {
@@ -578,8 +658,11 @@ impl LagClock {
             }
         };
         let lag_ns = oldest_ns.map_or(0, |t| TimestampNs::now().0.saturating_sub(t));
-        state.lag_ns.store(lag_ns, Ordering::Relaxed);
-        let exceeded = lag_ns > state.config.rpo_s.saturating_mul(1_000_000_000);
+        state.record_lag(lag_ns);
+        let lag_bytes = group.journal_bytes_after(Seq(shipped));
+        state.lag_bytes.store(lag_bytes, Ordering::Relaxed);
+        let exceeded = lag_ns > state.config.rpo_s.saturating_mul(1_000_000_000)
+            || state.config.rpo_bytes.is_some_and(|b| lag_bytes > b);
         let was = state.rpo_exceeded.swap(exceeded, Ordering::Relaxed);
         if exceeded && !was {
             tracing::warn!(
@@ -587,6 +670,9 @@ impl LagClock {
                 endpoint = %state.config.endpoint,
                 lag_s = lag_ns / 1_000_000_000,
                 rpo_s = state.config.rpo_s,
+                lag_bytes,
+                rpo_bytes = ?state.config.rpo_bytes,
+                throttling = state.config.throttle_on_rpo,
                 unshipped_records = journal.last_seq().0.saturating_sub(shipped),
                 connected = state.connected.load(Ordering::Relaxed),
                 "remote copy lags beyond its RPO"

@@ -10,6 +10,7 @@ mod point;
 mod restore;
 mod status;
 mod timeline;
+mod tls;
 pub mod units;
 mod up;
 mod volume;
@@ -83,6 +84,12 @@ enum Command {
     /// Bring production back to a point in time, writing the differences through the
     /// splitter (journaled; ends with a `restore-to-seq-N` bookmark).
     Restore(restore::RestoreArgs),
+    /// Certificates for replication links (mutual TLS): `ca` makes a certificate
+    /// authority, `issue` signs an appliance's certificate with it.
+    Tls {
+        #[command(subcommand)]
+        command: tls::TlsCommand,
+    },
     /// Offline journal tools.
     Journal {
         #[command(subcommand)]
@@ -149,6 +156,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Restore(args) => restore::run(args)?,
         Command::Volume { command } => volume::run(command)?,
         Command::Group { command } => group::run(command)?,
+        Command::Tls { command } => tls::run(command)?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -163,7 +163,7 @@ fn table(value: &serde_json::Value) -> Option<String> {
             let exceeded = r.get("rpo_exceeded").and_then(|c| c.as_bool()) == Some(true);
             let _ = writeln!(
                 out,
-                "  remote {} {} {}{}: shipped seq {}, lag {} records / {:.1} s (RPO {} s{}), wire {:.2}x, {:.1} MiB/s{}{}",
+                "  remote {} {} {}{}: shipped seq {}, lag {} records, {} / {:.1} s (last {} s: p99 {:.1} s, max {:.1} s; RPO {} s{}), wire {:.2}x, {:.1} MiB/s{}{}",
                 r.get("endpoint").and_then(|e| e.as_str()).unwrap_or("?"),
                 match r.get("mode").and_then(|m| m.as_str()).unwrap_or("async") {
                     "dynamic" if r.get("sync_active").and_then(|a| a.as_bool()) == Some(true) => {
@@ -180,9 +180,21 @@ fn table(value: &serde_json::Value) -> Option<String> {
                 },
                 rn("shipped_seq"),
                 rn("lag_records"),
+                format_bytes(rn("lag_bytes")),
                 r.get("lag_seconds").and_then(|l| l.as_f64()).unwrap_or(0.0),
+                rn("lag_window_s"),
+                rn("lag_p99_ms") as f64 / 1000.0,
+                rn("lag_max_ms") as f64 / 1000.0,
                 rn("rpo_s"),
-                if exceeded { ", EXCEEDED" } else { "" },
+                if exceeded {
+                    if r.get("rpo_throttling").and_then(|t| t.as_bool()) == Some(true) {
+                        ", EXCEEDED: host writes held"
+                    } else {
+                        ", EXCEEDED"
+                    }
+                } else {
+                    ""
+                },
                 r.get("wire_compression_ratio").and_then(|w| w.as_f64()).unwrap_or(1.0),
                 rn("wire_rate_bytes_per_s") as f64 / 1048576.0,
                 match r.get("bandwidth_bytes_per_s").and_then(|b| b.as_u64()) {
@@ -193,6 +205,28 @@ fn table(value: &serde_json::Value) -> Option<String> {
                     Some(e) if !connected => format!("; last error: {e}"),
                     _ => String::new(),
                 }
+            );
+            let rf = |k: &str| r.get(k).and_then(|v| v.as_f64()).unwrap_or(1.0);
+            let _ = writeln!(
+                out,
+                "    wire bytes: {:.1} MiB of records, {:.1} MiB after dedup ({:.2}x{}; {} blocks referenced, {} zero), {:.1} MiB sent (zstd {:.2}x, level {} now, setting {})",
+                rn("wire_raw_bytes") as f64 / 1048576.0,
+                rn("wire_dedup_bytes") as f64 / 1048576.0,
+                rf("dedup_ratio"),
+                if r.get("dedup").and_then(|d| d.as_bool()) == Some(false) {
+                    ", dedup off"
+                } else {
+                    ""
+                },
+                rn("dedup_reference_blocks"),
+                rn("dedup_zero_blocks"),
+                rn("wire_bytes") as f64 / 1048576.0,
+                rf("zstd_ratio"),
+                r.get("compress_level_now").and_then(|l| l.as_i64()).unwrap_or(0),
+                r.get("compress_level").map_or_else(|| "?".to_string(), |l| match l.as_str() {
+                    Some(word) => word.to_string(),
+                    None => l.to_string(),
+                }),
             );
         }
         if let Some(r) = g.get("replication_source").filter(|r| r.is_object()) {
