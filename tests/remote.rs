@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use cdp_journal::Record;
 use common::journals::{assert_same_journals, read_journal};
 use common::link_proxy::LinkProxy;
+use common::replication::{wait_shipped, write_random_patterns};
 use common::*;
 
 const MIB: u64 = 1 << 20;
@@ -63,40 +64,6 @@ fn start_pair_secured(
     (site, remote)
 }
 
-/// `count` writes of random patterns at random 4 KiB-aligned places (4 KiB..512 KiB), in
-/// one qemu-io run; each is acknowledged before the next is sent.
-fn write_random(site: &Site, model: &mut Model, rng: &mut SplitMix64, count: usize) {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw"]);
-    for _ in 0..count {
-        let len = (rng.below(128) + 1) * 4096;
-        let offset = rng.below((VOLUME_BYTES - len) / 4096) * 4096;
-        let byte = (rng.below(255) + 1) as u8;
-        cmd.arg("-c").arg(format!("write -P {byte} {offset} {len}"));
-        model.fill(offset, len, byte);
-    }
-    cmd.arg(site.nbd_uri("vol0"));
-    run_ok(&mut cmd, T);
-}
-
-/// Waits until the remote acknowledged every record of the local journal; returns last_seq.
-fn wait_shipped(site: &Site, remote: &RemoteAppliance) -> u64 {
-    let mut last = 0;
-    let ok = poll_until(T, || {
-        let g = &site.status()["groups"][0];
-        last = g["last_seq"].as_u64().unwrap_or(0);
-        g["remote"]["shipped_seq"].as_u64() == Some(last) && last > 0
-    });
-    assert!(
-        ok,
-        "remote did not catch up: {}\n{}\n{}",
-        site.status(),
-        site.logs(),
-        remote.logs()
-    );
-    last
-}
-
 fn assert_same_bytes(what: &str, a: &Path, b: &Path) {
     let out = run(
         Command::new("qemu-img")
@@ -139,10 +106,10 @@ fn remote_copy_follows_writes_and_bookmarks() {
     let (site, remote) = start_pair(30);
     let mut model = Model::zeroed(VOLUME_BYTES);
     let mut rng = SplitMix64(seed("remote_copy"));
-    write_random(&site, &mut model, &mut rng, 60);
+    write_random_patterns(&site, &mut model, &mut rng, 60, 128);
     let b1 = site.cdp_json(&["bookmark", "create", "b1", "--json"]);
     let at_b1 = model.clone();
-    write_random(&site, &mut model, &mut rng, 60);
+    write_random_patterns(&site, &mut model, &mut rng, 60, 128);
     site.settle();
     let started = Instant::now();
     let last = wait_shipped(&site, &remote);
@@ -169,7 +136,7 @@ fn remote_copy_follows_writes_and_bookmarks() {
     let logged = remote.cdp_json(&["image", "access", "--at", "b1", "--logged", "--json"]);
     assert_eq!(logged["mode"], "logged", "{logged}");
     at_b1.check_file("remote replica held at b1", remote.replica("vol0"));
-    write_random(&site, &mut model, &mut rng, 30);
+    write_random_patterns(&site, &mut model, &mut rng, 30, 128);
     site.settle();
     let last = wait_shipped(&site, &remote);
     at_b1.check(
@@ -497,7 +464,7 @@ fn a_remote_copy_refuses_another_source_group() {
     let (first, remote) = start_pair_secured(30, VOLUME_BYTES, "", LinkSecurity::Plaintext);
     let mut model = Model::zeroed(VOLUME_BYTES);
     let mut rng = SplitMix64(seed("remote_identity"));
-    write_random(&first, &mut model, &mut rng, 10);
+    write_random_patterns(&first, &mut model, &mut rng, 10, 128);
     first.settle();
     wait_shipped(&first, &remote);
 
@@ -522,7 +489,7 @@ fn a_remote_copy_refuses_another_source_group() {
     );
 
     // The first source still ships.
-    write_random(&first, &mut model, &mut rng, 10);
+    write_random_patterns(&first, &mut model, &mut rng, 10, 128);
     first.settle();
     let last = wait_shipped(&first, &remote);
     remote.wait_distributed(last, T);
@@ -646,7 +613,7 @@ fn sync_mode_holds_host_writes_while_the_remote_is_down() {
     let (site, mut remote) = start_pair_configured(30, VOLUME_BYTES, "mode = \"sync\"\n");
     let mut model = Model::zeroed(VOLUME_BYTES);
     let mut rng = SplitMix64(seed("remote_sync_wait"));
-    write_random(&site, &mut model, &mut rng, 5);
+    write_random_patterns(&site, &mut model, &mut rng, 5, 128);
     wait_shipped(&site, &remote);
     remote.kill();
     let mut writer = Command::new("qemu-io")
@@ -797,13 +764,13 @@ fn dynamic_mode_falls_back_to_async_and_returns_to_sync() {
     );
     let mut model = Model::zeroed(VOLUME_BYTES);
     let mut rng = SplitMix64(seed("remote_dynamic"));
-    write_random(&site, &mut model, &mut rng, 5);
+    write_random_patterns(&site, &mut model, &mut rng, 5, 128);
     wait_shipped(&site, &remote);
     assert_eq!(site.status()["groups"][0]["remote"]["sync_active"], true);
 
     remote.kill();
     let started = Instant::now();
-    write_random(&site, &mut model, &mut rng, 1);
+    write_random_patterns(&site, &mut model, &mut rng, 1, 128);
     let held = started.elapsed();
     let status = site.status();
     let r = &status["groups"][0]["remote"];
@@ -814,7 +781,7 @@ fn dynamic_mode_falls_back_to_async_and_returns_to_sync() {
     assert_eq!(r["sync_active"], false, "{status}");
     // Async now: further writes do not wait.
     let started = Instant::now();
-    write_random(&site, &mut model, &mut rng, 5);
+    write_random_patterns(&site, &mut model, &mut rng, 5, 128);
     let unheld = started.elapsed();
     assert!(
         unheld < Duration::from_millis(WAIT_MS),
@@ -837,7 +804,7 @@ fn dynamic_mode_falls_back_to_async_and_returns_to_sync() {
     // Synchronous again: a write waits for the stopped remote again.
     remote.kill();
     let started = Instant::now();
-    write_random(&site, &mut model, &mut rng, 1);
+    write_random_patterns(&site, &mut model, &mut rng, 1, 128);
     assert!(started.elapsed() >= Duration::from_millis(WAIT_MS));
     remote.start_process();
     let last = wait_shipped(&site, &remote);
@@ -919,7 +886,7 @@ fn sync_mode_restarted_appliance_welcomes_the_splitter_only_when_the_remote_has_
     site.wait_connected(T);
     let mut model = Model::zeroed(VOLUME_BYTES);
     let mut rng = SplitMix64(seed("remote_sync_restart"));
-    write_random(&site, &mut model, &mut rng, 5);
+    write_random_patterns(&site, &mut model, &mut rng, 5, 128);
     wait_shipped(&site, &remote);
 
     remote.kill();

@@ -5,6 +5,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::replication::wait_shipped;
 use common::*;
 
 const MIB: u64 = 1 << 20;
@@ -78,24 +79,6 @@ fn p99(values: &[f64]) -> f64 {
     v[(v.len() * 99).div_ceil(100).saturating_sub(1)]
 }
 
-/// Waits until the remote acknowledged every record of the local journal; returns last_seq.
-fn wait_shipped(site: &Site, remote: &RemoteAppliance) -> u64 {
-    let mut last = 0;
-    let ok = poll_until(T, || {
-        let g = &site.status()["groups"][0];
-        last = g["last_seq"].as_u64().unwrap_or(0);
-        g["remote"]["shipped_seq"].as_u64() == Some(last) && last > 0
-    });
-    assert!(
-        ok,
-        "remote did not catch up: {}\n{}\n{}",
-        site.status(),
-        site.logs(),
-        remote.logs()
-    );
-    last
-}
-
 /// `qemu-img compare` of two raw sources (files or NBD URIs): true if equal, false if they
 /// differ; panics on any other outcome.
 fn same_bytes(a: &str, b: &str) -> bool {
@@ -120,6 +103,74 @@ fn release(image: &serde_json::Value, cdp_json: impl Fn(&[&str]) -> serde_json::
     cdp_json(&["image", "release", id, "--json"]);
 }
 
+/// A site shipping to a fresh remote appliance with `rpo_s`, more `[group.remote]` keys and
+/// top-level splitter keys, started, its replication link up.
+fn start_pair(rpo_s: u64, remote_keys: &str, splitter_keys: &str) -> (Site, RemoteAppliance) {
+    let volumes = [("vol0", VOLUME_BYTES)];
+    let remote = RemoteAppliance::start(&volumes);
+    let mut site = Site::create(&volumes, SiteOptions::default());
+    add_remote_to_site_config(&site, &remote.endpoint, rpo_s);
+    // `[group.remote]` is the config's last table: appended keys land in it.
+    let text = std::fs::read_to_string(&site.appliance_config).unwrap();
+    std::fs::write(&site.appliance_config, text + remote_keys).unwrap();
+    let text = std::fs::read_to_string(&site.splitter_config).unwrap();
+    std::fs::write(&site.splitter_config, format!("{splitter_keys}{text}")).unwrap();
+    site.start_role(Role::Appliance);
+    site.start_role(Role::Splitter);
+    site.wait_connected(T);
+    let connected = poll_until(T, || {
+        site.status()["groups"][0]["remote"]["connected"] == true
+    });
+    assert!(connected, "link never came up\n{}", remote.logs());
+    (site, remote)
+}
+
+/// Starts fio on job file text `job` (written into the site as NAME.fio), JSON output to
+/// NAME.json; fio's verify state files stay in the site directory.
+fn spawn_fio(site: &Site, name: &str, job: &str) -> (std::process::Child, std::path::PathBuf) {
+    let job_path = site.root().join(format!("{name}.fio"));
+    std::fs::write(&job_path, job).unwrap();
+    let out = site.root().join(format!("{name}.json"));
+    let fio = Command::new("fio")
+        .current_dir(site.root())
+        .arg("--output-format=json")
+        .arg(format!("--output={}", out.display()))
+        .arg(&job_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start fio");
+    (fio, out)
+}
+
+/// fio's first job from its JSON output, after checking that fio (and its verification)
+/// succeeded.
+fn fio_job_result(
+    fio: &mut std::process::Child,
+    status: std::process::ExitStatus,
+    out: &std::path::Path,
+    site: &Site,
+) -> serde_json::Value {
+    let mut stderr = String::new();
+    if let Some(mut e) = fio.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut stderr);
+    }
+    let text = std::fs::read_to_string(out).unwrap_or_default();
+    // fio prints non-JSON notes before the JSON document on some errors.
+    let result: serde_json::Value = serde_json::from_str(&text[text.find('{').unwrap_or(0)..])
+        .unwrap_or_else(|e| panic!("fio: no JSON ({e}), {status}:\n{text}\n{stderr}"));
+    let job = result["jobs"][0].clone();
+    assert!(
+        status.success() && job["error"] == 0,
+        "fio failed (verification?): {status}, error {}\n{stderr}\n{}",
+        job["error"],
+        site.logs()
+    );
+    job
+}
+
 #[test]
 fn async_lag_stays_under_rpo_and_remote_images_equal_local_at_every_bookmark() {
     // Goal: issue 6's RPO evidence. In async mode, at a sustained host write rate, the remote
@@ -134,32 +185,8 @@ fn async_lag_stays_under_rpo_and_remote_images_equal_local_at_every_bookmark() {
     if !requirements() {
         return;
     }
-    let volumes = [("vol0", VOLUME_BYTES)];
-    let remote = RemoteAppliance::start(&volumes);
-    let mut site = Site::create(&volumes, SiteOptions::default());
-    add_remote_to_site_config(&site, &remote.endpoint, RPO_S);
-    site.start_role(Role::Appliance);
-    site.start_role(Role::Splitter);
-    site.wait_connected(T);
-    let connected = poll_until(T, || {
-        site.status()["groups"][0]["remote"]["connected"] == true
-    });
-    assert!(connected, "link never came up\n{}", remote.logs());
-
-    let job = site.root().join("rpo.fio");
-    std::fs::write(&job, fio_job(&site.nbd_uri("vol0"))).unwrap();
-    let fio_out = site.root().join("rpo.json");
-    let mut fio = Command::new("fio")
-        // fio writes verify state files into its working directory; keep them in the site.
-        .current_dir(site.root())
-        .arg("--output-format=json")
-        .arg(format!("--output={}", fio_out.display()))
-        .arg(&job)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start fio");
+    let (site, remote) = start_pair(RPO_S, "", "");
+    let (mut fio, fio_out) = spawn_fio(&site, "rpo", &fio_job(&site.nbd_uri("vol0")));
     let started = Instant::now();
     let expected_write_time = Duration::from_secs(WRITE_MIB / RATE_MIB_S);
     let mut samples = Vec::new();
@@ -183,22 +210,7 @@ fn async_lag_stays_under_rpo_and_remote_images_equal_local_at_every_bookmark() {
         }
         std::thread::sleep(LAG_SAMPLE_EVERY);
     };
-    let mut fio_stderr = String::new();
-    if let Some(mut e) = fio.stderr.take() {
-        use std::io::Read;
-        let _ = e.read_to_string(&mut fio_stderr);
-    }
-    let text = std::fs::read_to_string(&fio_out).unwrap_or_default();
-    // fio prints non-JSON notes before the JSON document on some errors.
-    let result: serde_json::Value = serde_json::from_str(&text[text.find('{').unwrap_or(0)..])
-        .unwrap_or_else(|e| panic!("fio: no JSON ({e}), {fio_status}:\n{text}\n{fio_stderr}"));
-    let fio_job = &result["jobs"][0];
-    assert!(
-        fio_status.success() && fio_job["error"] == 0,
-        "fio failed (verification?): {fio_status}, error {}\n{fio_stderr}\n{}",
-        fio_job["error"],
-        site.logs()
-    );
+    let fio_job = fio_job_result(&mut fio, fio_status, &fio_out, &site);
 
     // The sustained rate: fio's own bytes over its own write time.
     let written = fio_job["write"]["io_bytes"].as_u64().expect("io_bytes");
@@ -352,57 +364,24 @@ fn throttle_on_rpo_holds_the_host_to_what_the_link_ships() {
     if !requirements() {
         return;
     }
-    let volumes = [("vol0", VOLUME_BYTES)];
-    let remote = RemoteAppliance::start(&volumes);
-    let mut site = Site::create(&volumes, SiteOptions::default());
-    add_remote_to_site_config(&site, &remote.endpoint, THROTTLE_RPO_S);
-    // `[group.remote]` is the config's last table: these keys land in it.
-    let mut text = std::fs::read_to_string(&site.appliance_config).unwrap();
-    text += &format!(
-        "throttle_on_rpo = true\nrpo_bytes = {THROTTLE_RPO_BYTES}\n\
-         bandwidth_bytes_per_s = {THROTTLE_LINK_BYTES_PER_S}\ncompress_level = 0\ndedup = false\n"
-    );
-    std::fs::write(&site.appliance_config, text).unwrap();
-    let splitter = std::fs::read_to_string(&site.splitter_config).unwrap();
-    std::fs::write(
-        &site.splitter_config,
-        format!("link_window_bytes = {THROTTLE_SPLITTER_WINDOW}\n{splitter}"),
-    )
-    .unwrap();
-    site.start_role(Role::Appliance);
-    site.start_role(Role::Splitter);
-    site.wait_connected(T);
-    assert!(
-        poll_until(T, || site.status()["groups"][0]["remote"]["connected"]
-            == true),
-        "link never came up\n{}",
-        remote.logs()
-    );
-
-    let job = site.root().join("throttle.fio");
-    let uri = site.nbd_uri("vol0");
-    std::fs::write(
-        &job,
-        format!(
-            "[global]\nioengine=nbd\nuri={uri}\nrw=randwrite\nbs=64k\niodepth=8\n\
-             size={}\nio_size={}\nrate={THROTTLE_FIO_RATE_MIB_S}m\nnorandommap=1\n\
-             randrepeat=0\nrefill_buffers=1\nverify=crc32c\nverify_fatal=1\n[throttle]\n",
-            64 * MIB,
-            THROTTLE_WRITE_MIB * MIB
+    let (site, remote) = start_pair(
+        THROTTLE_RPO_S,
+        &format!(
+            "throttle_on_rpo = true\nrpo_bytes = {THROTTLE_RPO_BYTES}\n\
+             bandwidth_bytes_per_s = {THROTTLE_LINK_BYTES_PER_S}\ncompress_level = 0\n\
+             dedup = false\n"
         ),
-    )
-    .unwrap();
-    let fio_out = site.root().join("throttle.json");
-    let mut fio = Command::new("fio")
-        .current_dir(site.root())
-        .arg("--output-format=json")
-        .arg(format!("--output={}", fio_out.display()))
-        .arg(&job)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start fio");
+        &format!("link_window_bytes = {THROTTLE_SPLITTER_WINDOW}\n"),
+    );
+    let job = format!(
+        "[global]\nioengine=nbd\nuri={}\nrw=randwrite\nbs=64k\niodepth=8\n\
+         size={}\nio_size={}\nrate={THROTTLE_FIO_RATE_MIB_S}m\nnorandommap=1\n\
+         randrepeat=0\nrefill_buffers=1\nverify=crc32c\nverify_fatal=1\n[throttle]\n",
+        site.nbd_uri("vol0"),
+        64 * MIB,
+        THROTTLE_WRITE_MIB * MIB
+    );
+    let (mut fio, fio_out) = spawn_fio(&site, "throttle", &job);
     let started = Instant::now();
     let mut lags = Vec::new();
     let mut throttled = false;
@@ -417,14 +396,7 @@ fn throttle_on_rpo_holds_the_host_to_what_the_link_ships() {
         throttled |= r["rpo_throttling"] == true;
         std::thread::sleep(LAG_SAMPLE_EVERY);
     };
-    let text = std::fs::read_to_string(&fio_out).unwrap_or_default();
-    let result: serde_json::Value = serde_json::from_str(&text[text.find('{').unwrap_or(0)..])
-        .unwrap_or_else(|e| panic!("fio: no JSON ({e}), {fio_status}:\n{text}"));
-    let job = &result["jobs"][0];
-    assert!(
-        fio_status.success() && job["error"] == 0,
-        "fio failed: {fio_status}\n{text}"
-    );
+    let job = fio_job_result(&mut fio, fio_status, &fio_out, &site);
     let write_s = job["write"]["runtime"].as_u64().expect("runtime") as f64 / 1000.0;
     let max_lag = lags.iter().copied().fold(0.0, f64::max);
     let unthrottled_s = (THROTTLE_WRITE_MIB / THROTTLE_FIO_RATE_MIB_S) as f64;

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use cdp_journal::{Journal, JournalConfig, Record};
 use cdp_types::Seq;
+use common::replication::{wait_shipped, write_random_patterns};
 use common::*;
 
 const MIB: u64 = 1 << 20;
@@ -23,39 +24,6 @@ const VOLUME_BYTES: u64 = 16 * MIB;
 
 fn requirements() -> bool {
     !reference_mode() && requires("qemu-io")
-}
-
-/// `count` writes of one-byte patterns at 4 KiB-aligned places, acknowledged one by one.
-fn write_random(site: &Site, model: &mut Model, rng: &mut SplitMix64, count: usize) {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw"]);
-    for _ in 0..count {
-        let len = (rng.below(64) + 1) * 4096;
-        let offset = rng.below((VOLUME_BYTES - len) / 4096) * 4096;
-        let byte = (rng.below(255) + 1) as u8;
-        cmd.arg("-c").arg(format!("write -P {byte} {offset} {len}"));
-        model.fill(offset, len, byte);
-    }
-    cmd.arg(site.nbd_uri("vol0"));
-    run_ok(&mut cmd, T);
-}
-
-/// Waits until the remote acknowledged every record of the local journal; returns last_seq.
-fn wait_shipped(site: &Site, remote: &RemoteAppliance) -> u64 {
-    let mut last = 0;
-    let ok = poll_until(T, || {
-        let g = &site.status()["groups"][0];
-        last = g["last_seq"].as_u64().unwrap_or(0);
-        g["remote"]["shipped_seq"].as_u64() == Some(last) && last > 0
-    });
-    assert!(
-        ok,
-        "remote did not catch up: {}\n{}\n{}",
-        site.status(),
-        site.logs(),
-        remote.logs()
-    );
-    last
 }
 
 /// Waits until the site's status shows a replication `last_error` containing `needle`.
@@ -186,7 +154,7 @@ fn tls_link_ships_and_the_remote_copy_matches() {
     start_site(&mut site);
     let mut model = Model::zeroed(VOLUME_BYTES);
     let mut rng = SplitMix64(seed("remote_tls_ships"));
-    write_random(&site, &mut model, &mut rng, 40);
+    write_random_patterns(&site, &mut model, &mut rng, 40, 64);
     site.settle();
     let last = wait_shipped(&site, &remote);
     let status = site.status();
@@ -233,7 +201,7 @@ fn a_source_with_a_certificate_of_another_ca_is_refused_until_fixed() {
     start_site(&mut site);
     let mut model = Model::zeroed(VOLUME_BYTES);
     let mut rng = SplitMix64(seed("remote_tls_wrong_ca"));
-    write_random(&site, &mut model, &mut rng, 20);
+    write_random_patterns(&site, &mut model, &mut rng, 20, 64);
     site.settle();
 
     let error = wait_last_error(&site, "refused this appliance's TLS certificate");
@@ -265,7 +233,7 @@ fn a_source_with_a_certificate_of_another_ca_is_refused_until_fixed() {
     std::fs::write(&site.appliance_config, text.replace(&wrong_cert, &fixed)).unwrap();
     site.restart_appliance();
     site.wait_connected(T);
-    write_random(&site, &mut model, &mut rng, 10);
+    write_random_patterns(&site, &mut model, &mut rng, 10, 64);
     site.settle();
     let last = wait_shipped(&site, &remote);
     remote.wait_distributed(last, T);
@@ -285,7 +253,7 @@ fn a_plaintext_source_is_refused_by_a_tls_listener() {
     start_site(&mut site);
     let mut model = Model::zeroed(VOLUME_BYTES);
     let mut rng = SplitMix64(seed("remote_tls_plain_source"));
-    write_random(&site, &mut model, &mut rng, 10);
+    write_random_patterns(&site, &mut model, &mut rng, 10, 64);
     site.settle();
     let error = wait_last_error(&site, "plaintext replication peer on a TLS listener");
     assert!(error.contains("requires mutual TLS"), "{error}");
@@ -317,7 +285,7 @@ fn a_tls_source_is_refused_by_a_plaintext_listener() {
     start_site(&mut site);
     let mut model = Model::zeroed(VOLUME_BYTES);
     let mut rng = SplitMix64(seed("remote_tls_plain_listener"));
-    write_random(&site, &mut model, &mut rng, 10);
+    write_random_patterns(&site, &mut model, &mut rng, 10, 64);
     site.settle();
     wait_last_error(&site, "answered in plaintext");
     let line = wait_remote_log_line(
@@ -352,7 +320,7 @@ fn a_remote_whose_certificate_does_not_carry_the_server_name_is_refused() {
     start_site(&mut site);
     let mut model = Model::zeroed(VOLUME_BYTES);
     let mut rng = SplitMix64(seed("remote_tls_server_name"));
-    write_random(&site, &mut model, &mut rng, 5);
+    write_random_patterns(&site, &mut model, &mut rng, 5, 64);
     site.settle();
     let error = wait_last_error(&site, "TLS handshake with");
     assert!(

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod journals;
 pub mod link_proxy;
 pub mod mount;
+pub mod replication;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
