@@ -222,6 +222,11 @@ impl BookmarkIndex {
         })
     }
 
+    /// Forgets every bookmark (the history was restarted after a resynchronisation).
+    pub fn clear(&self) {
+        self.list.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
     /// The bookmarks still recoverable (seq ≥ the journal's first seq), in seq order.
     pub fn list(&self, journal: &Journal) -> Vec<Bookmark> {
         let mut list = self.list.lock().unwrap_or_else(|p| p.into_inner());

@@ -134,6 +134,15 @@ pub enum GroupSource {
     Remote,
 }
 
+/// See `RemoteConfig::unshipped_history`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnshippedHistory {
+    #[default]
+    Keep,
+    Release,
+}
+
 /// `[group.remote]`: replication of the group's journal to another appliance.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -156,6 +165,13 @@ pub struct RemoteConfig {
     /// host (the journal keeps the history). Default false.
     #[serde(default)]
     pub throttle_on_rpo: bool,
+    /// What retention does with history the remote copy has not acknowledged when the
+    /// journal is over capacity: `keep` (default) keeps it (the journal grows past its
+    /// capacity while the remote is behind, with a warning); `release` releases it like any
+    /// distributed history, and the remote copy is later resynchronised by regions (only
+    /// the regions that differ are sent; its own history restarts at that point).
+    #[serde(default)]
+    pub unshipped_history: UnshippedHistory,
     /// zstd level for batches on the wire: 0 sends them uncompressed, 1..=19, or
     /// `"adaptive"` (default): chosen per batch from what holds the link back (see
     /// `replication/compression.rs`).

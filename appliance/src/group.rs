@@ -9,6 +9,7 @@
 //! its time window.
 
 mod consolidate;
+mod region_resync;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -296,7 +297,13 @@ impl Group {
         let history = rebuild_history(&journal, &undo)?;
         let consolidation_state =
             crate::consolidation::ConsolidationState::load(&dir).map_err(ApplianceError::Config)?;
-        let exact_from = Seq(history.undo_captured_through());
+        let mut exact_from = Seq(history.undo_captured_through());
+        // A resynchronisation by regions cut short: the replica is a mix, no image reads it.
+        if Group::resync_marker_at_open(&dir, journal.first_seq())
+            .map_err(ApplianceError::Config)?
+        {
+            exact_from = Seq(u64::MAX);
+        }
         tracing::info!(group = %config.name, stats = ?history.stats(), "history index rebuilt");
 
         let mut volumes = BTreeMap::new();
@@ -1520,9 +1527,18 @@ impl Group {
             window_ns: self.retention.window_ns,
         };
         // Open images read the records just above their point, and the remote copy still
-        // needs what it has not acknowledged: release nothing at or above either.
+        // needs what it has not acknowledged: release nothing at or above either, unless the
+        // remote copy is configured to be resynchronised by regions instead.
         let pins = lock(&self.pins);
-        let pinned = pins.values().min().copied();
+        let release_unshipped = self.replication.shipping.as_ref().is_some_and(|s| {
+            s.config.unshipped_history == crate::config::UnshippedHistory::Release
+        });
+        let pinned = pins
+            .iter()
+            .filter(|(&id, _)| !(release_unshipped && id == REMOTE_COPY_PIN))
+            .map(|(_, &p)| p)
+            .min();
+        let remote_acked = pins.get(&REMOTE_COPY_PIN).copied();
         let remote_holds = pins
             .get(&REMOTE_COPY_PIN)
             .is_some_and(|&p| Some(p) == pinned);
@@ -1547,6 +1563,15 @@ impl Group {
                 Err(e) => tracing::warn!(group = %self.name, "journal retention failed: {e}"),
             }
             self.release_undo();
+            if let Some(acked) = remote_acked.filter(|a| through > *a) {
+                tracing::warn!(
+                    group = %self.name,
+                    remote_acknowledged = %acked,
+                    released_through = %through,
+                    "journal over capacity: released history the remote copy has not received \
+                     (unshipped_history = \"release\"); it will be resynchronised by regions"
+                );
+            }
         }
         drop(pins);
         // Over capacity only because an open image holds history is not distribution's

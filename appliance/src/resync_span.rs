@@ -31,6 +31,11 @@ pub struct ResyncSpans {
 }
 
 impl ResyncSpans {
+    /// Forgets every span (the history was restarted after a resynchronisation).
+    pub fn clear(&self) {
+        self.spans.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
     /// Reads every record header once (no payloads) to find the markers.
     pub fn rebuild(journal: &Journal) -> Result<ResyncSpans, ApplianceError> {
         let spans = ResyncSpans::default();

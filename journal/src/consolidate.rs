@@ -340,4 +340,35 @@ mod tests {
         assert!(!leftover.exists());
         assert_eq!(j.last_seq(), Seq(1));
     }
+
+    /// `restart_at` drops the history and continues at the given seq, across a reopen.
+    #[test]
+    fn restart_continues_at_a_later_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, _) = Journal::open(dir.path(), 5, small_segments()).unwrap();
+        for i in 0..300u64 {
+            j.append(&[RecordIn::write(1, i * 4096, Bytes::from(vec![1u8; 4096]))])
+                .unwrap();
+        }
+        assert!(j.restart_at(Seq(10)).is_err());
+        j.restart_at(Seq(1001)).unwrap();
+        assert_eq!(
+            (j.first_seq(), j.last_seq(), j.durable_seq()),
+            (Seq(1001), Seq(1000), Seq(1000))
+        );
+        let seq = j
+            .append(&[RecordIn::write(1, 0, Bytes::from(vec![2u8; 4096]))])
+            .unwrap();
+        assert_eq!(seq, Seq(1001));
+        j.sync().unwrap();
+        drop(j);
+        let (j, _) = Journal::open(dir.path(), 5, small_segments()).unwrap();
+        assert_eq!((j.first_seq(), j.last_seq()), (Seq(1001), Seq(1001)));
+        let r: Vec<_> = j
+            .read_from(Seq(1))
+            .unwrap()
+            .map(|r| r.unwrap().seq)
+            .collect();
+        assert_eq!(r, vec![Seq(1001)]);
+    }
 }

@@ -479,6 +479,54 @@ impl Journal {
         }
     }
 
+    /// Drops the whole history and continues at `next_seq` (≥ the next seq): every segment
+    /// is deleted, oldest first with a directory fsync after each, then an empty segment
+    /// starting at `next_seq` is created. For a remote copy resynchronised by regions,
+    /// whose replica now holds the state at `next_seq - 1`. A crash midway leaves a suffix
+    /// of the old segments, or none (a fresh journal): either way the history reads shorter,
+    /// never wrong, and the caller redoes the resync.
+    pub fn restart_at(&self, next_seq: Seq) -> Result<(), JournalError> {
+        let inner = &*self.inner;
+        let _no_release = inner.release.lock().unwrap_or_else(|e| e.into_inner());
+        let mut w = inner.lock_writer();
+        if next_seq.0 < w.next_seq {
+            return Err(JournalError::InvalidArgument(format!(
+                "restart at seq {next_seq} would reuse seqs (next is {})",
+                w.next_seq
+            )));
+        }
+        let old: Vec<Arc<Segment>> = inner.segments().clone();
+        for seg in &old {
+            inner
+                .env
+                .remove_file(seg.path())
+                .map_err(|e| JournalError::io("remove", seg.path(), e))?;
+            inner
+                .env
+                .sync_dir(&inner.dir)
+                .map_err(|e| JournalError::io("fsync dir", &inner.dir, e))?;
+        }
+        let index = w.active.index + 1;
+        let seg = Arc::new(Segment::create(
+            &inner.env,
+            &inner.dir,
+            inner.group_id,
+            index,
+            next_seq.0,
+            TimestampNs::now().0,
+        )?);
+        inner
+            .env
+            .sync_dir(&inner.dir)
+            .map_err(|e| JournalError::io("fsync dir", &inner.dir, e))?;
+        *inner.segments.write().unwrap_or_else(|e| e.into_inner()) = vec![seg.clone()];
+        w.active = seg;
+        w.next_seq = next_seq.0;
+        inner.last_seq.store(next_seq.0 - 1, Ordering::Release);
+        inner.commit.raise_durable(next_seq.0 - 1);
+        Ok(())
+    }
+
     /// Write payload bytes appended since open: `(logical, stored)`, i.e. as written by
     /// the host and as stored after compression.
     pub fn write_bytes_since_open(&self) -> (u64, u64) {

@@ -57,6 +57,12 @@ impl GroupCommit {
         self.lock().durable
     }
 
+    /// Everything up to `to` is durable without a sync (the journal restarted after it).
+    pub fn raise_durable(&self, to: u64) {
+        let mut s = self.lock();
+        s.durable = s.durable.max(to);
+    }
+
     pub fn is_fenced(&self) -> bool {
         self.lock().fenced
     }

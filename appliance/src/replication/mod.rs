@@ -19,6 +19,7 @@ pub mod dedup_policy;
 pub mod lag_window;
 pub mod link_stream;
 pub mod receiver;
+pub mod region_resync;
 pub mod shipper;
 pub mod tls;
 
@@ -67,6 +68,8 @@ pub struct ShippingState {
     pub rpo_exceeded: AtomicBool,
     /// Journal bytes not yet durable at the remote, updated with `lag_ns`.
     pub lag_bytes: AtomicU64,
+    /// The last resynchronisation by regions, if one ran since start.
+    pub last_region_resync: Mutex<Option<region_resync::RegionResyncReport>>,
     /// Batch bytes since start: records as they are (`raw_bytes`), after dedup
     /// (`dedup_bytes`), and the frames on the wire after compression (`wire_bytes`).
     pub raw_bytes: AtomicU64,
@@ -109,6 +112,7 @@ impl ShippingState {
             lag_window: Mutex::new(lag_window::LagWindow::new(std::time::Instant::now())),
             rpo_exceeded: AtomicBool::new(false),
             lag_bytes: AtomicU64::new(0),
+            last_region_resync: Mutex::new(None),
             raw_bytes: AtomicU64::new(0),
             dedup_bytes: AtomicU64::new(0),
             wire_bytes: AtomicU64::new(0),
@@ -215,6 +219,11 @@ impl ShippingState {
             lag_bytes: self.lag_bytes.load(Ordering::Relaxed),
             rpo_bytes: self.config.rpo_bytes,
             throttle_on_rpo: self.config.throttle_on_rpo,
+            last_region_resync: self
+                .last_region_resync
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
             rpo_throttling: self.rpo_throttling(),
             compress_level: self.config.compress_level,
             mode: self.config.mode,
@@ -282,6 +291,10 @@ pub struct RemoteStatus {
     pub rpo_bytes: Option<u64>,
     /// `throttle_on_rpo`, and whether host writes are held for it right now.
     pub throttle_on_rpo: bool,
+    /// The last resynchronisation by regions since start (history released before it was
+    /// shipped), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_region_resync: Option<region_resync::RegionResyncReport>,
     pub rpo_throttling: bool,
     /// The setting: a zstd level or `"adaptive"`.
     pub compress_level: CompressLevel,

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use cdp_journal::{RecordIn, RecordKind};
 use cdp_link::replication::{
     read_message, write_message, BatchDecoder, HelloVolume, ReplicatedKind, ReplicatedRecord,
-    ReplicationMessage,
+    ReplicationMessage, RESYNC_SUMS_PER_MESSAGE_MAX,
 };
 use cdp_link::LinkError;
 use cdp_types::Seq;
@@ -380,6 +380,10 @@ fn message_name(m: &ReplicationMessage) -> &'static str {
         ReplicationMessage::Welcome { .. } => "Welcome",
         ReplicationMessage::BatchAck { .. } => "BatchAck",
         ReplicationMessage::Refuse { .. } => "Refuse",
+        ReplicationMessage::ResyncBegin { .. } => "ResyncBegin",
+        ReplicationMessage::ResyncSums { .. } => "ResyncSums",
+        ReplicationMessage::ResyncData { .. } => "ResyncData",
+        ReplicationMessage::ResyncEnd { .. } => "ResyncEnd",
     }
 }
 
@@ -405,6 +409,8 @@ fn receive(
     tracing::info!(group = %group.name, %peer, last_seq = %durable, "replication source connected");
     // Deduplicated batches refer to blocks of earlier batches of this connection only.
     let mut decoder = BatchDecoder::new();
+    // A resynchronisation by regions in progress: its point, regions and bytes written.
+    let mut resync: Option<(Seq, u64, u64)> = None;
     loop {
         let message = match decoder.read_message(reader) {
             Ok(m) => m,
@@ -415,6 +421,90 @@ fn receive(
             Err(e) => return Err(format!("replication link: {e}")),
         };
         match message {
+            ReplicationMessage::Batch { .. } if resync.is_some() => {
+                return Err("a batch arrived during a resynchronisation by regions".into());
+            }
+            ReplicationMessage::ResyncBegin {
+                through_seq,
+                region_bytes,
+            } => {
+                if through_seq <= durable.0 || resync.is_some() {
+                    return Err(format!(
+                        "resync to seq {through_seq} while this copy holds seqs up to {durable}"
+                    ));
+                }
+                tracing::warn!(
+                    group = %group.name,
+                    %peer,
+                    holds_through = %durable,
+                    resync_through = through_seq,
+                    "the source released history this copy never received: resynchronising by regions (only differing regions are copied; this copy's history restarts after the resync point)"
+                );
+                group.begin_region_resync(Seq(through_seq))?;
+                for (&source_id, &local_id) in volume_map {
+                    let mut first = 0u64;
+                    loop {
+                        let sums = group.replica_region_sums(
+                            local_id,
+                            region_bytes,
+                            first,
+                            RESYNC_SUMS_PER_MESSAGE_MAX,
+                        )?;
+                        if sums.is_empty() {
+                            break;
+                        }
+                        let count = sums.len() as u64;
+                        write_message(
+                            writer,
+                            &ReplicationMessage::ResyncSums {
+                                volume: source_id,
+                                offset: first * region_bytes as u64,
+                                sums,
+                            },
+                        )
+                        .map_err(|e| e.to_string())?;
+                        first += count;
+                    }
+                }
+                resync = Some((Seq(through_seq), 0, 0));
+                continue;
+            }
+            ReplicationMessage::ResyncData {
+                volume,
+                offset,
+                data,
+            } => {
+                let Some((_, regions, bytes)) = resync.as_mut() else {
+                    return Err("resync data outside a resynchronisation".into());
+                };
+                let id = *volume_map.get(&volume).ok_or_else(|| {
+                    format!("resync data for volume id {volume}, not in the Hello")
+                })?;
+                group.write_resync_region(id, offset, &data)?;
+                *regions += 1;
+                *bytes += data.len() as u64;
+                continue;
+            }
+            ReplicationMessage::ResyncEnd { through_seq } => {
+                let Some((through, regions, bytes)) = resync.take() else {
+                    return Err("resync end outside a resynchronisation".into());
+                };
+                if through.0 != through_seq {
+                    return Err(format!(
+                        "resync to seq {through} ended at seq {through_seq}"
+                    ));
+                }
+                group.finish_region_resync(through)?;
+                durable = through;
+                tracing::info!(
+                    group = %group.name,
+                    %peer,
+                    through = %through,
+                    regions,
+                    bytes,
+                    "resynchronised by regions: this copy now holds the source's state at the resync point; its history restarts there"
+                );
+            }
             ReplicationMessage::Batch { records } => {
                 let first = records[0].seq;
                 if first != durable.0 + 1 {

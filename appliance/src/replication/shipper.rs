@@ -251,13 +251,17 @@ fn ship_one_connection(
              it has records this group never had; not shipping"
         ));
     }
-    if remote_last + 1 < journal.first_seq().0 {
-        return Err(format!(
-            "the remote copy ends at seq {remote_last} but this journal starts at {}: \
-             it needs seeding, which this version cannot do",
-            journal.first_seq()
-        ));
-    }
+    let remote_last = if remote_last + 1 < journal.first_seq().0 {
+        crate::replication::region_resync::resync_by_regions(
+            group,
+            state,
+            &mut reader,
+            &mut writer,
+            remote_last,
+        )?
+    } else {
+        remote_last
+    };
     state.set_shipped(remote_last);
     state.shipped_known.store(true, Ordering::Relaxed);
     group.release_for_remote_copy_through(Seq(remote_last));

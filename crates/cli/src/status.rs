@@ -206,6 +206,20 @@ fn table(value: &serde_json::Value) -> Option<String> {
                     _ => String::new(),
                 }
             );
+            if let Some(x) = r.get("last_region_resync").filter(|x| x.is_object()) {
+                let xn = |k: &str| x.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+                let _ = writeln!(
+                    out,
+                    "    resynchronised by regions at seq {} (the remote had seq {}, the journal had released up to {}): {} of {} regions differed, {} sent in {} ms",
+                    xn("through_seq"),
+                    xn("remote_had_through_seq"),
+                    xn("journal_first_seq").saturating_sub(1),
+                    xn("regions_sent"),
+                    xn("regions_compared"),
+                    format_bytes(xn("bytes_sent")),
+                    xn("millis"),
+                );
+            }
             let rf = |k: &str| r.get(k).and_then(|v| v.as_f64()).unwrap_or(1.0);
             let _ = writeln!(
                 out,

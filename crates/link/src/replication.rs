@@ -194,15 +194,48 @@ pub enum ReplicationMessage {
     Refuse {
         reason: String,
     },
+    /// Source -> remote, instead of batches, when the source released history the remote
+    /// never got: the remote sends `ResyncSums` of its whole replica, the source sends the
+    /// regions whose bytes differ at `through_seq` (`ResyncData`), then `ResyncEnd`; the
+    /// remote's history restarts after `through_seq` and it acks `through_seq`.
+    ResyncBegin {
+        through_seq: u64,
+        region_bytes: u32,
+    },
+    /// Remote -> source: BLAKE3-256 of consecutive regions of one volume (source's id) from
+    /// `offset`; the last region may be short (the volume's end).
+    ResyncSums {
+        volume: u32,
+        offset: u64,
+        sums: Vec<[u8; 32]>,
+    },
+    /// Source -> remote: the bytes of one region at `through_seq`.
+    ResyncData {
+        volume: u32,
+        offset: u64,
+        data: Bytes,
+    },
+    ResyncEnd {
+        through_seq: u64,
+    },
 }
+
+/// Sums in one `ResyncSums` message.
+pub const RESYNC_SUMS_PER_MESSAGE_MAX: usize = 1024;
+/// Bytes in one `ResyncData` message (one region).
+pub const RESYNC_REGION_BYTES_MAX: u32 = 4 * 1024 * 1024;
 
 mod kind {
     pub const HELLO: u8 = 1;
     pub const BATCH: u8 = 2;
     pub const HEARTBEAT: u8 = 3;
+    pub const RESYNC_BEGIN: u8 = 4;
+    pub const RESYNC_DATA: u8 = 5;
+    pub const RESYNC_END: u8 = 6;
     pub const WELCOME: u8 = 16;
     pub const BATCH_ACK: u8 = 17;
     pub const REFUSE: u8 = 18;
+    pub const RESYNC_SUMS: u8 = 19;
 }
 
 const CODEC_RAW: u8 = 0;
@@ -495,6 +528,42 @@ impl ReplicationMessage {
                 put_text(&mut body, reason);
                 kind::REFUSE
             }
+            ReplicationMessage::ResyncBegin {
+                through_seq,
+                region_bytes,
+            } => {
+                body.extend_from_slice(&through_seq.to_le_bytes());
+                body.extend_from_slice(&region_bytes.to_le_bytes());
+                kind::RESYNC_BEGIN
+            }
+            ReplicationMessage::ResyncSums {
+                volume,
+                offset,
+                sums,
+            } => {
+                body.extend_from_slice(&volume.to_le_bytes());
+                body.extend_from_slice(&offset.to_le_bytes());
+                body.extend_from_slice(&(sums.len() as u32).to_le_bytes());
+                for sum in sums {
+                    body.extend_from_slice(sum);
+                }
+                kind::RESYNC_SUMS
+            }
+            ReplicationMessage::ResyncData {
+                volume,
+                offset,
+                data,
+            } => {
+                body.extend_from_slice(&volume.to_le_bytes());
+                body.extend_from_slice(&offset.to_le_bytes());
+                body.extend_from_slice(&(data.len() as u32).to_le_bytes());
+                body.extend_from_slice(data);
+                kind::RESYNC_DATA
+            }
+            ReplicationMessage::ResyncEnd { through_seq } => {
+                body.extend_from_slice(&through_seq.to_le_bytes());
+                kind::RESYNC_END
+            }
         };
         EncodedMessage {
             bytes: frame(VERSION, kind, &body),
@@ -535,6 +604,53 @@ impl ReplicationMessage {
                 through_seq: c.u64()?,
             },
             kind::REFUSE => ReplicationMessage::Refuse { reason: c.text()? },
+            kind::RESYNC_BEGIN => {
+                let through_seq = c.u64()?;
+                let region_bytes = c.u32()?;
+                if region_bytes == 0 || region_bytes > RESYNC_REGION_BYTES_MAX {
+                    return Err(corrupt(format!("resync region of {region_bytes} bytes")));
+                }
+                ReplicationMessage::ResyncBegin {
+                    through_seq,
+                    region_bytes,
+                }
+            }
+            kind::RESYNC_SUMS => {
+                let volume = c.u32()?;
+                let offset = c.u64()?;
+                let count = c.u32()? as usize;
+                if count == 0 || count > RESYNC_SUMS_PER_MESSAGE_MAX {
+                    return Err(corrupt(format!("{count} resync sums in one message")));
+                }
+                let mut sums = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let mut sum = [0u8; 32];
+                    sum.copy_from_slice(c.take(32)?);
+                    sums.push(sum);
+                }
+                ReplicationMessage::ResyncSums {
+                    volume,
+                    offset,
+                    sums,
+                }
+            }
+            kind::RESYNC_DATA => {
+                let volume = c.u32()?;
+                let offset = c.u64()?;
+                let len = c.u32()?;
+                if len == 0 || len > RESYNC_REGION_BYTES_MAX {
+                    return Err(corrupt(format!("resync data of {len} bytes")));
+                }
+                let data = Bytes::copy_from_slice(c.take(len as usize)?);
+                ReplicationMessage::ResyncData {
+                    volume,
+                    offset,
+                    data,
+                }
+            }
+            kind::RESYNC_END => ReplicationMessage::ResyncEnd {
+                through_seq: c.u64()?,
+            },
             other => return Err(corrupt(format!("unknown replication message kind {other}"))),
         };
         if c.at != body.len() {
@@ -1188,6 +1304,21 @@ mod tests {
             ReplicationMessage::Refuse {
                 reason: "no such group".into(),
             },
+            ReplicationMessage::ResyncBegin {
+                through_seq: 99,
+                region_bytes: 1 << 20,
+            },
+            ReplicationMessage::ResyncSums {
+                volume: 2,
+                offset: 3 << 20,
+                sums: vec![[7u8; 32], [9u8; 32]],
+            },
+            ReplicationMessage::ResyncData {
+                volume: 2,
+                offset: 4096,
+                data: Bytes::from_static(b"region bytes"),
+            },
+            ReplicationMessage::ResyncEnd { through_seq: 99 },
         ];
         for m in &messages {
             assert_eq!(&roundtrip(m, BatchCodec::Raw), m);
