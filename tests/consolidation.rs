@@ -22,23 +22,15 @@ const KEEP_ALL_S: u64 = 2;
 
 fn site() -> Site {
     let site = Site::create(&[("vol0", SIZE)], SiteOptions::default());
-    let text = std::fs::read_to_string(&site.appliance_config).unwrap();
-    // Top-level keys before the first table; the consolidation table after the group's
-    // volumes would start a new table, so it goes right after the group's name, as an inline
-    // table.
-    let text = format!(
-        "journal_segment_bytes = {MIB}\n{}",
-        text.replacen(
-            "name = \"default\"\n",
-            &format!(
-                "name = \"default\"\njournal_compress = false\n\
-                 consolidation = {{ keep_all_s = {KEEP_ALL_S}, interval_s = 86400, \
-                 tier = [{{ every_s = 86400, for_s = 604800 }}] }}\n"
-            ),
-            1
-        )
+    // The policy goes right after the group's name, so it is an inline table.
+    site.add_appliance_settings(
+        &format!("journal_segment_bytes = {MIB}\n"),
+        &format!(
+            "journal_compress = false\n\
+             consolidation = {{ keep_all_s = {KEEP_ALL_S}, interval_s = 86400, \
+             tier = [{{ every_s = 86400, for_s = 604800 }}] }}\n"
+        ),
     );
-    std::fs::write(&site.appliance_config, text).unwrap();
     site
 }
 

@@ -19,17 +19,10 @@ const CAPACITY: u64 = 4 * MIB;
 /// need the journal to grow by what the host writes.
 fn site(volumes: &[(&str, u64)], group_settings: &str) -> Site {
     let site = Site::create(volumes, SiteOptions::default());
-    let text = std::fs::read_to_string(&site.appliance_config).unwrap();
-    // Top-level keys must come before the first table; group keys right after its name.
-    let text = format!(
-        "journal_segment_bytes = {SEGMENT}\n{}",
-        text.replacen(
-            "name = \"default\"\n",
-            &format!("name = \"default\"\njournal_compress = false\n{group_settings}"),
-            1
-        )
+    site.add_appliance_settings(
+        &format!("journal_segment_bytes = {SEGMENT}\n"),
+        &format!("journal_compress = false\n{group_settings}"),
     );
-    std::fs::write(&site.appliance_config, text).unwrap();
     site
 }
 

@@ -426,6 +426,22 @@ impl Site {
         site
     }
 
+    /// Adds settings to the appliance config before the appliance starts: `top_level` keys
+    /// (they must precede every table) and keys of the group `default` (placed right after its
+    /// name, so a table must be given inline).
+    pub fn add_appliance_settings(&self, top_level: &str, group_keys: &str) {
+        let text = std::fs::read_to_string(&self.appliance_config).unwrap();
+        let text = format!(
+            "{top_level}{}",
+            text.replacen(
+                "name = \"default\"\n",
+                &format!("name = \"default\"\n{group_keys}"),
+                1
+            )
+        );
+        std::fs::write(&self.appliance_config, text).unwrap();
+    }
+
     /// Writes configs and creates sparse production files without starting anything.
     pub fn create(volumes: &[(&str, u64)], options: SiteOptions) -> Site {
         // Short prefix and /tmp: unix socket paths must stay under 108 bytes.
