@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::cli::{copy_export, release_image};
 use common::*;
 
 const MIB: u64 = 1 << 20;
@@ -68,20 +69,9 @@ fn check_point(site: &Site, at: &str, model: &Model) -> Result<(), String> {
     let image: serde_json::Value = serde_json::from_slice(&out.stdout).expect("image json");
     let file = site.root().join("point.img");
     let _ = std::fs::remove_file(&file);
-    run_ok(
-        Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "raw"])
-            .arg(site.image_uri(&image, "vol0"))
-            .arg(&file),
-        T,
-    );
+    copy_export(&site.image_uri(&image, "vol0"), &file);
     model.check_file(&format!("image at {at}"), &file);
-    site.cdp_json(&[
-        "image",
-        "release",
-        image["id"].as_str().expect("id"),
-        "--json",
-    ]);
+    release_image(&image, |a| site.cdp_json(a));
     Ok(())
 }
 
@@ -242,12 +232,7 @@ fn consolidation_keeps_kept_points_exact_and_frees_space() {
     let logged = site.cdp_json(&["image", "access", "--at", name, "--logged", "--json"]);
     assert_eq!(logged["state"], "ready", "{logged}");
     want.check_file("replica rolled back", &site.volume("vol0").replica);
-    site.cdp_json(&[
-        "image",
-        "release",
-        logged["id"].as_str().expect("id"),
-        "--json",
-    ]);
+    release_image(&logged, |a| site.cdp_json(a));
     site.settle();
     model.check_file("production", &site.volume("vol0").production);
     site.assert_replica_equals_production("vol0");

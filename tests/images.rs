@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::cli::{copy_export, release_image};
 use common::mount::{check_files, files, FuseLoop};
 use common::*;
 
@@ -192,15 +193,6 @@ fn qemu_io(uri: &str, commands: &[String]) -> String {
 }
 
 /// Copies a whole export into a file with qemu-img.
-fn read_all(uri: &str, to: &Path) {
-    run_ok(
-        Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "raw", uri])
-            .arg(to),
-        T,
-    );
-}
-
 #[test]
 fn writable_and_logged_images() {
     // Goal: writes to an image stay in its scratch area and vanish at release; logged access
@@ -248,7 +240,7 @@ fn writable_and_logged_images() {
     let mut written = at_b1.clone();
     written.fill(100, 1000, 0x55);
     written.fill(6 * MIB, 64 * 1024, 0);
-    read_all(&image_uri, &root.join("writable.img"));
+    copy_export(&image_uri, &root.join("writable.img"));
     written.check_file(
         "writable image after its own writes",
         &root.join("writable.img"),
@@ -257,24 +249,14 @@ fn writable_and_logged_images() {
         "production while a writable image is open",
         &site.volume("vol0").production,
     );
-    site.cdp_json(&[
-        "image",
-        "release",
-        image["id"].as_str().expect("id"),
-        "--json",
-    ]);
+    release_image(&image, |a| site.cdp_json(a));
     let again = site.cdp_json(&["image", "access", "--at", "b1", "--json"]);
-    read_all(&site.image_uri(&again, "vol0"), &root.join("again.img"));
+    copy_export(&site.image_uri(&again, "vol0"), &root.join("again.img"));
     at_b1.check_file(
         "image at b1 after the writable one was released",
         &root.join("again.img"),
     );
-    site.cdp_json(&[
-        "image",
-        "release",
-        again["id"].as_str().expect("id"),
-        "--json",
-    ]);
+    release_image(&again, |a| site.cdp_json(a));
 
     // Logged: the replica itself goes back to b1; the host keeps writing meanwhile.
     site.settle();
@@ -290,18 +272,13 @@ fn writable_and_logged_images() {
     qemu_io(&uri, &["write -P 0x66 10M 1M".into()]);
     model.fill(10 * MIB, MIB, 0x66);
     site.flush("vol0");
-    read_all(&site.image_uri(&logged, "vol0"), &root.join("logged.img"));
+    copy_export(&site.image_uri(&logged, "vol0"), &root.join("logged.img"));
     at_b1.check_file(
         "logged image while the host writes",
         &root.join("logged.img"),
     );
     at_b1.check_file("replica still held", &site.volume("vol0").replica);
-    site.cdp_json(&[
-        "image",
-        "release",
-        logged["id"].as_str().expect("id"),
-        "--json",
-    ]);
+    release_image(&logged, |a| site.cdp_json(a));
     site.settle();
     model.check_file("production", &site.volume("vol0").production);
     site.assert_replica_equals_production("vol0");
@@ -392,14 +369,9 @@ fn images_stay_exact_across_appliance_crashes() {
         for (name, snapshot) in &points {
             let image = site.cdp_json(&["image", "access", "--at", name, "--json"]);
             let file = site.root().join(format!("{name}-{round}.img"));
-            read_all(&site.image_uri(&image, "vol0"), &file);
+            copy_export(&site.image_uri(&image, "vol0"), &file);
             snapshot.check_file(&format!("round {round}: image at {name}"), &file);
-            site.cdp_json(&[
-                "image",
-                "release",
-                image["id"].as_str().expect("id"),
-                "--json",
-            ]);
+            release_image(&image, |a| site.cdp_json(a));
         }
     }
     model.check_file("production", &site.volume("vol0").production);

@@ -7,6 +7,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
+use common::cli::{copy_export, release_image};
 use common::replication::wait_shipped;
 use common::*;
 
@@ -42,20 +43,9 @@ fn whole_log(path: &std::path::Path) -> String {
 fn check_remote_image(site: &Site, remote: &RemoteAppliance, name: &str, model: &Model) -> u64 {
     let image = remote.cdp_json(&["image", "access", "--at", name, "--json"]);
     let file = remote.root().join(format!("{name}.img"));
-    run_ok(
-        Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "raw"])
-            .arg(site.image_uri(&image, "vol0"))
-            .arg(&file),
-        T,
-    );
+    copy_export(&site.image_uri(&image, "vol0"), &file);
     model.check_file(&format!("remote image at {name}"), &file);
-    remote.cdp_json(&[
-        "image",
-        "release",
-        image["id"].as_str().expect("id"),
-        "--json",
-    ]);
+    release_image(&image, |a| remote.cdp_json(a));
     image["seq"].as_u64().expect("image seq")
 }
 

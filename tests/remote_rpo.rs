@@ -5,6 +5,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::cli::release_image;
 use common::replication::wait_shipped;
 use common::*;
 
@@ -97,11 +98,6 @@ fn same_bytes(a: &str, b: &str) -> bool {
             String::from_utf8_lossy(&out.stderr)
         ),
     }
-}
-
-fn release(image: &serde_json::Value, cdp_json: impl Fn(&[&str]) -> serde_json::Value) {
-    let id = image["id"].as_str().expect("image id");
-    cdp_json(&["image", "release", id, "--json"]);
 }
 
 /// A site shipping to a fresh remote appliance with `rpo_s`, more `[group.remote]` keys and
@@ -307,8 +303,8 @@ fn async_lag_stays_under_rpo_and_remote_images_equal_local_at_every_bookmark() {
             same_bytes(&local_uri, &remote_uri),
             "bookmark {name} (seq {seq}): the remote image differs from the local one"
         );
-        release(&local, |a| site.cdp_json(a));
-        release(&at_remote, |a| remote.cdp_json(a));
+        release_image(&local, |a| site.cdp_json(a));
+        release_image(&at_remote, |a| remote.cdp_json(a));
     }
     // The images compared do differ from one another: the first bookmark is not the last.
     let first = site.cdp_json(&["image", "access", "--at", &bookmarks[0].0, "--json"]);
@@ -321,8 +317,8 @@ fn async_lag_stays_under_rpo_and_remote_images_equal_local_at_every_bookmark() {
         ),
         "the images at the first and the last bookmark are equal: the comparison shows nothing"
     );
-    release(&first, |a| site.cdp_json(a));
-    release(&final_image, |a| site.cdp_json(a));
+    release_image(&first, |a| site.cdp_json(a));
+    release_image(&final_image, |a| site.cdp_json(a));
     eprintln!(
         "{} bookmarks: remote image == local image, {} MiB each, compared in {:.1?}",
         bookmarks.len(),

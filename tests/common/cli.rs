@@ -1,5 +1,6 @@
 //! Running the `cdp` command line against a site's appliance control socket.
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -34,4 +35,21 @@ impl Site {
             None => format!("nbd://{nbd}/{export}"),
         }
     }
+}
+
+/// Reads a whole raw source (an NBD URI, such as an image's export, or a file) into `to`.
+pub fn copy_export(uri: &str, to: &Path) {
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw", uri])
+            .arg(to),
+        Duration::from_secs(120),
+    );
+}
+
+/// Releases an image from `cdp image access --json`, through `cdp_json` of the appliance that
+/// opened it (a `Site` or a `RemoteAppliance`).
+pub fn release_image(image: &serde_json::Value, cdp_json: impl Fn(&[&str]) -> serde_json::Value) {
+    let id = image["id"].as_str().expect("image id");
+    cdp_json(&["image", "release", id, "--json"]);
 }
