@@ -77,6 +77,13 @@ impl Group {
         Ok(())
     }
 
+    fn volume_by_id(&self, id: u32) -> Result<std::sync::Arc<super::GroupVolume>, String> {
+        self.volumes()
+            .into_iter()
+            .find(|v| v.id == id)
+            .ok_or_else(|| format!("no volume with id {id}"))
+    }
+
     /// BLAKE3 sums (`cdp_link::checksum`) of `count` regions of the replica of volume `id`
     /// from region `first` (fewer at the volume's end).
     pub fn replica_region_sums(
@@ -86,11 +93,7 @@ impl Group {
         first: u64,
         count: usize,
     ) -> Result<Vec<[u8; 32]>, String> {
-        let volume = self
-            .volumes()
-            .into_iter()
-            .find(|v| v.id == id)
-            .ok_or_else(|| format!("no volume with id {id}"))?;
+        let volume = self.volume_by_id(id)?;
         let mut sums = Vec::with_capacity(count);
         let mut buf = vec![0u8; region_bytes as usize];
         let mut at = first.saturating_mul(region_bytes as u64);
@@ -106,11 +109,7 @@ impl Group {
 
     /// Writes one region the source sent into the replica of volume `id`.
     pub fn write_resync_region(&self, id: u32, offset: u64, data: &[u8]) -> Result<(), String> {
-        let volume = self
-            .volumes()
-            .into_iter()
-            .find(|v| v.id == id)
-            .ok_or_else(|| format!("no volume with id {id}"))?;
+        let volume = self.volume_by_id(id)?;
         if offset
             .checked_add(data.len() as u64)
             .is_none_or(|end| end > volume.size)
