@@ -168,6 +168,20 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The rules for a bookmark being created: `validate_name`, and no spaces, so that a name
+/// is one word in a shell, a script and `cdp bookmark list`'s columns. Names with spaces taken
+/// by earlier versions still decode and resolve (`validate_name`).
+pub fn validate_new_name(name: &str) -> Result<(), String> {
+    validate_name(name)?;
+    if name.contains(' ') {
+        return Err(format!(
+            "bad bookmark name {name:?}: spaces are not allowed (use '-' or '_', e.g. {:?})",
+            name.replace(' ', "-")
+        ));
+    }
+    Ok(())
+}
+
 /// One bookmark of a group.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Bookmark {
@@ -275,7 +289,7 @@ impl BookmarkIndex {
         append_deadline: Option<Instant>,
         on_journal_failure: impl Fn(String),
     ) -> Result<Bookmark, String> {
-        validate_name(&payload.name)?;
+        validate_new_name(&payload.name)?;
         let mut list = self.list.lock().unwrap_or_else(|p| p.into_inner());
         if append_deadline.is_some_and(|d| Instant::now() > d) {
             return Err("the request's deadline passed before the bookmark could be appended; no bookmark was taken".into());
@@ -430,6 +444,9 @@ mod tests {
         ] {
             assert!(validate_name(bad).is_err(), "{bad:?} accepted");
         }
+        // New bookmarks may not contain spaces; old ones still decode.
+        assert!(validate_new_name("pre upgrade").is_err());
+        assert!(validate_new_name("pre-upgrade").is_ok());
     }
 
     fn payload(name: &str) -> BookmarkPayload {

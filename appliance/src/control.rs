@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use cdp_types::TimestampNs;
+use cdp_link::control_socket::ControlError;
+use cdp_types::{Seq, TimestampNs};
 
 use crate::bookmark::{BookmarkPayload, Consistency};
 use crate::group::{Group, GroupStatus};
@@ -139,9 +140,9 @@ async fn image_request(
     groups: &[Arc<Group>],
     images: &Arc<Images>,
     request: Request,
-) -> Result<serde_json::Value, String> {
+) -> Result<serde_json::Value, ControlError> {
     let images = Arc::clone(images);
-    let work: Box<dyn FnOnce() -> Result<serde_json::Value, String> + Send> = match request {
+    let work: Box<dyn FnOnce() -> Result<serde_json::Value, ControlError> + Send> = match request {
         Request::ImageAccess {
             group,
             at,
@@ -178,7 +179,7 @@ async fn image_request(
     };
     tokio::task::spawn_blocking(work)
         .await
-        .map_err(|e| format!("request failed: {e}"))?
+        .map_err(|e| ControlError::from(format!("request failed: {e}")))?
 }
 
 /// Group and volume management, on the blocking pool (files are created and synced;
@@ -186,7 +187,7 @@ async fn image_request(
 async fn manage_request(
     registry: Arc<Groups>,
     request: Request,
-) -> Result<serde_json::Value, String> {
+) -> Result<serde_json::Value, ControlError> {
     let work = move || match request {
         Request::GroupCreate(create) => {
             let group = registry.create_group(create)?;
@@ -220,14 +221,34 @@ async fn manage_request(
     };
     tokio::task::spawn_blocking(work)
         .await
-        .map_err(|e| format!("request failed: {e}"))?
+        .map_err(|e| ControlError::from(format!("request failed: {e}")))?
 }
 
-/// Resolves a point the administrator named to a seq, refusing points inside a resync
-/// (the copy is not consistent there).
-fn resolve_point(g: &Group, point: &str) -> Result<ResolvedPoint, String> {
-    let spec = parse_point(point)?;
-    let r = resolve(g.journal(), &g.bookmarks(), &spec, TimestampNs::now().0)?;
+/// Resolves a point the administrator named to a seq, refusing what `Group::check_recoverable`
+/// refuses and points inside a resync (the copy is not consistent there). Every command that
+/// takes a point comes through here.
+fn resolve_point(g: &Group, point: &str) -> Result<ResolvedPoint, ControlError> {
+    let spec = parse_point(point)
+        .map_err(|e| ControlError::new(cdp_link::control_socket::ErrorCode::BadRequest, e))?;
+    let bookmarks = g.bookmarks();
+    if let crate::point::PointSpec::Bookmark(name) = &spec {
+        if !bookmarks.iter().any(|b| &b.name == name) {
+            return Err(ControlError::not_found(format!(
+                "no bookmark named {name:?} in group {} (released by retention, or never \
+                 taken; see cdp bookmark list)",
+                g.name
+            )));
+        }
+    }
+    let r = resolve(
+        g.journal(),
+        &bookmarks,
+        &spec,
+        TimestampNs::now().0,
+        g.oldest_point().0,
+    )
+    .map_err(ControlError::not_found)?;
+    g.check_recoverable(Seq(r.seq))?;
     if let Some((volume, span)) = g.resync_span_containing(r.seq) {
         let (range, after) = match span.end {
             Some(end) => (format!("seq {} to {end}", span.start), format!("seq {end}")),
@@ -236,17 +257,17 @@ fn resolve_point(g: &Group, point: &str) -> Result<ResolvedPoint, String> {
                 "its end, once it completes".to_string(),
             ),
         };
-        return Err(format!(
+        return Err(ControlError::refused(format!(
             "seq {} lies inside a resync of volume {volume} ({range}): the copy is \
              not consistent there; consistent points nearby are seq {} and {after}",
             r.seq, span.start
-        ));
+        )));
     }
     Ok(r)
 }
 
 /// The group a request names, or the only group when it names none.
-fn find_group(groups: &[Arc<Group>], name: Option<&str>) -> Result<Arc<Group>, String> {
+fn find_group(groups: &[Arc<Group>], name: Option<&str>) -> Result<Arc<Group>, ControlError> {
     let names = || {
         groups
             .iter()
@@ -259,28 +280,35 @@ fn find_group(groups: &[Arc<Group>], name: Option<&str>) -> Result<Arc<Group>, S
             .iter()
             .find(|g| g.name == name)
             .cloned()
-            .ok_or_else(|| format!("no group named {name:?} (groups: {})", names())),
+            .ok_or_else(|| {
+                ControlError::not_found(format!("no group named {name:?} (groups: {})", names()))
+            }),
         None if groups.len() == 1 => Ok(Arc::clone(&groups[0])),
-        None => Err(format!(
-            "the appliance has {} groups; say which with --group ({})",
-            groups.len(),
-            names()
+        None => Err(ControlError::new(
+            cdp_link::control_socket::ErrorCode::BadRequest,
+            format!(
+                "the appliance has {} groups; say which with --group NAME ({})",
+                groups.len(),
+                names()
+            ),
         )),
     }
 }
 
 /// A request's work on one group, run on the blocking pool.
-type GroupWork = Box<dyn FnOnce(&Group) -> Result<serde_json::Value, String> + Send>;
+type GroupWork = Box<dyn FnOnce(&Group) -> Result<serde_json::Value, ControlError> + Send>;
 
 /// Bookmark, point and timeline requests. They read the journal or fsync it, so they run on
 /// the blocking pool, never on the tasks that serve the split links.
 async fn group_request(
     groups: &[Arc<Group>],
     request: Request,
-) -> Result<serde_json::Value, String> {
+) -> Result<serde_json::Value, ControlError> {
     let received = Instant::now();
     let (group, work): (Arc<Group>, GroupWork) = match request {
-        Request::Status => return serde_json::to_value(status(groups)).map_err(|e| e.to_string()),
+        Request::Status => {
+            return serde_json::to_value(status(groups)).map_err(|e| e.to_string().into())
+        }
         Request::BookmarkCreate {
             group,
             name,
@@ -324,6 +352,7 @@ async fn group_request(
                     g.journal(),
                     g.bookmarks(),
                     &g.consolidation_state(),
+                    g.oldest_point().0,
                 )?)
             }),
         ),
@@ -338,11 +367,11 @@ async fn group_request(
     };
     tokio::task::spawn_blocking(move || work(&group))
         .await
-        .map_err(|e| format!("request failed: {e}"))?
+        .map_err(|e| ControlError::from(format!("request failed: {e}")))?
 }
 
-fn to_json(v: &impl Serialize) -> Result<serde_json::Value, String> {
-    serde_json::to_value(v).map_err(|e| format!("encoding the answer: {e}"))
+fn to_json(v: &impl Serialize) -> Result<serde_json::Value, ControlError> {
+    serde_json::to_value(v).map_err(|e| format!("encoding the answer: {e}").into())
 }
 
 pub fn status(groups: &[Arc<Group>]) -> ApplianceStatus {

@@ -9,6 +9,7 @@
 //! its time window.
 
 mod consolidate;
+mod recoverable;
 mod region_resync;
 
 use std::collections::BTreeMap;
@@ -760,19 +761,7 @@ impl Group {
     /// window. Returns the pin to give back to `unpin`.
     pub fn pin_point(&self, at: Seq) -> Result<u64, String> {
         let mut pins = lock(&self.pins);
-        let oldest = self.oldest_point();
-        if at < oldest {
-            return Err(format!(
-                "seq {at} is older than the oldest recoverable point (seq {oldest})"
-            ));
-        }
-        let last = self.journal.last_seq();
-        if at > last {
-            return Err(format!(
-                "seq {at} is past the journal's last record (seq {last})"
-            ));
-        }
-        self.check_not_consolidated(at)?;
+        self.check_recoverable(at).map_err(|e| e.message)?;
         let id = self.next_pin.fetch_add(1, Ordering::Relaxed);
         pins.insert(id, at);
         Ok(id)

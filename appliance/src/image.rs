@@ -274,18 +274,19 @@ impl Images {
 
     /// Ends access: the exports disappear (connected clients are cut off at their next
     /// request), writes to the scratch area are discarded, a held replica is released.
-    pub fn release(&self, id: &str) -> Result<ImageInfo, String> {
-        let image = self.lock().remove(id).ok_or_else(|| {
-            let ids: Vec<String> = self.lock().keys().cloned().collect();
-            format!(
-                "no open image {id:?} (open: {})",
-                if ids.is_empty() {
-                    "none".to_string()
-                } else {
-                    ids.join(", ")
-                }
-            )
-        })?;
+    pub fn release(&self, id: &str) -> Result<ImageInfo, cdp_link::control_socket::ControlError> {
+        // One guard for the lookup and the error text: taking the lock again inside
+        // `ok_or_else` while the first guard lives would deadlock the appliance.
+        let removed = {
+            let mut open = self.lock();
+            match open.remove(id) {
+                Some(image) => Ok(image),
+                None => Err(cdp_link::control_socket::ControlError::not_found(
+                    no_open_image_message(id, open.keys()),
+                )),
+            }
+        };
+        let image = removed?;
         for e in &image.info.exports {
             self.exports.remove(&e.export);
         }
@@ -492,4 +493,15 @@ impl Export for ImageVolume {
         let this = Arc::clone(&self.0);
         blocking(move || this.change_blocking(offset, length as u64, None)).await
     }
+}
+
+/// The refusal for releasing an id that is not open, listing the ids that are.
+fn no_open_image_message<'a>(id: &str, open: impl Iterator<Item = &'a String>) -> String {
+    let ids: Vec<&str> = open.map(String::as_str).collect();
+    let listed = if ids.is_empty() {
+        "none".to_string()
+    } else {
+        ids.join(", ")
+    };
+    format!("no open image {id:?} (open: {listed})")
 }

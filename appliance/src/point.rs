@@ -201,11 +201,16 @@ pub struct ResolvedPoint {
 /// group's bookmarks. Times resolve to the last record stamped at or before them; a time
 /// after the last record but not in the future resolves to the last record (nothing changed
 /// since), a future time is refused.
+///
+/// `oldest` is the group's oldest recoverable point (`Group::oldest_point`); it may lie one
+/// below the journal's first record (the state before it, held by the replica and the undo
+/// stream), and is then stamped just before that record.
 pub fn resolve(
     journal: &Journal,
     bookmarks: &[Bookmark],
     spec: &PointSpec,
     now_ns: u64,
+    oldest: u64,
 ) -> Result<ResolvedPoint, String> {
     let first = journal.first_seq().0;
     let last = journal.last_seq().0;
@@ -213,7 +218,11 @@ pub fn resolve(
         return Err("the journal holds no records yet".into());
     }
     let at = |seq: u64| -> Result<ResolvedPoint, String> {
-        let ts = record_timestamp(journal, Seq(seq))?;
+        let ts = if seq < first {
+            record_timestamp(journal, Seq(first))?.saturating_sub(1)
+        } else {
+            record_timestamp(journal, Seq(seq))?
+        };
         Ok(ResolvedPoint {
             seq,
             timestamp_ns: ts,
@@ -235,9 +244,10 @@ pub fn resolve(
             })
         }
         PointSpec::Seq(seq) => {
-            if *seq < first {
+            let oldest = oldest.clamp(first.saturating_sub(1), last);
+            if *seq < oldest {
                 return Err(format!(
-                    "seq {seq} is before the oldest recoverable point, seq {first}"
+                    "seq {seq} is before the oldest recoverable point, seq {oldest}"
                 ));
             }
             if *seq > last {
@@ -423,7 +433,15 @@ mod tests {
         assert_eq!(bookmarks.len(), 1);
         assert_eq!(bookmarks[0].seq, 9, "after the 8 writes of two rounds");
         let now = all[12].1 + 10 * NS_PER_S;
-        let r = |spec: &str| resolve(&journal, &bookmarks, &parse_point(spec).expect(spec), now);
+        let r = |spec: &str| {
+            resolve(
+                &journal,
+                &bookmarks,
+                &parse_point(spec).expect(spec),
+                now,
+                1,
+            )
+        };
 
         assert_eq!(r("mid").expect("mid").seq, 9);
         assert_eq!(r("seq:5").expect("seq").seq, 5);
@@ -444,7 +462,12 @@ mod tests {
         assert!(r("seq:14").expect_err("after").contains("after the last"));
         assert!(r("seq:0")
             .expect_err("before")
-            .contains("before the oldest"));
+            .contains("before the oldest recoverable point, seq 1"));
+        // With the state before the first record recoverable, seq 0 is a point, stamped
+        // just before that record.
+        let before_first =
+            resolve(&journal, &bookmarks, &PointSpec::Seq(0), now, 0).expect("seq 0 with oldest 0");
+        assert_eq!(before_first.timestamp_ns, all[0].1 - 1);
         assert!(r(&format_time_ns(all[0].1 - 1))
             .expect_err("before")
             .contains("before the oldest"));

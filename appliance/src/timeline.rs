@@ -52,12 +52,16 @@ pub struct Consolidated {
     pub kept: Vec<WindowEnd>,
 }
 
-/// Scans the journal from its first record and builds the timeline.
+/// Scans the journal from its first record and builds the timeline. `oldest` is the group's
+/// oldest recoverable point (`Group::oldest_point`): when it is the state just before the
+/// first record, the window starts there, stamped just before that record, as `cdp status`
+/// and `cdp point resolve` say.
 pub fn timeline(
     group: &str,
     journal: &Journal,
     bookmarks: Vec<Bookmark>,
     consolidation: &ConsolidationState,
+    oldest: u64,
 ) -> Result<Timeline, String> {
     let mut kept = Vec::new();
     // (timestamp, bytes) of every change record, in seq order.
@@ -75,8 +79,27 @@ pub fn timeline(
             timestamp_ns: record.timestamp.0,
             time: format_time(record.timestamp.0),
         };
+        // Records below the oldest point (undo floor, consolidation) are history no image
+        // can show.
+        if end.seq < oldest {
+            continue;
+        }
         if first.is_none() {
-            first = Some(end.clone());
+            if oldest < end.seq {
+                let before = WindowEnd {
+                    seq: oldest,
+                    timestamp_ns: end.timestamp_ns.saturating_sub(1),
+                    time: format_time(end.timestamp_ns.saturating_sub(1)),
+                };
+                if before.seq < consolidation.consolidated_below
+                    && consolidation.kept.contains(&before.seq)
+                {
+                    kept.push(before.clone());
+                }
+                first = Some(before);
+            } else {
+                first = Some(end.clone());
+            }
         }
         if end.seq < consolidation.consolidated_below && consolidation.kept.contains(&end.seq) {
             kept.push(end.clone());
@@ -136,7 +159,7 @@ mod tests {
     fn counts_records_and_bytes() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let (journal, _) = Journal::open(tmp.path(), 3, JournalConfig::default()).expect("open");
-        let empty = timeline("g", &journal, Vec::new(), &ConsolidationState::default())
+        let empty = timeline("g", &journal, Vec::new(), &ConsolidationState::default(), 1)
             .expect("empty timeline");
         assert!(empty.first.is_none() && empty.activity.is_empty());
         let writes: Vec<RecordIn> = (1..=5u64)
@@ -155,8 +178,8 @@ mod tests {
         journal
             .append(&[RecordIn::range(RecordKind::Trim, 1, 0, 8192)])
             .expect("trim");
-        let t =
-            timeline("g", &journal, Vec::new(), &ConsolidationState::default()).expect("timeline");
+        let t = timeline("g", &journal, Vec::new(), &ConsolidationState::default(), 1)
+            .expect("timeline");
         assert_eq!(t.first.as_ref().map(|f| f.seq), Some(1));
         assert_eq!(t.last.as_ref().map(|l| l.seq), Some(7));
         assert_eq!(t.bucket_s, 60);

@@ -205,6 +205,22 @@ struct ResyncProgress {
     verified_bytes: u64,
     /// Payload bytes this resync copied into the journal.
     copied_bytes: u64,
+    /// The totals of the last resync that completed, kept for `cdp volume resync`'s summary.
+    last: Option<ResyncSummary>,
+}
+
+/// What a completed resync did, from the finished operation itself (not a progress sample).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ResyncSummary {
+    pub method: ResyncMethod,
+    pub total_bytes: u64,
+    /// Bytes compared with the replica by checksum (verify only).
+    pub verified_bytes: u64,
+    /// Payload bytes the resync copied into the journal.
+    pub copied_bytes: u64,
+    pub seconds: f64,
+    /// When it completed, ns since the Unix epoch.
+    pub completed_ns: u64,
 }
 
 impl ResyncProgress {
@@ -229,6 +245,8 @@ pub struct VolumeState {
     /// Payload bytes copied by resyncs since the splitter started.
     pub resync_copied_bytes: u64,
     pub resync: Option<ResyncState>,
+    /// The last completed resync's totals.
+    pub last_resync: Option<ResyncSummary>,
     /// Hosts attached over NBD (connections in the transmission phase); filled in by the
     /// control socket, which knows the NBD server.
     pub nbd_clients: usize,
@@ -825,23 +843,33 @@ impl SplitLink {
             self.push_marker(&mut queue, |source_seq| Message::ResyncEnd { source_seq });
         }
         self.wake_sender.notify_one();
-        let seconds = self
-            .lock_progress()
+        // One critical section: `state()` must never see the resync ended (no `started`)
+        // without its summary (`last`).
+        let copied_bytes = self.resync_copied_bytes() - before;
+        let mut progress = self.lock_progress();
+        let seconds = progress
             .started
             .take()
             .map_or(0.0, |s| s.elapsed().as_secs_f64());
-        let verified_bytes = self.lock_progress().verified_bytes;
+        let verified_bytes = progress.verified_bytes;
+        progress.last = Some(ResyncSummary {
+            method,
+            total_bytes: total * region_bytes,
+            verified_bytes,
+            copied_bytes,
+            seconds,
+            completed_ns: cdp_types::TimestampNs::now().0,
+        });
         tracing::info!(
             volume = %self.volume,
             regions = total,
             verified_bytes,
-            copied_bytes = self.resync_copied_bytes() - before,
+            copied_bytes,
             seconds,
             ?reason,
             ?method,
             "resync complete"
         );
-        let mut progress = self.lock_progress();
         progress.reason = ResyncReason::Dirty;
         progress.method = ResyncMethod::Copy;
     }
@@ -1188,6 +1216,7 @@ impl SplitLink {
             dirty_bytes: pending * region_bytes,
             resync_copied_bytes: self.resync_copied_bytes(),
             resync,
+            last_resync: progress.last.clone(),
             nbd_clients: 0,
         }
     }

@@ -73,6 +73,8 @@ impl PassStats {
 impl Group {
     /// Whether point `at` can still be shown exactly, or why not.
     pub(super) fn check_not_consolidated(&self, at: Seq) -> Result<(), String> {
+        // Read before the state's lock: `oldest_point` takes it too.
+        let oldest = self.oldest_point().0;
         let state = self
             .consolidation_state
             .read()
@@ -81,6 +83,8 @@ impl Group {
             return Ok(());
         }
         let (below, above) = state.neighbours(at.0);
+        // A kept point that retention released since is no suggestion.
+        let below = below.filter(|&b| b >= oldest);
         let name = |s: Option<u64>| s.map_or("none".to_string(), |s| format!("seq:{s}"));
         Err(format!(
             "seq {at} was consolidated away (the group's consolidation policy keeps only some \
@@ -102,6 +106,8 @@ impl Group {
     /// Consolidation in `cdp status`, if the group has a policy.
     pub fn consolidation_status(&self) -> Option<ConsolidationStatus> {
         let config = self.consolidation.as_ref()?;
+        // Read before the state's lock: `oldest_point` takes it too.
+        let oldest = self.oldest_point().0;
         let state = self
             .consolidation_state
             .read()
@@ -111,7 +117,7 @@ impl Group {
             keep_all_s: config.keep_all_s,
             tiers: config.tier.iter().map(|t| (t.every_s, t.for_s)).collect(),
             through_seq: state.consolidated_below.saturating_sub(1),
-            kept_points: state.kept.len(),
+            kept_points: state.kept.range(oldest..).count(),
             passes: stats.passes,
             bytes_freed_total: stats.bytes_freed_total,
             running: self.consolidation_pass.try_lock().is_err(),
@@ -248,7 +254,7 @@ impl Group {
             .write()
             .unwrap_or_else(|p| p.into_inner()) = state.clone();
         report.through_seq = state.consolidated_below.saturating_sub(1);
-        report.kept_points = state.kept.len();
+        report.kept_points = state.kept.range(oldest..).count();
 
         let needed = needed_payloads(&records, &kept);
         for (index, last) in self.journal.sealed_segments() {

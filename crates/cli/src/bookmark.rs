@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use cdp_appliance::bookmark::{validate_name, Consistency};
-use cdp_appliance::control::{request, Request};
+use cdp_appliance::bookmark::{validate_new_name, Consistency};
+use cdp_appliance::control::Request;
 use cdp_appliance::limits::BOOKMARK_ANSWER_GRACE;
 use clap::{Args, Subcommand};
 
@@ -61,9 +61,6 @@ pub struct CreateArgs {
     /// Keep this point when consolidation thins out old history.
     #[arg(long)]
     keep: bool,
-    /// Print JSON instead of a sentence.
-    #[arg(long)]
-    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -73,9 +70,6 @@ pub struct ListArgs {
     /// The consistency group (may be left out when the appliance has one).
     #[arg(long)]
     group: Option<String>,
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    json: bool,
 }
 
 pub fn run(command: BookmarkCommand) -> anyhow::Result<()> {
@@ -87,7 +81,8 @@ pub fn run(command: BookmarkCommand) -> anyhow::Result<()> {
 
 async fn create(args: CreateArgs) -> anyhow::Result<()> {
     // Refuse a bad name before freezing the application for nothing.
-    validate_name(&args.name).map_err(anyhow::Error::msg)?;
+    validate_new_name(&args.name)
+        .map_err(|e| crate::output::CliError::new(crate::output::ErrorKind::Usage, e))?;
     let timeout = Duration::from_secs(args.timeout);
     let socket = args.control.socket();
     let ask = |consistency, freeze_window_ms| {
@@ -104,12 +99,19 @@ async fn create(args: CreateArgs) -> anyhow::Result<()> {
         };
         async move {
             let wait = timeout + BOOKMARK_ANSWER_GRACE;
-            match tokio::time::timeout(wait, request(&socket, &req)).await {
-                Ok(answer) => Ok(answer?),
-                Err(_) => bail!(
-                    "the appliance did not answer within {wait:?}; the bookmark may or may not \
-                     exist (see `cdp bookmark list`)"
-                ),
+            let asked = tokio::task::spawn_blocking(move || {
+                crate::control_client::request_within(&socket, "appliance", &req, wait)
+            })
+            .await;
+            match asked {
+                Ok(Ok(answer)) => Ok(answer),
+                Ok(Err(e))
+                    if crate::output::kind_of(&e) == crate::output::ErrorKind::Unreachable =>
+                {
+                    Err(e.context("the bookmark may or may not exist (see `cdp bookmark list`)"))
+                }
+                Ok(Err(e)) => Err(e),
+                Err(e) => bail!("the bookmark request failed: {e}"),
             }
         }
     };
@@ -138,7 +140,15 @@ async fn create(args: CreateArgs) -> anyhow::Result<()> {
             match (answer, thawed) {
                 (Ok(a), Ok(())) => (a, window),
                 (Err(e), Ok(())) => return Err(e),
-                (Err(e), Err(t)) => return Err(e.context(format!("and thaw failed too: {t:#}"))),
+                // The first failure first, then what the thaw did.
+                (Err(e), Err(t)) => {
+                    let kind = crate::output::kind_of(&e);
+                    return Err(crate::output::CliError::new(
+                        kind,
+                        format!("{e:#}; the thaw failed too: {t:#}"),
+                    )
+                    .into());
+                }
                 (Ok(a), Err(t)) => bail!(
                     "bookmark {} was taken (seq {}), but thaw failed: {t:#}",
                     args.name,
@@ -160,15 +170,15 @@ async fn create(args: CreateArgs) -> anyhow::Result<()> {
         // Quiesce start to thaw end, as the application saw it.
         "freeze_window_ms": freeze_window_ms,
     });
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&out)?);
+    if crate::output::json() {
+        crate::out!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         let kind = if args.quiesce.is_some() {
             format!("application-consistent, freeze window {freeze_window_ms} ms")
         } else {
             "crash-consistent".to_string()
         };
-        println!(
+        crate::out!(
             "bookmark {} in group {}: seq {} at {} ({kind})",
             args.name,
             answer["group"].as_str().unwrap_or("?"),
@@ -224,15 +234,15 @@ impl Drop for HookGroup {
 }
 
 fn list(args: ListArgs) -> anyhow::Result<()> {
-    let answer = crate::runtime()?.block_on(request(
+    let answer = crate::control_client::appliance(
         &args.control.socket(),
         &Request::BookmarkList { group: args.group },
-    ))?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&answer)?);
+    )?;
+    if crate::output::json() {
+        crate::out!("{}", serde_json::to_string_pretty(&answer)?);
         return Ok(());
     }
-    print!(
+    crate::out_nonl!(
         "{}",
         table(&answer).context("unexpected bookmark list answer")?
     );

@@ -48,9 +48,6 @@ pub enum GroupCommand {
     },
     /// List the groups with their volumes, journal capacity and use, and oldest point.
     List {
-        /// Print the appliance's JSON answer.
-        #[arg(long)]
-        json: bool,
         #[command(flatten)]
         control: ApplianceControlArgs,
     },
@@ -79,22 +76,24 @@ pub fn run(command: GroupCommand) -> anyhow::Result<()> {
             let capacity = answer["status"]["journal_capacity_bytes"]
                 .as_u64()
                 .unwrap_or(0);
-            println!(
-                "group {group} created (journal capacity {}); add volumes with \
-                 `cdp volume add {group} VOLUME --path PATH`",
-                format_bytes(capacity)
-            );
+            crate::output::report(&answer, || {
+                format!(
+                    "group {group} created (journal capacity {}); add volumes with \
+                     `cdp volume add {group} VOLUME --path PATH`",
+                    format_bytes(capacity)
+                )
+            });
         }
-        GroupCommand::List { json, control } => {
+        GroupCommand::List { control } => {
             let answer = crate::control_client::request(
                 &control.socket(),
                 "appliance",
                 &serde_json::json!({"command": "group_list"}),
             )?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&answer)?);
+            if crate::output::json() {
+                crate::out!("{}", serde_json::to_string_pretty(&answer)?);
             } else {
-                print!(
+                crate::out_nonl!(
                     "{}",
                     table(&answer).context("unexpected answer from the appliance")?
                 );

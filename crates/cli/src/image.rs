@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use cdp_appliance::control::{request, Request};
+use cdp_appliance::control::Request;
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
@@ -29,7 +29,11 @@ pub struct AccessArgs {
     #[command(flatten)]
     control: ControlArgs,
     /// The consistency group (may be left out when the appliance has one).
+    #[arg(long)]
     group: Option<String>,
+    /// Same as --group (the older positional form, kept so existing scripts still run).
+    #[arg(value_name = "GROUP", hide = true, conflicts_with = "group")]
+    group_positional: Option<String>,
     /// The point: a bookmark name, `seq:N`, an RFC 3339 time (`2026-11-23T10:00:00.000Z`) or
     /// a relative time (`-5m`, `-90s`, `-2h`).
     // Relative points start with '-' (`-5m`): a value, not a flag.
@@ -42,9 +46,6 @@ pub struct AccessArgs {
     /// release, new writes keep being journaled). Default: virtual access, instant.
     #[arg(long)]
     logged: bool,
-    /// Print JSON instead of sentences.
-    #[arg(long)]
-    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -53,8 +54,6 @@ pub struct ListArgs {
     control: ControlArgs,
     #[arg(long)]
     group: Option<String>,
-    #[arg(long)]
-    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -63,9 +62,11 @@ pub struct ReleaseArgs {
     control: ControlArgs,
     /// The image's id, as `cdp image access` or `cdp image list` show it.
     id: String,
-    #[arg(long)]
-    json: bool,
 }
+
+/// How long `image access` waits for its answer: the appliance may wait up to 60 s for a
+/// restarted replica to be exact before opening.
+const IMAGE_ACCESS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
 
 pub fn run(command: ImageCommand) -> anyhow::Result<()> {
     match command {
@@ -78,14 +79,19 @@ pub fn run(command: ImageCommand) -> anyhow::Result<()> {
 
 fn ask(control: &ControlArgs, req: &Request) -> anyhow::Result<Value> {
     let socket = control.socket();
-    Ok(crate::runtime()?.block_on(request(&socket, req))?)
+    // Opening waits up to a minute for a restarted appliance's replica to be exact.
+    let timeout = match req {
+        Request::ImageAccess { .. } => IMAGE_ACCESS_TIMEOUT,
+        _ => crate::control_client::default_timeout(),
+    };
+    crate::control_client::request_within(&socket, "appliance", req, timeout)
 }
 
 fn access(args: AccessArgs) -> anyhow::Result<()> {
     let answer = ask(
         &args.control,
         &Request::ImageAccess {
-            group: args.group.clone(),
+            group: args.group.clone().or(args.group_positional.clone()),
             at: args.at.clone(),
             writable: args.writable,
             logged: args.logged,
@@ -98,19 +104,19 @@ fn access(args: AccessArgs) -> anyhow::Result<()> {
     if image["state"] == "rolling_back" {
         image = follow_rollback(&args.control, &image)?;
     }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&image)?);
+    if crate::output::json() {
+        crate::out!("{}", serde_json::to_string_pretty(&image)?);
         return Ok(());
     }
     print_image(&image);
     let id = image["id"].as_str().unwrap_or("?");
     let nbd = image["nbd"].as_str().unwrap_or("?");
-    println!("attach with, for example:");
+    crate::out!("attach with, for example:");
     for e in image["exports"].as_array().into_iter().flatten() {
         let export = e["export"].as_str().unwrap_or("?");
-        println!("  {}", nbd_uri(nbd, export));
+        crate::out!("  {}", nbd_uri(nbd, export));
     }
-    println!("release with: cdp image release {id}");
+    crate::out!("release with: cdp image release {id}");
     Ok(())
 }
 
@@ -176,7 +182,7 @@ fn print_image(image: &Value) {
         Some(b) => format!("bookmark {b}"),
         None => image["point"].as_str().unwrap_or("?").to_string(),
     };
-    println!(
+    crate::out!(
         "image {} of group {}: {} (seq {}, {}), {} {}",
         image["id"].as_str().unwrap_or("?"),
         image["group"].as_str().unwrap_or("?"),
@@ -194,18 +200,24 @@ fn print_image(image: &Value) {
 
 fn list(args: ListArgs) -> anyhow::Result<()> {
     let answer = ask(&args.control, &Request::ImageList { group: args.group })?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&answer["images"])?);
+    if crate::output::json() {
+        crate::out!("{}", serde_json::to_string_pretty(&answer["images"])?);
         return Ok(());
     }
     let images = answer["images"].as_array().cloned().unwrap_or_default();
     if images.is_empty() {
-        println!("no open images");
+        crate::out!("no open images");
         return Ok(());
     }
-    println!(
+    crate::out!(
         "{:<8} {:<12} {:>10} {:<24} {:<8} {:<9} {:<12} EXPORTS",
-        "ID", "GROUP", "SEQ", "TIME", "MODE", "ACCESS", "STATE"
+        "ID",
+        "GROUP",
+        "SEQ",
+        "TIME",
+        "MODE",
+        "ACCESS",
+        "STATE"
     );
     for i in images {
         let exports: Vec<&str> = i["exports"]
@@ -214,7 +226,7 @@ fn list(args: ListArgs) -> anyhow::Result<()> {
             .flatten()
             .filter_map(|e| e["export"].as_str())
             .collect();
-        println!(
+        crate::out!(
             "{:<8} {:<12} {:>10} {:<24} {:<8} {:<9} {:<12} {}",
             i["id"].as_str().unwrap_or("?"),
             i["group"].as_str().unwrap_or("?"),
@@ -235,10 +247,10 @@ fn list(args: ListArgs) -> anyhow::Result<()> {
 
 fn release(args: ReleaseArgs) -> anyhow::Result<()> {
     let answer = ask(&args.control, &Request::ImageRelease { id: args.id })?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&answer["released"])?);
+    if crate::output::json() {
+        crate::out!("{}", serde_json::to_string_pretty(&answer["released"])?);
     } else {
-        println!(
+        crate::out!(
             "image {} released",
             answer["released"]["id"].as_str().unwrap_or("?")
         );

@@ -306,17 +306,37 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
     })?;
     released?;
     let seconds = started.elapsed().as_secs_f64();
-    for e in &exported {
-        println!(
-            "exported {} of group {} at {} to {}: {} ({} of data) in {seconds:.1} s",
-            e.volume,
-            info.group,
-            info.describe_point(&args.at),
-            e.path.display(),
-            format_bytes(e.size),
-            format_bytes(e.data_bytes),
-        );
-    }
+    let report = serde_json::json!({
+        "group": info.group,
+        "point": info.describe_point(&args.at),
+        "seconds": seconds,
+        "exported": exported
+            .iter()
+            .map(|e| serde_json::json!({
+                "volume": e.volume,
+                "path": e.path,
+                "size": e.size,
+                "data_bytes": e.data_bytes,
+            }))
+            .collect::<Vec<_>>(),
+    });
+    crate::output::report(&report, || {
+        exported
+            .iter()
+            .map(|e| {
+                format!(
+                    "exported {} of group {} at {} to {}: {} ({} of data) in {seconds:.1} s",
+                    e.volume,
+                    info.group,
+                    info.describe_point(&args.at),
+                    e.path.display(),
+                    format_bytes(e.size),
+                    format_bytes(e.data_bytes),
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
     Ok(())
 }
 
@@ -327,13 +347,25 @@ fn destinations(
     volumes: &[ImageVolume],
     force: bool,
 ) -> anyhow::Result<Vec<(ImageVolume, PathBuf)>> {
-    let plan: Vec<(ImageVolume, PathBuf)> = if volumes.len() == 1 {
+    // `--to DIR/` names a directory even before it exists.
+    let names_dir = to.as_os_str().as_encoded_bytes().ends_with(b"/");
+    let plan: Vec<(ImageVolume, PathBuf)> = if volumes.len() == 1 && names_dir {
+        std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+        vec![(
+            volumes[0].clone(),
+            to.join(format!("{}.img", volumes[0].volume)),
+        )]
+    } else if volumes.len() == 1 {
         if to.is_dir() {
             bail!(
                 "{} is a directory; give a file name for volume {}",
                 to.display(),
                 volumes[0].volume
             );
+        }
+        if let Some(parent) = to.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
         }
         vec![(volumes[0].clone(), to.to_path_buf())]
     } else {

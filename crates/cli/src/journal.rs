@@ -29,10 +29,11 @@ pub struct ConsolidateArgs {
     #[command(flatten)]
     control: crate::group::ApplianceControlArgs,
     /// The consistency group (may be left out when the appliance has one).
-    group: Option<String>,
-    /// Print JSON instead of a sentence.
     #[arg(long)]
-    json: bool,
+    group: Option<String>,
+    /// Same as --group (the older positional form, kept so existing scripts still run).
+    #[arg(value_name = "GROUP", hide = true, conflicts_with = "group")]
+    group_positional: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -40,9 +41,6 @@ pub struct InspectArgs {
     /// A journal directory (holding `*.seg`), a group directory (`DATA_DIR/groups/NAME`),
     /// or an appliance data_dir (then every group is inspected).
     dir: PathBuf,
-    /// Print JSON instead of text.
-    #[arg(long)]
-    json: bool,
 }
 
 /// Exit status for damage found.
@@ -55,31 +53,31 @@ pub fn run(command: JournalCommand) -> ExitCode {
         JournalCommand::Inspect(args) => inspect(&args),
         JournalCommand::Consolidate(args) => match consolidate(args) {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("cdp: error: {e:#}");
-                ExitCode::FAILURE
-            }
+            Err(e) => crate::output::report_error(&e, crate::output::json()),
         },
     }
 }
 
 fn consolidate(args: ConsolidateArgs) -> anyhow::Result<()> {
     use anyhow::Context;
-    let answer = crate::runtime()?.block_on(cdp_appliance::control::request(
+    // A pass rewrites old segments: allow it minutes, not the default seconds.
+    let answer = crate::control_client::request_within(
         &args.control.socket(),
+        "appliance",
         &cdp_appliance::control::Request::JournalConsolidate {
-            group: args.group.clone(),
+            group: args.group.clone().or(args.group_positional.clone()),
         },
-    ))?;
+        std::time::Duration::from_secs(600),
+    )?;
     if let Some(error) = answer.get("error").and_then(|e| e.as_str()) {
         anyhow::bail!("{error}");
     }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&answer)?);
+    if crate::output::json() {
+        crate::out!("{}", serde_json::to_string_pretty(&answer)?);
         return Ok(());
     }
     let text = consolidate_text(&answer).context("unexpected answer from the appliance")?;
-    println!("{text}");
+    crate::out!("{text}");
     Ok(())
 }
 
@@ -203,16 +201,16 @@ fn inspect(args: &InspectArgs) -> ExitCode {
         clean: journals.iter().all(|j| j.clean),
         journals,
     };
-    if args.json {
+    if crate::output::json() {
         match serde_json::to_string_pretty(&out) {
-            Ok(text) => println!("{text}"),
+            Ok(text) => crate::out!("{text}"),
             Err(e) => {
                 eprintln!("cdp: error: {e}");
                 return ExitCode::from(EXIT_USAGE);
             }
         }
     } else {
-        print!("{}", text(&out));
+        crate::out_nonl!("{}", text(&out));
     }
     if out.clean {
         ExitCode::SUCCESS

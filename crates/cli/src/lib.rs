@@ -1,11 +1,15 @@
 //! The `cdp` command line: argument parsing and one module per subcommand.
 
+#[macro_use]
+pub mod output;
 mod bookmark;
 mod control_client;
+mod dir_lock;
 mod group;
 mod image;
 mod image_export;
 mod journal;
+mod permissions;
 mod point;
 mod restore;
 mod status;
@@ -28,9 +32,14 @@ use clap::{Parser, Subcommand};
     name = "cdp",
     version,
     about = "Continuous data protection for block volumes: NBD write-splitter, journaling appliance, any-point-in-time recovery",
-    long_about = None
+    long_about = None,
+    after_help = output::EXIT_STATUS_HELP
 )]
 struct Cli {
+    /// Print what the command reports as JSON on stdout, and errors as JSON on stderr
+    /// (`{"error": {"code", "exit_status", "message"}}`).
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -99,14 +108,26 @@ enum Command {
 
 /// Entry point used by the `cdp` binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `--json` anywhere asks for errors as JSON too, including usage errors.
+    let json = std::env::args_os().any(|a| a == "--json");
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if json && e.use_stderr() => {
+            let message = e.to_string();
+            let message = message.trim().trim_start_matches("error: ");
+            let failure = anyhow::Error::new(output::CliError::new(
+                output::ErrorKind::Usage,
+                message.to_string(),
+            ));
+            return output::report_error(&failure, true);
+        }
+        Err(e) => e.exit(),
+    };
+    output::set_json(cli.json);
     init_logging();
     match run(cli) {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("cdp: error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => output::report_error(&e, json),
     }
 }
 
@@ -135,13 +156,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Journal { command } => return Ok(journal::run(command)),
         Command::Up(args) => up::run(args)?,
         Command::Appliance { config } => {
+            restrict_new_files();
             let text = std::fs::read_to_string(&config)
                 .with_context(|| format!("reading {}", config.display()))?;
             let config = cdp_appliance::ApplianceConfig::from_toml(&text)
                 .with_context(|| format!("in {}", config.display()))?;
+            permissions::warn_if_open(&config.data_dir);
             runtime()?.block_on(cdp_appliance::run(config, stop_signal()))?;
         }
         Command::Splitter { config } => {
+            restrict_new_files();
             let text = std::fs::read_to_string(&config)
                 .with_context(|| format!("reading {}", config.display()))?;
             let config = cdp_splitter::SplitterConfig::from_toml(&text)
@@ -159,6 +183,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Tls { command } => tls::run(command)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Files, directories and sockets the appliance and splitter create (journal, replicas,
+/// images, scratch, control sockets) are for their owner only: they hold the protected data.
+fn restrict_new_files() {
+    // SAFETY: umask only changes this process's file-creation mask.
+    unsafe {
+        libc::umask(0o077);
+    }
 }
 
 /// Completes on SIGINT or SIGTERM.

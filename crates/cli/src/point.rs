@@ -1,7 +1,7 @@
 //! `cdp point resolve GROUP POINT`: which journal seq a point name stands for.
 
 use anyhow::Context;
-use cdp_appliance::control::{request, Request};
+use cdp_appliance::control::Request;
 use clap::{Args, Subcommand};
 
 use crate::bookmark::ControlArgs;
@@ -18,32 +18,42 @@ pub enum PointCommand {
 pub struct ResolveArgs {
     #[command(flatten)]
     control: ControlArgs,
-    /// The consistency group.
-    group: String,
+    /// The consistency group (may be left out when the appliance has one).
+    #[arg(long)]
+    group: Option<String>,
     /// The point (relative points such as `-5m` are values, not flags).
     #[arg(allow_hyphen_values = true)]
     point: String,
-    /// Print JSON instead of a sentence.
-    #[arg(long)]
-    json: bool,
+    /// The older form `point resolve GROUP POINT`, still accepted: then the first word is
+    /// the group and this the point.
+    #[arg(hide = true, value_name = "LEGACY_POINT", allow_hyphen_values = true)]
+    legacy_point: Option<String>,
 }
 
 pub fn run(command: PointCommand) -> anyhow::Result<()> {
     let PointCommand::Resolve(args) = command;
-    let answer = crate::runtime()?.block_on(request(
+    let (group, point) = match (args.group.clone(), args.legacy_point.clone()) {
+        (group, None) => (group, args.point.clone()),
+        (None, Some(point)) => (Some(args.point.clone()), point),
+        (Some(_), Some(_)) => anyhow::bail!(crate::output::CliError::new(
+            crate::output::ErrorKind::Usage,
+            "give the group once: cdp point resolve --group GROUP POINT"
+        )),
+    };
+    let answer = crate::control_client::appliance(
         &args.control.socket(),
         &Request::PointResolve {
-            group: Some(args.group),
-            point: args.point.clone(),
+            group,
+            point: point.clone(),
         },
-    ))?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&answer)?);
+    )?;
+    if crate::output::json() {
+        crate::out!("{}", serde_json::to_string_pretty(&answer)?);
         return Ok(());
     }
     let r = &answer["resolved"];
     let seq = r["seq"].as_u64().context("unexpected answer: no seq")?;
     let time = r["time"].as_str().context("unexpected answer: no time")?;
-    println!("{} -> seq {seq} at {time}", args.point);
+    crate::out!("{} -> seq {seq} at {time}", point);
     Ok(())
 }

@@ -45,9 +45,6 @@ pub struct RestoreArgs {
     /// data production no longer has; they must drop them (remount, restart) afterwards.
     #[arg(long)]
     force: bool,
-    /// Print the result as JSON.
-    #[arg(long)]
-    json: bool,
 }
 
 /// A volume as the splitter reports it.
@@ -113,7 +110,7 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
 
     let bookmark = create_bookmark(&appliance, &group, info.seq)?;
     let seconds = started.elapsed().as_secs_f64();
-    if args.json {
+    if crate::output::json() {
         let out = serde_json::json!({
             "group": group,
             "seq": info.seq,
@@ -123,9 +120,9 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
             "seconds": seconds,
             "bookmark": bookmark,
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        crate::out!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!(
+        crate::out!(
             "restored group {group} to {point}: compared {}, wrote {} in {seconds:.1} s; bookmark {} at seq {}",
             format_bytes(restored.compared_bytes),
             format_bytes(restored.written_bytes),

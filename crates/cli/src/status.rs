@@ -19,19 +19,29 @@ pub struct StatusArgs {
     /// Data directory of `cdp up` (or env CDP_DIR).
     #[arg(long, env = "CDP_DIR", default_value = "cdp-data")]
     dir: PathBuf,
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    json: bool,
 }
 
 pub fn run(args: StatusArgs) -> anyhow::Result<()> {
     let control = args
         .control
         .unwrap_or_else(|| args.dir.join("appliance.ctl"));
-    let mut value = crate::runtime()?.block_on(cdp_appliance::control::request(
+    // Either process may be down; show what the other knows, mark the unreachable one,
+    // and exit with its status (5 when unreachable) once everything known is printed.
+    let mut failure = None;
+    let mut value = match crate::control_client::appliance(
         &control,
         &cdp_appliance::control::Request::Status,
-    ))?;
+    ) {
+        Ok(v) => v,
+        Err(e) => {
+            let v = serde_json::json!({
+                "groups": [],
+                "appliance": { "reachable": false, "error": format!("{e:#}") },
+            });
+            failure = Some(e);
+            v
+        }
+    };
     let splitter_control = args.splitter_control.or_else(|| {
         let default = args.dir.join("splitter.ctl");
         default.exists().then_some(default)
@@ -47,12 +57,15 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
         };
     }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&value)?);
-        return Ok(());
+    if crate::output::json() {
+        crate::out!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        crate::out_nonl!("{}", table(&value).context("unexpected status answer")?);
     }
-    print!("{}", table(&value).context("unexpected status answer")?);
-    Ok(())
+    match failure {
+        Some(e) => Err(e.context("the appliance is unreachable; shown: what the splitter knows")),
+        None => Ok(()),
+    }
 }
 
 fn table(value: &serde_json::Value) -> Option<String> {
@@ -60,6 +73,14 @@ fn table(value: &serde_json::Value) -> Option<String> {
     let mut out = String::new();
     if let Some(splitter) = value.get("splitter") {
         out.push_str(&splitter_table(splitter));
+    }
+    if let Some(error) = value
+        .get("appliance")
+        .and_then(|a| a.get("error"))
+        .and_then(|e| e.as_str())
+    {
+        let _ = writeln!(out, "APPLIANCE UNREACHABLE: {error}");
+        return Some(out);
     }
     let _ = writeln!(
         out,

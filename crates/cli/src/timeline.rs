@@ -1,7 +1,7 @@
 //! `cdp timeline [GROUP]`: the recoverable window, the bookmarks in it, and write activity.
 
 use anyhow::Context;
-use cdp_appliance::control::{request, Request};
+use cdp_appliance::control::Request;
 use clap::Args;
 
 use crate::bookmark::ControlArgs;
@@ -12,22 +12,25 @@ pub struct TimelineArgs {
     #[command(flatten)]
     control: ControlArgs,
     /// The consistency group (may be left out when the appliance has one).
-    group: Option<String>,
-    /// Print JSON instead of text.
     #[arg(long)]
-    json: bool,
+    group: Option<String>,
+    /// Same as --group (the older positional form, kept so existing scripts still run).
+    #[arg(value_name = "GROUP", hide = true, conflicts_with = "group")]
+    group_positional: Option<String>,
 }
 
 pub fn run(args: TimelineArgs) -> anyhow::Result<()> {
-    let answer = crate::runtime()?.block_on(request(
+    let answer = crate::control_client::appliance(
         &args.control.socket(),
-        &Request::Timeline { group: args.group },
-    ))?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&answer)?);
+        &Request::Timeline {
+            group: args.group.or(args.group_positional),
+        },
+    )?;
+    if crate::output::json() {
+        crate::out!("{}", serde_json::to_string_pretty(&answer)?);
         return Ok(());
     }
-    print!("{}", text(&answer).context("unexpected timeline answer")?);
+    crate::out_nonl!("{}", text(&answer).context("unexpected timeline answer")?);
     Ok(())
 }
 

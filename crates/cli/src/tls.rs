@@ -161,11 +161,16 @@ fn make_ca(args: &CaArgs) -> anyhow::Result<()> {
     // The key first: a certificate without its key is useless, the reverse is not.
     write_file(&key_path, &key.serialize_pem(), 0o600)?;
     write_file(&cert_path, &cert.pem(), 0o644)?;
-    println!(
-        "CA {name:?} written: {} (certificate, give it to every appliance) and {} (key, keep \
-         it private; only `cdp tls issue` needs it)",
-        cert_path.display(),
-        key_path.display()
+    crate::output::report(
+        &serde_json::json!({ "ca": name, "certificate": cert_path, "key": key_path }),
+        || {
+            format!(
+                "CA {name:?} written: {} (certificate, give it to every appliance) and {} (key, \
+                 keep it private; only `cdp tls issue` needs it)",
+                cert_path.display(),
+                key_path.display()
+            )
+        },
     );
     Ok(())
 }
@@ -201,6 +206,18 @@ fn subject_alt_names(args: &IssueArgs) -> anyhow::Result<Vec<SanType>> {
     }
     for ip in &args.ip {
         add(SanType::IpAddress(*ip));
+    }
+    // A certificate no peer can verify is worse than none: it fails only at the first connect.
+    if names.is_empty() {
+        bail!(crate::output::CliError::new(
+            crate::output::ErrorKind::Usage,
+            format!(
+                "--name {:?} is neither a DNS name nor an IP address, so the certificate would \
+                 have no name a peer can check; give a DNS name or IP as --name, or add --dns \
+                 NAME / --ip ADDRESS",
+                args.name
+            )
+        ));
     }
     Ok(names)
 }
@@ -294,15 +311,23 @@ fn issue(args: &IssueArgs) -> anyhow::Result<()> {
             other => format!("{other:?}"),
         })
         .collect();
-    println!(
-        "certificate for {:?} (names: {}) written to {}: cert.pem, key.pem (private), ca.pem",
-        args.name,
-        if names.is_empty() {
-            "none".to_string()
-        } else {
-            names.join(", ")
+    crate::output::report(
+        &serde_json::json!({
+            "name": args.name,
+            "names": names,
+            "certificate": cert_path,
+            "key": key_path,
+            "ca": copy_ca.then_some(&ca_copy_path),
+        }),
+        || {
+            format!(
+                "certificate for {:?} (names: {}) written to {}: cert.pem, key.pem (private), \
+                 ca.pem",
+                args.name,
+                names.join(", "),
+                args.out.display()
+            )
         },
-        args.out.display()
     );
     Ok(())
 }

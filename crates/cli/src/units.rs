@@ -24,6 +24,23 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{text:?} is zero or too large"))
 }
 
+/// Volumes are sized in whole 4 KiB blocks: every NBD client, the kernel's page cache and the
+/// journal's block index work in those, and a ragged tail would be unreachable for most.
+pub const VOLUME_SIZE_ALIGN: u64 = 4096;
+
+/// A volume size: `parse_size`, and a multiple of `VOLUME_SIZE_ALIGN`.
+pub fn parse_volume_size(text: &str) -> Result<u64, String> {
+    let size = parse_size(text)?;
+    if size % VOLUME_SIZE_ALIGN != 0 {
+        let up = size.div_ceil(VOLUME_SIZE_ALIGN) * VOLUME_SIZE_ALIGN;
+        return Err(format!(
+            "{text:?} ({size} bytes) is not a multiple of {VOLUME_SIZE_ALIGN} bytes; \
+             use {up} or a size such as 1G or 512M"
+        ));
+    }
+    Ok(size)
+}
+
 pub fn format_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = bytes as f64;
@@ -54,5 +71,8 @@ mod tests {
         assert!(parse_size("99999999999T").is_err());
         assert_eq!(format_bytes(1 << 30), "1.0 GiB");
         assert_eq!(format_bytes(12), "12 B");
+        assert_eq!(parse_volume_size("1M"), Ok(1 << 20));
+        assert!(parse_volume_size("1000").is_err());
+        assert!(parse_volume_size("4097").is_err());
     }
 }

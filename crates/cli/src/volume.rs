@@ -6,7 +6,7 @@ use anyhow::{bail, Context};
 use clap::Subcommand;
 
 use crate::group::ApplianceControlArgs;
-use crate::units::{format_bytes, parse_size};
+use crate::units::{format_bytes, parse_volume_size};
 
 #[derive(Subcommand, Debug)]
 pub enum VolumeCommand {
@@ -22,7 +22,7 @@ pub enum VolumeCommand {
         #[arg(long)]
         path: PathBuf,
         /// The volume size. Default: the size of PATH.
-        #[arg(long, value_parser = parse_size)]
+        #[arg(long, value_parser = parse_volume_size)]
         size: Option<u64>,
         /// The replica file or block device. Default: the appliance's
         /// DATA_DIR/replicas/GROUP/VOLUME.img, created sparse.
@@ -117,20 +117,33 @@ pub fn run(command: VolumeCommand) -> anyhow::Result<()> {
             no_wait,
         } => {
             let socket = splitter_control.unwrap_or_else(|| dir.join("splitter.ctl"));
+            let requested_ns = cdp_types::TimestampNs::now().0;
             let answer = crate::control_client::request(
                 &socket,
                 "splitter",
                 &serde_json::json!({"command": "resync", "volume": volume, "verify": verify}),
             )?;
             let dirty = answer["state"]["dirty_bytes"].as_u64().unwrap_or(0);
-            if verify {
-                println!(
+            if crate::output::json() {
+                if no_wait {
+                    crate::output::report(
+                        &serde_json::json!({
+                            "volume": volume,
+                            "started": true,
+                            "method": if verify { "verify" } else { "copy" },
+                            "dirty_bytes": dirty,
+                        }),
+                        String::new,
+                    );
+                }
+            } else if verify {
+                crate::out!(
                     "verified resync of {volume} started: {} to compare with the replica, \
                      differing regions are copied; follow it with `cdp status`",
                     format_bytes(dirty)
                 );
             } else {
-                println!(
+                crate::out!(
                     "full resync of {volume} started: {} to copy; follow it with `cdp status`",
                     format_bytes(dirty)
                 );
@@ -138,7 +151,7 @@ pub fn run(command: VolumeCommand) -> anyhow::Result<()> {
             if no_wait {
                 return Ok(());
             }
-            follow(&socket, &volume, dirty)
+            follow(&socket, &volume, dirty, requested_ns)
         }
     }
 }
@@ -203,13 +216,24 @@ fn add(
             ))),
         };
     }
-    println!(
-        "volume {volume} added to group {group}: {} from {}, replica {}; served as NBD export \
-         {volume}, first copied in the background (see cdp status)",
-        format_bytes(size),
-        path.display(),
-        added["replica"].as_str().unwrap_or("?"),
-    );
+    let report = serde_json::json!({
+        "group": group,
+        "added": volume,
+        "size": size,
+        "production": path,
+        "replica": added["replica"],
+        "volume_id": added["volume_id"],
+        "export": volume,
+    });
+    crate::output::report(&report, || {
+        format!(
+            "volume {volume} added to group {group}: {} from {}, replica {}; served as NBD \
+             export {volume}, first copied in the background (see cdp status)",
+            format_bytes(size),
+            path.display(),
+            added["replica"].as_str().unwrap_or("?"),
+        )
+    });
     Ok(())
 }
 
@@ -284,17 +308,24 @@ fn remove(
             });
         }
     };
-    println!(
-        "volume {volume} removed from group {group}; its history stays in the journal until \
-         retention releases it; replica kept at {}",
-        removed["replica_kept"].as_str().unwrap_or("?")
-    );
+    crate::output::report(&removed, || {
+        format!(
+            "volume {volume} removed from group {group}; its history stays in the journal \
+             until retention releases it; replica kept at {}",
+            removed["replica_kept"].as_str().unwrap_or("?")
+        )
+    });
     Ok(())
 }
 
 /// Shows the copy's progress (a bar on a terminal, nothing otherwise) until the volume is
 /// protecting again.
-fn follow(socket: &std::path::Path, volume: &str, total: u64) -> anyhow::Result<()> {
+fn follow(
+    socket: &std::path::Path,
+    volume: &str,
+    total: u64,
+    started_ns: u64,
+) -> anyhow::Result<()> {
     let bar = indicatif::ProgressBar::new(total.max(1));
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -318,12 +349,32 @@ fn follow(socket: &std::path::Path, volume: &str, total: u64) -> anyhow::Result<
         let mode = state["state"].as_str().unwrap_or("?").to_string();
         if mode == "protecting" {
             bar.finish_and_clear();
-            println!(
-                "resync of {volume} complete in {:.1} s ({} compared, {} copied); protecting",
-                started.elapsed().as_secs_f64(),
-                format_bytes(last_verified),
-                format_bytes(last_copied),
-            );
+            // The totals of the finished operation, when the splitter reports them (a
+            // progress sample lags the end by up to one poll).
+            let last = &state["last_resync"];
+            let completed_after_start = last["completed_ns"]
+                .as_u64()
+                .is_some_and(|ns| ns >= started_ns);
+            if completed_after_start {
+                last_verified = last["verified_bytes"].as_u64().unwrap_or(last_verified);
+                last_copied = last["copied_bytes"].as_u64().unwrap_or(last_copied);
+            }
+            let seconds = started.elapsed().as_secs_f64();
+            let report = serde_json::json!({
+                "volume": volume,
+                "state": "protecting",
+                "verified_bytes": last_verified,
+                "copied_bytes": last_copied,
+                "seconds": seconds,
+            });
+            crate::output::report(&report, || {
+                format!(
+                    "resync of {volume} complete in {seconds:.1} s ({} compared, {} copied); \
+                     protecting",
+                    format_bytes(last_verified),
+                    format_bytes(last_copied),
+                )
+            });
             return Ok(());
         }
         if let Some(done) = state["resync"]["done_bytes"].as_u64() {

@@ -13,13 +13,83 @@ use tokio::sync::Semaphore;
 /// Longest request line; longer ones are refused without being parsed.
 pub const REQUEST_BYTES_MAX: usize = 64 * 1024;
 
+/// What kind of failure an answer reports, so a client can act on it (the `cdp` command maps
+/// each to its own exit status) without reading the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request was understood but failed.
+    Failed,
+    /// The request names a group, volume, bookmark, image or point that does not exist.
+    NotFound,
+    /// The request was refused because doing it would be unsafe (a point that is not
+    /// recoverable, a volume still connected, ...).
+    Refused,
+    /// The request could not be parsed.
+    BadRequest,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Failed => "failed",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Refused => "refused",
+            ErrorCode::BadRequest => "bad_request",
+        }
+    }
+}
+
+/// A failed request: its code and the message for people.
+#[derive(Debug, Clone)]
+pub struct ControlError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ControlError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ControlError {
+        ControlError {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn not_found(message: impl Into<String>) -> ControlError {
+        ControlError::new(ErrorCode::NotFound, message)
+    }
+
+    pub fn refused(message: impl Into<String>) -> ControlError {
+        ControlError::new(ErrorCode::Refused, message)
+    }
+}
+
+impl From<String> for ControlError {
+    fn from(message: String) -> ControlError {
+        ControlError::new(ErrorCode::Failed, message)
+    }
+}
+
+impl From<&str> for ControlError {
+    fn from(message: &str) -> ControlError {
+        ControlError::new(ErrorCode::Failed, message)
+    }
+}
+
+impl std::fmt::Display for ControlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 /// Serves `listener` until accepting fails for good: each line is parsed as `R` and answered
 /// with what `handler` returns. At most `connections_max` connections are served at once.
-pub async fn serve<R, H, Fut>(listener: UnixListener, connections_max: usize, handler: H)
+pub async fn serve<R, H, Fut, E>(listener: UnixListener, connections_max: usize, handler: H)
 where
     R: DeserializeOwned + Send + 'static,
     H: Fn(R) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<serde_json::Value, String>> + Send + 'static,
+    Fut: Future<Output = Result<serde_json::Value, E>> + Send + 'static,
+    E: Into<ControlError> + 'static,
 {
     let handler = Arc::new(handler);
     let limit = Arc::new(Semaphore::new(connections_max));
@@ -44,11 +114,12 @@ where
     }
 }
 
-async fn serve_one<R, H, Fut>(stream: UnixStream, handler: &H) -> std::io::Result<()>
+async fn serve_one<R, H, Fut, E>(stream: UnixStream, handler: &H) -> std::io::Result<()>
 where
     R: DeserializeOwned,
     H: Fn(R) -> Fut,
-    Fut: Future<Output = Result<serde_json::Value, String>>,
+    Fut: Future<Output = Result<serde_json::Value, E>>,
+    E: Into<ControlError>,
 {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read);
@@ -62,16 +133,24 @@ where
         if n == 0 {
             return Ok(());
         }
-        let answer = if line.len() > REQUEST_BYTES_MAX {
-            Err(format!("request longer than {REQUEST_BYTES_MAX} bytes"))
+        let answer: Result<serde_json::Value, ControlError> = if line.len() > REQUEST_BYTES_MAX {
+            Err(ControlError::new(
+                ErrorCode::BadRequest,
+                format!("request longer than {REQUEST_BYTES_MAX} bytes"),
+            ))
         } else {
             match serde_json::from_slice::<R>(&line) {
-                Ok(request) => handler(request).await,
-                Err(e) => Err(format!("bad request: {e}")),
+                Ok(request) => handler(request).await.map_err(Into::into),
+                Err(e) => Err(ControlError::new(
+                    ErrorCode::BadRequest,
+                    format!("bad request: {e}"),
+                )),
             }
         };
         let failed = answer.is_err();
-        let value = answer.unwrap_or_else(|error| serde_json::json!({ "error": error }));
+        let value = answer.unwrap_or_else(
+            |error| serde_json::json!({ "error": error.message, "code": error.code.as_str() }),
+        );
         let mut out = serde_json::to_vec(&value).map_err(std::io::Error::other)?;
         out.push(b'\n');
         write.write_all(&out).await?;
