@@ -15,7 +15,7 @@ use crate::group::{Group, GroupStatus};
 use crate::group_registry::{GroupCreate, Groups};
 use crate::image::{AccessRequest, Images};
 use crate::limits::{BOOKMARK_RECOVERABLE_POLL, CONTROL_CONNECTIONS_MAX};
-use crate::point::{format_time, parse_point, resolve, ResolvedPoint};
+use crate::point::{format_time, parse_point, resolve, PointSpec, ResolvedPoint};
 use crate::timeline::{timeline, NotRecoverable};
 
 /// A control request.
@@ -232,8 +232,17 @@ async fn manage_request(
 /// (the copy is not consistent there).
 fn resolve_point(g: &Group, point: &str) -> Result<ResolvedPoint, String> {
     let spec = parse_point(point)?;
-    let r = resolve(g.journal(), &g.bookmarks(), &spec, TimestampNs::now().0)?;
-    if let Some((volume, span)) = g.resync_span_containing(r.seq, r.timestamp_ns) {
+    let now = TimestampNs::now().0;
+    let r = resolve(g.journal(), &g.bookmarks(), &spec, now)?;
+    // A point asked for by time is the state at that time, which may be after the record
+    // it resolves to: writes acknowledged in between must be journaled too.
+    let moment = match spec {
+        PointSpec::Time(t) => t,
+        PointSpec::Ago(d) => now.saturating_sub(d),
+        _ => r.timestamp_ns,
+    }
+    .max(r.timestamp_ns);
+    if let Some((volume, span)) = g.resync_span_containing(r.seq, moment) {
         let (range, after) = match span.end {
             Some(end) => (format!("seq {} to {end}", span.start), format!("seq {end}")),
             None => (
@@ -260,7 +269,7 @@ fn resolve_point(g: &Group, point: &str) -> Result<ResolvedPoint, String> {
     if let Some((volume, since)) = g
         .volumes_down()
         .into_iter()
-        .find(|(_, since)| r.timestamp_ns >= *since)
+        .find(|(_, since)| moment >= *since)
     {
         return Err(format!(
             "seq {} ({}) is not recoverable: volume {volume} has had no connected splitter \
