@@ -367,7 +367,9 @@ async fn group_request(
                 // journal before it (DESIGN.md rule 7): refused, or waited for, otherwise.
                 let wait_until = received + Duration::from_millis(wait_recoverable_ms.unwrap_or(0));
                 let mut waited = false;
-                while let Some(reason) = g.not_recoverable_now() {
+                // A taken name is refused as such (by `create_bookmark`), whatever the state.
+                let taken = g.bookmarks().iter().any(|b| b.name == name);
+                while let Some(reason) = g.not_recoverable_now().filter(|_| !taken) {
                     if Instant::now() >= wait_until {
                         return Err(if waited {
                             format!(

@@ -616,6 +616,10 @@ impl Group {
     /// Unix epoch): their splitters may be marking, so points from then on may lack writes
     /// acknowledged to their hosts (DESIGN.md rule 7).
     pub fn volumes_down(&self) -> Vec<(String, u64)> {
+        // A remote copy has no splitters: replication brings the source's recoverable points.
+        if self.refuse_local_changes_at_remote_copy().is_err() {
+            return Vec::new();
+        }
         self.volumes()
             .iter()
             .filter_map(|v| v.link.down_since_ns().map(|since| (v.name.clone(), since)))
