@@ -106,8 +106,8 @@ impl Up {
             let pid: u32 = e.file_name().to_str()?.parse().ok()?;
             let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
             let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-            let is_it = args.iter().any(|a| *a == b"appliance")
-                && args.contains(&wanted.as_bytes());
+            let is_it =
+                args.iter().any(|a| *a == b"appliance") && args.contains(&wanted.as_bytes());
             is_it.then_some(pid)
         })
     }

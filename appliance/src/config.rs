@@ -17,6 +17,12 @@ pub struct ApplianceConfig {
     pub data_dir: PathBuf,
     /// Where splitters connect: `unix:PATH` or `HOST:PORT`.
     pub link_listen: Endpoint,
+    /// Milliseconds a split link may pass no bytes at all from its splitter (heartbeats
+    /// included, sent every quarter of this) before the appliance drops the connection; the
+    /// volume then counts as possibly marking (bookmarks refused, later points not
+    /// recoverable) until its splitter is back. Default 5000, 200..=600000.
+    #[serde(default = "link_deadline_ms_default")]
+    pub link_deadline_ms: u64,
     /// Unix socket for `cdp status` and other control commands. Default `DATA_DIR/appliance.ctl`.
     #[serde(default)]
     pub control: Option<PathBuf>,
@@ -54,6 +60,10 @@ pub struct ApplianceConfig {
     // --- end remote replication ---
     #[serde(default)]
     pub group: Vec<GroupConfig>,
+}
+
+fn link_deadline_ms_default() -> u64 {
+    cdp_link::limits::LINK_DEADLINE_MS_DEFAULT
 }
 
 fn distribution_delay_default() -> u64 {
@@ -473,6 +483,19 @@ impl ApplianceConfig {
     /// Rejects contradictions; clamps soft mistakes with a warning.
     pub fn sanitize(mut self) -> Result<ApplianceConfig, ApplianceError> {
         let bad = |m: String| Err(ApplianceError::Config(m));
+        let deadline = self.link_deadline_ms.clamp(
+            cdp_link::limits::LINK_DEADLINE_MS_MIN,
+            cdp_link::limits::LINK_DEADLINE_MS_MAX,
+        );
+        if deadline != self.link_deadline_ms {
+            tracing::warn!(
+                "link_deadline_ms = {} is outside {}..={}; using {deadline}",
+                self.link_deadline_ms,
+                cdp_link::limits::LINK_DEADLINE_MS_MIN,
+                cdp_link::limits::LINK_DEADLINE_MS_MAX
+            );
+            self.link_deadline_ms = deadline;
+        }
         if self.group.is_empty() {
             return bad("no [[group]] configured".into());
         }

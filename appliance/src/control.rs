@@ -15,9 +15,9 @@ use crate::bookmark::{BookmarkPayload, Consistency};
 use crate::group::{Group, GroupStatus};
 use crate::group_registry::{GroupCreate, Groups};
 use crate::image::{AccessRequest, Images};
-use crate::limits::CONTROL_CONNECTIONS_MAX;
-use crate::point::{parse_point, resolve, ResolvedPoint};
-use crate::timeline::timeline;
+use crate::limits::{BOOKMARK_RECOVERABLE_POLL, CONTROL_CONNECTIONS_MAX};
+use crate::point::{format_time, parse_point, resolve, PointSpec, ResolvedPoint};
+use crate::timeline::{timeline, NotRecoverable};
 
 /// A control request.
 #[derive(Debug, Serialize, Deserialize)]
@@ -41,6 +41,11 @@ pub enum Request {
         /// Consolidation keeps this point.
         #[serde(default)]
         keep: bool,
+        /// While a volume of the group is marking or resynchronising, wait up to this many
+        /// ms for it to be protected again and take the bookmark then; without it (or when
+        /// the wait runs out) such a bookmark is refused (it would be a false recovery point).
+        #[serde(default)]
+        wait_recoverable_ms: Option<u64>,
     },
     BookmarkList {
         #[serde(default)]
@@ -225,13 +230,13 @@ async fn manage_request(
 }
 
 /// Resolves a point the administrator named to a seq, refusing what `Group::check_recoverable`
-/// refuses and points inside a resync (the copy is not consistent there). Every command that
-/// takes a point comes through here.
+/// refuses, points inside a resync (the copy is not consistent there) and moments when a
+/// volume was marking or had no splitter. Every command that takes a point comes through here.
 fn resolve_point(g: &Group, point: &str) -> Result<ResolvedPoint, ControlError> {
     let spec = parse_point(point)
         .map_err(|e| ControlError::new(cdp_link::control_socket::ErrorCode::BadRequest, e))?;
     let bookmarks = g.bookmarks();
-    if let crate::point::PointSpec::Bookmark(name) = &spec {
+    if let PointSpec::Bookmark(name) = &spec {
         if !bookmarks.iter().any(|b| &b.name == name) {
             return Err(ControlError::not_found(format!(
                 "no bookmark named {name:?} in group {} (released by retention, or never \
@@ -240,16 +245,19 @@ fn resolve_point(g: &Group, point: &str) -> Result<ResolvedPoint, ControlError> 
             )));
         }
     }
-    let r = resolve(
-        g.journal(),
-        &bookmarks,
-        &spec,
-        TimestampNs::now().0,
-        g.oldest_point().0,
-    )
-    .map_err(ControlError::not_found)?;
+    let now = TimestampNs::now().0;
+    let r = resolve(g.journal(), &bookmarks, &spec, now, g.oldest_point().0)
+        .map_err(ControlError::not_found)?;
     g.check_recoverable(Seq(r.seq))?;
-    if let Some((volume, span)) = g.resync_span_containing(r.seq) {
+    // A point asked for by time is the state at that time, which may be after the record
+    // it resolves to: writes acknowledged in between must be journaled too.
+    let moment = match spec {
+        PointSpec::Time(t) => t,
+        PointSpec::Ago(d) => now.saturating_sub(d),
+        _ => r.timestamp_ns,
+    }
+    .max(r.timestamp_ns);
+    if let Some((volume, span)) = g.resync_span_containing(r.seq, moment) {
         let (range, after) = match span.end {
             Some(end) => (format!("seq {} to {end}", span.start), format!("seq {end}")),
             None => (
@@ -257,13 +265,70 @@ fn resolve_point(g: &Group, point: &str) -> Result<ResolvedPoint, ControlError> 
                 "its end, once it completes".to_string(),
             ),
         };
+        if let Some(since) = span.marking_since_ns {
+            return Err(ControlError::refused(format!(
+                "seq {} ({}) is not recoverable: volume {volume}'s splitter was in marking \
+                 mode from {} and resynchronised it ({range}); host writes acknowledged in \
+                 that time are not in the journal before {after}",
+                r.seq,
+                r.time,
+                format_time(since)
+            )));
+        }
         return Err(ControlError::refused(format!(
             "seq {} lies inside a resync of volume {volume} ({range}): the copy is \
              not consistent there; consistent points nearby are seq {} and {after}",
             r.seq, span.start
         )));
     }
+    if let Some((volume, since)) = g
+        .volumes_down()
+        .into_iter()
+        .find(|(_, since)| moment >= *since)
+    {
+        return Err(ControlError::refused(format!(
+            "seq {} ({}) is not recoverable: volume {volume} has had no connected splitter \
+             since {}, so its splitter may be in marking mode and host writes it \
+             acknowledged since may be missing from the journal",
+            r.seq,
+            r.time,
+            format_time(since)
+        )));
+    }
     Ok(r)
+}
+
+/// The stretches of a group's history that `resolve_point` refuses, for the timeline.
+fn not_recoverable(g: &Group) -> Vec<NotRecoverable> {
+    let mut list: Vec<NotRecoverable> = g
+        .resync_spans()
+        .into_iter()
+        .map(|(volume, span)| NotRecoverable {
+            volume,
+            reason: if span.marking_since_ns.is_some() {
+                "marking".into()
+            } else {
+                "resync".into()
+            },
+            from_seq: Some(span.start),
+            from_ns: span.marking_since_ns,
+            from_time: span.marking_since_ns.map(format_time),
+            until_seq: span.end,
+        })
+        .collect();
+    list.extend(
+        g.volumes_down()
+            .into_iter()
+            .map(|(volume, since)| NotRecoverable {
+                volume,
+                reason: "no_splitter".into(),
+                from_seq: None,
+                from_ns: Some(since),
+                from_time: Some(format_time(since)),
+                until_seq: None,
+            }),
+    );
+    list
 }
 
 /// The group a request names, or the only group when it names none.
@@ -316,9 +381,33 @@ async fn group_request(
             freeze_window_ms,
             deadline_ms,
             keep,
+            wait_recoverable_ms,
         } => (
             find_group(groups, group.as_deref())?,
             Box::new(move |g| {
+                // A bookmark is a promise that every write acknowledged before it is in the
+                // journal before it (DESIGN.md rule 7): refused, or waited for, otherwise.
+                let wait_until = received + Duration::from_millis(wait_recoverable_ms.unwrap_or(0));
+                let mut waited = false;
+                // A taken name is refused as such (by `create_bookmark`), whatever the state.
+                let taken = g.bookmarks().iter().any(|b| b.name == name);
+                while let Some(reason) = g.not_recoverable_now().filter(|_| !taken) {
+                    if Instant::now() >= wait_until {
+                        return Err(ControlError::refused(if waited {
+                            format!(
+                                "bookmark not taken: still not recoverable after waiting: {reason}"
+                            )
+                        } else {
+                            format!(
+                                "bookmark not taken: {reason}; retry once the volume is \
+                                     protecting again, or pass --wait SECONDS"
+                            )
+                        }));
+                    }
+                    waited = true;
+                    std::thread::sleep(BOOKMARK_RECOVERABLE_POLL);
+                }
+                let received = if waited { Instant::now() } else { received };
                 let deadline = deadline_ms.map(|ms| received + Duration::from_millis(ms));
                 let payload = BookmarkPayload {
                     name,
@@ -347,13 +436,15 @@ async fn group_request(
         Request::Timeline { group } => (
             find_group(groups, group.as_deref())?,
             Box::new(|g| {
-                to_json(&timeline(
+                let mut t = timeline(
                     &g.name,
                     g.journal(),
                     g.bookmarks(),
                     &g.consolidation_state(),
                     g.oldest_point().0,
-                )?)
+                )?;
+                t.not_recoverable = not_recoverable(g);
+                to_json(&t)
             }),
         ),
         Request::JournalConsolidate { group } => (

@@ -115,6 +115,8 @@ pub struct GroupVolume {
     pub last_source_seq: AtomicU64,
     /// Removed from the group at runtime: appends for it are refused from then on.
     pub removed: AtomicBool,
+    /// Which connection holds the volume, and since when none does (`volume_link.rs`).
+    pub link: crate::volume_link::VolumeLink,
 }
 
 /// Status of a group, as `cdp status` shows it.
@@ -579,15 +581,70 @@ impl Group {
         Ok(last)
     }
 
-    /// The resync span a recovery point falls into, with the volume's name.
-    pub fn resync_span_containing(&self, seq: u64) -> Option<(String, ResyncSpan)> {
-        let span = self.resync_spans.containing(seq)?;
-        let name = self
-            .read_volumes()
+    /// The resync span a recovery point (record `seq`, stamped `timestamp_ns`) falls into,
+    /// with the volume's name.
+    pub fn resync_span_containing(
+        &self,
+        seq: u64,
+        timestamp_ns: u64,
+    ) -> Option<(String, ResyncSpan)> {
+        let span = self.resync_spans.containing(seq, timestamp_ns)?;
+        Some((self.volume_name(span.volume), span))
+    }
+
+    fn volume_name(&self, id: u32) -> String {
+        self.read_volumes()
             .values()
-            .find(|v| v.id == span.volume)
-            .map_or_else(|| format!("volume id {}", span.volume), |v| v.name.clone());
-        Some((name, span))
+            .find(|v| v.id == id)
+            .map_or_else(|| format!("volume id {id}"), |v| v.name.clone())
+    }
+
+    /// The next `ResyncStart` of `volume` follows marking that began at `since_ns`.
+    pub fn note_marking_since(&self, volume: u32, since_ns: u64) {
+        self.resync_spans.note_marking_since(volume, since_ns);
+    }
+
+    /// Every resync span still known, oldest first, with its volume's name.
+    pub fn resync_spans(&self) -> Vec<(String, ResyncSpan)> {
+        self.resync_spans
+            .list()
+            .into_iter()
+            .map(|s| (self.volume_name(s.volume), s))
+            .collect()
+    }
+
+    /// Volumes no splitter connection holds, with the moment since when (ns since the
+    /// Unix epoch): their splitters may be marking, so points from then on may lack writes
+    /// acknowledged to their hosts (DESIGN.md rule 7).
+    pub fn volumes_down(&self) -> Vec<(String, u64)> {
+        // A remote copy has no splitters: replication brings the source's recoverable points.
+        if self.refuse_local_changes_at_remote_copy().is_err() {
+            return Vec::new();
+        }
+        self.volumes()
+            .iter()
+            .filter_map(|v| v.link.down_since_ns().map(|since| (v.name.clone(), since)))
+            .collect()
+    }
+
+    /// Why a point taken now would not be recoverable, if it would not be: a volume of the
+    /// group has no split link (its splitter may be marking) or is resynchronising.
+    pub fn not_recoverable_now(&self) -> Option<String> {
+        if let Some((name, since)) = self.volumes_down().into_iter().next() {
+            return Some(format!(
+                "volume {name:?} has no connected splitter since {}: its splitter may be in \
+                 marking mode, acknowledging host writes the journal does not have",
+                crate::point::format_time(since)
+            ));
+        }
+        self.resync_spans.open().map(|span| {
+            format!(
+                "volume {} is resynchronising (since seq {}): the journal lacks regions of it \
+                 until the resync ends",
+                self.volume_name(span.volume),
+                span.start
+            )
+        })
     }
 
     /// Asks the sync thread to make everything appended so far durable, then raise
@@ -1918,6 +1975,7 @@ fn open_volume(v: &VolumeConfig, id: u32) -> Result<GroupVolume, ApplianceError>
         connected: AtomicBool::new(false),
         last_source_seq: AtomicU64::new(0),
         removed: AtomicBool::new(false),
+        link: crate::volume_link::VolumeLink::default(),
     })
 }
 

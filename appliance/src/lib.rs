@@ -20,6 +20,7 @@ pub mod replica_verify;
 pub mod replication;
 pub mod resync_span;
 pub mod timeline;
+pub mod volume_link;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -86,6 +87,7 @@ pub async fn run(
         Arc::clone(&groups),
         Arc::clone(&images),
     ));
+    let link_deadline = std::time::Duration::from_millis(config.link_deadline_ms);
     let mut links = tokio::task::JoinSet::new();
     let limit = Arc::new(Semaphore::new(LINK_CONNECTIONS_MAX));
     tokio::pin!(shutdown);
@@ -99,7 +101,7 @@ pub async fn run(
                 Ok(stream) => {
                     let groups = Arc::clone(&groups);
                     links.spawn(async move {
-                        link_server::serve_link(groups, stream).await;
+                        link_server::serve_link(groups, stream, link_deadline).await;
                         drop(permit);
                     });
                 }

@@ -59,6 +59,10 @@ const _: () =
 /// so a slow fsync is not mistaken for a lost bookmark.
 pub const BOOKMARK_ANSWER_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How often a `bookmark create --wait` checks whether the group is recoverable again (a
+/// blocking-pool thread waits; the wait itself is bounded by the request).
+pub const BOOKMARK_RECOVERABLE_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Journal bytes distribution applies after one undo sync: the sync's cost is shared by
 /// this much replica writing.
 pub const DISTRIBUTION_BATCH_BYTES_MAX: u64 = 16 * 1024 * 1024;

@@ -9,9 +9,16 @@
 //! remote_pending` against the group's `shipped` watch). The receive loop never waits for
 //! the remote: the splitter's unacked window is what holds the host back. The Welcome
 //! itself waits in sync mode until the remote holds the whole journal (see `serve_link`).
+//!
+//! Liveness: the reader fails once the splitter has sent nothing (heartbeats included) for
+//! `link_deadline_ms`, and the sender half sends a heartbeat every quarter of it, so a
+//! silent partition ends the connection on both ends within the deadline. A reconnect of the
+//! same splitter over a connection this side still holds (half-open) replaces it at once:
+//! see `volume_link.rs`.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use cdp_journal::{RecordIn, RecordKind};
@@ -24,12 +31,18 @@ use crate::group_registry::Groups;
 use crate::limits::{APPEND_BATCH_BYTES_MAX, APPEND_BATCH_ITEMS_MAX, JOURNAL_FULL_HOLD_POLL};
 use crate::replica_verify::{self, ChecksumAsk};
 
-/// Releases a volume's "connected" mark when its connection ends, however it ends.
-struct ConnectedGuard(Arc<GroupVolume>);
+/// Releases a volume's claim and "connected" mark when its connection ends, however it ends.
+struct ConnectedGuard {
+    volume: Arc<GroupVolume>,
+    claim: u64,
+    /// How long before this side noticed the splitter may already have given up.
+    margin: Duration,
+}
 
 impl Drop for ConnectedGuard {
     fn drop(&mut self) {
-        self.0.connected.store(false, Ordering::Relaxed);
+        self.volume.connected.store(false, Ordering::Relaxed);
+        self.volume.link.release(self.claim, self.margin);
     }
 }
 
@@ -40,17 +53,20 @@ async fn refuse(writer: &mut cdp_link::FrameWriter, volume: &str, reason: String
 }
 
 /// Serves one split-link connection until it closes or breaks the protocol.
-pub async fn serve_link(groups: Arc<Groups>, stream: LinkStream) {
+pub async fn serve_link(groups: Arc<Groups>, stream: LinkStream, deadline: Duration) {
     let LinkStream {
         mut reader,
         mut writer,
     } = stream;
-    let (volume_name, size, splitter_id) = match reader.read().await {
+    // A connection that never says Hello holds a link slot only this long.
+    reader.set_idle_timeout(Some(deadline));
+    let (volume_name, size, splitter_id, session) = match reader.read().await {
         Ok(Message::Hello {
             volume,
             size,
             splitter_id,
-        }) => (volume, size, splitter_id),
+            session,
+        }) => (volume, size, splitter_id, session),
         Ok(other) => {
             tracing::warn!("split link: expected Hello, got {other:?}; closing");
             return;
@@ -112,25 +128,46 @@ pub async fn serve_link(groups: Arc<Groups>, stream: LinkStream) {
         let mut shipped = shipping.shipped.subscribe();
         if *shipped.borrow_and_update() < target {
             tracing::info!(volume = %volume_name, target, "sync replication: the splitter is welcomed once the remote copy holds the journal through seq {target}");
-            if shipped
-                .wait_for(|s| *s >= target || !shipping.is_sync_active())
-                .await
-                .is_err()
-            {
-                return;
+            // Heartbeats meanwhile, so the splitter's deadline does not cut the wait short.
+            let mut heartbeat = tokio::time::interval(heartbeat_interval(deadline));
+            loop {
+                tokio::select! {
+                    r = async { shipped.wait_for(|s| *s >= target || !shipping.is_sync_active()).await.map(|_| ()) } => {
+                        if r.is_err() { return; }
+                        break;
+                    }
+                    _ = heartbeat.tick() => {
+                        if writer.send(&Message::Heartbeat).await.is_err()
+                            || writer.flush().await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
             }
         }
     }
-    if volume.connected.swap(true, Ordering::Relaxed) {
-        refuse(
-            &mut writer,
-            &volume_name,
-            format!("volume {volume_name:?} already has a connected splitter"),
-        )
-        .await;
-        return;
-    }
-    let _connected = ConnectedGuard(Arc::clone(&volume));
+    // The old connection, if this replaces one, has released the volume once this returns:
+    // its appends are over, so `last_source_seq` below is final.
+    let claim = match volume.link.claim(splitter_id, session, deadline).await {
+        Ok(claim) => claim,
+        Err(why) => {
+            refuse(
+                &mut writer,
+                &volume_name,
+                format!("volume {volume_name:?} {why}"),
+            )
+            .await;
+            return;
+        }
+    };
+    volume.connected.store(true, Ordering::Relaxed);
+    let _connected = ConnectedGuard {
+        volume: Arc::clone(&volume),
+        claim: claim.id,
+        margin: deadline,
+    };
+    let mut fence = claim.fence.clone();
     let last_journaled = volume.last_source_seq.load(Ordering::Relaxed);
     let progress = ConnectionProgress::new(last_journaled);
     let v = Arc::clone(&volume);
@@ -174,6 +211,7 @@ pub async fn serve_link(groups: Arc<Groups>, stream: LinkStream) {
         &mut reader,
         last_journaled,
         &asks_tx,
+        claim.lost_since_ns,
     );
     // Subscribe before either future runs: a change appended by `receive` before `send` is
     // first polled must still be seen as new, or its Ack would never be sent.
@@ -194,8 +232,15 @@ pub async fn serve_link(groups: Arc<Groups>, stream: LinkStream) {
         let mut sent_durable = 0u64;
         // Sync mode: highest source_seq whose journal seq the remote copy acknowledged.
         let mut remote_covered = last_journaled;
+        let mut heartbeat = tokio::time::interval(heartbeat_interval(deadline));
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = heartbeat.tick() => {
+                    writer.send(&Message::Heartbeat).await?;
+                    writer.flush().await?;
+                    continue;
+                }
                 // Each wake-up only marks its mark seen; what to send is worked out below
                 // from all of them, since in sync mode any one can release the others.
                 r = acked.changed() => {
@@ -254,10 +299,17 @@ pub async fn serve_link(groups: Arc<Groups>, stream: LinkStream) {
             writer.flush().await?;
         }
     };
+    let fenced = async {
+        let _ = fence.wait_for(|f| *f).await;
+        Err::<(), LinkError>(LinkError::Refused(
+            "replaced by a newer connection of the same splitter (this one was half-open)".into(),
+        ))
+    };
     let result: Result<(), LinkError> = tokio::select! {
         r = receive => r,
         r = send => r,
         r = checksums => r,
+        r = fenced => r,
     };
     match result {
         Ok(()) | Err(LinkError::Closed) => {
@@ -274,7 +326,11 @@ async fn receive_changes(
     reader: &mut cdp_link::FrameReader,
     last_journaled: u64,
     checksum_asks: &mpsc::Sender<ChecksumAsk>,
+    lost_since_ns: Option<u64>,
 ) -> Result<(), LinkError> {
+    // Set until this connection's first ResyncStart: a splitter that cannot say when it
+    // began marking (it restarted meanwhile) gets the moment this side lost the volume.
+    let mut lost_since_ns = lost_since_ns;
     let sync = group
         .replication()
         .shipping
@@ -301,6 +357,7 @@ async fn receive_changes(
                     }
                     flush_through = Some(source_seq);
                 }
+                Message::Heartbeat => {}
                 Message::ChecksumRequest {
                     offset,
                     length,
@@ -316,6 +373,20 @@ async fn receive_changes(
                     checksum_requests.push((offset, length, region_bytes));
                 }
                 change => {
+                    if let Message::ResyncStart {
+                        marking_since_ns, ..
+                    } = &change
+                    {
+                        // Noted before the append that indexes the marker, so the span
+                        // covers every point from the moment marking began.
+                        let since = match (*marking_since_ns, lost_since_ns.take()) {
+                            (0, lost) => lost,
+                            (since, lost) => Some(lost.map_or(since, |l| l.min(since))),
+                        };
+                        if let Some(since) = since {
+                            group.note_marking_since(volume.id, since);
+                        }
+                    }
                     let record = check_change(change, volume, last_received)?;
                     last_received = record.source_seq;
                     batch_bytes += record.payload.len();
@@ -359,6 +430,11 @@ async fn receive_changes(
     }
 }
 
+/// How often each end sends a heartbeat for a given deadline.
+fn heartbeat_interval(deadline: Duration) -> Duration {
+    deadline / cdp_link::limits::LINK_HEARTBEATS_PER_DEADLINE
+}
+
 /// Checks a change from the splitter (sequence continuity, bounds) and makes it a record.
 fn check_change(
     message: Message,
@@ -387,7 +463,7 @@ fn check_change(
             offset,
             length,
         } => (RecordKind::Zero, source_seq, offset, length, Bytes::new()),
-        Message::ResyncStart { source_seq } => {
+        Message::ResyncStart { source_seq, .. } => {
             (RecordKind::ResyncStart, source_seq, 0, 0, Bytes::new())
         }
         Message::ResyncEnd { source_seq } => {

@@ -43,6 +43,26 @@ pub struct Timeline {
     /// History consolidation thinned out, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub consolidated: Option<Consolidated>,
+    /// Stretches of the window that are not recoverable points: a volume was marking or
+    /// resynchronising (filled in by the group, which knows the spans).
+    pub not_recoverable: Vec<NotRecoverable>,
+}
+
+/// A stretch of history that is not offered for recovery (DESIGN.md rule 7).
+#[derive(Clone, Debug, Serialize)]
+pub struct NotRecoverable {
+    pub volume: String,
+    /// `resync` (after `from_seq`), `marking` (stamped at or after `from_ns` too), or
+    /// `no_splitter` (no connection since `from_ns`; its splitter may be marking).
+    pub reason: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_ns: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_time: Option<String>,
+    /// The first recoverable seq again; `None` while still going on.
+    pub until_seq: Option<u64>,
 }
 
 /// Below `below_seq` only the `kept` points can be opened.
@@ -144,6 +164,7 @@ pub fn timeline(
             below_seq: consolidation.consolidated_below,
             kept,
         }),
+        not_recoverable: Vec::new(),
     })
 }
 

@@ -41,6 +41,12 @@ pub struct SplitterConfig {
     /// and maximum 256 MiB, minimum 8 MiB.
     #[serde(default = "link_window_bytes_default")]
     pub link_window_bytes: usize,
+    /// Milliseconds the split link may pass no bytes at all from the appliance (heartbeats
+    /// included, sent every quarter of this) before the splitter drops the connection and
+    /// goes to marking (`mark`) or holds host writes (`block`); also bounds a connect and
+    /// the wait for the appliance's Welcome. Default 5000, 200..=600000.
+    #[serde(default = "link_deadline_ms_default")]
+    pub link_deadline_ms: u64,
     /// Where volumes added or removed at runtime (`cdp volume add/remove`) are kept, so a
     /// restart serves the same volumes. Default: `managed-volumes.toml` beside the control
     /// socket; without either, volumes cannot be managed at runtime.
@@ -62,6 +68,10 @@ pub enum OnApplianceLoss {
 
 fn link_window_bytes_default() -> usize {
     crate::limits::UNACKED_BYTES_MAX
+}
+
+fn link_deadline_ms_default() -> u64 {
+    cdp_link::limits::LINK_DEADLINE_MS_DEFAULT
 }
 
 fn handshake_timeout_default() -> u64 {
@@ -203,6 +213,19 @@ impl SplitterConfig {
                 crate::limits::UNACKED_BYTES_MAX
             );
             self.link_window_bytes = window;
+        }
+        let deadline = self.link_deadline_ms.clamp(
+            cdp_link::limits::LINK_DEADLINE_MS_MIN,
+            cdp_link::limits::LINK_DEADLINE_MS_MAX,
+        );
+        if deadline != self.link_deadline_ms {
+            tracing::warn!(
+                "link_deadline_ms = {} is outside {}..={}; using {deadline}",
+                self.link_deadline_ms,
+                cdp_link::limits::LINK_DEADLINE_MS_MIN,
+                cdp_link::limits::LINK_DEADLINE_MS_MAX
+            );
+            self.link_deadline_ms = deadline;
         }
         if self.nbd_unix.is_none() && self.nbd_tcp.is_none() {
             return Err(SplitterError::Config(

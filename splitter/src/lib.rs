@@ -40,6 +40,7 @@ pub async fn run(
         config.appliance.clone(),
         config.on_appliance_loss,
         config.link_window_bytes,
+        Duration::from_millis(config.link_deadline_ms),
         managed_path,
         managed,
     ));

@@ -36,6 +36,8 @@ pub struct ServedVolumes {
     policy: OnApplianceLoss,
     /// Each link's window of unacknowledged change bytes (`link_window_bytes`).
     window_bytes: usize,
+    /// Silence after which a split link is considered gone (`link_deadline_ms`).
+    deadline: std::time::Duration,
     /// Where runtime changes are stored (None: runtime changes are refused).
     managed_path: Option<PathBuf>,
     /// The stored runtime changes. Held across a whole add or remove, so two requests never
@@ -49,6 +51,7 @@ impl ServedVolumes {
         appliance: Endpoint,
         policy: OnApplianceLoss,
         window_bytes: usize,
+        deadline: std::time::Duration,
         managed_path: Option<PathBuf>,
         managed: ManagedVolumes,
     ) -> ServedVolumes {
@@ -58,6 +61,7 @@ impl ServedVolumes {
             appliance,
             policy,
             window_bytes,
+            deadline,
             managed_path,
             managed: tokio::sync::Mutex::new(managed),
         }
@@ -99,6 +103,7 @@ impl ServedVolumes {
             bitmap,
             self.policy,
             self.window_bytes,
+            self.deadline,
         );
         if opened == dirty_bitmap::Opened::Created {
             // Never protected by this splitter: the replica cannot be assumed to match, so

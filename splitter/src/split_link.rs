@@ -88,6 +88,19 @@ struct Queue {
     /// again rather than copied at once.
     verify_watch: BTreeMap<u64, bool>,
     verify_region_bytes: u64,
+    /// When marking began (ns since the Unix epoch), kept until a resync's `ResyncEnd` is
+    /// acknowledged: the `ResyncStart` tells the appliance, so it can refuse points from then
+    /// on (host writes acknowledged since are only in production and the bitmap).
+    marking_since_ns: Option<u64>,
+    /// When the link was last lost (the start of the current marking episode).
+    link_lost_ns: Option<u64>,
+    /// The source_seq of a queued `ResyncEnd` the appliance has not acknowledged yet: until
+    /// then the volume is still resyncing, whatever the copy loop says.
+    resync_end_unacked: Option<u64>,
+    /// A resync's markers were lost with a connection (or its end could not be queued): the
+    /// next connection runs a resync even with no region pending, so the appliance's span
+    /// gets its `ResyncEnd`.
+    resync_incomplete: bool,
 }
 
 impl Queue {
@@ -135,6 +148,20 @@ impl Queue {
         }
     }
 
+    /// The journal acknowledged a resync's `ResyncEnd`: it holds everything marked since
+    /// marking began, unless marking began again meanwhile.
+    fn resync_ended(&mut self) {
+        self.resync_end_unacked = None;
+        // Everything marked before the ResyncEnd is journaled now. If the link was lost
+        // again since (a Welcome reports the end), the current episode began at that loss,
+        // not at the earlier one: a point between the two is recoverable.
+        self.marking_since_ns = if self.marking {
+            self.link_lost_ns
+        } else {
+            None
+        };
+    }
+
     fn mark(&mut self, regions: std::ops::Range<u64>) {
         for region in regions {
             self.bitmap.set(region);
@@ -168,6 +195,11 @@ pub struct SplitLink {
     replica_holds_data: AtomicBool,
     /// Set by `stop` (the volume was removed at runtime): the connection task ends.
     stopped: watch::Sender<bool>,
+    /// `link_deadline_ms`: silence from the appliance after which the connection is dropped.
+    deadline: Duration,
+    /// Connections this process made for the volume; sent in Hello so the appliance can
+    /// replace a stale (half-open) connection of ours at once.
+    sessions: AtomicU64,
 }
 
 /// Why regions are being copied.
@@ -247,6 +279,10 @@ pub struct VolumeState {
     pub resync: Option<ResyncState>,
     /// The last completed resync's totals.
     pub last_resync: Option<ResyncSummary>,
+    /// When the splitter began marking what is still to be resynchronised (ns since the
+    /// Unix epoch); points of the group from then until the resync's end are not recoverable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub marking_since_ns: Option<u64>,
     /// Hosts attached over NBD (connections in the transmission phase); filled in by the
     /// control socket, which knows the NBD server.
     pub nbd_clients: usize,
@@ -320,6 +356,7 @@ impl SplitLink {
         bitmap: DirtyBitmap,
         policy: OnApplianceLoss,
         window_bytes: usize,
+        deadline: Duration,
     ) -> Arc<SplitLink> {
         // Regions dirty at start-up may hold changes the journal never got (a crash, or a stop
         // while marking): copy them at the first connection.
@@ -342,6 +379,10 @@ impl SplitLink {
                 checksum_requests: VecDeque::new(),
                 verify_watch: BTreeMap::new(),
                 verify_region_bytes: 0,
+                marking_since_ns: None,
+                link_lost_ns: None,
+                resync_end_unacked: None,
+                resync_incomplete: false,
             }),
             wake_sender: Notify::new(),
             acked: watch::Sender::new(0),
@@ -358,6 +399,8 @@ impl SplitLink {
             progress: Mutex::new(ResyncProgress::default()),
             replica_holds_data: AtomicBool::new(false),
             stopped: watch::Sender::new(false),
+            deadline,
+            sessions: AtomicU64::new(0),
         });
         tokio::spawn(Arc::clone(&link).run_connections());
         link
@@ -535,19 +578,38 @@ impl SplitLink {
     }
 
     async fn run_one_connection(&self) -> Result<(), LinkError> {
+        // A connect to an unreachable host would otherwise wait for TCP's SYN retries.
         let LinkStream {
             mut reader,
             mut writer,
-        } = cdp_link::connect(&self.endpoint).await?;
+        } = tokio::time::timeout(self.deadline, cdp_link::connect(&self.endpoint))
+            .await
+            .map_err(|_| {
+                LinkError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "connecting took longer than the {} ms link deadline",
+                        self.deadline.as_millis()
+                    ),
+                ))
+            })??;
+        reader.set_idle_timeout(Some(self.deadline));
+        let session = self.sessions.fetch_add(1, Ordering::Relaxed) + 1;
         writer
             .send(&Message::Hello {
                 volume: self.volume.clone(),
                 size: self.size,
                 splitter_id: self.splitter_id,
+                session,
             })
             .await?;
         writer.flush().await?;
-        let last_journaled = match reader.read().await? {
+        // The appliance sends heartbeats while a Welcome waits (sync replication catching up).
+        let mut welcome = reader.read().await?;
+        while welcome == Message::Heartbeat {
+            welcome = reader.read().await?;
+        }
+        let last_journaled = match welcome {
             Message::Welcome {
                 last_source_seq,
                 replica_holds_data,
@@ -581,6 +643,8 @@ impl SplitLink {
             loop {
                 match reader.read().await? {
                     Message::Ack { source_seq } => self.on_ack(source_seq),
+                    // Only proves the appliance alive; the reader's idle timeout is the check.
+                    Message::Heartbeat => {}
                     Message::Durable { source_seq } => {
                         watermark::raise(&self.durable, source_seq);
                     }
@@ -602,8 +666,20 @@ impl SplitLink {
         };
         let send = async {
             let mut batch = Vec::with_capacity(SEND_BATCH_MESSAGES_MAX);
+            let mut heartbeat = tokio::time::interval(
+                self.deadline / cdp_link::limits::LINK_HEARTBEATS_PER_DEADLINE,
+            );
+            heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                self.wake_sender.notified().await;
+                tokio::select! {
+                    () = self.wake_sender.notified() => {}
+                    _ = heartbeat.tick() => {
+                        // Sent even while changes flow: cheap, and it keeps the rule simple.
+                        writer.send(&Message::Heartbeat).await?;
+                        writer.flush().await?;
+                        continue;
+                    }
+                }
                 loop {
                     self.take_unsent(&mut batch);
                     if batch.is_empty() {
@@ -656,6 +732,12 @@ impl SplitLink {
             );
         }
         pop_acked(&mut queue.unacked, last_journaled);
+        if queue
+            .resync_end_unacked
+            .is_some_and(|end| end <= last_journaled)
+        {
+            queue.resync_ended();
+        }
         if queue.unacked.is_empty() {
             // Changes dropped into the bitmap while marking were never journaled; their
             // numbers are reused so the appliance sees no gap.
@@ -665,6 +747,15 @@ impl SplitLink {
         queue.sent_through = last_journaled;
         queue.flush_sent = 0;
         queue.marking = false;
+        // A marking episode that marked nothing (no host write was acknowledged without the
+        // journal) needs no resync and leaves no unrecoverable stretch: forget its start, or
+        // the next episode's span would reach back to it.
+        if queue.resync_pending.is_empty()
+            && queue.resync_end_unacked.is_none()
+            && !queue.resync_incomplete
+        {
+            queue.marking_since_ns = None;
+        }
         // Requests and comparisons of the old connection will never be answered.
         queue.checksum_requests.clear();
         queue.verify_watch.clear();
@@ -681,6 +772,12 @@ impl SplitLink {
     fn on_ack(&self, source_seq: u64) {
         let mut queue = self.lock_queue();
         pop_acked(&mut queue.unacked, source_seq);
+        if queue
+            .resync_end_unacked
+            .is_some_and(|end| end <= source_seq)
+        {
+            queue.resync_ended();
+        }
         queue.clear_settled_regions();
         drop(queue);
         watermark::raise(&self.acked, source_seq);
@@ -692,6 +789,21 @@ impl SplitLink {
         let mut queue = self.lock_queue();
         let unacked = std::mem::take(&mut queue.unacked);
         let count = unacked.len();
+        if queue.resync_end_unacked.take().is_some()
+            || unacked.iter().any(|p| {
+                matches!(
+                    p.message,
+                    Message::ResyncStart { .. } | Message::ResyncEnd { .. }
+                )
+            })
+        {
+            queue.resync_incomplete = true;
+        }
+        let now_ns = cdp_types::TimestampNs::now().0;
+        queue.link_lost_ns = Some(now_ns);
+        if queue.marking_since_ns.is_none() {
+            queue.marking_since_ns = Some(now_ns);
+        }
         for pending in unacked {
             queue.mark(pending.regions.clone());
             if let Some(tx) = pending.acked {
@@ -740,14 +852,15 @@ impl SplitLink {
     /// as Zero changes without payload, consecutive ones merged. Stops if the link drops.
     /// When verifying, regions whose checksum equals the replica's are dropped first.
     async fn resync(&self, replies: &mut ChecksumReplies) {
-        let (total, region_bytes) = {
+        let (total, region_bytes, incomplete) = {
             let queue = self.lock_queue();
             (
                 queue.resync_pending.len() as u64,
                 queue.bitmap.region_bytes(),
+                queue.resync_incomplete,
             )
         };
-        if total == 0 {
+        if total == 0 && !incomplete {
             return;
         }
         let (reason, method) = {
@@ -781,7 +894,12 @@ impl SplitLink {
             if queue.marking || !self.is_connected() {
                 return;
             }
-            self.push_marker(&mut queue, |source_seq| Message::ResyncStart { source_seq });
+            let marking_since_ns = queue.marking_since_ns.unwrap_or(0);
+            queue.resync_incomplete = false;
+            self.push_marker(&mut queue, move |source_seq| Message::ResyncStart {
+                source_seq,
+                marking_since_ns,
+            });
         }
         self.wake_sender.notify_one();
         if method == ResyncMethod::Verify {
@@ -840,7 +958,15 @@ impl SplitLink {
         }
         {
             let mut queue = self.lock_queue();
-            self.push_marker(&mut queue, |source_seq| Message::ResyncEnd { source_seq });
+            if queue.marking || !self.is_connected() {
+                // The ResyncStart went out on a connection that is gone: the next one
+                // brackets again, so the appliance's span is closed by a ResyncEnd.
+                queue.resync_incomplete = true;
+                tracing::warn!(volume = %self.volume, "resync end interrupted by link loss");
+                return;
+            }
+            let end = self.push_marker(&mut queue, |source_seq| Message::ResyncEnd { source_seq });
+            queue.resync_end_unacked = Some(end);
         }
         self.wake_sender.notify_one();
         // One critical section: `state()` must never see the resync ended (no `started`)
@@ -1099,8 +1225,8 @@ impl SplitLink {
 
     /// Queues a resync marker (start or end) in the change stream, under the queue lock so it
     /// sits exactly between the changes before and after it.
-    fn push_marker(&self, queue: &mut Queue, marker: fn(u64) -> Message) {
-        queue.push(marker, None, 0..0, None);
+    fn push_marker(&self, queue: &mut Queue, marker: impl FnOnce(u64) -> Message) -> u64 {
+        queue.push(marker, None, 0..0, None)
     }
 
     /// The change that brings the journal's copy of `region` (already popped) up to date:
@@ -1169,12 +1295,16 @@ impl SplitLink {
 
     /// What `cdp status` shows for this volume.
     pub fn state(&self) -> VolumeState {
-        let (pending, region_bytes, marking) = {
+        let (pending, region_bytes, marking, ending, marking_since_ns) = {
             let queue = self.lock_queue();
             (
                 queue.resync_pending.len() as u64,
                 queue.bitmap.region_bytes(),
                 queue.marking,
+                // Protecting only once the journal acknowledged the resync's end, not once
+                // the end was queued: until then a point may still fall inside the span.
+                queue.resync_end_unacked.is_some() || queue.resync_incomplete,
+                queue.marking_since_ns,
             )
         };
         let progress = self.lock_progress();
@@ -1201,7 +1331,7 @@ impl SplitLink {
             "marking"
         } else if !self.is_connected() {
             "connecting"
-        } else if pending > 0 || resync.is_some() {
+        } else if pending > 0 || resync.is_some() || ending {
             match progress.reason {
                 ResyncReason::Initial => "initializing",
                 _ => "resyncing",
@@ -1217,6 +1347,7 @@ impl SplitLink {
             resync_copied_bytes: self.resync_copied_bytes(),
             resync,
             last_resync: progress.last.clone(),
+            marking_since_ns,
             nbd_clients: 0,
         }
     }

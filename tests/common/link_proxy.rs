@@ -1,22 +1,65 @@
-//! A TCP forwarder the test can cut (like a pulled cable) and restore, to break a link (split
-//! link or replication link) without crashing either process.
+//! A TCP forwarder the test drives to break a link (split link or replication link) the way
+//! networks break, without crashing either process.
+//!
+//! Fault model, per forwarded connection pair (client = the connecting process, server = the
+//! target):
+//! - `reset`: both sockets closed at once (a cable pulled and the peers told);
+//! - `blackhole`: nothing is relayed and nothing is closed: bytes are read and dropped, as by
+//!   a dead switch port; new connections are accepted and get the same (a SYN answered, then
+//!   silence). `heal` relays again; connections the peers abandoned meanwhile stay dead;
+//! - `half_open`: the client's socket is closed, the server's stays open and silent (the
+//!   client's host lost power, or a NAT forgot the flow);
+//! - `delay`, `throttle`, `loss`: every chunk is released `delay` after it arrived, at most
+//!   `throttle` bytes/s per direction, and a `loss` share of chunks is held one retransmission
+//!   timeout (200 ms) longer, which is what loss looks like above TCP (this kernel has no netem).
+//!
+//! `cut`/`restore` (close everything and refuse new connections) remain for older tests.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// What a lost chunk costs: one TCP retransmission timeout.
+const LOSS_PENALTY: Duration = Duration::from_millis(200);
+
+#[derive(Default)]
+struct Shaping {
+    delay_us: AtomicU64,
+    /// Bytes per second per direction; 0: unlimited.
+    throttle_bytes_per_s: AtomicU64,
+    /// Parts per million of chunks held for `LOSS_PENALTY`.
+    loss_ppm: AtomicU64,
+    blackhole: AtomicBool,
+}
+
+/// One forwarded connection: the client's and the server's socket.
+struct Pair {
+    client: TcpStream,
+    server: Option<TcpStream>,
+    /// Set when the test closed it on purpose: relays must not propagate anything more.
+    dead: Arc<AtomicBool>,
+}
 
 /// One forwarder on 127.0.0.1:`port` towards a target address.
 pub struct LinkProxy {
     pub port: u16,
-    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    live: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+    open: Arc<AtomicBool>,
+    shaping: Arc<Shaping>,
+    live: Arc<Mutex<Vec<Pair>>>,
+    /// Server sockets left open by `half_open`, kept so they are not closed by a drop.
+    stale: Mutex<Vec<TcpStream>>,
 }
 
 impl LinkProxy {
     pub fn start(target: String) -> LinkProxy {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        use std::sync::{Arc, Mutex};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let open = Arc::new(AtomicBool::new(true));
-        let live: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
-        let (open2, live2) = (Arc::clone(&open), Arc::clone(&live));
+        let shaping = Arc::new(Shaping::default());
+        let live: Arc<Mutex<Vec<Pair>>> = Arc::new(Mutex::new(Vec::new()));
+        let (open2, shaping2, live2) = (Arc::clone(&open), Arc::clone(&shaping), Arc::clone(&live));
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
@@ -24,33 +67,172 @@ impl LinkProxy {
                     drop(client);
                     continue;
                 }
-                let Ok(server) = std::net::TcpStream::connect(&target) else {
+                let dead = Arc::new(AtomicBool::new(false));
+                if shaping2.blackhole.load(Ordering::SeqCst) {
+                    // Accepted, then silence: read and drop what the client sends.
+                    let mut sink = client.try_clone().unwrap();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 65536];
+                        while matches!(sink.read(&mut buf), Ok(n) if n > 0) {}
+                    });
+                    live2.lock().unwrap().push(Pair {
+                        client,
+                        server: None,
+                        dead,
+                    });
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(&target) else {
                     continue;
                 };
-                let mut streams = live2.lock().unwrap();
                 for (from, to) in [(&client, &server), (&server, &client)] {
-                    let (mut from, mut to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
-                    std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                    });
+                    relay(
+                        from.try_clone().unwrap(),
+                        to.try_clone().unwrap(),
+                        Arc::clone(&shaping2),
+                        Arc::clone(&dead),
+                    );
                 }
-                streams.push(client);
-                streams.push(server);
+                live2.lock().unwrap().push(Pair {
+                    client,
+                    server: Some(server),
+                    dead,
+                });
             }
         });
-        LinkProxy { port, open, live }
+        LinkProxy {
+            port,
+            open,
+            shaping,
+            live,
+            stale: Mutex::new(Vec::new()),
+        }
     }
 
     /// Breaks every forwarded connection and refuses new ones.
     pub fn cut(&self) {
-        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
-        for s in self.live.lock().unwrap().drain(..) {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
+        self.open.store(false, Ordering::SeqCst);
+        self.reset();
     }
 
     pub fn restore(&self) {
-        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.open.store(true, Ordering::SeqCst);
     }
+
+    /// Closes both sockets of every forwarded connection; new connections are forwarded.
+    pub fn reset(&self) {
+        for p in self.live.lock().unwrap().drain(..) {
+            p.dead.store(true, Ordering::SeqCst);
+            let _ = p.client.shutdown(Shutdown::Both);
+            if let Some(s) = p.server {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }
+    }
+
+    /// Stops relaying without closing anything (a silent partition).
+    pub fn blackhole(&self) {
+        self.shaping.blackhole.store(true, Ordering::SeqCst);
+    }
+
+    /// Relays again after `blackhole`.
+    pub fn heal(&self) {
+        self.shaping.blackhole.store(false, Ordering::SeqCst);
+    }
+
+    /// Closes the client's side of every forwarded connection and leaves the server's side
+    /// open and silent, so the target only learns of it by its own deadline.
+    pub fn half_open(&self) {
+        for p in self.live.lock().unwrap().drain(..) {
+            p.dead.store(true, Ordering::SeqCst);
+            let _ = p.client.shutdown(Shutdown::Both);
+            if let Some(s) = p.server {
+                self.stale.lock().unwrap().push(s);
+            }
+        }
+    }
+
+    /// Each chunk is released this long after it arrived (per direction, in order).
+    pub fn delay(&self, delay: Duration) {
+        self.shaping
+            .delay_us
+            .store(delay.as_micros() as u64, Ordering::SeqCst);
+    }
+
+    /// At most this many bytes per second per direction (0: unlimited).
+    pub fn throttle(&self, bytes_per_s: u64) {
+        self.shaping
+            .throttle_bytes_per_s
+            .store(bytes_per_s, Ordering::SeqCst);
+    }
+
+    /// This share (0.0..=1.0) of chunks is held one retransmission timeout longer.
+    pub fn loss(&self, share: f64) {
+        self.shaping
+            .loss_ppm
+            .store((share.clamp(0.0, 1.0) * 1e6) as u64, Ordering::SeqCst);
+    }
+}
+
+/// Copies `from` to `to`: a reader thread stamps chunks, a writer thread releases them once
+/// their delay (and throttle, and loss penalty) has passed, so delay adds latency without
+/// stop-and-wait. In a blackhole, chunks are dropped and nothing is closed.
+fn relay(mut from: TcpStream, mut to: TcpStream, shaping: Arc<Shaping>, dead: Arc<AtomicBool>) {
+    let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
+    let shaping_r = Arc::clone(&shaping);
+    let dead_r = Arc::clone(&dead);
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ (buf.as_ptr() as u64);
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if shaping_r.blackhole.load(Ordering::SeqCst) || dead_r.load(Ordering::SeqCst) {
+                continue;
+            }
+            let mut at =
+                Instant::now() + Duration::from_micros(shaping_r.delay_us.load(Ordering::SeqCst));
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            if rng % 1_000_000 < shaping_r.loss_ppm.load(Ordering::SeqCst) {
+                at += LOSS_PENALTY;
+            }
+            if tx.send((at, buf[..n].to_vec())).is_err() {
+                break;
+            }
+        }
+        // A close is relayed unless the link is silent or the test closed it on purpose
+        // (a half-open connection must stay open on the other side).
+        if !shaping_r.blackhole.load(Ordering::SeqCst) && !dead_r.load(Ordering::SeqCst) {
+            let _ = tx.send((Instant::now(), Vec::new()));
+        }
+    });
+    std::thread::spawn(move || {
+        let mut not_before = Instant::now();
+        while let Ok((at, chunk)) = rx.recv() {
+            if chunk.is_empty() {
+                let _ = to.shutdown(Shutdown::Both);
+                return;
+            }
+            let at = at.max(not_before);
+            let now = Instant::now();
+            if at > now {
+                std::thread::sleep(at - now);
+            }
+            if shaping.blackhole.load(Ordering::SeqCst) || dead.load(Ordering::SeqCst) {
+                continue;
+            }
+            let rate = shaping.throttle_bytes_per_s.load(Ordering::SeqCst);
+            not_before = Instant::now();
+            if rate > 0 {
+                not_before += Duration::from_secs_f64(chunk.len() as f64 / rate as f64);
+            }
+            if to.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+    });
 }

@@ -61,6 +61,12 @@ pub struct CreateArgs {
     /// Keep this point when consolidation thins out old history.
     #[arg(long)]
     keep: bool,
+    /// While a volume of the group is marking or resynchronising (a bookmark then would
+    /// lack acknowledged writes, so it is refused), wait up to this many seconds for the
+    /// group to be protected again and take the bookmark then. With --quiesce the
+    /// application stays frozen during the wait.
+    #[arg(long, value_name = "SECONDS")]
+    wait: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -85,6 +91,7 @@ async fn create(args: CreateArgs) -> anyhow::Result<()> {
         .map_err(|e| crate::output::CliError::new(crate::output::ErrorKind::Usage, e))?;
     let timeout = Duration::from_secs(args.timeout);
     let socket = args.control.socket();
+    let recoverable_wait = args.wait.map(Duration::from_secs);
     let ask = |consistency, freeze_window_ms| {
         let socket = socket.clone();
         let req = Request::BookmarkCreate {
@@ -96,9 +103,10 @@ async fn create(args: CreateArgs) -> anyhow::Result<()> {
             // application-consistent never lands after the thaw below.
             deadline_ms: Some(timeout.as_millis().min(u64::MAX as u128) as u64),
             keep: args.keep,
+            wait_recoverable_ms: recoverable_wait.map(|w| w.as_millis() as u64),
         };
         async move {
-            let wait = timeout + BOOKMARK_ANSWER_GRACE;
+            let wait = timeout + recoverable_wait.unwrap_or_default() + BOOKMARK_ANSWER_GRACE;
             let asked = tokio::task::spawn_blocking(move || {
                 crate::control_client::request_within(&socket, "appliance", &req, wait)
             })

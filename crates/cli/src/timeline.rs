@@ -76,6 +76,32 @@ fn text(t: &serde_json::Value) -> Option<String> {
             );
         }
     }
+    // Stretches refused as points: a volume was marking (link down) or resynchronising.
+    for n in t
+        .get("not_recoverable")
+        .and_then(|n| n.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let from = match (
+            n.get("from_time").and_then(|f| f.as_str()),
+            n.get("from_seq"),
+        ) {
+            (Some(time), _) => time.to_string(),
+            (None, Some(seq)) => format!("after seq {seq}"),
+            (None, None) => "?".into(),
+        };
+        let until = match n.get("until_seq").and_then(|u| u.as_u64()) {
+            Some(seq) => format!("seq {seq}"),
+            None => "now (still going on)".into(),
+        };
+        let _ = writeln!(
+            out,
+            "  not recoverable: volume {} {} from {from} until {until}",
+            n.get("volume")?.as_str()?,
+            n.get("reason")?.as_str()?,
+        );
+    }
     let bookmarks = t.get("bookmarks")?.as_array()?;
     let _ = writeln!(out, "  bookmarks: {}", bookmarks.len());
     for b in bookmarks {

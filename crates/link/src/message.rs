@@ -12,8 +12,22 @@
 //! request has been distributed; `Checksums` answers, in request order. Neither carries a
 //! `source_seq` (they change nothing) nor a volume (a connection serves one volume). `Welcome`'s flags say whether the replica holds data.
 //!
+//! Liveness: each end sends `Heartbeat` at least every `link_deadline_ms / 4` (the
+//! splitter's heartbeats carry nothing back; the appliance sends its own), so a peer that
+//! receives nothing at all for the deadline knows the link or the peer is gone, even when no
+//! change is in flight (see `codec.rs`, `FrameReader::set_idle_timeout`).
+//!
 //! Bodies added since the first release (integers little-endian):
 //! ```text
+//! Hello            size u64, splitter_id u64, name (u16 length + bytes), session u64. The
+//!                  session counts this splitter process's connections for the volume, so
+//!                  the appliance can tell a reconnect of the same splitter (replace the old,
+//!                  half-open connection) from a second splitter (refuse). A Hello without it
+//!                  decodes with session 0 (never replaces).
+//! ResyncStart      source_seq u64, marking_since_ns u64: when this splitter began marking
+//!                  the regions this resync copies (ns since the Unix epoch; 0: not after
+//!                  marking, e.g. an initial copy). An 8-byte body decodes with 0.
+//! Heartbeat        empty (kind 9, either direction)
 //! Welcome          volume_id u32, last_source_seq u64, flags u32 (bit 0: replica holds data;
 //!                  other bits must be 0). A 12-byte body (no flags) still decodes, flags 0.
 //! ChecksumRequest  offset u64, length u64, region_bytes u32
@@ -44,6 +58,9 @@ pub enum Message {
         size: u64,
         /// Random per splitter process; lets the appliance log restarts.
         splitter_id: u64,
+        /// This connection's number among the splitter process's connections for the volume
+        /// (1, 2, ...): a higher session of the same `splitter_id` replaces a stale one.
+        session: u64,
     },
     Write {
         source_seq: u64,
@@ -67,6 +84,9 @@ pub enum Message {
     /// lacks, so the journal is not consistent with production in between.
     ResyncStart {
         source_seq: u64,
+        /// When the splitter began marking what this resync copies (ns since the Unix
+        /// epoch), or 0: points from then on lack acknowledged host writes.
+        marking_since_ns: u64,
     },
     ResyncEnd {
         source_seq: u64,
@@ -99,6 +119,8 @@ pub enum Message {
     Refuse {
         reason: String,
     },
+    /// Nothing else to send: proves the sender and the path alive (either direction).
+    Heartbeat,
 }
 
 mod kind {
@@ -110,6 +132,7 @@ mod kind {
     pub const RESYNC_START: u8 = 6;
     pub const RESYNC_END: u8 = 7;
     pub const CHECKSUM_REQUEST: u8 = 8;
+    pub const HEARTBEAT: u8 = 9;
     pub const WELCOME: u8 = 16;
     pub const ACK: u8 = 17;
     pub const DURABLE: u8 = 18;
@@ -157,11 +180,12 @@ impl Message {
                 volume,
                 size,
                 splitter_id,
-            } => (
-                kind::HELLO,
-                put_text(&put_u64s(&[*size, *splitter_id]), volume),
-                None,
-            ),
+                session,
+            } => {
+                let mut fixed = put_text(&put_u64s(&[*size, *splitter_id]), volume);
+                fixed.extend_from_slice(&session.to_le_bytes());
+                (kind::HELLO, fixed, None)
+            }
             Message::Write {
                 source_seq,
                 offset,
@@ -182,9 +206,15 @@ impl Message {
                 length,
             } => (kind::ZERO, put_u64s(&[*source_seq, *offset, *length]), None),
             Message::Flush { source_seq } => (kind::FLUSH, put_u64s(&[*source_seq]), None),
-            Message::ResyncStart { source_seq } => {
-                (kind::RESYNC_START, put_u64s(&[*source_seq]), None)
-            }
+            Message::ResyncStart {
+                source_seq,
+                marking_since_ns,
+            } => (
+                kind::RESYNC_START,
+                put_u64s(&[*source_seq, *marking_since_ns]),
+                None,
+            ),
+            Message::Heartbeat => (kind::HEARTBEAT, Vec::new(), None),
             Message::ResyncEnd { source_seq } => (kind::RESYNC_END, put_u64s(&[*source_seq]), None),
             Message::ChecksumRequest {
                 offset,
@@ -252,10 +282,12 @@ impl Message {
                 let size = r.u64()?;
                 let splitter_id = r.u64()?;
                 let volume = r.text()?;
+                let session = if r.remaining() == 0 { 0 } else { r.u64()? };
                 Message::Hello {
                     volume,
                     size,
                     splitter_id,
+                    session,
                 }
             }
             kind::WRITE => {
@@ -295,9 +327,16 @@ impl Message {
             kind::FLUSH => Message::Flush {
                 source_seq: r.u64()?,
             },
-            kind::RESYNC_START => Message::ResyncStart {
-                source_seq: r.u64()?,
-            },
+            kind::RESYNC_START => {
+                let source_seq = r.u64()?;
+                // A ResyncStart from before the marking time: nothing is known about marking.
+                let marking_since_ns = if r.remaining() == 0 { 0 } else { r.u64()? };
+                Message::ResyncStart {
+                    source_seq,
+                    marking_since_ns,
+                }
+            }
+            kind::HEARTBEAT => Message::Heartbeat,
             kind::RESYNC_END => Message::ResyncEnd {
                 source_seq: r.u64()?,
             },
@@ -472,11 +511,14 @@ mod tests {
 
     fn any_message() -> impl Strategy<Value = Message> {
         prop_oneof![
-            ("[a-z0-9]{1,20}", any::<u64>(), any::<u64>()).prop_map(|(v, s, i)| Message::Hello {
-                volume: v,
-                size: s,
-                splitter_id: i
-            }),
+            ("[a-z0-9]{1,20}", any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
+                |(v, s, i, n)| Message::Hello {
+                    volume: v,
+                    size: s,
+                    splitter_id: i,
+                    session: n
+                }
+            ),
             (
                 any::<u64>(),
                 any::<u64>(),
@@ -498,7 +540,11 @@ mod tests {
                 length: l
             }),
             any::<u64>().prop_map(|s| Message::Flush { source_seq: s }),
-            any::<u64>().prop_map(|s| Message::ResyncStart { source_seq: s }),
+            (any::<u64>(), any::<u64>()).prop_map(|(s, m)| Message::ResyncStart {
+                source_seq: s,
+                marking_since_ns: m
+            }),
+            Just(Message::Heartbeat),
             any::<u64>().prop_map(|s| Message::ResyncEnd { source_seq: s }),
             (any::<u32>(), any::<u64>(), any::<bool>()).prop_map(|(v, s, d)| Message::Welcome {
                 volume_id: v,
@@ -577,6 +623,39 @@ mod tests {
         );
         let unknown_flag = [&old[..], &2u32.to_le_bytes()].concat();
         assert!(Message::decode(kind::WELCOME, BytesMut::from(&unknown_flag[..])).is_err());
+    }
+
+    #[test]
+    fn golden_heartbeat_hello_and_resync_start_with_old_bodies() {
+        let f = Message::Heartbeat.encode();
+        assert_eq!(&f.header[0..12], b"CDPL\x01\x00\x09\x00\x00\x00\x00\x00");
+        let f = Message::ResyncStart {
+            source_seq: 4,
+            marking_since_ns: 5,
+        }
+        .encode();
+        assert_eq!(
+            f.fixed,
+            [&4u64.to_le_bytes()[..], &5u64.to_le_bytes()].concat()
+        );
+        let old = 4u64.to_le_bytes();
+        assert_eq!(
+            Message::decode(kind::RESYNC_START, BytesMut::from(&old[..])).unwrap(),
+            Message::ResyncStart {
+                source_seq: 4,
+                marking_since_ns: 0
+            }
+        );
+        let old_hello = [&8u64.to_le_bytes()[..], &9u64.to_le_bytes(), &[1, 0], b"v"].concat();
+        assert_eq!(
+            Message::decode(kind::HELLO, BytesMut::from(&old_hello[..])).unwrap(),
+            Message::Hello {
+                volume: "v".into(),
+                size: 8,
+                splitter_id: 9,
+                session: 0
+            }
+        );
     }
 
     #[test]
