@@ -6,8 +6,10 @@ mod group;
 mod image;
 mod image_export;
 mod journal;
+mod packaging;
 mod point;
 mod restore;
+mod service_notify;
 mod status;
 mod timeline;
 mod tls;
@@ -19,7 +21,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// Continuous data protection for block volumes: an NBD write-splitter, a journaling
 /// appliance, and any-point-in-time recovery.
@@ -95,6 +97,10 @@ enum Command {
         #[command(subcommand)]
         command: journal::JournalCommand,
     },
+    /// Print a shell completion script (bash, zsh, fish, ...).
+    Completions(packaging::CompletionsArgs),
+    /// Write man pages: one per command and subcommand (`cdp.1`, `cdp-image.1`, ...).
+    Man(packaging::ManArgs),
 }
 
 /// Entry point used by the `cdp` binary.
@@ -139,14 +145,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("reading {}", config.display()))?;
             let config = cdp_appliance::ApplianceConfig::from_toml(&text)
                 .with_context(|| format!("in {}", config.display()))?;
-            runtime()?.block_on(cdp_appliance::run(config, stop_signal()))?;
+            runtime()?.block_on(cdp_appliance::run_with_ready(
+                config,
+                stop_signal_notified(),
+                || service_notify::notify_logged(service_notify::READY),
+            ))?;
         }
         Command::Splitter { config } => {
             let text = std::fs::read_to_string(&config)
                 .with_context(|| format!("reading {}", config.display()))?;
             let config = cdp_splitter::SplitterConfig::from_toml(&text)
                 .with_context(|| format!("in {}", config.display()))?;
-            runtime()?.block_on(cdp_splitter::run(config, stop_signal()))?;
+            runtime()?.block_on(cdp_splitter::run_with_ready(
+                config,
+                stop_signal_notified(),
+                || service_notify::notify_logged(service_notify::READY),
+            ))?;
         }
         Command::Status(args) => status::run(args)?,
         Command::Bookmark { command } => bookmark::run(command)?,
@@ -157,8 +171,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Volume { command } => volume::run(command)?,
         Command::Group { command } => group::run(command)?,
         Command::Tls { command } => tls::run(command)?,
+        Command::Completions(args) => packaging::completions(args, Cli::command())?,
+        Command::Man(args) => packaging::man(args, Cli::command())?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `stop_signal`, then tells a service manager (`Type=notify`) that the clean stop began.
+async fn stop_signal_notified() {
+    stop_signal().await;
+    service_notify::notify_logged(service_notify::STOPPING);
 }
 
 /// Completes on SIGINT or SIGTERM.
