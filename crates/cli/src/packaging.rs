@@ -79,3 +79,87 @@ fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
         _ => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The example configs the package installs (`packaging/examples/`) are checked against
+    //! the config structs: as shipped they load (`from_toml`, sanitize included); with every
+    //! `#key = value` / `#[table]` line uncommented they still deserialize (so every key
+    //! shown exists and its example value has the right type); and every key the struct
+    //! serializes is shown, so a new key without an example line fails here.
+
+    use std::collections::BTreeSet;
+
+    const APPLIANCE: &str = include_str!("../../../packaging/examples/appliance.toml");
+    const SPLITTER: &str = include_str!("../../../packaging/examples/splitter.toml");
+
+    /// Every line that is a commented-out setting or table (`#` followed by no space).
+    fn uncommented(text: &str) -> String {
+        text.lines()
+            .map(|line| match line.strip_prefix('#') {
+                Some(rest) if !rest.is_empty() && !rest.starts_with([' ', '#']) => rest,
+                _ => line,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Dotted paths of every key in `value` (arrays of tables merged under one path).
+    fn key_paths(value: &toml::Value, prefix: &str, out: &mut BTreeSet<String>) {
+        match value {
+            toml::Value::Table(table) => {
+                for (key, v) in table {
+                    let path = if prefix.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{prefix}.{key}")
+                    };
+                    out.insert(path.clone());
+                    key_paths(v, &path, out);
+                }
+            }
+            toml::Value::Array(items) => {
+                for item in items {
+                    key_paths(item, prefix, out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Asserts that every key `full` serializes back to is shown in the example.
+    fn assert_every_key_shown<T: serde::Serialize>(full: &T, example: &str, name: &str) {
+        let shown: toml::Value = toml::from_str(&uncommented(example)).unwrap();
+        let mut shown_keys = BTreeSet::new();
+        key_paths(&shown, "", &mut shown_keys);
+        let serialized = toml::Value::try_from(full).unwrap();
+        let mut serialized_keys = BTreeSet::new();
+        key_paths(&serialized, "", &mut serialized_keys);
+        let missing: Vec<_> = serialized_keys.difference(&shown_keys).collect();
+        assert!(
+            missing.is_empty(),
+            "packaging/examples/{name} lacks an example line for {missing:?}"
+        );
+    }
+
+    #[test]
+    fn appliance_example_loads_and_shows_every_key() {
+        let config = cdp_appliance::ApplianceConfig::from_toml(APPLIANCE)
+            .unwrap_or_else(|e| panic!("appliance.toml as shipped: {e}"));
+        assert_eq!(config.group.len(), 1);
+        let full: cdp_appliance::ApplianceConfig = toml::from_str(&uncommented(APPLIANCE))
+            .unwrap_or_else(|e| panic!("appliance.toml with every key uncommented: {e}"));
+        assert!(full.group[0].remote.is_some() && full.group[0].consolidation.is_some());
+        assert_every_key_shown(&full, APPLIANCE, "appliance.toml");
+    }
+
+    #[test]
+    fn splitter_example_loads_and_shows_every_key() {
+        let config = cdp_splitter::SplitterConfig::from_toml(SPLITTER)
+            .unwrap_or_else(|e| panic!("splitter.toml as shipped: {e}"));
+        assert_eq!(config.volume.len(), 1);
+        let full: cdp_splitter::SplitterConfig = toml::from_str(&uncommented(SPLITTER))
+            .unwrap_or_else(|e| panic!("splitter.toml with every key uncommented: {e}"));
+        assert_every_key_shown(&full, SPLITTER, "splitter.toml");
+    }
+}
