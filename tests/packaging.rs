@@ -362,10 +362,18 @@ fn deb_installs_and_its_units_serve() {
         let example =
             std::fs::read_to_string(Path::new("/usr/share/doc/cdp/examples").join(name)).unwrap();
         // Only the unix NBD socket: a fixed TCP port could collide with other tests.
-        let config = example.replace("site1", &instance).replace(
+        let mut config = example.replace("site1", &instance).replace(
             "nbd_tcp = \"127.0.0.1:10809\"",
             "#nbd_tcp = \"127.0.0.1:10809\"",
         );
+        // The appliance logs JSON, the splitter the default text; both are checked below.
+        if name == "appliance.toml" {
+            assert!(
+                config.contains("#log_format = \"text\""),
+                "{name} shows no log_format"
+            );
+            config = config.replace("#log_format = \"text\"", "log_format = \"json\"");
+        }
         std::fs::write(etc.join(name), config).unwrap();
     }
     let state = Path::new("/var/lib/cdp").join(&instance);
@@ -415,6 +423,7 @@ fn deb_installs_and_its_units_serve() {
         stop_like_systemd(splitter, &splitter_notify, &splitter_log);
         let appliance = cleanup.children.pop().unwrap();
         stop_like_systemd(appliance, &appliance_notify, &appliance_log);
+        check_log_formats(&appliance_log, &splitter_log);
     }
 
     // Removal takes the binary and units away and leaves configs and data alone.
@@ -456,4 +465,40 @@ fn check_serving(instance: &str, state: &Path) {
         group["durable_seq"].as_u64().is_some_and(|s| s > 0),
         "the flushed write is not durable in the journal: {status:#}"
     );
+}
+
+/// `log_format = "json"` (the appliance): every line one JSON object with a level and a
+/// message, the group named where a line is about one. The default (the splitter): text,
+/// every line with a level and no Rust debug structs.
+fn check_log_formats(appliance_log: &Path, splitter_log: &Path) {
+    let text = std::fs::read_to_string(appliance_log).unwrap();
+    let mut named_group = false;
+    for line in text.lines() {
+        let value: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("appliance log line is not JSON ({e}): {line}"));
+        assert!(value["level"].is_string(), "no level: {line}");
+        let message = value["fields"]["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no message: {line}"));
+        named_group |=
+            value["fields"]["group"] == "default" && message.starts_with("journal opened: ");
+    }
+    assert!(
+        named_group,
+        "no `journal opened: ...` line naming group default:\n{text}"
+    );
+    let text = std::fs::read_to_string(splitter_log).unwrap();
+    assert!(text.contains("splitter ready"), "{text}");
+    for line in text.lines() {
+        assert!(
+            [" INFO ", " WARN ", " ERROR ", " DEBUG "]
+                .iter()
+                .any(|l| line.contains(l)),
+            "splitter log line is not text: {line}"
+        );
+        assert!(
+            !line.contains(" { "),
+            "Rust debug struct in a log line: {line}"
+        );
+    }
 }

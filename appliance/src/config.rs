@@ -17,6 +17,9 @@ pub struct ApplianceConfig {
     pub data_dir: PathBuf,
     /// Where splitters connect: `unix:PATH` or `HOST:PORT`.
     pub link_listen: Endpoint,
+    /// Log lines as readable `text` (default) or `json`, one object per line.
+    #[serde(default)]
+    pub log_format: cdp_types::LogFormat,
     /// Unix socket for `cdp status` and other control commands. Default `DATA_DIR/appliance.ctl`.
     #[serde(default)]
     pub control: Option<PathBuf>,

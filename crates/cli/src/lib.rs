@@ -6,6 +6,7 @@ mod group;
 mod image;
 mod image_export;
 mod journal;
+mod logging;
 mod packaging;
 mod point;
 mod restore;
@@ -106,7 +107,12 @@ enum Command {
 /// Entry point used by the `cdp` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    logging::init(match &cli.command {
+        Command::Appliance { config } | Command::Splitter { config } => {
+            logging::format_of_config(config)
+        }
+        _ => cdp_types::LogFormat::Text,
+    });
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -114,18 +120,6 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CDP_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour codes only help a terminal; in log files they are noise.
-        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
-        .init();
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
