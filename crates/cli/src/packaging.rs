@@ -28,6 +28,67 @@ pub struct ManArgs {
     dir: Option<PathBuf>,
 }
 
+/// The commented example configs the package installs (every key, its default, one line on
+/// what it does), written for an instance under `/var/lib/cdp/site1`.
+pub const APPLIANCE_EXAMPLE: &str = include_str!("../../../packaging/examples/appliance.toml");
+pub const SPLITTER_EXAMPLE: &str = include_str!("../../../packaging/examples/splitter.toml");
+
+/// The example configs for one directory laid out like `/var/lib/cdp/NAME` (what `cdp up`
+/// writes): the examples with their paths under `dir`, and the volume, size and NBD address.
+pub struct ExampleInstance<'a> {
+    pub dir: &'a Path,
+    pub volume: &'a str,
+    pub size: u64,
+    pub nbd_tcp: &'a str,
+}
+
+impl ExampleInstance<'_> {
+    pub fn appliance_toml(&self) -> String {
+        self.render(APPLIANCE_EXAMPLE)
+    }
+
+    pub fn splitter_toml(&self) -> String {
+        self.render(SPLITTER_EXAMPLE)
+    }
+
+    fn render(&self, example: &str) -> String {
+        // The first paragraph tells how to install the example; the rest is the config.
+        let body = example.split_once("\n\n").map_or(example, |(_, body)| body);
+        // Placeholders first, so a directory containing "vol0" or a volume named "site1"
+        // is never rewritten by the other replacement.
+        let body = body
+            .replace("/var/lib/cdp/site1", "\0DIR\0")
+            .replace("/etc/cdp/site1", "\0DIR\0")
+            .replace("vol0", "\0VOLUME\0")
+            .replace("size = 1073741824", &format!("size = {}", self.size))
+            .replace(
+                "nbd_tcp = \"127.0.0.1:10809\"",
+                &format!("nbd_tcp = \"{}\"", toml_escaped(self.nbd_tcp)),
+            );
+        let body = body
+            .replace("\0DIR\0", &toml_escaped(&self.dir.display().to_string()))
+            .replace("\0VOLUME\0", &toml_escaped(self.volume));
+        format!(
+            "# Written by `cdp up`; edit freely, it is reused on the next run. Keys shown as\n\
+             # `#key = value` are optional and show their default; remove the `#` to change one.\n\n{body}"
+        )
+    }
+}
+
+/// `text` escaped for the inside of a TOML basic string (`"..."`).
+fn toml_escaped(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Prints the completion script for `args.shell` on stdout.
 pub fn completions(args: CompletionsArgs, mut cmd: Command) -> anyhow::Result<()> {
     let name = cmd.get_name().to_string();
@@ -90,8 +151,8 @@ mod tests {
 
     use std::collections::BTreeSet;
 
-    const APPLIANCE: &str = include_str!("../../../packaging/examples/appliance.toml");
-    const SPLITTER: &str = include_str!("../../../packaging/examples/splitter.toml");
+    use super::{ExampleInstance, APPLIANCE_EXAMPLE as APPLIANCE, SPLITTER_EXAMPLE as SPLITTER};
+    use std::path::Path;
 
     /// Every line that is a commented-out setting or table (`#` followed by no space).
     fn uncommented(text: &str) -> String {
@@ -161,5 +222,49 @@ mod tests {
         let full: cdp_splitter::SplitterConfig = toml::from_str(&uncommented(SPLITTER))
             .unwrap_or_else(|e| panic!("splitter.toml with every key uncommented: {e}"));
         assert_every_key_shown(&full, SPLITTER, "splitter.toml");
+    }
+
+    /// `cdp up`'s configs: the examples with one directory's paths, loading to exactly the
+    /// paths, volume, size and address asked for, also for a directory that needs escaping
+    /// and contains the example's own volume name.
+    #[test]
+    fn example_instance_renders_loadable_configs() {
+        let dir = Path::new("/tmp/odd \"dir\" \\ vol0");
+        let instance = ExampleInstance {
+            dir,
+            volume: "db01",
+            size: 40960,
+            nbd_tcp: "127.0.0.1:0",
+        };
+        let appliance = cdp_appliance::ApplianceConfig::from_toml(&instance.appliance_toml())
+            .unwrap_or_else(|e| panic!("{e}:\n{}", instance.appliance_toml()));
+        assert_eq!(appliance.data_dir, dir.join("appliance"));
+        assert_eq!(appliance.control_path(), dir.join("appliance.ctl"));
+        assert_eq!(
+            appliance.link_listen.to_string(),
+            format!("unix:{}", dir.join("link.sock").display())
+        );
+        let volume = &appliance.group[0].volume[0];
+        assert_eq!((volume.name.as_str(), volume.size), ("db01", 40960));
+        assert_eq!(volume.replica, dir.join("replica/db01.img"));
+        let splitter = cdp_splitter::SplitterConfig::from_toml(&instance.splitter_toml())
+            .unwrap_or_else(|e| panic!("{e}:\n{}", instance.splitter_toml()));
+        assert_eq!(
+            splitter.nbd_unix.as_deref(),
+            Some(dir.join("nbd.sock").as_path())
+        );
+        assert_eq!(splitter.nbd_tcp.as_deref(), Some("127.0.0.1:0"));
+        assert_eq!(
+            splitter.control.as_deref(),
+            Some(dir.join("splitter.ctl").as_path())
+        );
+        assert_eq!(splitter.volume[0].name, "db01");
+        assert_eq!(splitter.volume[0].path, dir.join("production/db01.img"));
+        assert!(instance
+            .appliance_toml()
+            .starts_with("# Written by `cdp up`"));
+        assert!(instance
+            .appliance_toml()
+            .contains("#journal_capacity_bytes = 8589934592"));
     }
 }

@@ -63,32 +63,19 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             .with_context(|| format!("creating {}", production.display()))?
             .size()
     };
+    // The package's commented examples (every key, its default, what it does), with this
+    // directory's paths: `cdp up`'s layout is an instance's under /var/lib/cdp.
+    let example = crate::packaging::ExampleInstance {
+        dir: &dir,
+        volume: &args.name,
+        size,
+        nbd_tcp: &args.nbd_tcp,
+    };
     if !appliance_toml.exists() {
-        let text = format!(
-            "# Written by `cdp up`; edit freely, it is reused on the next run.\n\
-             data_dir = {data:?}\nlink_listen = \"unix:{link}\"\ncontrol = {control:?}\n\n\
-             [[group]]\nname = \"default\"\n\n[[group.volume]]\nname = {name:?}\nsize = {size}\nreplica = {replica:?}\n",
-            data = dir.join("appliance").display().to_string(),
-            link = dir.join("link.sock").display(),
-            control = control.display().to_string(),
-            name = args.name,
-            replica = replica.display().to_string(),
-        );
-        std::fs::write(&appliance_toml, text)?;
+        std::fs::write(&appliance_toml, example.appliance_toml())?;
     }
     if !splitter_toml.exists() {
-        let text = format!(
-            "# Written by `cdp up`; edit freely, it is reused on the next run.\n\
-             appliance = \"unix:{link}\"\nnbd_unix = {sock:?}\nnbd_tcp = {tcp:?}\ncontrol = {ctl:?}\n\n\
-             [[volume]]\nname = {name:?}\npath = {prod:?}\n",
-            link = dir.join("link.sock").display(),
-            sock = nbd_sock.display().to_string(),
-            tcp = args.nbd_tcp,
-            ctl = dir.join("splitter.ctl").display().to_string(),
-            name = args.name,
-            prod = production.display().to_string(),
-        );
-        std::fs::write(&splitter_toml, text)?;
+        std::fs::write(&splitter_toml, example.splitter_toml())?;
     }
 
     let exe = std::env::current_exe().context("locating the cdp binary")?;
