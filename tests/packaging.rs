@@ -15,7 +15,8 @@
 //! container), so neither `systemctl` nor `systemd-run` can start anything; the test then
 //! does what systemd would do: it reads `ExecStart=` and `Environment=` from the installed
 //! unit file, expands `%i`, creates the `StateDirectory`, and runs the command with `UMask=`'s
-//! mask and `NOTIFY_SOCKET` pointing at a datagram socket the test listens on. It checks
+//! mask, `NoNewPrivileges`, an empty capability bounding set (as `CapabilityBoundingSet=`)
+//! and `NOTIFY_SOCKET` pointing at a datagram socket the test listens on. It checks
 //! that READY=1 arrives and that the service really serves at that instant (no polling after
 //! it): once the appliance is ready, `cdp status` answers; once the splitter is ready, a host
 //! (qemu-io) writes, flushes and reads back over the installed unix NBD socket and status
@@ -190,15 +191,34 @@ fn start_like_systemd(unit: &str, instance: &str, notify: &NotifySocket, log: &P
         .stdin(Stdio::null())
         .stdout(log_file.try_clone().unwrap())
         .stderr(log_file);
-    // UMask=0077, as the units say.
+    // As the units say: UMask=0077, NoNewPrivileges=yes, and CapabilityBoundingSet= empty
+    // (root, but with no capability left after exec), so the run proves the services need
+    // none. Only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
             libc::umask(0o077);
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Capabilities above the kernel's last one give EINVAL; they do not exist.
+            for cap in 0..64 {
+                libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0);
+            }
             Ok(())
         });
     }
-    cmd.spawn()
-        .unwrap_or_else(|e| panic!("starting {unit}'s ExecStart {exec:?}: {e}"))
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {unit}'s ExecStart {exec:?}: {e}"));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    for set in ["CapEff:", "CapBnd:"] {
+        let line = status.lines().find(|l| l.starts_with(set)).unwrap();
+        assert!(
+            line.ends_with("0000000000000000"),
+            "{unit} runs with {line}"
+        );
+    }
+    child
 }
 
 /// SIGTERM, then STOPPING=1 and a successful exit within the deadline.
