@@ -23,6 +23,9 @@ pub struct ApplianceConfig {
     /// recoverable) until its splitter is back. Default 5000, 200..=600000.
     #[serde(default = "link_deadline_ms_default")]
     pub link_deadline_ms: u64,
+    /// Log lines as readable `text` (default) or `json`, one object per line.
+    #[serde(default)]
+    pub log_format: cdp_types::LogFormat,
     /// Unix socket for `cdp status` and other control commands. Default `DATA_DIR/appliance.ctl`.
     #[serde(default)]
     pub control: Option<PathBuf>,

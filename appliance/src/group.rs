@@ -280,7 +280,7 @@ impl Group {
         journal_config.compress_writes = config.journal_compress;
         let (journal, report) =
             Journal::open(&dir.join("journal"), meta.group_id, journal_config.clone())?;
-        tracing::info!(group = %config.name, ?report, "journal opened");
+        tracing::info!(group = %config.name, "journal opened: {report}");
         let journal = Arc::new(journal);
         let dist_path = dir.join("distribution.state");
         let distributed = distribution_state::load(&dist_path)?;
@@ -295,7 +295,7 @@ impl Group {
             meta.group_id ^ UNDO_STREAM_ID_SALT,
             undo_config,
         )?;
-        tracing::info!(group = %config.name, report = ?undo_report, "undo stream opened");
+        tracing::info!(group = %config.name, "undo stream opened: {undo_report}");
         let undo = Arc::new(undo);
         let history = rebuild_history(&journal, &undo)?;
         let consolidation_state =
@@ -307,7 +307,7 @@ impl Group {
         {
             exact_from = Seq(u64::MAX);
         }
-        tracing::info!(group = %config.name, stats = ?history.stats(), "history index rebuilt");
+        tracing::info!(group = %config.name, "history index rebuilt: {}", history.stats());
 
         let mut volumes = BTreeMap::new();
         for v in &config.volume {

@@ -205,6 +205,17 @@ pub struct HistoryStats {
     pub index_entries: u64,
 }
 
+/// For log lines: `120 redo records, 80 undo records, 200 index entries`.
+impl std::fmt::Display for HistoryStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} redo records, {} undo records, {} index entries",
+            self.redo_records, self.undo_records, self.index_entries
+        )
+    }
+}
+
 impl History {
     /// An empty index whose next redo record is `redo_next` and next undo record `undo_next`.
     pub fn new(redo_next: u64, undo_next: u64) -> History {

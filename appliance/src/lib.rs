@@ -40,6 +40,16 @@ pub async fn run(
     config: ApplianceConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ApplianceError> {
+    run_with_ready(config, shutdown, || {}).await
+}
+
+/// `run`, calling `ready` once every listener (split link, control, images) is bound and
+/// served: the moment a service manager may start what depends on the appliance.
+pub async fn run_with_ready(
+    config: ApplianceConfig,
+    shutdown: impl Future<Output = ()> + Send,
+    ready: impl FnOnce() + Send,
+) -> Result<(), ApplianceError> {
     std::fs::create_dir_all(&config.data_dir)?;
     // appliance.toml's groups with the ones created and changed at runtime (managed.toml).
     let groups = Arc::new(Groups::open(&config)?);
@@ -90,6 +100,7 @@ pub async fn run(
     let link_deadline = std::time::Duration::from_millis(config.link_deadline_ms);
     let mut links = tokio::task::JoinSet::new();
     let limit = Arc::new(Semaphore::new(LINK_CONNECTIONS_MAX));
+    ready();
     tokio::pin!(shutdown);
     loop {
         let Ok(permit) = Arc::clone(&limit).acquire_owned().await else {

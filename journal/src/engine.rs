@@ -202,10 +202,12 @@ impl Journal {
         }
         let active = segments[segments.len() - 1].clone();
         let last_seq = recovered.next_seq - 1;
+        // The journal does not know its group; its directory (groups/NAME/journal) names it.
+        // A clean open is the caller's to announce with the group's name (debug here).
         if report.tail_cut.is_some() {
-            tracing::warn!(?report, "journal recovered with a cut tail");
+            tracing::warn!(dir = %jdir.display(), "journal recovered with a cut tail: {report}");
         } else {
-            tracing::info!(?report, "journal opened");
+            tracing::debug!(dir = %jdir.display(), "journal opened: {report}");
         }
         let inner = Inner {
             dir: jdir,

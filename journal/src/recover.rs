@@ -52,6 +52,43 @@ pub struct RecoveryReport {
     pub removed_segments: usize,
 }
 
+/// One line for people, e.g. `3 segments, 1200 records, last seq 1200, 8192 bytes cut at
+/// /d/journal/00000003.seg offset 4096 (bad record CRC)`; log lines use this, not `Debug`.
+impl std::fmt::Display for RecoveryReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let plural = |n: u64| if n == 1 { "" } else { "s" };
+        write!(
+            f,
+            "{} segment{}, {} record{}, last seq {}",
+            self.segments,
+            plural(self.segments as u64),
+            self.records,
+            plural(self.records),
+            self.last_seq
+        )?;
+        if self.truncated_bytes > 0 {
+            write!(f, ", {} bytes cut", self.truncated_bytes)?;
+        }
+        if let Some(cut) = &self.tail_cut {
+            write!(
+                f,
+                " at {} offset {} ({})",
+                cut.path.display(),
+                cut.offset,
+                cut.what
+            )?;
+        }
+        if self.removed_segments > 0 {
+            write!(
+                f,
+                ", {} half-created segments removed",
+                self.removed_segments
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// The outcome of recovery, ready for the engine.
 pub struct Recovered {
     /// Every segment in index order; the last one is the one to append to. Empty for a

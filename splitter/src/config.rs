@@ -17,6 +17,9 @@ pub const HANDSHAKE_TIMEOUT_S_DEFAULT: u64 = 60;
 pub struct SplitterConfig {
     /// Where the appliance accepts split links: `unix:PATH` or `HOST:PORT`.
     pub appliance: Endpoint,
+    /// Log lines as readable `text` (default) or `json`, one object per line.
+    #[serde(default)]
+    pub log_format: cdp_types::LogFormat,
     /// NBD over a unix socket at this path. Optional.
     #[serde(default)]
     pub nbd_unix: Option<PathBuf>,

@@ -29,6 +29,16 @@ pub async fn run(
     config: SplitterConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), SplitterError> {
+    run_with_ready(config, shutdown, || {}).await
+}
+
+/// `run`, calling `ready` once every volume is connected and every NBD listener and the
+/// control socket are served: the moment hosts may attach.
+pub async fn run_with_ready(
+    config: SplitterConfig,
+    shutdown: impl Future<Output = ()> + Send,
+    ready: impl FnOnce() + Send,
+) -> Result<(), SplitterError> {
     let managed_path = config.managed_volumes_path();
     let managed = match &managed_path {
         Some(path) => ManagedVolumes::load(path)?,
@@ -103,6 +113,7 @@ pub async fn run(
         });
     }
     tracing::info!(volumes = served.list().len(), "splitter ready");
+    ready();
 
     tokio::select! {
         () = &mut shutdown => {}

@@ -9,9 +9,12 @@ mod group;
 mod image;
 mod image_export;
 mod journal;
+mod logging;
+mod packaging;
 mod permissions;
 mod point;
 mod restore;
+mod service_notify;
 mod status;
 mod timeline;
 mod tls;
@@ -23,7 +26,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// Continuous data protection for block volumes: an NBD write-splitter, a journaling
 /// appliance, and any-point-in-time recovery.
@@ -104,6 +107,10 @@ enum Command {
         #[command(subcommand)]
         command: journal::JournalCommand,
     },
+    /// Print a shell completion script (bash, zsh, fish, ...).
+    Completions(packaging::CompletionsArgs),
+    /// Write man pages: one per command and subcommand (`cdp.1`, `cdp-image.1`, ...).
+    Man(packaging::ManArgs),
 }
 
 /// Entry point used by the `cdp` binary.
@@ -124,23 +131,16 @@ pub fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     output::set_json(cli.json);
-    init_logging();
+    logging::init(match &cli.command {
+        Command::Appliance { config } | Command::Splitter { config } => {
+            logging::format_of_config(config)
+        }
+        _ => cdp_types::LogFormat::Text,
+    });
     match run(cli) {
         Ok(code) => code,
         Err(e) => output::report_error(&e, json),
     }
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CDP_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour codes only help a terminal; in log files they are noise.
-        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
-        .init();
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -162,7 +162,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = cdp_appliance::ApplianceConfig::from_toml(&text)
                 .with_context(|| format!("in {}", config.display()))?;
             permissions::warn_if_open(&config.data_dir);
-            runtime()?.block_on(cdp_appliance::run(config, stop_signal()))?;
+            runtime()?.block_on(cdp_appliance::run_with_ready(
+                config,
+                stop_signal_notified(),
+                || service_notify::notify_logged(service_notify::READY),
+            ))?;
         }
         Command::Splitter { config } => {
             restrict_new_files();
@@ -170,7 +174,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("reading {}", config.display()))?;
             let config = cdp_splitter::SplitterConfig::from_toml(&text)
                 .with_context(|| format!("in {}", config.display()))?;
-            runtime()?.block_on(cdp_splitter::run(config, stop_signal()))?;
+            runtime()?.block_on(cdp_splitter::run_with_ready(
+                config,
+                stop_signal_notified(),
+                || service_notify::notify_logged(service_notify::READY),
+            ))?;
         }
         Command::Status(args) => status::run(args)?,
         Command::Bookmark { command } => bookmark::run(command)?,
@@ -181,6 +189,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Volume { command } => volume::run(command)?,
         Command::Group { command } => group::run(command)?,
         Command::Tls { command } => tls::run(command)?,
+        Command::Completions(args) => packaging::completions(args, Cli::command())?,
+        Command::Man(args) => packaging::man(args, Cli::command())?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -192,6 +202,12 @@ fn restrict_new_files() {
     unsafe {
         libc::umask(0o077);
     }
+}
+
+/// `stop_signal`, then tells a service manager (`Type=notify`) that the clean stop began.
+async fn stop_signal_notified() {
+    stop_signal().await;
+    service_notify::notify_logged(service_notify::STOPPING);
 }
 
 /// Completes on SIGINT or SIGTERM.

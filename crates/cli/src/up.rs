@@ -214,13 +214,18 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir.join("logs"))?;
 
     let size = prepare_production(&layout, args.size)?;
+    // The package's commented examples (every key, its default, what it does), with this
+    // directory's paths: `cdp up`'s layout is an instance's under /var/lib/cdp.
+    let example = crate::packaging::ExampleInstance {
+        dir: &dir,
+        volume: &args.name,
+        size,
+        nbd_tcp: args.nbd_tcp.as_deref().unwrap_or(NBD_TCP_DEFAULT),
+    };
     if !layout.appliance_toml.exists() {
-        write_new(
-            &layout.appliance_toml,
-            &appliance_toml(&layout, &args.name, size),
-        )?;
+        write_new(&layout.appliance_toml, &example.appliance_toml())?;
     }
-    let nbd_tcp = prepare_splitter_toml(&layout, &args)?;
+    let nbd_tcp = prepare_splitter_toml(&layout, &args, &example)?;
     check_tcp_free(&nbd_tcp)?;
 
     let exe = std::env::current_exe().context("locating the cdp binary")?;
@@ -339,35 +344,17 @@ fn prepare_production(layout: &Layout, size: u64) -> anyhow::Result<u64> {
     )
 }
 
-fn appliance_toml(layout: &Layout, name: &str, size: u64) -> String {
-    format!(
-        "# Written by `cdp up`; edit freely, it is reused on the next run.\n\
-         data_dir = {data:?}\nlink_listen = \"unix:{link}\"\ncontrol = {control:?}\n\n\
-         [[group]]\nname = \"default\"\n\n[[group.volume]]\nname = {name:?}\nsize = {size}\nreplica = {replica:?}\n",
-        data = layout.dir.join("appliance").display().to_string(),
-        link = layout.dir.join("link.sock").display(),
-        control = layout.control.display().to_string(),
-        replica = layout.replica.display().to_string(),
-    )
-}
-
 /// Writes splitter.toml for a new directory, or applies `--nbd-tcp` to an existing one.
 /// Returns the TCP address the splitter will really listen on.
-fn prepare_splitter_toml(layout: &Layout, args: &UpArgs) -> anyhow::Result<String> {
+fn prepare_splitter_toml(
+    layout: &Layout,
+    args: &UpArgs,
+    example: &crate::packaging::ExampleInstance<'_>,
+) -> anyhow::Result<String> {
     let path = &layout.splitter_toml;
     if !path.exists() {
         let tcp = args.nbd_tcp.as_deref().unwrap_or(NBD_TCP_DEFAULT);
-        let text = format!(
-            "# Written by `cdp up`; edit freely, it is reused on the next run.\n\
-             appliance = \"unix:{link}\"\nnbd_unix = {sock:?}\nnbd_tcp = {tcp:?}\ncontrol = {ctl:?}\n\n\
-             [[volume]]\nname = {name:?}\npath = {prod:?}\n",
-            link = layout.dir.join("link.sock").display(),
-            sock = layout.nbd_sock.display().to_string(),
-            ctl = layout.dir.join("splitter.ctl").display().to_string(),
-            name = args.name,
-            prod = layout.production.display().to_string(),
-        );
-        write_new(path, &text)?;
+        write_new(path, &example.splitter_toml())?;
         return Ok(tcp.to_string());
     }
     let text =

@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 
 pub mod block_file;
 pub use block_file::BlockFile;
+pub mod log_format;
+pub use log_format::LogFormat;
 
 /// Errors from parsing user-supplied vocabulary (names, endpoints).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
