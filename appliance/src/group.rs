@@ -14,7 +14,7 @@ mod region_resync;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,6 @@ use cdp_journal::{
     Journal, JournalConfig, Record, RecordIn, RecordKind, RecordLocation, RetentionPolicy,
 };
 use cdp_types::{BlockFile, Seq, TimestampNs};
-use crossbeam::channel;
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -186,7 +185,7 @@ pub struct Group {
     journal: Arc<Journal>,
     /// Changes at runtime (`cdp volume add/remove`); readers take a snapshot.
     volumes: RwLock<BTreeMap<String, Arc<GroupVolume>>>,
-    sync_tx: Mutex<Option<channel::Sender<SyncRequest>>>,
+    sync_tx: Mutex<Option<mpsc::SyncSender<SyncRequest>>>,
     distributed: AtomicU64,
     retention: RetentionPolicy,
     journal_full_policy: JournalFullPolicy,
@@ -210,7 +209,7 @@ pub struct Group {
     /// Bookmarks in the journal, rebuilt by a scan at open (see `bookmark.rs`).
     bookmarks: BookmarkIndex,
     resync_spans: ResyncSpans,
-    distribution_wake: channel::Sender<()>,
+    distribution_wake: mpsc::SyncSender<()>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// Before-images of replica blocks, saved by distribution before it overwrites them.
     undo: Arc<Journal>,
@@ -335,8 +334,8 @@ impl Group {
                 .map(|s| s.saturating_mul(1_000_000_000)),
         };
 
-        let (sync_tx, sync_rx) = channel::bounded(SYNC_REQUESTS_MAX);
-        let (wake_tx, wake_rx) = channel::bounded(1);
+        let (sync_tx, sync_rx) = mpsc::sync_channel(SYNC_REQUESTS_MAX);
+        let (wake_tx, wake_rx) = mpsc::sync_channel(1);
         let group = Arc::new(Group {
             name: config.name.clone(),
             journal,
@@ -606,10 +605,10 @@ impl Group {
                 progress: Arc::clone(progress),
             })
             .map_err(|e| match e {
-                channel::TrySendError::Full(_) => {
+                mpsc::TrySendError::Full(_) => {
                     format!("more than {SYNC_REQUESTS_MAX} flushes outstanding")
                 }
-                channel::TrySendError::Disconnected(_) => "group is stopping".into(),
+                mpsc::TrySendError::Disconnected(_) => "group is stopping".into(),
             })
     }
 
@@ -1262,7 +1261,7 @@ impl Group {
         self.failure.send_replace(Some(what));
     }
 
-    fn sync_loop(&self, rx: channel::Receiver<SyncRequest>, interval: Duration) {
+    fn sync_loop(&self, rx: mpsc::Receiver<SyncRequest>, interval: Duration) {
         let mut requests = Vec::new();
         loop {
             let stopping = match rx.recv_timeout(interval) {
@@ -1271,8 +1270,8 @@ impl Group {
                     requests.extend(rx.try_iter());
                     false
                 }
-                Err(channel::RecvTimeoutError::Timeout) => false,
-                Err(channel::RecvTimeoutError::Disconnected) => true,
+                Err(mpsc::RecvTimeoutError::Timeout) => false,
+                Err(mpsc::RecvTimeoutError::Disconnected) => true,
             };
             if self.failure.borrow().is_some() {
                 requests.clear();
@@ -1302,7 +1301,7 @@ impl Group {
         }
     }
 
-    fn distribute_loop(&self, wake: channel::Receiver<()>) {
+    fn distribute_loop(&self, wake: mpsc::Receiver<()>) {
         lower_thread_priority();
         let mut behind_since: Option<Instant> = None;
         loop {

@@ -67,7 +67,8 @@ impl GroupMeta {
                 format: FORMAT.into(),
                 version: VERSION,
                 name: name.into(),
-                group_id: random_u64(),
+                // One source of randomness for the whole program: `rand` (also the splitter's id).
+                group_id: rand::random(),
                 volumes: BTreeMap::new(),
             },
             Err(e) => return Err(state_err(e.to_string())),
@@ -107,18 +108,6 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ApplianceError>
         fs::File::open(parent)?.sync_all()?;
     }
     Ok(())
-}
-
-fn random_u64() -> u64 {
-    let mut buf = [0u8; 8];
-    // getrandom never fails for 8 bytes on Linux ≥ 3.17; fall back to the clock if it does.
-    // SAFETY: getrandom writes at most buf.len() bytes into buf.
-    let n = unsafe { libc::getrandom(buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
-    if n == buf.len() as isize {
-        u64::from_le_bytes(buf)
-    } else {
-        cdp_types::TimestampNs::now().0
-    }
 }
 
 #[cfg(test)]
