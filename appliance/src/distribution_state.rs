@@ -13,7 +13,7 @@ use std::path::Path;
 use cdp_types::Seq;
 
 use crate::error::ApplianceError;
-use crate::group_meta::write_atomically;
+use crate::state_file::write_atomically;
 
 const MAGIC: [u8; 8] = *b"CDPDIST\0";
 const VERSION: u32 = 1;
@@ -52,7 +52,7 @@ pub fn decode(bytes: &[u8]) -> Result<Seq, String> {
 /// Reads the checkpoint; a missing file means nothing was distributed yet.
 pub fn load(path: &Path) -> Result<Seq, ApplianceError> {
     match std::fs::read(path) {
-        Ok(bytes) => decode(&bytes).map_err(|what| ApplianceError::State {
+        Ok(bytes) => decode(&bytes).map_err(|what| ApplianceError::Corruption {
             path: path.display().to_string(),
             what,
         }),
@@ -62,7 +62,7 @@ pub fn load(path: &Path) -> Result<Seq, ApplianceError> {
 }
 
 pub fn store(path: &Path, distributed: Seq) -> Result<(), ApplianceError> {
-    write_atomically(path, &encode(distributed))
+    Ok(write_atomically(path, &encode(distributed))?)
 }
 
 #[cfg(test)]

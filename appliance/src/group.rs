@@ -195,10 +195,11 @@ pub struct Group {
     /// Set by the last retention pass; a warning is logged once per episode.
     over_capacity: AtomicBool,
     /// Per volume id, the highest source_seq among distributed (hence durable) records.
-    /// Written to `SOURCE_SEQS_FILE` before segments are released, so a reconnecting
+    /// Written to `source_seqs.state` before segments are released, so a reconnecting
     /// splitter is told the right resume point even when its last change was released.
     distributed_source_seqs: Mutex<BTreeMap<u32, u64>>,
-    source_seqs_path: PathBuf,
+    /// The group directory, which holds its state files.
+    dir: PathBuf,
     failure: watch::Sender<Option<String>>,
     stop_distribution: AtomicBool,
     /// Longest distribution waits for the host to pause before it runs regardless.
@@ -294,13 +295,10 @@ impl Group {
         tracing::info!(group = %config.name, report = ?undo_report, "undo stream opened");
         let undo = Arc::new(undo);
         let history = rebuild_history(&journal, &undo)?;
-        let consolidation_state =
-            crate::consolidation::ConsolidationState::load(&dir).map_err(ApplianceError::Config)?;
+        let consolidation_state = crate::consolidation::ConsolidationState::load(&dir)?;
         let mut exact_from = Seq(history.undo_captured_through());
         // A resynchronisation by regions cut short: the replica is a mix, no image reads it.
-        if Group::resync_marker_at_open(&dir, journal.first_seq())
-            .map_err(ApplianceError::Config)?
-        {
+        if Group::resync_marker_at_open(&dir, journal.first_seq())? {
             exact_from = Seq(u64::MAX);
         }
         tracing::info!(group = %config.name, stats = ?history.stats(), "history index rebuilt");
@@ -308,12 +306,11 @@ impl Group {
         let mut volumes = BTreeMap::new();
         for v in &config.volume {
             let id = meta.volumes.get(&v.name).copied().ok_or_else(|| {
-                ApplianceError::Config(format!("volume {} has no id in group.json", v.name))
+                ApplianceError::Config(format!("volume {} has no id in group.state", v.name))
             })?;
             volumes.insert(v.name.clone(), Arc::new(open_volume(v, id)?));
         }
-        let source_seqs_path = dir.join(SOURCE_SEQS_FILE);
-        let released_source_seqs = load_source_seqs(&source_seqs_path)?;
+        let released_source_seqs = crate::state_file::load_source_seqs(&dir)?;
         recover_last_source_seqs(&journal, &volumes)?;
         let bookmarks = BookmarkIndex::rebuild(&journal)?;
         let resync_spans = ResyncSpans::rebuild(&journal)?;
@@ -347,7 +344,7 @@ impl Group {
             held_by_images: AtomicBool::new(false),
             over_capacity: AtomicBool::new(false),
             distributed_source_seqs: Mutex::new(distributed_source_seqs),
-            source_seqs_path,
+            dir: dir.clone(),
             failure: watch::Sender::new(None),
             stop_distribution: AtomicBool::new(false),
             distribution_delay_max,
@@ -404,7 +401,7 @@ impl Group {
     }
 
     /// Adds a volume to the running group (`cdp volume add`). It gets a new id in
-    /// `group.json`, or its old one if it belonged to the group before: ids are never reused,
+    /// `group.state`, or its old one if it belonged to the group before: ids are never reused,
     /// and the journal may still hold its records, so its resume point is recovered as at
     /// start-up. Reads the journal backwards: call from a blocking thread.
     pub fn add_volume(&self, config: &VolumeConfig) -> Result<Arc<GroupVolume>, String> {
@@ -424,11 +421,11 @@ impl Group {
             .volumes
             .get(&config.name)
             .copied()
-            .ok_or_else(|| format!("volume {} has no id in group.json", config.name))?;
+            .ok_or_else(|| format!("volume {} has no id in group.state", config.name))?;
         let volume = Arc::new(open_volume(config, id).map_err(|e| e.to_string())?);
         let single = BTreeMap::from([(config.name.clone(), Arc::clone(&volume))]);
         recover_last_source_seqs(&self.journal, &single).map_err(|e| e.to_string())?;
-        let released = load_source_seqs(&self.source_seqs_path)
+        let released = crate::state_file::load_source_seqs(&self.dir)
             .map_err(|e| e.to_string())?
             .get(&id)
             .copied()
@@ -1630,8 +1627,7 @@ impl Group {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let text = serde_json::to_vec(&seqs).map_err(std::io::Error::other)?;
-        crate::group_meta::write_atomically(&self.source_seqs_path, &text)
+        Ok(crate::state_file::store_source_seqs(&self.dir, &seqs)?)
     }
 
     /// Drops index entries and undo segments for history retention released.
@@ -1851,22 +1847,15 @@ const RPO_BYTES_LOOKAHEAD_RECORDS: u64 = 64;
 /// never be read as the other.
 const UNDO_STREAM_ID_SALT: u64 = 0x554e_444f_5354_524d; // "UNDOSTRM"
 
-/// File in the group directory: the seq the undo stream started at. Points below it have
-/// no before-images (the group was distributed before the stream existed).
-const UNDO_FLOOR_FILE: &str = "undo.floor";
-
+/// The seq the undo stream started at (`undo_floor.state`). Points below it have no
+/// before-images (the group was distributed before the stream existed).
 fn load_or_create_undo_floor(dir: &Path, distributed: Seq) -> Result<u64, ApplianceError> {
-    let path = dir.join(UNDO_FLOOR_FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(text) => text
-            .trim()
-            .parse()
-            .map_err(|e| ApplianceError::Config(format!("{}: {e}", path.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            crate::group_meta::write_atomically(&path, distributed.0.to_string().as_bytes())?;
+    match crate::state_file::load_undo_floor(dir)? {
+        Some(floor) => Ok(floor),
+        None => {
+            crate::state_file::store_undo_floor(dir, distributed.0)?;
             Ok(distributed.0)
         }
-        Err(e) => Err(e.into()),
     }
 }
 
@@ -1936,20 +1925,6 @@ const VOLUME_REMOVE_DISTRIBUTION_WAIT: Duration = Duration::from_secs(60);
 
 /// How long removing a volume waits for its splitter's connection to close.
 const VOLUME_REMOVE_DISCONNECT_WAIT: Duration = Duration::from_secs(3);
-
-/// File in the group directory: per volume id, the highest source_seq that retention may
-/// have released from the journal (JSON object).
-const SOURCE_SEQS_FILE: &str = "source_seqs.json";
-
-/// Reads `SOURCE_SEQS_FILE`; absent means nothing was ever released.
-fn load_source_seqs(path: &Path) -> Result<BTreeMap<u32, u64>, ApplianceError> {
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| ApplianceError::Config(format!("{}: {e}", path.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
-        Err(e) => Err(e.into()),
-    }
-}
 
 /// Finds each volume's last splitter source_seq by reading the journal backwards in
 /// segment-sized steps, so a restarted splitter link resumes without gaps or duplicates.

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ApplianceConfig, GroupConfig, VolumeConfig};
 use crate::error::ApplianceError;
-use crate::group_meta::write_atomically;
+use crate::state_file::write_atomically;
 
 /// File name in the data directory.
 pub const MANAGED_FILE: &str = "managed.toml";
@@ -66,10 +66,9 @@ impl ManagedGroups {
     pub fn load(data_dir: &Path) -> Result<ManagedGroups, ApplianceError> {
         let path = Self::path(data_dir);
         match std::fs::read_to_string(&path) {
-            Ok(text) => toml::from_str(&text).map_err(|e| ApplianceError::State {
-                path: path.display().to_string(),
-                what: e.to_string(),
-            }),
+            // An administrator may edit this file, so a parse error is a configuration error.
+            Ok(text) => toml::from_str(&text)
+                .map_err(|e| ApplianceError::Config(format!("{}: {e}", path.display()))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ManagedGroups::default()),
             Err(e) => Err(e.into()),
         }

@@ -242,7 +242,7 @@ impl Group {
             .state_path
             .parent()
             .ok_or_else(|| "the group has no directory".to_string())?;
-        state.store(dir)?;
+        state.store(dir).map_err(|e| e.to_string())?;
         *self
             .consolidation_state
             .write()

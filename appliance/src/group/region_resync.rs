@@ -2,13 +2,12 @@
 //! copy never received, so instead of records it sends the regions whose bytes differ at a
 //! point P; afterwards this copy's history restarts after P.
 //!
-//! Crash safety: before the first region is written, `resync.marker` (holding P) is stored
+//! Crash safety: before the first region is written, `resync_marker.state` (holding P) is stored
 //! and the replica is marked inexact, so no image reads a half-resynchronised replica. The
 //! marker goes only after the journal restarted at P + 1; a restart that finds it with a
 //! journal not yet restarted keeps images refused, and the source, finding the same gap,
 //! resynchronises again (comparing, so only what still differs is sent).
 
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -18,36 +17,26 @@ use super::{lock, Group, ReplicaState};
 use crate::consolidation::ConsolidationState;
 use crate::distribution_state;
 use crate::history::History;
+use crate::state_file::{self, StateFileError, StateKind};
 
-const MARKER_FILE: &str = "resync.marker";
 /// Longest wait for this copy's distribution to apply its journal before a resync compares.
 const RESYNC_DISTRIBUTION_WAIT: Duration = Duration::from_secs(600);
 
 impl Group {
-    fn resync_marker_path(&self) -> Option<PathBuf> {
-        self.state_path.parent().map(|d| d.join(MARKER_FILE))
-    }
-
     /// At open: a resync that did not finish keeps images refused until one does.
     pub(super) fn resync_marker_at_open(
         dir: &std::path::Path,
         journal_first: Seq,
-    ) -> Result<bool, String> {
-        let path = dir.join(MARKER_FILE);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(format!("{}: {e}", path.display())),
+    ) -> Result<bool, StateFileError> {
+        let Some(through) = state_file::load_resync_marker(dir)? else {
+            return Ok(false);
         };
-        let through: u64 = text
-            .trim()
-            .parse()
-            .map_err(|e| format!("{}: {e}", path.display()))?;
         if journal_first.0 == through + 1 {
             // Finished but for removing the marker.
-            std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            state_file::remove(dir, StateKind::ResyncMarker)?;
             return Ok(false);
         }
+        let path = state_file::path(dir, StateKind::ResyncMarker);
         tracing::warn!(path = %path.display(), through, "a resynchronisation by regions did not finish; images stay refused until the source resynchronises this copy again");
         Ok(true)
     }
@@ -63,11 +52,7 @@ impl Group {
             );
         }
         self.distribute_everything(RESYNC_DISTRIBUTION_WAIT)?;
-        let marker = self
-            .resync_marker_path()
-            .ok_or_else(|| "the group has no directory".to_string())?;
-        crate::group_meta::write_atomically(&marker, through.0.to_string().as_bytes())
-            .map_err(|e| format!("storing {}: {e}", marker.display()))?;
+        state_file::store_resync_marker(&self.dir, through.0).map_err(|e| e.to_string())?;
         let mut state = self
             .replica_state
             .write()
@@ -154,7 +139,7 @@ impl Group {
             .parent()
             .ok_or_else(|| "the group has no directory".to_string())?;
         let fresh = ConsolidationState::default();
-        fresh.store(dir)?;
+        fresh.store(dir).map_err(|e| e.to_string())?;
         *self
             .consolidation_state
             .write()
@@ -168,9 +153,7 @@ impl Group {
             exact: true,
             exact_from: through,
         };
-        if let Some(marker) = self.resync_marker_path() {
-            std::fs::remove_file(&marker).map_err(|e| format!("{}: {e}", marker.display()))?;
-        }
+        state_file::remove(&self.dir, StateKind::ResyncMarker).map_err(|e| e.to_string())?;
         Ok(())
     }
 }

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufReader, BufWriter};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -24,7 +24,6 @@ use cdp_link::replication::{
 };
 use cdp_link::LinkError;
 use cdp_types::Seq;
-use serde::{Deserialize, Serialize};
 
 use crate::config::GroupSource;
 use crate::error::ApplianceError;
@@ -32,14 +31,7 @@ use crate::group::Group;
 use crate::limits::{REPLICATION_IDLE_TIMEOUT, REPLICATION_LINKS_MAX};
 use crate::replication::link_stream::{LinkReader, LinkWriter};
 use crate::replication::tls::{self, ServerSecurity};
-
-/// File in a remote group's directory: which source group it is a copy of.
-const SOURCE_FILE: &str = "replication_source.json";
-
-#[derive(Serialize, Deserialize)]
-struct SourceIdentity {
-    source_group_id: u64,
-}
+use crate::state_file;
 
 /// The links being served: a handle on each socket (to shut it at stop) and its thread.
 type Links = Arc<Mutex<Vec<(TcpStream, JoinHandle<()>)>>>;
@@ -343,32 +335,27 @@ fn admit<'a>(
 /// group id; a link from another group (same name, other appliance or recreated group) is
 /// refused once records are here, since its seqs would mean other writes.
 fn check_source_identity(dir: &Path, group: &Group, source_group_id: u64) -> Result<(), String> {
-    let path: PathBuf = dir.join(SOURCE_FILE);
-    match std::fs::read(&path) {
-        Ok(bytes) => {
-            let known: SourceIdentity = serde_json::from_slice(&bytes)
-                .map_err(|e| format!("{}: unreadable: {e}", path.display()))?;
-            if known.source_group_id != source_group_id {
+    // `replication_source.state` (kind `RSRC` in `state_file.rs`).
+    match state_file::load_replication_source(dir).map_err(|e| e.to_string())? {
+        Some(known) => {
+            if known != source_group_id {
                 return Err(format!(
-                    "group {:?} here is the copy of source group id {:016x}, not {source_group_id:016x}; \
+                    "group {:?} here is the copy of source group id {known:016x}, not {source_group_id:016x}; \
                      refusing records of another group (remove this copy's data to start over)",
-                    group.name, known.source_group_id
+                    group.name
                 ));
             }
             Ok(())
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        None => {
             if group.last_seq() > Seq::ZERO {
                 return Err(format!(
                     "group {:?} here already holds records of unknown origin; refusing to mix in source {source_group_id:016x}",
                     group.name
                 ));
             }
-            let text = serde_json::to_vec(&SourceIdentity { source_group_id })
-                .map_err(|e| e.to_string())?;
-            crate::group_meta::write_atomically(&path, &text).map_err(|e| e.to_string())
+            state_file::store_replication_source(dir, source_group_id).map_err(|e| e.to_string())
         }
-        Err(e) => Err(format!("{}: {e}", path.display())),
     }
 }
 
