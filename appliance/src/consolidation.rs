@@ -27,6 +27,7 @@ use std::path::Path;
 use cdp_journal::RecordKind;
 use serde::{Deserialize, Serialize};
 
+use crate::error::ApplianceError;
 use crate::history::BLOCK_BYTES;
 use crate::state_file::{self, ConsolidationPromise, StateFileError};
 
@@ -63,8 +64,12 @@ pub struct TierConfig {
 
 impl ConsolidationConfig {
     /// Refuses policies that cannot mean what they say.
-    pub fn validate(&self, group: &str) -> Result<(), String> {
-        let bad = |why: String| Err(format!("group {group:?}: [group.consolidation]: {why}"));
+    pub fn validate(&self, group: &str) -> Result<(), ApplianceError> {
+        let bad = |why: String| {
+            Err(ApplianceError::Config(format!(
+                "group {group:?}: [group.consolidation]: {why}"
+            )))
+        };
         if self.tier.is_empty() {
             return bad("at least one [[group.consolidation.tier]] is needed (e.g. every_s = 3600, for_s = 86400)".into());
         }
@@ -359,9 +364,13 @@ replica = "/r"
         let mut p = policy();
         assert!(p.validate("g").is_ok());
         p.tier[1].every_s = 3;
-        assert!(p.validate("g").unwrap_err().contains("multiple"));
+        assert!(p
+            .validate("g")
+            .unwrap_err()
+            .to_string()
+            .contains("multiple"));
         p.tier.clear();
-        assert!(p.validate("g").unwrap_err().contains("tier"));
+        assert!(p.validate("g").unwrap_err().to_string().contains("tier"));
     }
 
     /// Block contents under a list of (seq, offset, length, byte) writes.

@@ -404,29 +404,30 @@ impl Group {
     /// `group.state`, or its old one if it belonged to the group before: ids are never reused,
     /// and the journal may still hold its records, so its resume point is recovered as at
     /// start-up. Reads the journal backwards: call from a blocking thread.
-    pub fn add_volume(&self, config: &VolumeConfig) -> Result<Arc<GroupVolume>, String> {
-        if self.read_volumes().contains_key(&config.name) {
-            return Err(format!(
+    pub fn add_volume(&self, config: &VolumeConfig) -> Result<Arc<GroupVolume>, ApplianceError> {
+        let already = || {
+            ApplianceError::Refused(format!(
                 "group {} already has a volume {:?}",
                 self.name, config.name
-            ));
+            ))
+        };
+        if self.read_volumes().contains_key(&config.name) {
+            return Err(already());
         }
-        let dir = self
-            .state_path
-            .parent()
-            .ok_or_else(|| format!("group {} has no directory", self.name))?;
-        let meta = GroupMeta::load_or_create(dir, &self.name, std::slice::from_ref(&config.name))
-            .map_err(|e| e.to_string())?;
-        let id = meta
-            .volumes
-            .get(&config.name)
-            .copied()
-            .ok_or_else(|| format!("volume {} has no id in group.state", config.name))?;
-        let volume = Arc::new(open_volume(config, id).map_err(|e| e.to_string())?);
+        let meta =
+            GroupMeta::load_or_create(&self.dir, &self.name, std::slice::from_ref(&config.name))?;
+        let id =
+            meta.volumes
+                .get(&config.name)
+                .copied()
+                .ok_or_else(|| ApplianceError::Corruption {
+                    path: self.dir.join("group.state").display().to_string(),
+                    what: format!("volume {} has no id", config.name),
+                })?;
+        let volume = Arc::new(open_volume(config, id)?);
         let single = BTreeMap::from([(config.name.clone(), Arc::clone(&volume))]);
-        recover_last_source_seqs(&self.journal, &single).map_err(|e| e.to_string())?;
-        let released = crate::state_file::load_source_seqs(&self.dir)
-            .map_err(|e| e.to_string())?
+        recover_last_source_seqs(&self.journal, &single)?;
+        let released = crate::state_file::load_source_seqs(&self.dir)?
             .get(&id)
             .copied()
             .unwrap_or(0);
@@ -441,10 +442,7 @@ impl Group {
         }
         let mut volumes = self.volumes.write().unwrap_or_else(|p| p.into_inner());
         if volumes.contains_key(&config.name) {
-            return Err(format!(
-                "group {} already has a volume {:?}",
-                self.name, config.name
-            ));
+            return Err(already());
         }
         volumes.insert(config.name.clone(), Arc::clone(&volume));
         drop(volumes);
@@ -457,16 +455,24 @@ impl Group {
     /// releases them as any others) and its replica file is kept: first distribution applies
     /// everything journaled for it, so the replica ends equal to what production held at the
     /// last journaled change. Waits for distribution: call from a blocking thread.
-    pub fn remove_volume(&self, name: &str, force: bool) -> Result<Arc<GroupVolume>, String> {
+    pub fn remove_volume(
+        &self,
+        name: &str,
+        force: bool,
+    ) -> Result<Arc<GroupVolume>, ApplianceError> {
         let volume = self.volume(name).ok_or_else(|| {
-            format!("group {} has no volume {name:?} (it has: {})", self.name, {
-                let names: Vec<String> = self.read_volumes().keys().cloned().collect();
-                if names.is_empty() {
-                    "none".to_string()
-                } else {
-                    names.join(", ")
+            ApplianceError::NotFound(format!(
+                "group {} has no volume {name:?} (it has: {})",
+                self.name,
+                {
+                    let names: Vec<String> = self.read_volumes().keys().cloned().collect();
+                    if names.is_empty() {
+                        "none".to_string()
+                    } else {
+                        names.join(", ")
+                    }
                 }
-            })
+            ))
         })?;
         // `cdp volume remove` stops the splitter's side first; its connection closes a
         // moment later, so give it that moment before refusing.
@@ -475,22 +481,22 @@ impl Group {
             std::thread::sleep(Duration::from_millis(10));
         }
         if volume.connected.load(Ordering::Relaxed) && !force {
-            return Err(format!(
+            return Err(ApplianceError::Refused(format!(
                 "volume {name:?} still has a connected splitter; remove it from the splitter \
                  first (cdp volume remove does) or use --force"
-            ));
+            )));
         }
         if let Some(held) = *lock(&self.hold) {
-            return Err(format!(
+            return Err(ApplianceError::Refused(format!(
                 "a logged image holds group {}'s replicas at seq {held}; release it first, \
                  so the replica of {name:?} can receive its last changes",
                 self.name
-            ));
+            )));
         }
         volume.removed.store(true, Ordering::Relaxed);
         if let Err(e) = self.distribute_everything(VOLUME_REMOVE_DISTRIBUTION_WAIT) {
             volume.removed.store(false, Ordering::Relaxed);
-            return Err(format!("volume {name:?} not removed: {e}"));
+            return Err(e.context(&format!("volume {name:?} not removed")));
         }
         self.volumes
             .write()
@@ -501,22 +507,22 @@ impl Group {
     }
 
     /// Makes everything appended so far durable and waits until distribution applied it.
-    fn distribute_everything(&self, timeout: Duration) -> Result<(), String> {
+    fn distribute_everything(&self, timeout: Duration) -> Result<(), ApplianceError> {
         let target = self.journal.last_seq();
         if self.journal.durable_seq() < target {
-            self.journal.sync().map_err(|e| e.to_string())?;
+            self.journal.sync()?;
         }
         let deadline = Instant::now() + timeout;
         while self.distributed_seq() < target {
             if let Some(failure) = self.failure.borrow().clone() {
-                return Err(failure);
+                return Err(ApplianceError::Fenced(failure));
             }
             if Instant::now() >= deadline {
-                return Err(format!(
+                return Err(ApplianceError::Busy(format!(
                     "distribution did not reach seq {target} within {} s (it is at {})",
                     timeout.as_secs(),
                     self.distributed_seq()
-                ));
+                )));
             }
             self.urge_distribution();
             std::thread::sleep(Duration::from_millis(10));
@@ -1707,9 +1713,9 @@ impl Group {
         records: &[RecordIn],
         first_seq: Seq,
         timestamps_ns: &[u64],
-    ) -> Result<Seq, String> {
+    ) -> Result<Seq, ApplianceError> {
         if let Some(failure) = self.failure.borrow().clone() {
-            return Err(failure);
+            return Err(ApplianceError::Fenced(failure));
         }
         self.last_append_ns
             .store(self.epoch.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -1722,12 +1728,14 @@ impl Group {
             &mut locations,
         ) {
             Ok(last) => last,
-            Err(cdp_journal::JournalError::InvalidArgument(what)) => return Err(what),
+            Err(cdp_journal::JournalError::InvalidArgument(what)) => {
+                return Err(ApplianceError::Refused(what))
+            }
             Err(e) => {
                 drop(history);
                 let what = format!("journal append failed: {e}");
                 self.fail(what.clone());
-                return Err(what);
+                return Err(ApplianceError::Fenced(what));
             }
         };
         for (i, (r, location)) in records.iter().zip(&locations).enumerate() {
@@ -1754,7 +1762,7 @@ impl Group {
 
     /// Makes every replicated record durable (group commit) and lets distribution apply
     /// them. A failure fences the group (never retry an fsync). Blocks: call from a thread.
-    pub fn sync_replicated(&self) -> Result<Seq, String> {
+    pub fn sync_replicated(&self) -> Result<Seq, ApplianceError> {
         match self.journal.sync() {
             Ok(seq) => {
                 let _ = self.distribution_wake.try_send(());
@@ -1763,7 +1771,7 @@ impl Group {
             Err(e) => {
                 let what = format!("journal sync failed: {e}");
                 self.fail(what.clone());
-                Err(what)
+                Err(ApplianceError::Fenced(what))
             }
         }
     }

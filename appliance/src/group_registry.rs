@@ -155,7 +155,7 @@ impl Groups {
         changed.group.push(config);
         if let Err(e) = changed.store(&self.data_dir) {
             group.stop();
-            return Err(e);
+            return Err(e.into());
         }
         *managed = changed;
         self.write()
@@ -218,7 +218,7 @@ impl Groups {
         if let Err(e) = changed.store(&self.data_dir) {
             // Nothing was journaled for it yet: undoing cannot lose history.
             let _ = target.remove_volume(name, true);
-            return Err(e);
+            return Err(e.into());
         }
         *managed = changed;
         Ok(volume)
@@ -271,7 +271,7 @@ impl Groups {
                     "re-adding after a failed store: {undo}"
                 );
             }
-            return Err(e);
+            return Err(e.into());
         }
         *managed = changed;
         Ok(volume)

@@ -74,12 +74,20 @@ impl ManagedGroups {
         }
     }
 
-    pub fn store(&self, data_dir: &Path) -> Result<(), String> {
+    pub fn store(&self, data_dir: &Path) -> Result<(), ApplianceError> {
         let path = Self::path(data_dir);
-        let text =
-            toml::to_string(self).map_err(|e| format!("encoding {}: {e}", path.display()))?;
-        write_atomically(&path, text.as_bytes())
-            .map_err(|e| format!("writing {}: {e}", path.display()))
+        let text = toml::to_string(self).map_err(|e| {
+            ApplianceError::Io(std::io::Error::other(format!(
+                "encoding {}: {e}",
+                path.display()
+            )))
+        })?;
+        write_atomically(&path, text.as_bytes()).map_err(|e| {
+            ApplianceError::Io(std::io::Error::new(
+                e.kind(),
+                format!("writing {}: {e}", path.display()),
+            ))
+        })
     }
 
     /// Applies the runtime changes over `appliance.toml`'s groups and checks the result as

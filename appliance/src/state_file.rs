@@ -64,6 +64,24 @@ pub enum StateFileError {
     Corruption { path: String, what: String },
 }
 
+/// What is wrong with a state file's bytes (becomes [`StateFileError::Corruption`] with
+/// the file's path).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Malformed(pub String);
+
+impl From<String> for Malformed {
+    fn from(what: String) -> Self {
+        Malformed(what)
+    }
+}
+
+impl From<&str> for Malformed {
+    fn from(what: &str) -> Self {
+        Malformed(what.to_string())
+    }
+}
+
 /// Which fact a state file holds; each has its own file name and kind tag.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StateKind {
@@ -142,9 +160,9 @@ pub fn encode(kind: StateKind, version: u32, body: &[u8]) -> Vec<u8> {
 }
 
 /// Checks a whole state file of `kind` and returns its version and body.
-pub fn decode(kind: StateKind, bytes: &[u8]) -> Result<(u32, &[u8]), String> {
+pub fn decode(kind: StateKind, bytes: &[u8]) -> Result<(u32, &[u8]), Malformed> {
     if bytes.len() < HEADER_LEN + CRC_LEN {
-        return Err(format!("{} bytes, shorter than a header", bytes.len()));
+        return Err(format!("{} bytes, shorter than a header", bytes.len()).into());
     }
     if bytes[0..8] != MAGIC {
         return Err("bad magic (not a cdp state file)".into());
@@ -154,26 +172,28 @@ pub fn decode(kind: StateKind, bytes: &[u8]) -> Result<(u32, &[u8]), String> {
             "holds kind {:?}, expected {:?}",
             String::from_utf8_lossy(&bytes[8..12]),
             String::from_utf8_lossy(&kind.tag())
-        ));
+        )
+        .into());
     }
     let version = u32_at(bytes, 12);
     let body_len = u32_at(bytes, 16) as usize;
     if body_len > STATE_BODY_BYTES_MAX {
-        return Err(format!("body of {body_len} bytes is over the limit"));
+        return Err(format!("body of {body_len} bytes is over the limit").into());
     }
     if bytes.len() != HEADER_LEN + body_len + CRC_LEN {
         return Err(format!(
             "{} bytes, the header says {}",
             bytes.len(),
             HEADER_LEN + body_len + CRC_LEN
-        ));
+        )
+        .into());
     }
     let crc_at = HEADER_LEN + body_len;
     if u32_at(bytes, crc_at) != crc32fast::hash(&bytes[..crc_at]) {
         return Err("CRC mismatch".into());
     }
     if version != VERSION_1 {
-        return Err(format!("unsupported version {version}"));
+        return Err(format!("unsupported version {version}").into());
     }
     Ok((version, &bytes[HEADER_LEN..crc_at]))
 }
@@ -211,10 +231,10 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StateFileError + '_ {
     }
 }
 
-fn corrupt(path: &Path, what: impl Into<String>) -> StateFileError {
+fn corrupt(path: &Path, what: Malformed) -> StateFileError {
     StateFileError::Corruption {
         path: path.display().to_string(),
-        what: what.into(),
+        what: what.0,
     }
 }
 
@@ -251,8 +271,8 @@ fn store_body(dir: &Path, kind: StateKind, body: &[u8]) -> Result<(), StateFileE
 fn load<T>(
     dir: &Path,
     kind: StateKind,
-    decode_body: impl Fn(&mut BodyReader<'_>) -> Result<T, String>,
-    decode_legacy: impl Fn(&[u8]) -> Result<T, String>,
+    decode_body: impl Fn(&mut BodyReader<'_>) -> Result<T, Malformed>,
+    decode_legacy: impl Fn(&[u8]) -> Result<T, Malformed>,
     encode_body: impl Fn(&T) -> Vec<u8>,
 ) -> Result<Option<T>, StateFileError> {
     let path = dir.join(kind.file_name());
@@ -320,60 +340,61 @@ impl<'a> BodyReader<'a> {
     fn new(body: &'a [u8]) -> Self {
         BodyReader { rest: body }
     }
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], Malformed> {
         if self.rest.len() < n {
             return Err(format!(
                 "body ends early ({} bytes left, {n} needed)",
                 self.rest.len()
-            ));
+            )
+            .into());
         }
         let (head, tail) = self.rest.split_at(n);
         self.rest = tail;
         Ok(head)
     }
-    fn u32(&mut self) -> Result<u32, String> {
+    fn u32(&mut self) -> Result<u32, Malformed> {
         let mut b = [0u8; 4];
         b.copy_from_slice(self.take(4)?);
         Ok(u32::from_le_bytes(b))
     }
-    fn u64(&mut self) -> Result<u64, String> {
+    fn u64(&mut self) -> Result<u64, Malformed> {
         let mut b = [0u8; 8];
         b.copy_from_slice(self.take(8)?);
         Ok(u64::from_le_bytes(b))
     }
-    fn str(&mut self) -> Result<String, String> {
+    fn str(&mut self) -> Result<String, Malformed> {
         let len = self.u32()? as usize;
         let bytes = self.take(len)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| "a name is not UTF-8".to_string())
+        String::from_utf8(bytes.to_vec()).map_err(|_| Malformed::from("a name is not UTF-8"))
     }
     /// A count of items of at least `item_len` bytes each, checked against what is left
     /// so a bad count cannot make the reader allocate.
-    fn count(&mut self, item_len: usize) -> Result<usize, String> {
+    fn count(&mut self, item_len: usize) -> Result<usize, Malformed> {
         let n = self.u32()? as usize;
         if n.saturating_mul(item_len) > self.rest.len() {
-            return Err(format!("count {n} does not fit the body"));
+            return Err(format!("count {n} does not fit the body").into());
         }
         Ok(n)
     }
-    fn finish(self) -> Result<(), String> {
+    fn finish(self) -> Result<(), Malformed> {
         if self.rest.is_empty() {
             Ok(())
         } else {
-            Err(format!("{} bytes after the last field", self.rest.len()))
+            Err(format!("{} bytes after the last field", self.rest.len()).into())
         }
     }
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
-    serde_json::from_slice(bytes).map_err(|e| format!("unreadable: {e}"))
+fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Malformed> {
+    serde_json::from_slice(bytes).map_err(|e| Malformed(format!("unreadable: {e}")))
 }
 
-fn parse_decimal(bytes: &[u8]) -> Result<u64, String> {
+fn parse_decimal(bytes: &[u8]) -> Result<u64, Malformed> {
     std::str::from_utf8(bytes)
-        .map_err(|_| "not text".to_string())?
+        .map_err(|_| Malformed::from("not text"))?
         .trim()
         .parse()
-        .map_err(|e| format!("not a number: {e}"))
+        .map_err(|e| Malformed(format!("not a number: {e}")))
 }
 
 fn encode_seq(v: &u64) -> Vec<u8> {
@@ -382,7 +403,7 @@ fn encode_seq(v: &u64) -> Vec<u8> {
     w.0
 }
 
-fn decode_seq(r: &mut BodyReader<'_>) -> Result<u64, String> {
+fn decode_seq(r: &mut BodyReader<'_>) -> Result<u64, Malformed> {
     r.u64()
 }
 
@@ -395,7 +416,7 @@ fn encode_group(g: &GroupIdentity) -> Vec<u8> {
     w.0
 }
 
-fn decode_group(r: &mut BodyReader<'_>) -> Result<GroupIdentity, String> {
+fn decode_group(r: &mut BodyReader<'_>) -> Result<GroupIdentity, Malformed> {
     let group_id = r.u64()?;
     let name = r.str()?;
     let n = r.count(8)?;
@@ -404,7 +425,7 @@ fn decode_group(r: &mut BodyReader<'_>) -> Result<GroupIdentity, String> {
         let id = r.u32()?;
         let name = r.str()?;
         if volumes.insert(name.clone(), id).is_some() {
-            return Err(format!("volume {name:?} listed twice"));
+            return Err(format!("volume {name:?} listed twice").into());
         }
     }
     Ok(GroupIdentity {
@@ -424,16 +445,13 @@ struct LegacyGroup {
     volumes: BTreeMap<String, u32>,
 }
 
-fn decode_legacy_group(bytes: &[u8]) -> Result<GroupIdentity, String> {
+fn decode_legacy_group(bytes: &[u8]) -> Result<GroupIdentity, Malformed> {
     let g: LegacyGroup = parse_json(bytes)?;
     if g.format != "cdp-group" {
-        return Err(format!("not a group file ({:?})", g.format));
+        return Err(format!("not a group file ({:?})", g.format).into());
     }
     if g.version != 1 {
-        return Err(format!(
-            "version {} (this appliance reads version 1)",
-            g.version
-        ));
+        return Err(format!("version {} (this appliance reads version 1)", g.version).into());
     }
     Ok(GroupIdentity {
         group_id: g.group_id,
@@ -465,13 +483,13 @@ fn encode_source_seqs(seqs: &BTreeMap<u32, u64>) -> Vec<u8> {
     w.0
 }
 
-fn decode_source_seqs(r: &mut BodyReader<'_>) -> Result<BTreeMap<u32, u64>, String> {
+fn decode_source_seqs(r: &mut BodyReader<'_>) -> Result<BTreeMap<u32, u64>, Malformed> {
     let n = r.count(12)?;
     let mut seqs = BTreeMap::new();
     for _ in 0..n {
         let id = r.u32()?;
         if seqs.insert(id, r.u64()?).is_some() {
-            return Err(format!("volume id {id} listed twice"));
+            return Err(format!("volume id {id} listed twice").into());
         }
     }
     Ok(seqs)
@@ -502,7 +520,7 @@ fn encode_consolidation(c: &ConsolidationPromise) -> Vec<u8> {
     w.0
 }
 
-fn decode_consolidation(r: &mut BodyReader<'_>) -> Result<ConsolidationPromise, String> {
+fn decode_consolidation(r: &mut BodyReader<'_>) -> Result<ConsolidationPromise, Malformed> {
     let consolidated_below = r.u64()?;
     let n = r.count(8)?;
     let mut kept = BTreeSet::new();
@@ -528,9 +546,9 @@ struct LegacyConsolidation {
     kept: BTreeSet<u64>,
 }
 
-fn decode_legacy_consolidation(bytes: &[u8]) -> Result<ConsolidationPromise, String> {
+fn decode_legacy_consolidation(bytes: &[u8]) -> Result<ConsolidationPromise, Malformed> {
     let c: LegacyConsolidation =
-        parse_json(bytes).map_err(|e| format!("not a consolidation state: {e}"))?;
+        parse_json(bytes).map_err(|e| Malformed(format!("not a consolidation state: {e}")))?;
     Ok(ConsolidationPromise {
         consolidated_below: c.consolidated_below,
         kept: c.kept,

@@ -278,7 +278,9 @@ fn run(ops: Vec<Op>, points: Vec<f64>, compress: bool) -> Result<(), TestCaseErr
                 }
                 wait_distributed(&group);
                 let before = group.status();
-                let report = group.consolidate().map_err(TestCaseError::fail)?;
+                let report = group
+                    .consolidate()
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 let after = group.status();
                 prop_assert_eq!(
                     before.journal_bytes + before.undo_bytes - report.bytes_freed,

@@ -16,6 +16,7 @@ use cdp_types::Seq;
 use super::{lock, Group, ReplicaState};
 use crate::consolidation::ConsolidationState;
 use crate::distribution_state;
+use crate::error::ApplianceError;
 use crate::history::History;
 use crate::state_file::{self, StateFileError, StateKind};
 
@@ -43,16 +44,16 @@ impl Group {
 
     /// Starts a resync to the source's point `through`: refused while images are open here;
     /// waits until the replica holds every journaled record, then marks it in progress.
-    pub fn begin_region_resync(&self, through: Seq) -> Result<(), String> {
+    pub fn begin_region_resync(&self, through: Seq) -> Result<(), ApplianceError> {
         if !lock(&self.pins).is_empty() {
-            return Err(
+            return Err(ApplianceError::Refused(
                 "images are open at the remote copy; a resynchronisation replaces its history, \
                  release them first"
                     .into(),
-            );
+            ));
         }
         self.distribute_everything(RESYNC_DISTRIBUTION_WAIT)?;
-        state_file::store_resync_marker(&self.dir, through.0).map_err(|e| e.to_string())?;
+        state_file::store_resync_marker(&self.dir, through.0)?;
         let mut state = self
             .replica_state
             .write()
@@ -62,11 +63,11 @@ impl Group {
         Ok(())
     }
 
-    fn volume_by_id(&self, id: u32) -> Result<std::sync::Arc<super::GroupVolume>, String> {
+    fn volume_by_id(&self, id: u32) -> Result<std::sync::Arc<super::GroupVolume>, ApplianceError> {
         self.volumes()
             .into_iter()
             .find(|v| v.id == id)
-            .ok_or_else(|| format!("no volume with id {id}"))
+            .ok_or_else(|| ApplianceError::NotFound(format!("no volume with id {id}")))
     }
 
     /// BLAKE3 sums (`cdp_link::checksum`) of `count` regions of the replica of volume `id`
@@ -77,15 +78,14 @@ impl Group {
         region_bytes: u32,
         first: u64,
         count: usize,
-    ) -> Result<Vec<[u8; 32]>, String> {
+    ) -> Result<Vec<[u8; 32]>, ApplianceError> {
         let volume = self.volume_by_id(id)?;
         let mut sums = Vec::with_capacity(count);
         let mut buf = vec![0u8; region_bytes as usize];
         let mut at = first.saturating_mul(region_bytes as u64);
         while at < volume.size && sums.len() < count {
             let len = (volume.size - at).min(region_bytes as u64) as usize;
-            self.read_replica(&volume, at, &mut buf[..len])
-                .map_err(|e| e.to_string())?;
+            self.read_replica(&volume, at, &mut buf[..len])?;
             sums.push(cdp_link::checksum::region_checksum(&buf[..len]));
             at += len as u64;
         }
@@ -93,53 +93,51 @@ impl Group {
     }
 
     /// Writes one region the source sent into the replica of volume `id`.
-    pub fn write_resync_region(&self, id: u32, offset: u64, data: &[u8]) -> Result<(), String> {
+    pub fn write_resync_region(
+        &self,
+        id: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), ApplianceError> {
         let volume = self.volume_by_id(id)?;
         if offset
             .checked_add(data.len() as u64)
             .is_none_or(|end| end > volume.size)
         {
-            return Err(format!(
+            return Err(ApplianceError::Refused(format!(
                 "resync region {offset}+{} is past the end of volume {} ({} bytes)",
                 data.len(),
                 volume.name,
                 volume.size
-            ));
+            )));
         }
         let _writer = lock(&self.replica_writer);
-        volume
-            .replica
-            .write_at(offset, data)
-            .map_err(|e| e.to_string())
+        Ok(volume.replica.write_at(offset, data)?)
     }
 
     /// Ends a resync: the replica holds the source's state at `through`; journal, undo
     /// stream, index, bookmarks and kept points restart after it.
-    pub fn finish_region_resync(&self, through: Seq) -> Result<(), String> {
+    pub fn finish_region_resync(&self, through: Seq) -> Result<(), ApplianceError> {
         let _no_consolidation = lock(&self.consolidation_pass);
         let _writer = lock(&self.replica_writer);
         for v in self.volumes() {
-            v.replica.sync_data().map_err(|e| e.to_string())?;
+            v.replica.sync_data()?;
         }
-        distribution_state::store(&self.state_path, through).map_err(|e| e.to_string())?;
+        distribution_state::store(&self.state_path, through)?;
         let mut history = lock(&self.history);
         self.journal
             .restart_at(through.next())
-            .map_err(|e| format!("restarting the journal: {e}"))?;
+            .inspect_err(|e| tracing::error!(group = %self.name, "restarting the journal: {e}"))?;
         let undo_next = self.undo.last_seq().next();
-        self.undo
-            .restart_at(undo_next)
-            .map_err(|e| format!("restarting the undo stream: {e}"))?;
+        self.undo.restart_at(undo_next).inspect_err(
+            |e| tracing::error!(group = %self.name, "restarting the undo stream: {e}"),
+        )?;
         *history = History::new(through.0 + 1, undo_next.0);
         drop(history);
         self.bookmarks.clear();
         self.resync_spans.clear();
-        let dir = self
-            .state_path
-            .parent()
-            .ok_or_else(|| "the group has no directory".to_string())?;
         let fresh = ConsolidationState::default();
-        fresh.store(dir).map_err(|e| e.to_string())?;
+        fresh.store(&self.dir)?;
         *self
             .consolidation_state
             .write()
@@ -153,7 +151,7 @@ impl Group {
             exact: true,
             exact_from: through,
         };
-        state_file::remove(&self.dir, StateKind::ResyncMarker).map_err(|e| e.to_string())?;
+        state_file::remove(&self.dir, StateKind::ResyncMarker)?;
         Ok(())
     }
 }
