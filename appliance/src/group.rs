@@ -537,15 +537,19 @@ impl Group {
     /// Appends a batch of one volume's changes, in order, and records the last source_seq;
     /// returns the journal seq of the last change. A failure fences the group: nothing after
     /// it is acknowledged.
-    pub fn append(&self, volume: &GroupVolume, changes: &[RecordIn]) -> Result<Seq, String> {
+    pub fn append(
+        &self,
+        volume: &GroupVolume,
+        changes: &[RecordIn],
+    ) -> Result<Seq, ApplianceError> {
         if let Some(failure) = self.failure.borrow().clone() {
-            return Err(failure);
+            return Err(ApplianceError::Fenced(failure));
         }
         if volume.removed.load(Ordering::Relaxed) {
-            return Err(format!(
+            return Err(ApplianceError::Refused(format!(
                 "volume {} was removed from group {}",
                 volume.name, self.name
-            ));
+            )));
         }
         self.last_append_ns
             .store(self.epoch.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -565,7 +569,7 @@ impl Group {
                 drop(history);
                 let what = format!("journal append failed: {e}");
                 self.fail(what.clone());
-                return Err(what);
+                return Err(ApplianceError::Fenced(what));
             }
         };
         if let Some(last) = changes.iter().map(|c| c.source_seq).max() {
@@ -760,19 +764,19 @@ impl Group {
 
     /// Keeps retention away from what an image at `at` reads; refuses points outside the
     /// window. Returns the pin to give back to `unpin`.
-    pub fn pin_point(&self, at: Seq) -> Result<u64, String> {
+    pub fn pin_point(&self, at: Seq) -> Result<u64, ApplianceError> {
         let mut pins = lock(&self.pins);
         let oldest = self.oldest_point();
         if at < oldest {
-            return Err(format!(
+            return Err(ApplianceError::NotFound(format!(
                 "seq {at} is older than the oldest recoverable point (seq {oldest})"
-            ));
+            )));
         }
         let last = self.journal.last_seq();
         if at > last {
-            return Err(format!(
+            return Err(ApplianceError::NotFound(format!(
                 "seq {at} is past the journal's last record (seq {last})"
-            ));
+            )));
         }
         self.check_not_consolidated(at)?;
         let id = self.next_pin.fetch_add(1, Ordering::Relaxed);
@@ -786,7 +790,7 @@ impl Group {
 
     /// Waits until the replica is exact again after a restart (distribution re-applies the
     /// records after the last checkpoint), asking distribution to hurry.
-    pub fn wait_replica_exact(&self, timeout: Duration) -> Result<(), String> {
+    pub fn wait_replica_exact(&self, timeout: Duration) -> Result<(), ApplianceError> {
         let deadline = Instant::now() + timeout;
         loop {
             let state = *self.replica_state.read().unwrap_or_else(|p| p.into_inner());
@@ -794,13 +798,13 @@ impl Group {
                 return Ok(());
             }
             if let Some(f) = self.failure.borrow().clone() {
-                return Err(f);
+                return Err(ApplianceError::Fenced(f));
             }
             if Instant::now() >= deadline {
-                return Err(format!(
+                return Err(ApplianceError::Busy(format!(
                     "the replica is still catching up after a restart (at seq {} of {}); try again shortly",
                     state.seq, state.exact_from
-                ));
+                )));
             }
             self.urgent.store(true, Ordering::Relaxed);
             let _ = self.distribution_wake.try_send(());
@@ -1018,7 +1022,8 @@ impl Group {
             }
             *hold = Some(at);
         }
-        let result = self.roll_replica_to(at);
+        // Typed inside; `image.rs` (its caller) still passes messages on as strings.
+        let result = self.roll_replica_to(at).map_err(String::from);
         if result.is_err() {
             self.release_replica();
         }
@@ -1040,15 +1045,15 @@ impl Group {
         )
     }
 
-    fn roll_replica_to(&self, at: Seq) -> Result<(), String> {
+    fn roll_replica_to(&self, at: Seq) -> Result<(), ApplianceError> {
         self.wait_replica_exact(Duration::from_secs(600))?;
         // A replica behind the point first catches up to it (distribution stops there).
         while Seq(self.distributed.load(Ordering::Relaxed)) < at {
             if let Some(f) = self.failure.borrow().clone() {
-                return Err(f);
+                return Err(ApplianceError::Fenced(f));
             }
             if self.journal.durable_seq() < at {
-                self.journal.sync().map_err(|e| e.to_string())?;
+                self.journal.sync()?;
             }
             self.urgent.store(true, Ordering::Relaxed);
             let _ = self.distribution_wake.try_send(());
@@ -1069,7 +1074,7 @@ impl Group {
             .clone();
         // Checkpoint the target first: if the appliance dies mid-rollback, it restarts
         // distribution from `at`, which rewrites every block the rollback may have touched.
-        distribution_state::store(&self.state_path, at).map_err(|e| e.to_string())?;
+        distribution_state::store(&self.state_path, at)?;
         let undos: Vec<(u64, UndoRef)> = {
             let history = lock(&self.history);
             let mut v = Vec::new();
@@ -1133,7 +1138,9 @@ impl Group {
                         .map_err(|e| std::io::Error::other(e.to_string()))
                         .and_then(|p| volume.replica.write_at(r.offset, &p))
                 };
-                applied.map_err(|e| format!("rolling back seq {redo_seq}: {e}"))?;
+                applied.map_err(|e| {
+                    ApplianceError::from(e).context(&format!("rolling back seq {redo_seq}"))
+                })?;
                 i += 1;
                 self.rollback_progress.0.fetch_add(1, Ordering::Relaxed);
             }
@@ -1152,7 +1159,7 @@ impl Group {
         state.seq = at;
         self.distributed.store(at.0, Ordering::Relaxed);
         drop(state);
-        self.checkpoint().map_err(|e| e.to_string())?;
+        self.checkpoint()?;
         tracing::info!(group = %self.name, at = %at, "replica rolled back");
         Ok(())
     }
