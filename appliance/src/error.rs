@@ -11,9 +11,9 @@ pub enum ApplianceError {
     Io(#[from] std::io::Error),
     #[error("journal: {0}")]
     Journal(#[from] cdp_journal::JournalError),
-    /// A state file the appliance wrote fails its checks (magic, kind, length, CRC, body):
-    /// nothing in a configuration can fix it.
-    #[error("state file {path} is corrupt: {what}")]
+    /// A file the appliance wrote fails its checks (a state file's magic, kind, length, CRC
+    /// or body; the undo stream's continuity): nothing in a configuration can fix it.
+    #[error("{path} is corrupt: {what}")]
     Corruption { path: String, what: String },
     /// The group stopped accepting work after a failed fsync or distribution error (never
     /// retried); a restart rereads the disk.

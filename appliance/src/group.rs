@@ -824,9 +824,10 @@ impl Group {
         let _locations_stay = self.relocation.read().unwrap_or_else(|p| p.into_inner());
         let state = self.replica_state.read().unwrap_or_else(|p| p.into_inner());
         if !state.exact {
-            return Err(ApplianceError::Io(std::io::Error::other(
-                "the replica is catching up after a restart; images are readable once it has",
-            )));
+            return Err(ApplianceError::Busy(
+                "the replica is catching up after a restart; images are readable once it has"
+                    .into(),
+            ));
         }
         let distributed = state.seq.0;
         let end = offset + buf.len() as u64;
@@ -1510,9 +1511,7 @@ impl Group {
                 r.length,
                 r.source_seq,
             );
-            history
-                .note_undo(first + i as u64, undo)
-                .map_err(|e| ApplianceError::Io(std::io::Error::other(e)))?;
+            history.note_undo(first + i as u64, undo)?;
         }
         records.clear();
         Ok(())
@@ -1895,9 +1894,7 @@ fn rebuild_history(journal: &Journal, undo: &Journal) -> Result<History, Applian
         };
         let mut undo = UndoRef::new(location, r.kind, r.volume, r.offset, r.length, r.source_seq);
         undo.dropped = r.payload_dropped;
-        history
-            .note_undo(r.seq.0, undo)
-            .map_err(|e| ApplianceError::Io(std::io::Error::other(e)))?;
+        history.note_undo(r.seq.0, undo)?;
     }
     Ok(history)
 }
