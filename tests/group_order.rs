@@ -84,10 +84,8 @@ fn causal_writes_across_three_volumes_keep_their_order_in_the_journal() {
     assert!(status.success());
 
     let group_dir = site.root().join("appliance/groups/default");
-    let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(group_dir.join("group.json")).unwrap()).unwrap();
-    let group_id = meta["group_id"].as_u64().unwrap();
-    let volume_id = |name: &str| meta["volumes"][name].as_u64().unwrap() as u32;
+    let (group_id, ids) = common::journals::volume_ids(&group_dir);
+    let volume_id = |name: &str| ids[name];
     let (journal, _) = cdp_journal::Journal::open(
         &group_dir.join("journal"),
         group_id,

@@ -327,15 +327,10 @@ fn runtime_group_with_two_volumes_keeps_order_survives_restart_and_removal_rules
 
 /// Every write record of a group's journal as (volume name, offset, first byte, seq).
 fn journal_writes(group_dir: &Path) -> Vec<(String, u64, u8, u64)> {
-    let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(group_dir.join("group.json")).expect("group.json"))
-            .expect("group.json is JSON");
-    let group_id = meta["group_id"].as_u64().expect("group_id");
-    let names: std::collections::BTreeMap<u64, String> = meta["volumes"]
-        .as_object()
-        .expect("volumes")
-        .iter()
-        .map(|(name, id)| (id.as_u64().expect("id"), name.clone()))
+    let (group_id, ids) = common::journals::volume_ids(group_dir);
+    let names: std::collections::BTreeMap<u64, String> = ids
+        .into_iter()
+        .map(|(name, id)| (u64::from(id), name))
         .collect();
     let (journal, _) = cdp_journal::Journal::open(
         &group_dir.join("journal"),

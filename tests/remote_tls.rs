@@ -75,9 +75,7 @@ fn wait_remote_log_line(remote: &RemoteAppliance, needles: &[&str]) -> String {
 }
 
 fn read_journal(group_dir: &Path) -> Vec<Record> {
-    let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(group_dir.join("group.json")).unwrap()).unwrap();
-    let group_id = meta["group_id"].as_u64().unwrap();
+    let (group_id, _) = common::journals::volume_ids(group_dir);
     let (journal, _) = Journal::open(
         &group_dir.join("journal"),
         group_id,

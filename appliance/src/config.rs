@@ -552,7 +552,7 @@ impl ApplianceConfig {
             }
             g.sanitize_replication(self.replication_listen.is_some())?;
             if let Some(c) = &g.consolidation {
-                c.validate(&g.name).map_err(ApplianceError::Config)?;
+                c.validate(&g.name)?;
             }
             if g.journal_retention_s == Some(0) {
                 tracing::warn!(group = %g.name, "journal_retention_s = 0; using 1");

@@ -27,7 +27,9 @@ use std::path::Path;
 use cdp_journal::RecordKind;
 use serde::{Deserialize, Serialize};
 
+use crate::error::ApplianceError;
 use crate::history::BLOCK_BYTES;
+use crate::state_file::{self, ConsolidationPromise, StateFileError};
 
 const NS_PER_S: u64 = 1_000_000_000;
 /// Tiers a policy may have.
@@ -62,8 +64,12 @@ pub struct TierConfig {
 
 impl ConsolidationConfig {
     /// Refuses policies that cannot mean what they say.
-    pub fn validate(&self, group: &str) -> Result<(), String> {
-        let bad = |why: String| Err(format!("group {group:?}: [group.consolidation]: {why}"));
+    pub fn validate(&self, group: &str) -> Result<(), ApplianceError> {
+        let bad = |why: String| {
+            Err(ApplianceError::Config(format!(
+                "group {group:?}: [group.consolidation]: {why}"
+            )))
+        };
         if self.tier.is_empty() {
             return bad("at least one [[group.consolidation.tier]] is needed (e.g. every_s = 3600, for_s = 86400)".into());
         }
@@ -130,23 +136,26 @@ pub struct ConsolidationState {
     pub kept: BTreeSet<u64>,
 }
 
-pub const STATE_FILE: &str = "consolidation.json";
-
 impl ConsolidationState {
-    pub fn load(dir: &Path) -> Result<ConsolidationState, String> {
-        let path = dir.join(STATE_FILE);
-        match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| format!("{}: not a consolidation state: {e}", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(format!("{}: {e}", path.display())),
-        }
+    /// Reads `consolidation.state` (kind `CONS` in `state_file.rs`); absent means no pass
+    /// ever ran.
+    pub fn load(dir: &Path) -> Result<ConsolidationState, StateFileError> {
+        Ok(state_file::load_consolidation(dir)?
+            .map(|c| ConsolidationState {
+                consolidated_below: c.consolidated_below,
+                kept: c.kept,
+            })
+            .unwrap_or_default())
     }
 
-    pub fn store(&self, dir: &Path) -> Result<(), String> {
-        let text = serde_json::to_vec(self).map_err(|e| e.to_string())?;
-        crate::group_meta::write_atomically(&dir.join(STATE_FILE), &text)
-            .map_err(|e| format!("storing {STATE_FILE}: {e}"))
+    pub fn store(&self, dir: &Path) -> Result<(), StateFileError> {
+        state_file::store_consolidation(
+            dir,
+            &ConsolidationPromise {
+                consolidated_below: self.consolidated_below,
+                kept: self.kept.clone(),
+            },
+        )
     }
 
     /// Whether point `seq` can still be shown exactly.
@@ -355,9 +364,13 @@ replica = "/r"
         let mut p = policy();
         assert!(p.validate("g").is_ok());
         p.tier[1].every_s = 3;
-        assert!(p.validate("g").unwrap_err().contains("multiple"));
+        assert!(p
+            .validate("g")
+            .unwrap_err()
+            .to_string()
+            .contains("multiple"));
         p.tier.clear();
-        assert!(p.validate("g").unwrap_err().contains("tier"));
+        assert!(p.validate("g").unwrap_err().to_string().contains("tier"));
     }
 
     /// Block contents under a list of (seq, offset, length, byte) writes.

@@ -13,7 +13,7 @@ use std::path::Path;
 use cdp_types::Seq;
 
 use crate::error::ApplianceError;
-use crate::group_meta::write_atomically;
+use crate::state_file::{write_atomically, Malformed};
 
 const MAGIC: [u8; 8] = *b"CDPDIST\0";
 const VERSION: u32 = 1;
@@ -29,16 +29,16 @@ pub fn encode(distributed: Seq) -> [u8; LEN] {
     out
 }
 
-pub fn decode(bytes: &[u8]) -> Result<Seq, String> {
+pub fn decode(bytes: &[u8]) -> Result<Seq, Malformed> {
     if bytes.len() != LEN {
-        return Err(format!("{} bytes, expected {LEN}", bytes.len()));
+        return Err(format!("{} bytes, expected {LEN}", bytes.len()).into());
     }
     if bytes[0..8] != MAGIC {
         return Err("bad magic".into());
     }
     let version = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
     if version != VERSION {
-        return Err(format!("unsupported version {version}"));
+        return Err(format!("unsupported version {version}").into());
     }
     let crc = u32::from_le_bytes([bytes[20], bytes[21], bytes[22], bytes[23]]);
     if crc != crc32fast::hash(&bytes[0..20]) {
@@ -52,9 +52,9 @@ pub fn decode(bytes: &[u8]) -> Result<Seq, String> {
 /// Reads the checkpoint; a missing file means nothing was distributed yet.
 pub fn load(path: &Path) -> Result<Seq, ApplianceError> {
     match std::fs::read(path) {
-        Ok(bytes) => decode(&bytes).map_err(|what| ApplianceError::State {
+        Ok(bytes) => decode(&bytes).map_err(|what| ApplianceError::Corruption {
             path: path.display().to_string(),
-            what,
+            what: what.0,
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Seq::ZERO),
         Err(e) => Err(e.into()),
@@ -62,7 +62,7 @@ pub fn load(path: &Path) -> Result<Seq, ApplianceError> {
 }
 
 pub fn store(path: &Path, distributed: Seq) -> Result<(), ApplianceError> {
-    write_atomically(path, &encode(distributed))
+    Ok(write_atomically(path, &encode(distributed))?)
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ mod region_resync;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,6 @@ use cdp_journal::{
     Journal, JournalConfig, Record, RecordIn, RecordKind, RecordLocation, RetentionPolicy,
 };
 use cdp_types::{BlockFile, Seq, TimestampNs};
-use crossbeam::channel;
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -189,7 +188,7 @@ pub struct Group {
     journal: Arc<Journal>,
     /// Changes at runtime (`cdp volume add/remove`); readers take a snapshot.
     volumes: RwLock<BTreeMap<String, Arc<GroupVolume>>>,
-    sync_tx: Mutex<Option<channel::Sender<SyncRequest>>>,
+    sync_tx: Mutex<Option<mpsc::SyncSender<SyncRequest>>>,
     distributed: AtomicU64,
     retention: RetentionPolicy,
     journal_full_policy: JournalFullPolicy,
@@ -199,10 +198,11 @@ pub struct Group {
     /// Set by the last retention pass; a warning is logged once per episode.
     over_capacity: AtomicBool,
     /// Per volume id, the highest source_seq among distributed (hence durable) records.
-    /// Written to `SOURCE_SEQS_FILE` before segments are released, so a reconnecting
+    /// Written to `source_seqs.state` before segments are released, so a reconnecting
     /// splitter is told the right resume point even when its last change was released.
     distributed_source_seqs: Mutex<BTreeMap<u32, u64>>,
-    source_seqs_path: PathBuf,
+    /// The group directory, which holds its state files.
+    dir: PathBuf,
     failure: watch::Sender<Option<String>>,
     stop_distribution: AtomicBool,
     /// Longest distribution waits for the host to pause before it runs regardless.
@@ -213,7 +213,7 @@ pub struct Group {
     /// Bookmarks in the journal, rebuilt by a scan at open (see `bookmark.rs`).
     bookmarks: BookmarkIndex,
     resync_spans: ResyncSpans,
-    distribution_wake: channel::Sender<()>,
+    distribution_wake: mpsc::SyncSender<()>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// Before-images of replica blocks, saved by distribution before it overwrites them.
     undo: Arc<Journal>,
@@ -298,13 +298,10 @@ impl Group {
         tracing::info!(group = %config.name, "undo stream opened: {undo_report}");
         let undo = Arc::new(undo);
         let history = rebuild_history(&journal, &undo)?;
-        let consolidation_state =
-            crate::consolidation::ConsolidationState::load(&dir).map_err(ApplianceError::Config)?;
+        let consolidation_state = crate::consolidation::ConsolidationState::load(&dir)?;
         let mut exact_from = Seq(history.undo_captured_through());
         // A resynchronisation by regions cut short: the replica is a mix, no image reads it.
-        if Group::resync_marker_at_open(&dir, journal.first_seq())
-            .map_err(ApplianceError::Config)?
-        {
+        if Group::resync_marker_at_open(&dir, journal.first_seq())? {
             exact_from = Seq(u64::MAX);
         }
         tracing::info!(group = %config.name, "history index rebuilt: {}", history.stats());
@@ -312,12 +309,11 @@ impl Group {
         let mut volumes = BTreeMap::new();
         for v in &config.volume {
             let id = meta.volumes.get(&v.name).copied().ok_or_else(|| {
-                ApplianceError::Config(format!("volume {} has no id in group.json", v.name))
+                ApplianceError::Config(format!("volume {} has no id in group.state", v.name))
             })?;
             volumes.insert(v.name.clone(), Arc::new(open_volume(v, id)?));
         }
-        let source_seqs_path = dir.join(SOURCE_SEQS_FILE);
-        let released_source_seqs = load_source_seqs(&source_seqs_path)?;
+        let released_source_seqs = crate::state_file::load_source_seqs(&dir)?;
         recover_last_source_seqs(&journal, &volumes)?;
         let bookmarks = BookmarkIndex::rebuild(&journal)?;
         let resync_spans = ResyncSpans::rebuild(&journal)?;
@@ -338,8 +334,8 @@ impl Group {
                 .map(|s| s.saturating_mul(1_000_000_000)),
         };
 
-        let (sync_tx, sync_rx) = channel::bounded(SYNC_REQUESTS_MAX);
-        let (wake_tx, wake_rx) = channel::bounded(1);
+        let (sync_tx, sync_rx) = mpsc::sync_channel(SYNC_REQUESTS_MAX);
+        let (wake_tx, wake_rx) = mpsc::sync_channel(1);
         let group = Arc::new(Group {
             name: config.name.clone(),
             journal,
@@ -351,7 +347,7 @@ impl Group {
             held_by_images: AtomicBool::new(false),
             over_capacity: AtomicBool::new(false),
             distributed_source_seqs: Mutex::new(distributed_source_seqs),
-            source_seqs_path,
+            dir: dir.clone(),
             failure: watch::Sender::new(None),
             stop_distribution: AtomicBool::new(false),
             distribution_delay_max,
@@ -408,32 +404,33 @@ impl Group {
     }
 
     /// Adds a volume to the running group (`cdp volume add`). It gets a new id in
-    /// `group.json`, or its old one if it belonged to the group before: ids are never reused,
+    /// `group.state`, or its old one if it belonged to the group before: ids are never reused,
     /// and the journal may still hold its records, so its resume point is recovered as at
     /// start-up. Reads the journal backwards: call from a blocking thread.
-    pub fn add_volume(&self, config: &VolumeConfig) -> Result<Arc<GroupVolume>, String> {
-        if self.read_volumes().contains_key(&config.name) {
-            return Err(format!(
+    pub fn add_volume(&self, config: &VolumeConfig) -> Result<Arc<GroupVolume>, ApplianceError> {
+        let already = || {
+            ApplianceError::Refused(format!(
                 "group {} already has a volume {:?}",
                 self.name, config.name
-            ));
+            ))
+        };
+        if self.read_volumes().contains_key(&config.name) {
+            return Err(already());
         }
-        let dir = self
-            .state_path
-            .parent()
-            .ok_or_else(|| format!("group {} has no directory", self.name))?;
-        let meta = GroupMeta::load_or_create(dir, &self.name, std::slice::from_ref(&config.name))
-            .map_err(|e| e.to_string())?;
-        let id = meta
-            .volumes
-            .get(&config.name)
-            .copied()
-            .ok_or_else(|| format!("volume {} has no id in group.json", config.name))?;
-        let volume = Arc::new(open_volume(config, id).map_err(|e| e.to_string())?);
+        let meta =
+            GroupMeta::load_or_create(&self.dir, &self.name, std::slice::from_ref(&config.name))?;
+        let id =
+            meta.volumes
+                .get(&config.name)
+                .copied()
+                .ok_or_else(|| ApplianceError::Corruption {
+                    path: self.dir.join("group.state").display().to_string(),
+                    what: format!("volume {} has no id", config.name),
+                })?;
+        let volume = Arc::new(open_volume(config, id)?);
         let single = BTreeMap::from([(config.name.clone(), Arc::clone(&volume))]);
-        recover_last_source_seqs(&self.journal, &single).map_err(|e| e.to_string())?;
-        let released = load_source_seqs(&self.source_seqs_path)
-            .map_err(|e| e.to_string())?
+        recover_last_source_seqs(&self.journal, &single)?;
+        let released = crate::state_file::load_source_seqs(&self.dir)?
             .get(&id)
             .copied()
             .unwrap_or(0);
@@ -448,10 +445,7 @@ impl Group {
         }
         let mut volumes = self.volumes.write().unwrap_or_else(|p| p.into_inner());
         if volumes.contains_key(&config.name) {
-            return Err(format!(
-                "group {} already has a volume {:?}",
-                self.name, config.name
-            ));
+            return Err(already());
         }
         volumes.insert(config.name.clone(), Arc::clone(&volume));
         drop(volumes);
@@ -464,16 +458,24 @@ impl Group {
     /// releases them as any others) and its replica file is kept: first distribution applies
     /// everything journaled for it, so the replica ends equal to what production held at the
     /// last journaled change. Waits for distribution: call from a blocking thread.
-    pub fn remove_volume(&self, name: &str, force: bool) -> Result<Arc<GroupVolume>, String> {
+    pub fn remove_volume(
+        &self,
+        name: &str,
+        force: bool,
+    ) -> Result<Arc<GroupVolume>, ApplianceError> {
         let volume = self.volume(name).ok_or_else(|| {
-            format!("group {} has no volume {name:?} (it has: {})", self.name, {
-                let names: Vec<String> = self.read_volumes().keys().cloned().collect();
-                if names.is_empty() {
-                    "none".to_string()
-                } else {
-                    names.join(", ")
+            ApplianceError::NotFound(format!(
+                "group {} has no volume {name:?} (it has: {})",
+                self.name,
+                {
+                    let names: Vec<String> = self.read_volumes().keys().cloned().collect();
+                    if names.is_empty() {
+                        "none".to_string()
+                    } else {
+                        names.join(", ")
+                    }
                 }
-            })
+            ))
         })?;
         // `cdp volume remove` stops the splitter's side first; its connection closes a
         // moment later, so give it that moment before refusing.
@@ -482,22 +484,22 @@ impl Group {
             std::thread::sleep(Duration::from_millis(10));
         }
         if volume.connected.load(Ordering::Relaxed) && !force {
-            return Err(format!(
+            return Err(ApplianceError::Refused(format!(
                 "volume {name:?} still has a connected splitter; remove it from the splitter \
                  first (cdp volume remove does) or use --force"
-            ));
+            )));
         }
         if let Some(held) = *lock(&self.hold) {
-            return Err(format!(
+            return Err(ApplianceError::Refused(format!(
                 "a logged image holds group {}'s replicas at seq {held}; release it first, \
                  so the replica of {name:?} can receive its last changes",
                 self.name
-            ));
+            )));
         }
         volume.removed.store(true, Ordering::Relaxed);
         if let Err(e) = self.distribute_everything(VOLUME_REMOVE_DISTRIBUTION_WAIT) {
             volume.removed.store(false, Ordering::Relaxed);
-            return Err(format!("volume {name:?} not removed: {e}"));
+            return Err(e.context(&format!("volume {name:?} not removed")));
         }
         self.volumes
             .write()
@@ -508,22 +510,22 @@ impl Group {
     }
 
     /// Makes everything appended so far durable and waits until distribution applied it.
-    fn distribute_everything(&self, timeout: Duration) -> Result<(), String> {
+    fn distribute_everything(&self, timeout: Duration) -> Result<(), ApplianceError> {
         let target = self.journal.last_seq();
         if self.journal.durable_seq() < target {
-            self.journal.sync().map_err(|e| e.to_string())?;
+            self.journal.sync()?;
         }
         let deadline = Instant::now() + timeout;
         while self.distributed_seq() < target {
             if let Some(failure) = self.failure.borrow().clone() {
-                return Err(failure);
+                return Err(ApplianceError::Fenced(failure));
             }
             if Instant::now() >= deadline {
-                return Err(format!(
+                return Err(ApplianceError::Busy(format!(
                     "distribution did not reach seq {target} within {} s (it is at {})",
                     timeout.as_secs(),
                     self.distributed_seq()
-                ));
+                )));
             }
             self.urge_distribution();
             std::thread::sleep(Duration::from_millis(10));
@@ -538,15 +540,19 @@ impl Group {
     /// Appends a batch of one volume's changes, in order, and records the last source_seq;
     /// returns the journal seq of the last change. A failure fences the group: nothing after
     /// it is acknowledged.
-    pub fn append(&self, volume: &GroupVolume, changes: &[RecordIn]) -> Result<Seq, String> {
+    pub fn append(
+        &self,
+        volume: &GroupVolume,
+        changes: &[RecordIn],
+    ) -> Result<Seq, ApplianceError> {
         if let Some(failure) = self.failure.borrow().clone() {
-            return Err(failure);
+            return Err(ApplianceError::Fenced(failure));
         }
         if volume.removed.load(Ordering::Relaxed) {
-            return Err(format!(
+            return Err(ApplianceError::Refused(format!(
                 "volume {} was removed from group {}",
                 volume.name, self.name
-            ));
+            )));
         }
         self.last_append_ns
             .store(self.epoch.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -566,7 +572,7 @@ impl Group {
                 drop(history);
                 let what = format!("journal append failed: {e}");
                 self.fail(what.clone());
-                return Err(what);
+                return Err(ApplianceError::Fenced(what));
             }
         };
         if let Some(last) = changes.iter().map(|c| c.source_seq).max() {
@@ -664,10 +670,10 @@ impl Group {
                 progress: Arc::clone(progress),
             })
             .map_err(|e| match e {
-                channel::TrySendError::Full(_) => {
+                mpsc::TrySendError::Full(_) => {
                     format!("more than {SYNC_REQUESTS_MAX} flushes outstanding")
                 }
-                channel::TrySendError::Disconnected(_) => "group is stopping".into(),
+                mpsc::TrySendError::Disconnected(_) => "group is stopping".into(),
             })
     }
 
@@ -816,9 +822,12 @@ impl Group {
 
     /// Keeps retention away from what an image at `at` reads; refuses points outside the
     /// window. Returns the pin to give back to `unpin`.
-    pub fn pin_point(&self, at: Seq) -> Result<u64, String> {
+    pub fn pin_point(&self, at: Seq) -> Result<u64, ApplianceError> {
         let mut pins = lock(&self.pins);
-        self.check_recoverable(at).map_err(|e| e.message)?;
+        self.check_recoverable(at).map_err(|e| match e.code {
+            cdp_link::control_socket::ErrorCode::NotFound => ApplianceError::NotFound(e.message),
+            _ => ApplianceError::Refused(e.message),
+        })?;
         let id = self.next_pin.fetch_add(1, Ordering::Relaxed);
         pins.insert(id, at);
         Ok(id)
@@ -830,7 +839,7 @@ impl Group {
 
     /// Waits until the replica is exact again after a restart (distribution re-applies the
     /// records after the last checkpoint), asking distribution to hurry.
-    pub fn wait_replica_exact(&self, timeout: Duration) -> Result<(), String> {
+    pub fn wait_replica_exact(&self, timeout: Duration) -> Result<(), ApplianceError> {
         let deadline = Instant::now() + timeout;
         loop {
             let state = *self.replica_state.read().unwrap_or_else(|p| p.into_inner());
@@ -838,13 +847,13 @@ impl Group {
                 return Ok(());
             }
             if let Some(f) = self.failure.borrow().clone() {
-                return Err(f);
+                return Err(ApplianceError::Fenced(f));
             }
             if Instant::now() >= deadline {
-                return Err(format!(
+                return Err(ApplianceError::Busy(format!(
                     "the replica is still catching up after a restart (at seq {} of {}); try again shortly",
                     state.seq, state.exact_from
-                ));
+                )));
             }
             self.urgent.store(true, Ordering::Relaxed);
             let _ = self.distribution_wake.try_send(());
@@ -864,9 +873,10 @@ impl Group {
         let _locations_stay = self.relocation.read().unwrap_or_else(|p| p.into_inner());
         let state = self.replica_state.read().unwrap_or_else(|p| p.into_inner());
         if !state.exact {
-            return Err(ApplianceError::Io(std::io::Error::other(
-                "the replica is catching up after a restart; images are readable once it has",
-            )));
+            return Err(ApplianceError::Busy(
+                "the replica is catching up after a restart; images are readable once it has"
+                    .into(),
+            ));
         }
         let distributed = state.seq.0;
         let end = offset + buf.len() as u64;
@@ -1062,7 +1072,8 @@ impl Group {
             }
             *hold = Some(at);
         }
-        let result = self.roll_replica_to(at);
+        // Typed inside; `image.rs` (its caller) still passes messages on as strings.
+        let result = self.roll_replica_to(at).map_err(String::from);
         if result.is_err() {
             self.release_replica();
         }
@@ -1084,15 +1095,15 @@ impl Group {
         )
     }
 
-    fn roll_replica_to(&self, at: Seq) -> Result<(), String> {
+    fn roll_replica_to(&self, at: Seq) -> Result<(), ApplianceError> {
         self.wait_replica_exact(Duration::from_secs(600))?;
         // A replica behind the point first catches up to it (distribution stops there).
         while Seq(self.distributed.load(Ordering::Relaxed)) < at {
             if let Some(f) = self.failure.borrow().clone() {
-                return Err(f);
+                return Err(ApplianceError::Fenced(f));
             }
             if self.journal.durable_seq() < at {
-                self.journal.sync().map_err(|e| e.to_string())?;
+                self.journal.sync()?;
             }
             self.urgent.store(true, Ordering::Relaxed);
             let _ = self.distribution_wake.try_send(());
@@ -1113,7 +1124,7 @@ impl Group {
             .clone();
         // Checkpoint the target first: if the appliance dies mid-rollback, it restarts
         // distribution from `at`, which rewrites every block the rollback may have touched.
-        distribution_state::store(&self.state_path, at).map_err(|e| e.to_string())?;
+        distribution_state::store(&self.state_path, at)?;
         let undos: Vec<(u64, UndoRef)> = {
             let history = lock(&self.history);
             let mut v = Vec::new();
@@ -1177,7 +1188,9 @@ impl Group {
                         .map_err(|e| std::io::Error::other(e.to_string()))
                         .and_then(|p| volume.replica.write_at(r.offset, &p))
                 };
-                applied.map_err(|e| format!("rolling back seq {redo_seq}: {e}"))?;
+                applied.map_err(|e| {
+                    ApplianceError::from(e).context(&format!("rolling back seq {redo_seq}"))
+                })?;
                 i += 1;
                 self.rollback_progress.0.fetch_add(1, Ordering::Relaxed);
             }
@@ -1196,7 +1209,7 @@ impl Group {
         state.seq = at;
         self.distributed.store(at.0, Ordering::Relaxed);
         drop(state);
-        self.checkpoint().map_err(|e| e.to_string())?;
+        self.checkpoint()?;
         tracing::info!(group = %self.name, at = %at, "replica rolled back");
         Ok(())
     }
@@ -1308,7 +1321,7 @@ impl Group {
         self.failure.send_replace(Some(what));
     }
 
-    fn sync_loop(&self, rx: channel::Receiver<SyncRequest>, interval: Duration) {
+    fn sync_loop(&self, rx: mpsc::Receiver<SyncRequest>, interval: Duration) {
         let mut requests = Vec::new();
         loop {
             let stopping = match rx.recv_timeout(interval) {
@@ -1317,8 +1330,8 @@ impl Group {
                     requests.extend(rx.try_iter());
                     false
                 }
-                Err(channel::RecvTimeoutError::Timeout) => false,
-                Err(channel::RecvTimeoutError::Disconnected) => true,
+                Err(mpsc::RecvTimeoutError::Timeout) => false,
+                Err(mpsc::RecvTimeoutError::Disconnected) => true,
             };
             if self.failure.borrow().is_some() {
                 requests.clear();
@@ -1348,7 +1361,7 @@ impl Group {
         }
     }
 
-    fn distribute_loop(&self, wake: channel::Receiver<()>) {
+    fn distribute_loop(&self, wake: mpsc::Receiver<()>) {
         lower_thread_priority();
         let mut behind_since: Option<Instant> = None;
         loop {
@@ -1547,9 +1560,7 @@ impl Group {
                 r.length,
                 r.source_seq,
             );
-            history
-                .note_undo(first + i as u64, undo)
-                .map_err(|e| ApplianceError::Io(std::io::Error::other(e)))?;
+            history.note_undo(first + i as u64, undo)?;
         }
         records.clear();
         Ok(())
@@ -1677,8 +1688,7 @@ impl Group {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let text = serde_json::to_vec(&seqs).map_err(std::io::Error::other)?;
-        crate::group_meta::write_atomically(&self.source_seqs_path, &text)
+        Ok(crate::state_file::store_source_seqs(&self.dir, &seqs)?)
     }
 
     /// Drops index entries and undo segments for history retention released.
@@ -1758,9 +1768,9 @@ impl Group {
         records: &[RecordIn],
         first_seq: Seq,
         timestamps_ns: &[u64],
-    ) -> Result<Seq, String> {
+    ) -> Result<Seq, ApplianceError> {
         if let Some(failure) = self.failure.borrow().clone() {
-            return Err(failure);
+            return Err(ApplianceError::Fenced(failure));
         }
         self.last_append_ns
             .store(self.epoch.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -1773,12 +1783,14 @@ impl Group {
             &mut locations,
         ) {
             Ok(last) => last,
-            Err(cdp_journal::JournalError::InvalidArgument(what)) => return Err(what),
+            Err(cdp_journal::JournalError::InvalidArgument(what)) => {
+                return Err(ApplianceError::Refused(what))
+            }
             Err(e) => {
                 drop(history);
                 let what = format!("journal append failed: {e}");
                 self.fail(what.clone());
-                return Err(what);
+                return Err(ApplianceError::Fenced(what));
             }
         };
         for (i, (r, location)) in records.iter().zip(&locations).enumerate() {
@@ -1805,7 +1817,7 @@ impl Group {
 
     /// Makes every replicated record durable (group commit) and lets distribution apply
     /// them. A failure fences the group (never retry an fsync). Blocks: call from a thread.
-    pub fn sync_replicated(&self) -> Result<Seq, String> {
+    pub fn sync_replicated(&self) -> Result<Seq, ApplianceError> {
         match self.journal.sync() {
             Ok(seq) => {
                 let _ = self.distribution_wake.try_send(());
@@ -1814,7 +1826,7 @@ impl Group {
             Err(e) => {
                 let what = format!("journal sync failed: {e}");
                 self.fail(what.clone());
-                Err(what)
+                Err(ApplianceError::Fenced(what))
             }
         }
     }
@@ -1898,22 +1910,15 @@ const RPO_BYTES_LOOKAHEAD_RECORDS: u64 = 64;
 /// never be read as the other.
 const UNDO_STREAM_ID_SALT: u64 = 0x554e_444f_5354_524d; // "UNDOSTRM"
 
-/// File in the group directory: the seq the undo stream started at. Points below it have
-/// no before-images (the group was distributed before the stream existed).
-const UNDO_FLOOR_FILE: &str = "undo.floor";
-
+/// The seq the undo stream started at (`undo_floor.state`). Points below it have no
+/// before-images (the group was distributed before the stream existed).
 fn load_or_create_undo_floor(dir: &Path, distributed: Seq) -> Result<u64, ApplianceError> {
-    let path = dir.join(UNDO_FLOOR_FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(text) => text
-            .trim()
-            .parse()
-            .map_err(|e| ApplianceError::Config(format!("{}: {e}", path.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            crate::group_meta::write_atomically(&path, distributed.0.to_string().as_bytes())?;
+    match crate::state_file::load_undo_floor(dir)? {
+        Some(floor) => Ok(floor),
+        None => {
+            crate::state_file::store_undo_floor(dir, distributed.0)?;
             Ok(distributed.0)
         }
-        Err(e) => Err(e.into()),
     }
 }
 
@@ -1938,9 +1943,7 @@ fn rebuild_history(journal: &Journal, undo: &Journal) -> Result<History, Applian
         };
         let mut undo = UndoRef::new(location, r.kind, r.volume, r.offset, r.length, r.source_seq);
         undo.dropped = r.payload_dropped;
-        history
-            .note_undo(r.seq.0, undo)
-            .map_err(|e| ApplianceError::Io(std::io::Error::other(e)))?;
+        history.note_undo(r.seq.0, undo)?;
     }
     Ok(history)
 }
@@ -1984,20 +1987,6 @@ const VOLUME_REMOVE_DISTRIBUTION_WAIT: Duration = Duration::from_secs(60);
 
 /// How long removing a volume waits for its splitter's connection to close.
 const VOLUME_REMOVE_DISCONNECT_WAIT: Duration = Duration::from_secs(3);
-
-/// File in the group directory: per volume id, the highest source_seq that retention may
-/// have released from the journal (JSON object).
-const SOURCE_SEQS_FILE: &str = "source_seqs.json";
-
-/// Reads `SOURCE_SEQS_FILE`; absent means nothing was ever released.
-fn load_source_seqs(path: &Path) -> Result<BTreeMap<u32, u64>, ApplianceError> {
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| ApplianceError::Config(format!("{}: {e}", path.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
-        Err(e) => Err(e.into()),
-    }
-}
 
 /// Finds each volume's last splitter source_seq by reading the journal backwards in
 /// segment-sized steps, so a restarted splitter link resumes without gaps or duplicates.

@@ -1,24 +1,17 @@
 //! A group's identity on disk: its journal id and the stable numeric id of each volume.
 //!
-//! Stored as `group.json` beside the journal, replaced atomically (write, fsync, rename,
-//! fsync directory), so a crash leaves either the old or the new version, never a torn one.
+//! Stored as `group.state` (kind `GRUP`, layout in `state_file.rs`) beside the journal,
+//! replaced atomically, so a crash leaves either the old or the new version, never a torn
+//! one. A directory from before that format has `group.json`, read once and rewritten.
 
 use std::collections::BTreeMap;
-use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-
-use serde::{Deserialize, Serialize};
+use std::path::Path;
 
 use crate::error::ApplianceError;
+use crate::state_file::{self, GroupIdentity};
 
-const FORMAT: &str = "cdp-group";
-const VERSION: u32 = 1;
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GroupMeta {
-    pub format: String,
-    pub version: u32,
     pub name: String,
     /// Mixed into every journal record's CRC, so records of another group are rejected.
     pub group_id: u64,
@@ -27,8 +20,14 @@ pub struct GroupMeta {
 }
 
 impl GroupMeta {
-    fn path(dir: &Path) -> PathBuf {
-        dir.join("group.json")
+    /// Reads a group directory's identity without creating or changing anything (offline
+    /// tools and tests); `None` if the directory has none yet. Upgrades a `group.json`.
+    pub fn load(dir: &Path) -> Result<Option<GroupMeta>, ApplianceError> {
+        Ok(state_file::load_group(dir)?.map(|g| GroupMeta {
+            name: g.name,
+            group_id: g.group_id,
+            volumes: g.volumes,
+        }))
     }
 
     /// Loads the group's identity, creating it on first use and giving new volumes new ids.
@@ -37,93 +36,55 @@ impl GroupMeta {
         name: &str,
         volume_names: &[String],
     ) -> Result<GroupMeta, ApplianceError> {
-        let path = Self::path(dir);
-        let state_err = |what: String| ApplianceError::State {
-            path: path.display().to_string(),
-            what,
-        };
-        let mut meta = match fs::read(&path) {
-            Ok(bytes) => {
-                let meta: GroupMeta = serde_json::from_slice(&bytes)
-                    .map_err(|e| state_err(format!("unreadable: {e}")))?;
-                if meta.format != FORMAT {
-                    return Err(state_err(format!("not a group file ({:?})", meta.format)));
-                }
-                if meta.version != VERSION {
-                    return Err(state_err(format!(
-                        "version {} is not supported (this build reads {VERSION})",
-                        meta.version
-                    )));
-                }
+        let stored = Self::load(dir)?;
+        let mut meta = match stored.clone() {
+            Some(meta) => {
                 if meta.name != name {
-                    return Err(state_err(format!(
-                        "belongs to group {:?}, not {name:?}",
-                        meta.name
-                    )));
+                    return Err(ApplianceError::Corruption {
+                        path: state_file::path(dir, state_file::StateKind::Group)
+                            .display()
+                            .to_string(),
+                        what: format!("belongs to group {:?}, not {name:?}", meta.name),
+                    });
                 }
                 meta
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => GroupMeta {
-                format: FORMAT.into(),
-                version: VERSION,
+            None => GroupMeta {
                 name: name.into(),
-                group_id: random_u64(),
+                // One source of randomness for the whole program: `rand` (also the
+                // splitter's id).
+                group_id: rand::random(),
                 volumes: BTreeMap::new(),
             },
-            Err(e) => return Err(state_err(e.to_string())),
         };
-        let before = meta.clone();
         for v in volume_names {
             if !meta.volumes.contains_key(v) {
                 let next = meta.volumes.values().max().map_or(1, |m| m + 1);
                 meta.volumes.insert(v.clone(), next);
             }
         }
-        if meta != before || !path.exists() {
+        if stored.as_ref() != Some(&meta) {
             meta.store(dir)?;
         }
         Ok(meta)
     }
 
     fn store(&self, dir: &Path) -> Result<(), ApplianceError> {
-        let json = serde_json::to_vec_pretty(self).map_err(|e| ApplianceError::State {
-            path: dir.display().to_string(),
-            what: e.to_string(),
-        })?;
-        write_atomically(&Self::path(dir), &json)
-    }
-}
-
-/// Replaces `path` with `bytes` so that a crash leaves the old or the new content.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ApplianceError> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path)?;
-    if let Some(parent) = path.parent() {
-        fs::File::open(parent)?.sync_all()?;
-    }
-    Ok(())
-}
-
-fn random_u64() -> u64 {
-    let mut buf = [0u8; 8];
-    // getrandom never fails for 8 bytes on Linux ≥ 3.17; fall back to the clock if it does.
-    // SAFETY: getrandom writes at most buf.len() bytes into buf.
-    let n = unsafe { libc::getrandom(buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
-    if n == buf.len() as isize {
-        u64::from_le_bytes(buf)
-    } else {
-        cdp_types::TimestampNs::now().0
+        Ok(state_file::store_group(
+            dir,
+            &GroupIdentity {
+                group_id: self.group_id,
+                name: self.name.clone(),
+                volumes: self.volumes.clone(),
+            },
+        )?)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn ids_are_stable_and_never_reused() {
@@ -135,7 +96,20 @@ mod tests {
         assert_eq!(more.volumes["c"], 3);
         assert_eq!(more.group_id, a.group_id);
         assert!(GroupMeta::load_or_create(dir.path(), "other", &[]).is_err());
+        // A damaged file is corruption, and so is an unreadable one from before the format.
+        let path = dir.path().join("group.state");
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[30] ^= 1;
+        fs::write(&path, &bytes).unwrap();
+        assert!(matches!(
+            GroupMeta::load_or_create(dir.path(), "g", &[]),
+            Err(ApplianceError::Corruption { .. })
+        ));
+        fs::remove_file(&path).unwrap();
         fs::write(dir.path().join("group.json"), b"{garbage").unwrap();
-        assert!(GroupMeta::load_or_create(dir.path(), "g", &[]).is_err());
+        assert!(matches!(
+            GroupMeta::load_or_create(dir.path(), "g", &[]),
+            Err(ApplianceError::Corruption { .. })
+        ));
     }
 }

@@ -118,24 +118,29 @@ impl Groups {
 
     /// Creates a group with an empty journal (or reopens the journal a group of that name
     /// left in the data directory). Blocks on file I/O: call from a blocking thread.
-    pub fn create_group(&self, request: GroupCreate) -> Result<Arc<Group>, String> {
-        validate_name(&request.name).map_err(|e| e.to_string())?;
+    pub fn create_group(&self, request: GroupCreate) -> Result<Arc<Group>, ApplianceError> {
+        validate_name(&request.name).map_err(|e| ApplianceError::Refused(e.to_string()))?;
         let mut managed = self.lock_managed();
         if self.get(&request.name).is_some() {
-            return Err(format!("group {:?} already exists", request.name));
+            return Err(ApplianceError::Refused(format!(
+                "group {:?} already exists",
+                request.name
+            )));
         }
         let segment_bytes = self.journal_config.segment_bytes_max;
         let capacity_min = segment_bytes.saturating_mul(JOURNAL_CAPACITY_SEGMENTS_MIN);
         if let Some(capacity) = request.journal_capacity_bytes {
             if capacity < capacity_min {
-                return Err(format!(
+                return Err(ApplianceError::Refused(format!(
                     "journal capacity {capacity} bytes is below two journal segments; use at \
                      least {capacity_min} bytes (retention never releases the active segment)"
-                ));
+                )));
             }
         }
         if request.journal_retention_s == Some(0) {
-            return Err("journal retention must be at least 1 second".into());
+            return Err(ApplianceError::Refused(
+                "journal retention must be at least 1 second".into(),
+            ));
         }
         // Through serde, so settings this request does not name take `[[group]]`'s defaults.
         let mut settings = serde_json::json!({ "name": request.name });
@@ -148,9 +153,9 @@ impl Groups {
         if let Some(compress) = request.journal_compress {
             settings["journal_compress"] = compress.into();
         }
-        let config: GroupConfig =
-            serde_json::from_value(settings).map_err(|e| format!("group settings: {e}"))?;
-        let group = self.open_group(&config).map_err(|e| e.to_string())?;
+        let config: GroupConfig = serde_json::from_value(settings)
+            .map_err(|e| ApplianceError::Refused(format!("group settings: {e}")))?;
+        let group = self.open_group(&config)?;
         let mut changed = managed.clone();
         changed.group.push(config);
         if let Err(e) = changed.store(&self.data_dir) {
@@ -172,35 +177,38 @@ impl Groups {
         name: &str,
         size: u64,
         replica: Option<PathBuf>,
-    ) -> Result<Arc<GroupVolume>, String> {
-        validate_name(name).map_err(|e| e.to_string())?;
+    ) -> Result<Arc<GroupVolume>, ApplianceError> {
+        validate_name(name).map_err(|e| ApplianceError::Refused(e.to_string()))?;
         if size == 0 {
-            return Err(format!("volume {name:?} needs a size above 0"));
+            return Err(ApplianceError::Refused(format!(
+                "volume {name:?} needs a size above 0"
+            )));
         }
         let mut managed = self.lock_managed();
         let target = self.group_named(group)?;
         if let Some((owner, _)) = self.find_volume(name) {
-            return Err(format!(
+            return Err(ApplianceError::Refused(format!(
                 "volume {name:?} already exists in group {:?} (a volume belongs to one group)",
                 owner.name
-            ));
+            )));
         }
         let replica = match replica {
             Some(path) => path,
             None => {
                 let dir = self.data_dir.join("replicas").join(group);
-                std::fs::create_dir_all(&dir)
-                    .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+                std::fs::create_dir_all(&dir).map_err(|e| {
+                    ApplianceError::from(e).context(&format!("creating {}", dir.display()))
+                })?;
                 dir.join(format!("{name}.img"))
             }
         };
         if let Some((g, v)) = self.replica_user(&replica) {
-            return Err(format!(
+            return Err(ApplianceError::Refused(format!(
                 "replica {} is already used by volume {:?} of group {:?}",
                 replica.display(),
                 v.name,
                 g.name
-            ));
+            )));
         }
         let config = VolumeConfig {
             name: name.to_string(),
@@ -231,15 +239,15 @@ impl Groups {
         group: &str,
         name: &str,
         force: bool,
-    ) -> Result<Arc<GroupVolume>, String> {
+    ) -> Result<Arc<GroupVolume>, ApplianceError> {
         let mut managed = self.lock_managed();
         let target = self.group_named(group)?;
         if target.volume(name).is_none() {
             if let Some((owner, _)) = self.find_volume(name) {
-                return Err(format!(
+                return Err(ApplianceError::Refused(format!(
                     "volume {name:?} belongs to group {:?}, not {group:?}",
                     owner.name
-                ));
+                )));
             }
         }
         let volume = target.remove_volume(name, force)?;
@@ -318,13 +326,13 @@ impl Groups {
         &self.data_dir
     }
 
-    fn group_named(&self, name: &str) -> Result<Arc<Group>, String> {
+    fn group_named(&self, name: &str) -> Result<Arc<Group>, ApplianceError> {
         self.get(name).ok_or_else(|| {
             let names: Vec<String> = self.read().keys().cloned().collect();
-            format!(
+            ApplianceError::NotFound(format!(
                 "no group named {name:?} (groups: {}); create it with cdp group create",
                 names.join(", ")
-            )
+            ))
         })
     }
 

@@ -13,6 +13,8 @@ use std::collections::{HashMap, VecDeque};
 
 use cdp_journal::{RecordKind, RecordLocation};
 
+use crate::error::ApplianceError;
+
 /// The index's unit: image reads assemble whole blocks.
 pub const BLOCK_BYTES: u64 = 4096;
 /// Records up to this long are indexed per block; longer ones per chunk, so a 1 GiB zero
@@ -260,12 +262,15 @@ impl History {
     }
 
     /// Records undo record `undo_seq`, which must be the next one.
-    pub fn note_undo(&mut self, undo_seq: u64, undo: UndoRef) -> Result<(), String> {
+    pub fn note_undo(&mut self, undo_seq: u64, undo: UndoRef) -> Result<(), ApplianceError> {
         if undo_seq != self.undo_next() {
-            return Err(format!(
-                "undo record {undo_seq} where {} was expected",
-                self.undo_next()
-            ));
+            return Err(ApplianceError::Corruption {
+                path: "the undo stream".into(),
+                what: format!(
+                    "undo record {undo_seq} where {} was expected",
+                    self.undo_next()
+                ),
+            });
         }
         if !undo.dropped {
             self.volumes.entry(undo.volume).or_default().undo.insert(

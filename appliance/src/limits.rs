@@ -132,3 +132,8 @@ pub const DYNAMIC_SYNC_RETURN: std::time::Duration = std::time::Duration::from_s
 /// Blocks of one image read that must be assembled from journal or undo records (a record
 /// read each) before the read is split across two threads: 128 blocks = 512 KiB.
 pub const PARALLEL_ASSEMBLY_BLOCKS_MIN: usize = 128;
+
+/// Body bytes of one small state file (`state_file.rs`). The largest is consolidation's kept
+/// set, 8 bytes per kept point: 16 MiB is two million points, years of hourly points, and
+/// bounds what a damaged length field can make the appliance allocate.
+pub const STATE_BODY_BYTES_MAX: usize = 16 * 1024 * 1024;

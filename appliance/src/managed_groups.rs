@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ApplianceConfig, GroupConfig, VolumeConfig};
 use crate::error::ApplianceError;
-use crate::group_meta::write_atomically;
+use crate::state_file::write_atomically;
 
 /// File name in the data directory.
 pub const MANAGED_FILE: &str = "managed.toml";
@@ -66,21 +66,28 @@ impl ManagedGroups {
     pub fn load(data_dir: &Path) -> Result<ManagedGroups, ApplianceError> {
         let path = Self::path(data_dir);
         match std::fs::read_to_string(&path) {
-            Ok(text) => toml::from_str(&text).map_err(|e| ApplianceError::State {
-                path: path.display().to_string(),
-                what: e.to_string(),
-            }),
+            // An administrator may edit this file, so a parse error is a configuration error.
+            Ok(text) => toml::from_str(&text)
+                .map_err(|e| ApplianceError::Config(format!("{}: {e}", path.display()))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ManagedGroups::default()),
             Err(e) => Err(e.into()),
         }
     }
 
-    pub fn store(&self, data_dir: &Path) -> Result<(), String> {
+    pub fn store(&self, data_dir: &Path) -> Result<(), ApplianceError> {
         let path = Self::path(data_dir);
-        let text =
-            toml::to_string(self).map_err(|e| format!("encoding {}: {e}", path.display()))?;
-        write_atomically(&path, text.as_bytes())
-            .map_err(|e| format!("writing {}: {e}", path.display()))
+        let text = toml::to_string(self).map_err(|e| {
+            ApplianceError::Io(std::io::Error::other(format!(
+                "encoding {}: {e}",
+                path.display()
+            )))
+        })?;
+        write_atomically(&path, text.as_bytes()).map_err(|e| {
+            ApplianceError::Io(std::io::Error::new(
+                e.kind(),
+                format!("writing {}: {e}", path.display()),
+            ))
+        })
     }
 
     /// Applies the runtime changes over `appliance.toml`'s groups and checks the result as

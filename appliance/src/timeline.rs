@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::bookmark::Bookmark;
 use crate::consolidation::ConsolidationState;
+use crate::error::ApplianceError;
 use crate::limits::{TIMELINE_BUCKETS_MAX, TIMELINE_BUCKET_NS_DEFAULT};
 use crate::point::format_time;
 
@@ -82,18 +83,16 @@ pub fn timeline(
     bookmarks: Vec<Bookmark>,
     consolidation: &ConsolidationState,
     oldest: u64,
-) -> Result<Timeline, String> {
+) -> Result<Timeline, ApplianceError> {
     let mut kept = Vec::new();
     // (timestamp, bytes) of every change record, in seq order.
     let mut stamps: Vec<(u64, u64)> = Vec::new();
     let mut first = None;
     let mut last = None;
     let mut activity: Vec<ActivityBucket> = Vec::new();
-    let reader = journal
-        .read_headers_from(journal.first_seq())
-        .map_err(|e| format!("reading the journal: {e}"))?;
+    let reader = journal.read_headers_from(journal.first_seq())?;
     for record in reader {
-        let record = record.map_err(|e| format!("reading the journal: {e}"))?;
+        let record = record?;
         let end = WindowEnd {
             seq: record.seq.0,
             timestamp_ns: record.timestamp.0,

@@ -153,7 +153,7 @@ fn check_image_if_kept(
             check_image(group, model, at)?;
             Ok(true)
         }
-        Err(e) if !must_open && e.contains("consolidated away") => Ok(false),
+        Err(e) if !must_open && e.to_string().contains("consolidated away") => Ok(false),
         Err(e) => Err(TestCaseError::fail(format!("pin seq {at}: {e}"))),
     }
 }
@@ -243,7 +243,7 @@ fn run(ops: Vec<Op>, points: Vec<f64>, compress: bool) -> Result<(), TestCaseErr
                 };
                 group
                     .append(&v, std::slice::from_ref(&record))
-                    .map_err(TestCaseError::fail)?;
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 model.changes.push((group.last_seq().0, volume, record));
             }
             Op::Bookmark(keep) => {
@@ -273,12 +273,14 @@ fn run(ops: Vec<Op>, points: Vec<f64>, compress: bool) -> Result<(), TestCaseErr
                     let record = RecordIn::write(v.id, 0, payload(seed, VOLUME_BYTES as usize));
                     group
                         .append(&v, std::slice::from_ref(&record))
-                        .map_err(TestCaseError::fail)?;
+                        .map_err(|e| TestCaseError::fail(e.to_string()))?;
                     model.changes.push((group.last_seq().0, i, record));
                 }
                 wait_distributed(&group);
                 let before = group.status();
-                let report = group.consolidate().map_err(TestCaseError::fail)?;
+                let report = group
+                    .consolidate()
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 let after = group.status();
                 prop_assert_eq!(
                     before.journal_bytes + before.undo_bytes - report.bytes_freed,
@@ -357,7 +359,10 @@ fn points_outside_the_window_are_refused() {
     group
         .append(&v, &[RecordIn::write(v.id, 0, payload(1, 4096))])
         .expect("append");
-    let err = group.pin_point(Seq(5)).expect_err("past the end");
+    let err = group
+        .pin_point(Seq(5))
+        .expect_err("past the end")
+        .to_string();
     assert!(err.contains("past the journal's last record"), "{err}");
     group.stop();
 }

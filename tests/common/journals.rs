@@ -6,17 +6,13 @@ use std::path::Path;
 use cdp_journal::{Journal, JournalConfig, Record};
 use cdp_types::Seq;
 
-/// Volume name -> id of a group directory's group.json.
+/// A group directory's group id and volume name -> id, from its identity file (read with
+/// the appliance's own decoder, so the tests follow the format).
 pub fn volume_ids(group_dir: &Path) -> (u64, BTreeMap<String, u32>) {
-    let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(group_dir.join("group.json")).unwrap()).unwrap();
-    let ids = meta["volumes"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_u64().unwrap() as u32))
-        .collect();
-    (meta["group_id"].as_u64().unwrap(), ids)
+    let meta = cdp_appliance::group_meta::GroupMeta::load(group_dir)
+        .expect("readable group identity")
+        .expect("the group directory has an identity");
+    (meta.group_id, meta.volumes)
 }
 
 /// Every record of a stopped group directory's journal from seq 1, and volume id -> name.

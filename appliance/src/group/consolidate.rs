@@ -18,6 +18,7 @@ use serde::Serialize;
 use super::{lock, Group};
 use crate::consolidation::{kept_points, needed_payloads, ConsolidationState, PointRecord};
 use crate::distribution_state;
+use crate::error::ApplianceError;
 
 /// What one pass did (the answer to `cdp journal consolidate`).
 #[derive(Clone, Debug, Default, Serialize)]
@@ -72,7 +73,7 @@ impl PassStats {
 
 impl Group {
     /// Whether point `at` can still be shown exactly, or why not.
-    pub(super) fn check_not_consolidated(&self, at: Seq) -> Result<(), String> {
+    pub(super) fn check_not_consolidated(&self, at: Seq) -> Result<(), ApplianceError> {
         // Read before the state's lock: `oldest_point` takes it too.
         let oldest = self.oldest_point().0;
         let state = self
@@ -86,13 +87,13 @@ impl Group {
         // A kept point that retention released since is no suggestion.
         let below = below.filter(|&b| b >= oldest);
         let name = |s: Option<u64>| s.map_or("none".to_string(), |s| format!("seq:{s}"));
-        Err(format!(
+        Err(ApplianceError::Refused(format!(
             "seq {at} was consolidated away (the group's consolidation policy keeps only some \
              points of history older than keep_all_s); the nearest kept points are {} and {} \
              (see `cdp timeline`)",
             name(below),
             name(above)
-        ))
+        )))
     }
 
     /// The points consolidation kept so far.
@@ -141,12 +142,12 @@ impl Group {
     }
 
     /// One consolidation pass now. Blocks on file work: call from a blocking thread.
-    pub fn consolidate(&self) -> Result<ConsolidationReport, String> {
+    pub fn consolidate(&self) -> Result<ConsolidationReport, ApplianceError> {
         let Some(config) = self.consolidation.clone() else {
-            return Err(format!(
+            return Err(ApplianceError::Refused(format!(
                 "group {:?} has no consolidation policy ([group.consolidation] in the appliance config)",
                 self.name
-            ));
+            )));
         };
         let _pass = lock(&self.consolidation_pass);
         let started = Instant::now();
@@ -175,12 +176,11 @@ impl Group {
     fn consolidate_locked(
         &self,
         config: &crate::consolidation::ConsolidationConfig,
-    ) -> Result<ConsolidationReport, String> {
+    ) -> Result<ConsolidationReport, ApplianceError> {
         let mut report = ConsolidationReport::default();
         // Distribution replays from the checkpoint after a crash, so nothing above it may lose
         // a payload; open images and the remote copy read above their pins.
-        let checkpointed = distribution_state::load(&self.state_path)
-            .map_err(|e| e.to_string())?
+        let checkpointed = distribution_state::load(&self.state_path)?
             .0
             .min(self.distributed.load(Ordering::Relaxed));
         let pinned = lock(&self.pins).values().min().map_or(u64::MAX, |p| p.0);
@@ -189,12 +189,9 @@ impl Group {
         let bound = checkpointed.min(pinned).min(self.journal.durable_seq().0);
         let first = self.journal.first_seq().0;
         let mut records = Vec::new();
-        let reader = self
-            .journal
-            .read_headers_from(Seq(first))
-            .map_err(|e| e.to_string())?;
+        let reader = self.journal.read_headers_from(Seq(first))?;
         for r in reader {
-            let r = r.map_err(|e| e.to_string())?;
+            let r = r?;
             if r.seq.0 > bound || r.timestamp.0 > cutoff_ns {
                 break;
             }
@@ -244,11 +241,7 @@ impl Group {
         };
         state.kept.extend(kept.iter().copied());
         state.prune_below(oldest);
-        let dir = self
-            .state_path
-            .parent()
-            .ok_or_else(|| "the group has no directory".to_string())?;
-        state.store(dir)?;
+        state.store(&self.dir)?;
         *self
             .consolidation_state
             .write()
@@ -266,7 +259,9 @@ impl Group {
                 .consolidate_segment(index, &mut |r| {
                     r.kind == RecordKind::Write && !needed.redo.contains(&r.seq.0)
                 })
-                .map_err(|e| format!("consolidating journal segment {index}: {e}"))?;
+                .inspect_err(|e| {
+                    tracing::error!(group = %self.name, "consolidating journal segment {index}: {e}")
+                })?;
             if let Some(rewrite) = rewrite {
                 self.moved(&rewrite, false);
                 report.add(&rewrite);
@@ -287,7 +282,9 @@ impl Group {
                 .consolidate_segment(index, &mut |r| {
                     r.kind == RecordKind::Write && !needed.undo.contains(&r.source_seq)
                 })
-                .map_err(|e| format!("consolidating undo segment {index}: {e}"))?;
+                .inspect_err(|e| {
+                    tracing::error!(group = %self.name, "consolidating undo segment {index}: {e}")
+                })?;
             if let Some(rewrite) = rewrite {
                 self.moved(&rewrite, true);
                 report.add(&rewrite);

@@ -24,7 +24,7 @@ impl Group {
             )));
         }
         self.check_not_consolidated(at)
-            .map_err(ControlError::refused)
+            .map_err(|e| ControlError::refused(e.to_string()))
     }
 
     /// How many points consolidation kept that are still inside the window (kept points below

@@ -2,13 +2,12 @@
 //! copy never received, so instead of records it sends the regions whose bytes differ at a
 //! point P; afterwards this copy's history restarts after P.
 //!
-//! Crash safety: before the first region is written, `resync.marker` (holding P) is stored
+//! Crash safety: before the first region is written, `resync_marker.state` (holding P) is stored
 //! and the replica is marked inexact, so no image reads a half-resynchronised replica. The
 //! marker goes only after the journal restarted at P + 1; a restart that finds it with a
 //! journal not yet restarted keeps images refused, and the source, finding the same gap,
 //! resynchronises again (comparing, so only what still differs is sent).
 
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -17,57 +16,44 @@ use cdp_types::Seq;
 use super::{lock, Group, ReplicaState};
 use crate::consolidation::ConsolidationState;
 use crate::distribution_state;
+use crate::error::ApplianceError;
 use crate::history::History;
+use crate::state_file::{self, StateFileError, StateKind};
 
-const MARKER_FILE: &str = "resync.marker";
 /// Longest wait for this copy's distribution to apply its journal before a resync compares.
 const RESYNC_DISTRIBUTION_WAIT: Duration = Duration::from_secs(600);
 
 impl Group {
-    fn resync_marker_path(&self) -> Option<PathBuf> {
-        self.state_path.parent().map(|d| d.join(MARKER_FILE))
-    }
-
     /// At open: a resync that did not finish keeps images refused until one does.
     pub(super) fn resync_marker_at_open(
         dir: &std::path::Path,
         journal_first: Seq,
-    ) -> Result<bool, String> {
-        let path = dir.join(MARKER_FILE);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(format!("{}: {e}", path.display())),
+    ) -> Result<bool, StateFileError> {
+        let Some(through) = state_file::load_resync_marker(dir)? else {
+            return Ok(false);
         };
-        let through: u64 = text
-            .trim()
-            .parse()
-            .map_err(|e| format!("{}: {e}", path.display()))?;
         if journal_first.0 == through + 1 {
             // Finished but for removing the marker.
-            std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            state_file::remove(dir, StateKind::ResyncMarker)?;
             return Ok(false);
         }
+        let path = state_file::path(dir, StateKind::ResyncMarker);
         tracing::warn!(path = %path.display(), through, "a resynchronisation by regions did not finish; images stay refused until the source resynchronises this copy again");
         Ok(true)
     }
 
     /// Starts a resync to the source's point `through`: refused while images are open here;
     /// waits until the replica holds every journaled record, then marks it in progress.
-    pub fn begin_region_resync(&self, through: Seq) -> Result<(), String> {
+    pub fn begin_region_resync(&self, through: Seq) -> Result<(), ApplianceError> {
         if !lock(&self.pins).is_empty() {
-            return Err(
+            return Err(ApplianceError::Refused(
                 "images are open at the remote copy; a resynchronisation replaces its history, \
                  release them first"
                     .into(),
-            );
+            ));
         }
         self.distribute_everything(RESYNC_DISTRIBUTION_WAIT)?;
-        let marker = self
-            .resync_marker_path()
-            .ok_or_else(|| "the group has no directory".to_string())?;
-        crate::group_meta::write_atomically(&marker, through.0.to_string().as_bytes())
-            .map_err(|e| format!("storing {}: {e}", marker.display()))?;
+        state_file::store_resync_marker(&self.dir, through.0)?;
         let mut state = self
             .replica_state
             .write()
@@ -77,11 +63,11 @@ impl Group {
         Ok(())
     }
 
-    fn volume_by_id(&self, id: u32) -> Result<std::sync::Arc<super::GroupVolume>, String> {
+    fn volume_by_id(&self, id: u32) -> Result<std::sync::Arc<super::GroupVolume>, ApplianceError> {
         self.volumes()
             .into_iter()
             .find(|v| v.id == id)
-            .ok_or_else(|| format!("no volume with id {id}"))
+            .ok_or_else(|| ApplianceError::NotFound(format!("no volume with id {id}")))
     }
 
     /// BLAKE3 sums (`cdp_link::checksum`) of `count` regions of the replica of volume `id`
@@ -92,15 +78,14 @@ impl Group {
         region_bytes: u32,
         first: u64,
         count: usize,
-    ) -> Result<Vec<[u8; 32]>, String> {
+    ) -> Result<Vec<[u8; 32]>, ApplianceError> {
         let volume = self.volume_by_id(id)?;
         let mut sums = Vec::with_capacity(count);
         let mut buf = vec![0u8; region_bytes as usize];
         let mut at = first.saturating_mul(region_bytes as u64);
         while at < volume.size && sums.len() < count {
             let len = (volume.size - at).min(region_bytes as u64) as usize;
-            self.read_replica(&volume, at, &mut buf[..len])
-                .map_err(|e| e.to_string())?;
+            self.read_replica(&volume, at, &mut buf[..len])?;
             sums.push(cdp_link::checksum::region_checksum(&buf[..len]));
             at += len as u64;
         }
@@ -108,53 +93,51 @@ impl Group {
     }
 
     /// Writes one region the source sent into the replica of volume `id`.
-    pub fn write_resync_region(&self, id: u32, offset: u64, data: &[u8]) -> Result<(), String> {
+    pub fn write_resync_region(
+        &self,
+        id: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), ApplianceError> {
         let volume = self.volume_by_id(id)?;
         if offset
             .checked_add(data.len() as u64)
             .is_none_or(|end| end > volume.size)
         {
-            return Err(format!(
+            return Err(ApplianceError::Refused(format!(
                 "resync region {offset}+{} is past the end of volume {} ({} bytes)",
                 data.len(),
                 volume.name,
                 volume.size
-            ));
+            )));
         }
         let _writer = lock(&self.replica_writer);
-        volume
-            .replica
-            .write_at(offset, data)
-            .map_err(|e| e.to_string())
+        Ok(volume.replica.write_at(offset, data)?)
     }
 
     /// Ends a resync: the replica holds the source's state at `through`; journal, undo
     /// stream, index, bookmarks and kept points restart after it.
-    pub fn finish_region_resync(&self, through: Seq) -> Result<(), String> {
+    pub fn finish_region_resync(&self, through: Seq) -> Result<(), ApplianceError> {
         let _no_consolidation = lock(&self.consolidation_pass);
         let _writer = lock(&self.replica_writer);
         for v in self.volumes() {
-            v.replica.sync_data().map_err(|e| e.to_string())?;
+            v.replica.sync_data()?;
         }
-        distribution_state::store(&self.state_path, through).map_err(|e| e.to_string())?;
+        distribution_state::store(&self.state_path, through)?;
         let mut history = lock(&self.history);
         self.journal
             .restart_at(through.next())
-            .map_err(|e| format!("restarting the journal: {e}"))?;
+            .inspect_err(|e| tracing::error!(group = %self.name, "restarting the journal: {e}"))?;
         let undo_next = self.undo.last_seq().next();
-        self.undo
-            .restart_at(undo_next)
-            .map_err(|e| format!("restarting the undo stream: {e}"))?;
+        self.undo.restart_at(undo_next).inspect_err(
+            |e| tracing::error!(group = %self.name, "restarting the undo stream: {e}"),
+        )?;
         *history = History::new(through.0 + 1, undo_next.0);
         drop(history);
         self.bookmarks.clear();
         self.resync_spans.clear();
-        let dir = self
-            .state_path
-            .parent()
-            .ok_or_else(|| "the group has no directory".to_string())?;
         let fresh = ConsolidationState::default();
-        fresh.store(dir)?;
+        fresh.store(&self.dir)?;
         *self
             .consolidation_state
             .write()
@@ -168,9 +151,7 @@ impl Group {
             exact: true,
             exact_from: through,
         };
-        if let Some(marker) = self.resync_marker_path() {
-            std::fs::remove_file(&marker).map_err(|e| format!("{}: {e}", marker.display()))?;
-        }
+        state_file::remove(&self.dir, StateKind::ResyncMarker)?;
         Ok(())
     }
 }

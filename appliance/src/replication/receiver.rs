@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufReader, BufWriter};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -24,7 +24,6 @@ use cdp_link::replication::{
 };
 use cdp_link::LinkError;
 use cdp_types::Seq;
-use serde::{Deserialize, Serialize};
 
 use crate::config::GroupSource;
 use crate::error::ApplianceError;
@@ -32,14 +31,7 @@ use crate::group::Group;
 use crate::limits::{REPLICATION_IDLE_TIMEOUT, REPLICATION_LINKS_MAX};
 use crate::replication::link_stream::{LinkReader, LinkWriter};
 use crate::replication::tls::{self, ServerSecurity};
-
-/// File in a remote group's directory: which source group it is a copy of.
-const SOURCE_FILE: &str = "replication_source.json";
-
-#[derive(Serialize, Deserialize)]
-struct SourceIdentity {
-    source_group_id: u64,
-}
+use crate::state_file;
 
 /// The links being served: a handle on each socket (to shut it at stop) and its thread.
 type Links = Arc<Mutex<Vec<(TcpStream, JoinHandle<()>)>>>;
@@ -281,18 +273,22 @@ fn serve_link(
                         reader.get_ref().socket().try_clone().ok();
                     receive(&g, &volume_map, peer, &mut reader, &mut writer)
                 } else {
-                    Err(format!(
+                    Err(ApplianceError::Busy(format!(
                         "group {group:?} still has a replication link that did not end within \
                          {LINK_TAKEOVER_WAIT:?}; one link at a time"
-                    ))
+                    )))
                 }
             }
             Err(reason) => Err(reason),
         },
-        Ok(other) => Err(format!("expected Hello, got {}", message_name(&other))),
-        Err(e) => Err(format!("bad Hello: {e}")),
+        Ok(other) => Err(ApplianceError::Refused(format!(
+            "expected Hello, got {}",
+            message_name(&other)
+        ))),
+        Err(e) => Err(ApplianceError::Refused(format!("bad Hello: {e}"))),
     };
     if let Err(reason) = outcome {
+        let reason = reason.to_string();
         tracing::warn!(%peer, "replication link refused or ended: {reason}");
         let _ = write_message(&mut writer, &ReplicationMessage::Refuse { reason });
     }
@@ -306,32 +302,33 @@ fn admit<'a>(
     name: &str,
     source_group_id: u64,
     volumes: &[HelloVolume],
-) -> Result<(&'a Arc<Group>, BTreeMap<u32, u32>), String> {
-    let group = groups
-        .iter()
-        .find(|g| g.name == name)
-        .ok_or_else(|| format!("no group {name:?} is configured on this appliance"))?;
+) -> Result<(&'a Arc<Group>, BTreeMap<u32, u32>), ApplianceError> {
+    let group = groups.iter().find(|g| g.name == name).ok_or_else(|| {
+        ApplianceError::NotFound(format!("no group {name:?} is configured on this appliance"))
+    })?;
     if group.replication().source != GroupSource::Remote {
-        return Err(format!(
+        return Err(ApplianceError::Refused(format!(
             "group {name:?} here is not a remote copy (set source = \"remote\" in its [[group]])"
-        ));
+        )));
     }
     if let Some(failure) = group.failure().borrow().clone() {
-        return Err(format!("group {name:?} is fenced: {failure}"));
+        return Err(ApplianceError::Fenced(format!(
+            "group {name:?} is fenced: {failure}"
+        )));
     }
     let mut map = BTreeMap::new();
     for v in volumes {
         let local = group.volume(&v.name).ok_or_else(|| {
-            format!(
+            ApplianceError::NotFound(format!(
                 "volume {:?} of group {name:?} is not configured here",
                 v.name
-            )
+            ))
         })?;
         if local.size != v.size {
-            return Err(format!(
+            return Err(ApplianceError::Refused(format!(
                 "volume {:?} is {} bytes at the source but {} bytes here",
                 v.name, v.size, local.size
-            ));
+            )));
         }
         map.insert(v.id, local.id);
     }
@@ -342,33 +339,32 @@ fn admit<'a>(
 /// A remote copy belongs to one source group for good: the first link records the source's
 /// group id; a link from another group (same name, other appliance or recreated group) is
 /// refused once records are here, since its seqs would mean other writes.
-fn check_source_identity(dir: &Path, group: &Group, source_group_id: u64) -> Result<(), String> {
-    let path: PathBuf = dir.join(SOURCE_FILE);
-    match std::fs::read(&path) {
-        Ok(bytes) => {
-            let known: SourceIdentity = serde_json::from_slice(&bytes)
-                .map_err(|e| format!("{}: unreadable: {e}", path.display()))?;
-            if known.source_group_id != source_group_id {
-                return Err(format!(
-                    "group {:?} here is the copy of source group id {:016x}, not {source_group_id:016x}; \
+fn check_source_identity(
+    dir: &Path,
+    group: &Group,
+    source_group_id: u64,
+) -> Result<(), ApplianceError> {
+    // `replication_source.state` (kind `RSRC` in `state_file.rs`).
+    match state_file::load_replication_source(dir)? {
+        Some(known) => {
+            if known != source_group_id {
+                return Err(ApplianceError::Refused(format!(
+                    "group {:?} here is the copy of source group id {known:016x}, not {source_group_id:016x}; \
                      refusing records of another group (remove this copy's data to start over)",
-                    group.name, known.source_group_id
-                ));
+                    group.name
+                )));
             }
             Ok(())
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        None => {
             if group.last_seq() > Seq::ZERO {
-                return Err(format!(
+                return Err(ApplianceError::Refused(format!(
                     "group {:?} here already holds records of unknown origin; refusing to mix in source {source_group_id:016x}",
                     group.name
-                ));
+                )));
             }
-            let text = serde_json::to_vec(&SourceIdentity { source_group_id })
-                .map_err(|e| e.to_string())?;
-            crate::group_meta::write_atomically(&path, &text).map_err(|e| e.to_string())
+            Ok(state_file::store_replication_source(dir, source_group_id)?)
         }
-        Err(e) => Err(format!("{}: {e}", path.display())),
     }
 }
 
@@ -395,7 +391,7 @@ fn receive(
     peer: &str,
     reader: &mut BufReader<LinkReader>,
     writer: &mut BufWriter<LinkWriter>,
-) -> Result<(), String> {
+) -> Result<(), ApplianceError> {
     // Everything in the journal after a restart is on disk or in the page cache; sync so
     // the resume point we announce is durable.
     let mut durable = group.sync_replicated()?;
@@ -404,8 +400,7 @@ fn receive(
         &ReplicationMessage::Welcome {
             last_seq: durable.0,
         },
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     tracing::info!(group = %group.name, %peer, last_seq = %durable, "replication source connected");
     // Deduplicated batches refer to blocks of earlier batches of this connection only.
     let mut decoder = BatchDecoder::new();
@@ -418,20 +413,22 @@ fn receive(
                 tracing::info!(group = %group.name, %peer, "replication source disconnected");
                 return Ok(());
             }
-            Err(e) => return Err(format!("replication link: {e}")),
+            Err(e) => return Err(e.into()),
         };
         match message {
             ReplicationMessage::Batch { .. } if resync.is_some() => {
-                return Err("a batch arrived during a resynchronisation by regions".into());
+                return Err(ApplianceError::Refused(
+                    "a batch arrived during a resynchronisation by regions".into(),
+                ));
             }
             ReplicationMessage::ResyncBegin {
                 through_seq,
                 region_bytes,
             } => {
                 if through_seq <= durable.0 || resync.is_some() {
-                    return Err(format!(
+                    return Err(ApplianceError::Refused(format!(
                         "resync to seq {through_seq} while this copy holds seqs up to {durable}"
-                    ));
+                    )));
                 }
                 tracing::warn!(
                     group = %group.name,
@@ -461,8 +458,7 @@ fn receive(
                                 offset: first * region_bytes as u64,
                                 sums,
                             },
-                        )
-                        .map_err(|e| e.to_string())?;
+                        )?;
                         first += count;
                     }
                 }
@@ -475,10 +471,14 @@ fn receive(
                 data,
             } => {
                 let Some((_, regions, bytes)) = resync.as_mut() else {
-                    return Err("resync data outside a resynchronisation".into());
+                    return Err(ApplianceError::Refused(
+                        "resync data outside a resynchronisation".into(),
+                    ));
                 };
                 let id = *volume_map.get(&volume).ok_or_else(|| {
-                    format!("resync data for volume id {volume}, not in the Hello")
+                    ApplianceError::Refused(format!(
+                        "resync data for volume id {volume}, not in the Hello"
+                    ))
                 })?;
                 group.write_resync_region(id, offset, &data)?;
                 *regions += 1;
@@ -487,12 +487,14 @@ fn receive(
             }
             ReplicationMessage::ResyncEnd { through_seq } => {
                 let Some((through, regions, bytes)) = resync.take() else {
-                    return Err("resync end outside a resynchronisation".into());
+                    return Err(ApplianceError::Refused(
+                        "resync end outside a resynchronisation".into(),
+                    ));
                 };
                 if through.0 != through_seq {
-                    return Err(format!(
+                    return Err(ApplianceError::Refused(format!(
                         "resync to seq {through} ended at seq {through_seq}"
-                    ));
+                    )));
                 }
                 group.finish_region_resync(through)?;
                 durable = through;
@@ -508,10 +510,10 @@ fn receive(
             ReplicationMessage::Batch { records } => {
                 let first = records[0].seq;
                 if first != durable.0 + 1 {
-                    return Err(format!(
+                    return Err(ApplianceError::Refused(format!(
                         "batch starts at seq {first} but this copy holds seqs up to {durable}: \
                          a gap or a duplicate"
-                    ));
+                    )));
                 }
                 let (ins, stamps) = to_journal_records(group, volume_map, &records)?;
                 group.append_replicated(&ins, Seq(first), &stamps)?;
@@ -519,10 +521,10 @@ fn receive(
             }
             ReplicationMessage::Heartbeat => {}
             other => {
-                return Err(format!(
+                return Err(ApplianceError::Refused(format!(
                     "unexpected {} on a replication link",
                     message_name(&other)
-                ))
+                )))
             }
         }
         write_message(
@@ -530,8 +532,7 @@ fn receive(
             &ReplicationMessage::BatchAck {
                 through_seq: durable.0,
             },
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
     }
 }
 
@@ -541,7 +542,7 @@ fn to_journal_records(
     group: &Group,
     volume_map: &BTreeMap<u32, u32>,
     records: &[ReplicatedRecord],
-) -> Result<(Vec<RecordIn>, Vec<u64>), String> {
+) -> Result<(Vec<RecordIn>, Vec<u64>), ApplianceError> {
     let sizes: BTreeMap<u32, u64> = group.volumes().iter().map(|v| (v.id, v.size)).collect();
     let mut ins = Vec::with_capacity(records.len());
     let mut stamps = Vec::with_capacity(records.len());
@@ -558,14 +559,17 @@ fn to_journal_records(
             0
         } else {
             let id = *volume_map.get(&r.volume).ok_or_else(|| {
-                format!("seq {}: volume id {} was not in the Hello", r.seq, r.volume)
+                ApplianceError::Refused(format!(
+                    "seq {}: volume id {} was not in the Hello",
+                    r.seq, r.volume
+                ))
             })?;
             let size = sizes.get(&id).copied().unwrap_or(0);
             if kind.change_kind().is_some() && r.offset + r.length > size {
-                return Err(format!(
+                return Err(ApplianceError::Refused(format!(
                     "seq {}: {:?} at {} + {} is past the volume's end ({size})",
                     r.seq, r.kind, r.offset, r.length
-                ));
+                )));
             }
             id
         };

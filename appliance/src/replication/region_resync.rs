@@ -17,6 +17,7 @@ use cdp_link::checksum::region_checksum;
 use cdp_link::replication::{read_message, write_message, ReplicationMessage};
 use serde::Serialize;
 
+use crate::error::ApplianceError;
 use crate::group::Group;
 use crate::replication::link_stream::{LinkReader, LinkWriter};
 use crate::replication::ShippingState;
@@ -49,7 +50,7 @@ pub fn resync_by_regions(
     reader: &mut BufReader<LinkReader>,
     writer: &mut BufWriter<LinkWriter>,
     remote_last: u64,
-) -> Result<u64, String> {
+) -> Result<u64, ApplianceError> {
     let started = Instant::now();
     let journal_first = group.journal().first_seq().0;
     let through = group.journal().durable_seq();
@@ -70,8 +71,7 @@ pub fn resync_by_regions(
                 through_seq: through.0,
                 region_bytes: RESYNC_REGION_BYTES,
             },
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         let volumes = group.volumes();
         let regions = |size: u64| size.div_ceil(RESYNC_REGION_BYTES as u64) as usize;
         let mut remote_sums: BTreeMap<u32, Vec<[u8; 32]>> =
@@ -79,7 +79,7 @@ pub fn resync_by_regions(
         let expected: usize = volumes.iter().map(|v| regions(v.size)).sum();
         let mut received = 0;
         while received < expected {
-            match read_message(reader).map_err(|e| e.to_string())? {
+            match read_message(reader)? {
                 ReplicationMessage::ResyncSums {
                     volume,
                     offset,
@@ -89,22 +89,32 @@ pub fn resync_by_regions(
                         .iter()
                         .find(|v| v.id == volume)
                         .map(|v| v.size)
-                        .ok_or_else(|| format!("resync sums for unknown volume id {volume}"))?;
+                        .ok_or_else(|| {
+                            ApplianceError::Refused(format!(
+                                "resync sums for unknown volume id {volume}"
+                            ))
+                        })?;
                     let have = remote_sums.entry(volume).or_default();
                     if offset != have.len() as u64 * RESYNC_REGION_BYTES as u64
                         || have.len() + sums.len() > regions(size)
                     {
-                        return Err(format!(
+                        return Err(ApplianceError::Refused(format!(
                             "resync sums for volume {volume} at {offset} out of order or past its end"
-                        ));
+                        )));
                     }
                     received += sums.len();
                     have.extend(sums);
                 }
                 ReplicationMessage::Refuse { reason } => {
-                    return Err(format!("the remote copy refused the resync: {reason}"))
+                    return Err(ApplianceError::Refused(format!(
+                        "the remote copy refused the resync: {reason}"
+                    )))
                 }
-                other => return Err(format!("expected resync sums, got {other:?}")),
+                other => {
+                    return Err(ApplianceError::Refused(format!(
+                        "expected resync sums, got {other:?}"
+                    )))
+                }
             }
         }
         let mut report = RegionResyncReport {
@@ -120,7 +130,7 @@ pub fn resync_by_regions(
                 let len = (v.size - offset).min(RESYNC_REGION_BYTES as u64) as usize;
                 group
                     .read_at_point(v, through, offset, &mut buf[..len])
-                    .map_err(|e| format!("reading the image at seq {through}: {e}"))?;
+                    .map_err(|e| e.context(&format!("reading the image at seq {through}")))?;
                 report.regions_compared += 1;
                 if region_checksum(&buf[..len]) != *remote {
                     write_message(
@@ -130,8 +140,7 @@ pub fn resync_by_regions(
                             offset,
                             data: Bytes::copy_from_slice(&buf[..len]),
                         },
-                    )
-                    .map_err(|e| e.to_string())?;
+                    )?;
                     report.regions_sent += 1;
                     report.bytes_sent += len as u64;
                     state.wire_bytes.fetch_add(len as u64, Ordering::Relaxed);
@@ -143,14 +152,19 @@ pub fn resync_by_regions(
             &ReplicationMessage::ResyncEnd {
                 through_seq: through.0,
             },
-        )
-        .map_err(|e| e.to_string())?;
-        match read_message(reader).map_err(|e| e.to_string())? {
+        )?;
+        match read_message(reader)? {
             ReplicationMessage::BatchAck { through_seq } if through_seq == through.0 => {}
             ReplicationMessage::Refuse { reason } => {
-                return Err(format!("the remote copy refused the resync: {reason}"))
+                return Err(ApplianceError::Refused(format!(
+                    "the remote copy refused the resync: {reason}"
+                )))
             }
-            other => return Err(format!("expected the resync's ack, got {other:?}")),
+            other => {
+                return Err(ApplianceError::Refused(format!(
+                    "expected the resync's ack, got {other:?}"
+                )))
+            }
         }
         report.millis = started.elapsed().as_millis() as u64;
         tracing::info!(

@@ -320,9 +320,11 @@ fn find_journals(dir: &Path) -> std::io::Result<Vec<(Option<String>, PathBuf)>> 
     }
     let nested = dir.join(cdp_journal::JOURNAL_DIR_NAME);
     if nested.is_dir() {
-        let group = dir
-            .join("group.json")
-            .is_file()
+        // `group.state`, or `group.json` in a directory no appliance has opened since the
+        // state files changed format.
+        let group = ["group.state", "group.json"]
+            .iter()
+            .any(|f| dir.join(f).is_file())
             .then(|| dir.file_name().map(|n| n.to_string_lossy().into_owned()))
             .flatten();
         return Ok(find_journals(&nested)?
