@@ -60,6 +60,10 @@ pub async fn run_with_ready(
 
     let control_path = config.control_path();
     let control = bind_unix(&control_path)?;
+    cdp_link::socket_access::restrict_control_socket(
+        &control_path,
+        config.control_socket_group.as_deref(),
+    )?;
     let link = LinkListener::bind(&config.link_listen).await?;
     tracing::info!(link = %config.link_listen, control = %control_path.display(), "appliance ready");
 
