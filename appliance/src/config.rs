@@ -65,6 +65,14 @@ pub struct ApplianceConfig {
     #[serde(default)]
     pub replication_plaintext: bool,
     // --- end remote replication ---
+    /// Serve Prometheus metrics at `http://ADDR/metrics`, for example `127.0.0.1:9721`.
+    /// Default: none (off; `cdp up` turns it on on loopback). An address off loopback is
+    /// served with a warning: the metrics name groups and carry no authentication.
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The `site` label of every metric. Default: the host's name.
+    #[serde(default)]
+    pub site: Option<String>,
     #[serde(default)]
     pub group: Vec<GroupConfig>,
 }

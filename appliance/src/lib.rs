@@ -14,6 +14,7 @@ pub mod image;
 pub mod limits;
 pub mod link_server;
 pub mod managed_groups;
+pub mod metrics;
 pub mod point;
 pub mod record_cache;
 pub mod replica_verify;
@@ -103,6 +104,23 @@ pub async fn run_with_ready(
         Arc::clone(&groups),
         Arc::clone(&images),
     ));
+    let _metrics = match config.metrics_listen {
+        Some(listen) => {
+            if !listen.ip().is_loopback() {
+                tracing::warn!(metrics = %listen, "metrics served off loopback, without authentication");
+            }
+            let site = config
+                .site
+                .clone()
+                .unwrap_or_else(cdp_metrics::default_site);
+            let sampler = metrics::Sampler::new(Arc::clone(&groups), Arc::clone(&images));
+            let (_, task) = metrics::start(listen, site, sampler, |_| {})
+                .await
+                .map_err(|e| ApplianceError::Config(format!("metrics_listen {listen}: {e}")))?;
+            Some(AbortOnDrop(task))
+        }
+        None => None,
+    };
     let link_deadline = std::time::Duration::from_millis(config.link_deadline_ms);
     let mut links = tokio::task::JoinSet::new();
     let limit = Arc::new(Semaphore::new(LINK_CONNECTIONS_MAX));
@@ -154,4 +172,13 @@ pub async fn run_with_ready(
     let _ = std::fs::remove_file(&control_path);
     tracing::info!("appliance stopped");
     Ok(())
+}
+
+/// Stops a background task when the appliance's run ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

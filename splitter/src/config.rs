@@ -59,6 +59,14 @@ pub struct SplitterConfig {
     /// socket; without either, volumes cannot be managed at runtime.
     #[serde(default)]
     pub managed_volumes: Option<PathBuf>,
+    /// Serve Prometheus metrics at `http://ADDR/metrics`, for example `127.0.0.1:9722`.
+    /// Default: none (off; `cdp up` turns it on on loopback). An address off loopback is
+    /// served with a warning: the metrics name volumes and carry no authentication.
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The `site` label of every metric. Default: the host's name.
+    #[serde(default)]
+    pub site: Option<String>,
     /// One NBD export per protected volume.
     #[serde(default)]
     pub volume: Vec<SplitVolumeConfig>,

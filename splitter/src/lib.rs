@@ -5,6 +5,8 @@ pub mod control;
 pub mod dirty_bitmap;
 pub mod error;
 pub mod limits;
+pub mod metered_export;
+pub mod metrics;
 pub mod served_volumes;
 pub mod split_export;
 pub mod split_link;
@@ -116,6 +118,22 @@ pub async fn run_with_ready(
             Ok(())
         });
     }
+    let _metrics = match config.metrics_listen {
+        Some(listen) => {
+            if !listen.ip().is_loopback() {
+                tracing::warn!(metrics = %listen, "metrics served off loopback, without authentication");
+            }
+            let site = config
+                .site
+                .clone()
+                .unwrap_or_else(cdp_metrics::default_site);
+            let (_, task) = metrics::start(listen, site, Arc::clone(&served))
+                .await
+                .map_err(|e| SplitterError::Config(format!("metrics_listen {listen}: {e}")))?;
+            Some(AbortOnDrop(task))
+        }
+        None => None,
+    };
     tracing::info!(volumes = served.list().len(), "splitter ready");
     ready();
 
@@ -147,6 +165,15 @@ pub async fn run_with_ready(
     tasks.shutdown().await;
     tracing::info!("splitter stopped");
     Ok(())
+}
+
+/// Stops a background task when the splitter's run ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 async fn stopped(mut rx: watch::Receiver<bool>) {

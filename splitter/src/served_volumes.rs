@@ -11,6 +11,7 @@ use cdp_types::{validate_name, BlockFile, Endpoint};
 use crate::config::{ManagedVolumes, OnApplianceLoss, SplitVolumeConfig};
 use crate::dirty_bitmap::{self, DirtyBitmap};
 use crate::error::SplitterError;
+use crate::metered_export::{HostIo, MeteredExport};
 use crate::split_export::SplitExport;
 use crate::split_link::{self, DurableBy, SplitLink};
 
@@ -26,6 +27,8 @@ pub struct ServedVolume {
     pub config: SplitVolumeConfig,
     pub production: Arc<BlockFile>,
     pub link: Arc<SplitLink>,
+    /// The host's requests, counted by the export's metering layer (`metered_export.rs`).
+    pub host_io: Arc<HostIo>,
 }
 
 /// The served volumes. Hosts find them through `registry`; control requests change them.
@@ -111,6 +114,8 @@ impl ServedVolumes {
             link.request_full_resync(split_link::ResyncReason::Initial);
         }
         let export = SplitExport::new(Arc::clone(&production), Arc::clone(&link), v.read_only);
+        let host_io = Arc::new(HostIo::default());
+        let export = MeteredExport::new(export, Arc::clone(&host_io));
         if let Err(e) = self.registry.add(
             &v.name,
             &format!("cdp protected volume {}", v.name),
@@ -123,6 +128,7 @@ impl ServedVolumes {
             config: v.clone(),
             production,
             link,
+            host_io,
         });
         self.lock().insert(v.name.clone(), Arc::clone(&served));
         Ok(served)

@@ -40,6 +40,8 @@ pub struct ExampleInstance<'a> {
     pub volume: &'a str,
     pub size: u64,
     pub nbd_tcp: &'a str,
+    /// Turns the metrics listeners on at these addresses (appliance, splitter).
+    pub metrics_listen: Option<(&'a str, &'a str)>,
 }
 
 impl ExampleInstance<'_> {
@@ -65,6 +67,18 @@ impl ExampleInstance<'_> {
                 "nbd_tcp = \"127.0.0.1:10809\"",
                 &format!("nbd_tcp = \"{}\"", toml_escaped(self.nbd_tcp)),
             );
+        let body = match self.metrics_listen {
+            Some((appliance, splitter)) => body
+                .replace(
+                    "#metrics_listen = \"127.0.0.1:9721\"",
+                    &format!("metrics_listen = \"{}\"", toml_escaped(appliance)),
+                )
+                .replace(
+                    "#metrics_listen = \"127.0.0.1:9722\"",
+                    &format!("metrics_listen = \"{}\"", toml_escaped(splitter)),
+                ),
+            None => body,
+        };
         let body = body
             .replace("\0DIR\0", &toml_escaped(&self.dir.display().to_string()))
             .replace("\0VOLUME\0", &toml_escaped(self.volume));
@@ -235,6 +249,7 @@ mod tests {
             volume: "db01",
             size: 40960,
             nbd_tcp: "127.0.0.1:0",
+            metrics_listen: Some(("127.0.0.1:1234", "127.0.0.1:1235")),
         };
         let appliance = cdp_appliance::ApplianceConfig::from_toml(&instance.appliance_toml())
             .unwrap_or_else(|e| panic!("{e}:\n{}", instance.appliance_toml()));
@@ -259,6 +274,14 @@ mod tests {
             Some(dir.join("splitter.ctl").as_path())
         );
         assert_eq!(splitter.volume[0].name, "db01");
+        assert_eq!(
+            appliance.metrics_listen,
+            Some("127.0.0.1:1234".parse().unwrap())
+        );
+        assert_eq!(
+            splitter.metrics_listen,
+            Some("127.0.0.1:1235".parse().unwrap())
+        );
         assert_eq!(splitter.volume[0].path, dir.join("production/db01.img"));
         assert!(instance
             .appliance_toml()

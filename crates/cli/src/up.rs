@@ -216,11 +216,19 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let size = prepare_production(&layout, args.size)?;
     // The package's commented examples (every key, its default, what it does), with this
     // directory's paths: `cdp up`'s layout is an instance's under /var/lib/cdp.
+    // Metrics on loopback, on ports free now: fixed well-known ports would make a second
+    // `cdp up` on the machine fail to start; the configs keep the ports for later runs.
+    let metrics_ports = (free_loopback_port()?, free_loopback_port()?);
+    let metrics_listen = (
+        format!("127.0.0.1:{}", metrics_ports.0),
+        format!("127.0.0.1:{}", metrics_ports.1),
+    );
     let example = crate::packaging::ExampleInstance {
         dir: &dir,
         volume: &args.name,
         size,
         nbd_tcp: args.nbd_tcp.as_deref().unwrap_or(NBD_TCP_DEFAULT),
+        metrics_listen: Some((&metrics_listen.0, &metrics_listen.1)),
     };
     if !layout.appliance_toml.exists() {
         write_new(&layout.appliance_toml, &example.appliance_toml())?;
@@ -442,7 +450,29 @@ fn check_tcp_free(address: &str) -> anyhow::Result<()> {
     }
 }
 
+/// A TCP port on 127.0.0.1 that is free now (bound and released).
+fn free_loopback_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .context("finding a free loopback port for the metrics listener")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// The metrics URLs the configs set (appliance, splitter), `None` where one is off.
+fn metrics_urls(layout: &Layout) -> (Option<String>, Option<String>) {
+    let url = |listen: Option<std::net::SocketAddr>| listen.map(|a| format!("http://{a}/metrics"));
+    let appliance = std::fs::read_to_string(&layout.appliance_toml)
+        .ok()
+        .and_then(|t| cdp_appliance::ApplianceConfig::from_toml(&t).ok())
+        .and_then(|c| url(c.metrics_listen));
+    let splitter = std::fs::read_to_string(&layout.splitter_toml)
+        .ok()
+        .and_then(|t| cdp_splitter::SplitterConfig::from_toml(&t).ok())
+        .and_then(|c| url(c.metrics_listen));
+    (appliance, splitter)
+}
+
 fn print_ready(layout: &Layout, args: &UpArgs, nbd_tcp: &str, size: u64) -> anyhow::Result<()> {
+    let (metrics_appliance, metrics_splitter) = metrics_urls(layout);
     let (host, port) = nbd_tcp.rsplit_once(':').unwrap_or(("127.0.0.1", "10809"));
     let name = &args.name;
     let dir = &layout.dir;
@@ -463,6 +493,7 @@ fn print_ready(layout: &Layout, args: &UpArgs, nbd_tcp: &str, size: u64) -> anyh
             "nbd_uri": format!("nbd://{host}:{port}/{name}"),
             "control": layout.control,
             "image_nbd": format!("unix:{}", image_sock.display()),
+            "metrics": { "appliance": metrics_appliance, "splitter": metrics_splitter },
         });
         writeln!(out, "{v}")?;
         return Ok(out.flush()?);
@@ -480,6 +511,8 @@ fn print_ready(layout: &Layout, args: &UpArgs, nbd_tcp: &str, size: u64) -> anyh
          \x20 nbdinfo nbd://{host}:{port}/{name}\n\
          \x20 nbdinfo 'nbd+unix:///{name}?socket={sock}'\n\
          \nStatus:  cdp status --dir {d}\n\
+         Metrics: {}  (appliance)\n\
+         \x20        {}  (splitter)\n\
          Points in time:  cdp bookmark create --dir {d} NAME;  \
          cdp image access --dir {d} --at NAME  (served on unix:{})\n\
          Press Ctrl-C to stop.",
@@ -488,6 +521,12 @@ fn print_ready(layout: &Layout, args: &UpArgs, nbd_tcp: &str, size: u64) -> anyh
         layout.replica.display(),
         journal.display(),
         dir.join("logs").display(),
+        metrics_appliance
+            .as_deref()
+            .unwrap_or("off (set metrics_listen in appliance.toml)"),
+        metrics_splitter
+            .as_deref()
+            .unwrap_or("off (set metrics_listen in splitter.toml)"),
         image_sock.display(),
         d = dir.display(),
     )?;
