@@ -70,15 +70,30 @@ pub struct ApplianceConfig {
     /// served with a warning: the metrics name groups and carry no authentication.
     #[serde(default)]
     pub metrics_listen: Option<std::net::SocketAddr>,
-    /// The `site` label of every metric. Default: the host's name.
+    /// The `site` label of every metric and event. Default: the host's name.
     #[serde(default)]
     pub site: Option<String>,
+    /// The event log (`cdp events`): state changes as JSON lines. Default
+    /// `DATA_DIR/events.jsonl`.
+    #[serde(default)]
+    pub events_log: Option<PathBuf>,
+    /// Bytes the event log may take before its older half is dropped (it keeps up to about
+    /// twice this). Default 4 MiB, minimum 64 KiB.
+    #[serde(default = "events_log_bytes_default")]
+    pub events_log_bytes_max: u64,
     #[serde(default)]
     pub group: Vec<GroupConfig>,
+    /// Alert targets: each `[[alert]]` names event classes and a command or webhook.
+    #[serde(default)]
+    pub alert: Vec<cdp_metrics::alert::AlertConfig>,
 }
 
 fn link_deadline_ms_default() -> u64 {
     cdp_link::limits::LINK_DEADLINE_MS_DEFAULT
+}
+
+fn events_log_bytes_default() -> u64 {
+    cdp_metrics::event_log::EVENTS_LOG_BYTES_DEFAULT
 }
 
 fn distribution_delay_default() -> u64 {
@@ -489,6 +504,12 @@ impl ApplianceConfig {
             .unwrap_or_else(|| Endpoint::Unix(self.data_dir.join("image.sock")))
     }
 
+    pub fn events_log_path(&self) -> PathBuf {
+        self.events_log
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("events.jsonl"))
+    }
+
     pub fn control_path(&self) -> PathBuf {
         self.control
             .clone()
@@ -498,6 +519,10 @@ impl ApplianceConfig {
     /// Rejects contradictions; clamps soft mistakes with a warning.
     pub fn sanitize(mut self) -> Result<ApplianceConfig, ApplianceError> {
         let bad = |m: String| Err(ApplianceError::Config(m));
+        self.alert = std::mem::take(&mut self.alert)
+            .into_iter()
+            .map(|a| a.sanitize().map_err(ApplianceError::Config))
+            .collect::<Result<_, _>>()?;
         let deadline = self.link_deadline_ms.clamp(
             cdp_link::limits::LINK_DEADLINE_MS_MIN,
             cdp_link::limits::LINK_DEADLINE_MS_MAX,

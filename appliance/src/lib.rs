@@ -6,6 +6,7 @@ pub mod consolidation;
 pub mod control;
 pub mod distribution_state;
 pub mod error;
+pub mod events;
 pub mod group;
 pub mod group_meta;
 pub mod group_registry;
@@ -104,23 +105,35 @@ pub async fn run_with_ready(
         Arc::clone(&groups),
         Arc::clone(&images),
     ));
-    let _metrics = match config.metrics_listen {
-        Some(listen) => {
-            if !listen.ip().is_loopback() {
-                tracing::warn!(metrics = %listen, "metrics served off loopback, without authentication");
-            }
-            let site = config
-                .site
-                .clone()
-                .unwrap_or_else(cdp_metrics::default_site);
-            let sampler = metrics::Sampler::new(Arc::clone(&groups), Arc::clone(&images));
-            let (_, task) = metrics::start(listen, site, sampler, |_| {})
-                .await
-                .map_err(|e| ApplianceError::Config(format!("metrics_listen {listen}: {e}")))?;
-            Some(AbortOnDrop(task))
-        }
-        None => None,
-    };
+    // --- metrics and the event log: one sampler a second feeds both.
+    if let Some(listen) = config.metrics_listen.filter(|l| !l.ip().is_loopback()) {
+        tracing::warn!(metrics = %listen, "metrics served off loopback, without authentication");
+    }
+    let site = config
+        .site
+        .clone()
+        .unwrap_or_else(cdp_metrics::default_site);
+    let event_log = Arc::new(cdp_metrics::event_log::EventLog::open(
+        &config.events_log_path(),
+        "appliance",
+        &site,
+        config.events_log_bytes_max,
+        cdp_metrics::alert::Alerts::start(&config.alert),
+    )?);
+    event_log.record(
+        "started",
+        Default::default(),
+        format!("appliance {} started", env!("CARGO_PKG_VERSION")),
+    );
+    let mut detector = events::Detector::new(Arc::clone(&event_log));
+    let sampler = metrics::Sampler::new(Arc::clone(&groups), Arc::clone(&images));
+    let _metrics = AbortOnDrop(
+        metrics::start(config.metrics_listen, site, sampler, move |s| {
+            detector.observe(s)
+        })
+        .await
+        .map_err(|e| ApplianceError::Config(format!("metrics_listen: {e}")))?,
+    );
     let link_deadline = std::time::Duration::from_millis(config.link_deadline_ms);
     let mut links = tokio::task::JoinSet::new();
     let limit = Arc::new(Semaphore::new(LINK_CONNECTIONS_MAX));
@@ -170,6 +183,7 @@ pub async fn run_with_ready(
         let _ = std::fs::remove_file(path);
     }
     let _ = std::fs::remove_file(&control_path);
+    event_log.record("stopped", Default::default(), "appliance stopped cleanly");
     tracing::info!("appliance stopped");
     Ok(())
 }

@@ -29,6 +29,8 @@ const SEQ_TIMES_MAX: usize = 3600;
 pub struct GroupSample {
     pub status: GroupStatus,
     pub images_open: usize,
+    /// The open images: id, seq, the point as named.
+    pub images: Vec<(String, u64, String)>,
     /// Timestamp of the oldest journal record (the oldest point is just before it).
     pub oldest_record_ns: Option<u64>,
     /// Journal bytes after the distributed seq.
@@ -96,6 +98,11 @@ impl Sampler {
                 });
             groups.push(GroupSample {
                 images_open: images.iter().filter(|i| i.group == group.name).count(),
+                images: images
+                    .iter()
+                    .filter(|i| i.group == group.name)
+                    .map(|i| (i.id.clone(), i.seq, i.point.clone()))
+                    .collect(),
                 oldest_record_ns,
                 distribution_lag_bytes: group.journal_bytes_after(Seq(status.distributed_seq)),
                 distribution_lag_seconds,
@@ -118,17 +125,19 @@ struct ApplianceMetrics {
     latest: Mutex<Arc<Sample>>,
 }
 
-/// Binds `listen`, takes a first sample, and serves `/metrics` until the returned task is
-/// aborted. Each new sample is also handed to `observe` (the event log's state-change
-/// detector), on the blocking pool.
+/// Takes a first sample and then one a second, each handed to `observe` (the event log's
+/// state-change detector) on the blocking pool; with `listen`, binds it and serves
+/// `/metrics`. Runs until the returned task is aborted.
 pub async fn start(
-    listen: SocketAddr,
+    listen: Option<SocketAddr>,
     site: String,
     mut sampler: Sampler,
     mut observe: impl FnMut(&Sample) + Send + 'static,
-) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = TcpListener::bind(listen).await?;
-    let bound = listener.local_addr()?;
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = match listen {
+        Some(listen) => Some(TcpListener::bind(listen).await?),
+        None => None,
+    };
     let (sampler, first) = tokio::task::spawn_blocking(move || {
         let first = sampler.sample();
         (sampler, first)
@@ -140,22 +149,25 @@ pub async fn start(
         site,
         latest: Mutex::new(Arc::new(first)),
     });
-    let task = tokio::spawn(run(listener, metrics, sampler, observe));
-    tracing::info!(metrics = %bound, "metrics served at http://{bound}/metrics");
-    Ok((bound, task))
+    if let Some(listener) = &listener {
+        let bound = listener.local_addr()?;
+        tracing::info!(metrics = %bound, "metrics served at http://{bound}/metrics");
+    }
+    Ok(tokio::spawn(run(listener, metrics, sampler, observe)))
 }
 
 async fn run(
-    listener: TcpListener,
+    listener: Option<TcpListener>,
     metrics: Arc<ApplianceMetrics>,
     sampler: Sampler,
     observe: impl FnMut(&Sample) + Send + 'static,
 ) {
-    let serving = tokio::spawn(cdp_metrics::serve(
-        listener,
-        Arc::clone(&metrics) as Arc<dyn Handler>,
-    ));
-    let _stop_serving = AbortOnDrop(serving);
+    let _stop_serving = listener.map(|listener| {
+        AbortOnDrop(tokio::spawn(cdp_metrics::serve(
+            listener,
+            Arc::clone(&metrics) as Arc<dyn Handler>,
+        )))
+    });
     let state = Arc::new(Mutex::new((sampler, observe)));
     let mut tick = tokio::time::interval(cdp_metrics::SAMPLE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

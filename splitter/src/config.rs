@@ -64,12 +64,27 @@ pub struct SplitterConfig {
     /// served with a warning: the metrics name volumes and carry no authentication.
     #[serde(default)]
     pub metrics_listen: Option<std::net::SocketAddr>,
-    /// The `site` label of every metric. Default: the host's name.
+    /// The `site` label of every metric and event. Default: the host's name.
     #[serde(default)]
     pub site: Option<String>,
+    /// The event log (`cdp events`): state changes as JSON lines. Default
+    /// `splitter-events.jsonl` beside the control socket; without either, no event log.
+    #[serde(default)]
+    pub events_log: Option<PathBuf>,
+    /// Bytes the event log may take before its older half is dropped (it keeps up to about
+    /// twice this). Default 4 MiB, minimum 64 KiB.
+    #[serde(default = "events_log_bytes_default")]
+    pub events_log_bytes_max: u64,
     /// One NBD export per protected volume.
     #[serde(default)]
     pub volume: Vec<SplitVolumeConfig>,
+    /// Alert targets: each `[[alert]]` names event classes and a command or webhook.
+    #[serde(default)]
+    pub alert: Vec<cdp_metrics::alert::AlertConfig>,
+}
+
+fn events_log_bytes_default() -> u64 {
+    cdp_metrics::event_log::EVENTS_LOG_BYTES_DEFAULT
 }
 
 /// The policy for host writes while the split link is down.
@@ -200,6 +215,14 @@ impl ManagedVolumes {
 }
 
 impl SplitterConfig {
+    /// The event log's file, if any.
+    pub fn events_log_path(&self) -> Option<PathBuf> {
+        self.events_log.clone().or_else(|| {
+            let control = self.control.as_ref()?;
+            Some(control.with_file_name("splitter-events.jsonl"))
+        })
+    }
+
     /// The file runtime volume changes are kept in, if any.
     pub fn managed_volumes_path(&self) -> Option<PathBuf> {
         self.managed_volumes.clone().or_else(|| {
@@ -216,6 +239,10 @@ impl SplitterConfig {
 
     /// Rejects contradictions; clamps soft mistakes with a warning.
     pub fn sanitize(mut self) -> Result<SplitterConfig, SplitterError> {
+        self.alert = std::mem::take(&mut self.alert)
+            .into_iter()
+            .map(|a| a.sanitize().map_err(SplitterError::Config))
+            .collect::<Result<_, _>>()?;
         let window = self.link_window_bytes.clamp(
             crate::limits::UNACKED_BYTES_MIN,
             crate::limits::UNACKED_BYTES_MAX,

@@ -4,6 +4,7 @@ pub mod config;
 pub mod control;
 pub mod dirty_bitmap;
 pub mod error;
+pub mod events;
 pub mod limits;
 pub mod metered_export;
 pub mod metrics;
@@ -118,22 +119,44 @@ pub async fn run_with_ready(
             Ok(())
         });
     }
-    let _metrics = match config.metrics_listen {
-        Some(listen) => {
-            if !listen.ip().is_loopback() {
-                tracing::warn!(metrics = %listen, "metrics served off loopback, without authentication");
-            }
-            let site = config
-                .site
-                .clone()
-                .unwrap_or_else(cdp_metrics::default_site);
-            let (_, task) = metrics::start(listen, site, Arc::clone(&served))
-                .await
-                .map_err(|e| SplitterError::Config(format!("metrics_listen {listen}: {e}")))?;
-            Some(AbortOnDrop(task))
-        }
+    // --- metrics and the event log: one sampler a second feeds both.
+    if let Some(listen) = config.metrics_listen.filter(|l| !l.ip().is_loopback()) {
+        tracing::warn!(metrics = %listen, "metrics served off loopback, without authentication");
+    }
+    let site = config
+        .site
+        .clone()
+        .unwrap_or_else(cdp_metrics::default_site);
+    let event_log = match config.events_log_path() {
+        Some(path) => Some(Arc::new(
+            cdp_metrics::event_log::EventLog::open(
+                &path,
+                "splitter",
+                &site,
+                config.events_log_bytes_max,
+                cdp_metrics::alert::Alerts::start(&config.alert),
+            )
+            .map_err(|e| SplitterError::Config(format!("event log {}: {e}", path.display())))?,
+        )),
         None => None,
     };
+    if let Some(log) = &event_log {
+        log.record(
+            "started",
+            Default::default(),
+            format!("splitter {} started", env!("CARGO_PKG_VERSION")),
+        );
+    }
+    let mut detector = event_log.clone().map(events::Detector::new);
+    let _metrics = AbortOnDrop(
+        metrics::start(config.metrics_listen, site, Arc::clone(&served), move |s| {
+            if let Some(d) = &mut detector {
+                d.observe(s);
+            }
+        })
+        .await
+        .map_err(|e| SplitterError::Config(format!("metrics_listen: {e}")))?,
+    );
     tracing::info!(volumes = served.list().len(), "splitter ready");
     ready();
 
@@ -163,6 +186,9 @@ pub async fn run_with_ready(
         }
     }
     tasks.shutdown().await;
+    if let Some(log) = &event_log {
+        log.record("stopped", Default::default(), "splitter stopped cleanly");
+    }
     tracing::info!("splitter stopped");
     Ok(())
 }

@@ -24,11 +24,13 @@ const LINK_STATES: [&str; 5] = [
     "connecting",
 ];
 
-struct VolumeSample {
-    state: VolumeState,
-    connected: bool,
-    last_source_seq: u64,
-    host_io: Arc<HostIo>,
+/// One volume at one sample.
+#[derive(Clone)]
+pub struct VolumeSample {
+    pub state: VolumeState,
+    pub connected: bool,
+    pub last_source_seq: u64,
+    pub host_io: Arc<HostIo>,
 }
 
 struct SplitterMetrics {
@@ -36,34 +38,55 @@ struct SplitterMetrics {
     latest: Mutex<Arc<Vec<VolumeSample>>>,
 }
 
-/// Binds `listen` and serves `/metrics` until the returned task is aborted.
+/// Samples every volume once a second, hands each sample to `observe` (the event log's
+/// detector) on the blocking pool, and with `listen` serves `/metrics`; until the returned
+/// task is aborted.
 pub async fn start(
-    listen: SocketAddr,
+    listen: Option<SocketAddr>,
     site: String,
     volumes: Arc<ServedVolumes>,
-) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = TcpListener::bind(listen).await?;
-    let bound = listener.local_addr()?;
+    mut observe: impl FnMut(&[VolumeSample]) + Send + 'static,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = match listen {
+        Some(listen) => Some(TcpListener::bind(listen).await?),
+        None => None,
+    };
+    let first = sample(&volumes);
+    observe(&first);
     let metrics = Arc::new(SplitterMetrics {
         site,
-        latest: Mutex::new(Arc::new(sample(&volumes))),
+        latest: Mutex::new(Arc::new(first)),
     });
-    let sampler = Arc::clone(&metrics);
-    let task = tokio::spawn(async move {
-        let serving = tokio::spawn(cdp_metrics::serve(
-            listener,
-            Arc::clone(&sampler) as Arc<dyn Handler>,
-        ));
-        let _abort_serving = AbortOnDrop(serving);
+    if let Some(listener) = &listener {
+        let bound = listener.local_addr()?;
+        tracing::info!(metrics = %bound, "metrics served at http://{bound}/metrics");
+    }
+    let observe = Arc::new(Mutex::new(observe));
+    Ok(tokio::spawn(async move {
+        let _serving = listener.map(|listener| {
+            AbortOnDrop(tokio::spawn(cdp_metrics::serve(
+                listener,
+                Arc::clone(&metrics) as Arc<dyn Handler>,
+            )))
+        });
         let mut tick = tokio::time::interval(cdp_metrics::SAMPLE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
         loop {
             tick.tick().await;
             let fresh = Arc::new(sample(&volumes));
-            *sampler.latest.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
+            *metrics.latest.lock().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&fresh);
+            let observe = Arc::clone(&observe);
+            // The event log fsyncs: off the runtime's threads.
+            let observed = tokio::task::spawn_blocking(move || {
+                (observe.lock().unwrap_or_else(|p| p.into_inner()))(&fresh)
+            })
+            .await;
+            if let Err(e) = observed {
+                tracing::warn!("event detection failed: {e}");
+            }
         }
-    });
-    tracing::info!(metrics = %bound, "metrics served at http://{bound}/metrics");
-    Ok((bound, task))
+    }))
 }
 
 /// Ends the HTTP task with the sampler's.

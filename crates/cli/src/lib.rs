@@ -5,6 +5,7 @@ pub mod output;
 mod bookmark;
 mod control_client;
 mod dir_lock;
+mod events;
 mod group;
 mod image;
 mod image_export;
@@ -65,6 +66,9 @@ enum Command {
     },
     /// Show volumes, journal size, last sequence number and distribution lag.
     Status(status::StatusArgs),
+    /// State changes recorded by the appliance and the splitter (marking, resync, RPO,
+    /// journal fill, fencing, images, links), oldest first.
+    Events(events::EventsArgs),
     /// Consistency groups on the running appliance: `create`, `list`.
     Group {
         #[command(subcommand)]
@@ -181,6 +185,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ))?;
         }
         Command::Status(args) => status::run(args)?,
+        Command::Events(args) => events::run(args)?,
         Command::Bookmark { command } => bookmark::run(command)?,
         Command::Point { command } => point::run(command)?,
         Command::Timeline(args) => timeline::run(args)?,

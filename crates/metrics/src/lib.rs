@@ -1,6 +1,8 @@
-//! Prometheus metrics shared by the appliance and the splitter: the `/metrics` listener
-//! (`http.rs`), a lock-free latency histogram (`histogram.rs`) and the text exposition built
-//! from a snapshot (`exposition.rs`, encoded by the `prometheus-client` crate).
+//! What the appliance and the splitter tell an operator besides `cdp status`: Prometheus
+//! metrics (the `/metrics` listener in `http.rs`, a lock-free latency histogram in
+//! `histogram.rs`, the text exposition built from a snapshot in `exposition.rs`, encoded by
+//! the `prometheus-client` crate), the durable event log (`event_log.rs`) and the alerts it
+//! feeds (`alert.rs`).
 //!
 //! Neither process instruments its data path with this crate's types beyond the histogram
 //! and plain atomics: each keeps a sampler that copies its status into a snapshot about once
@@ -8,6 +10,8 @@
 //! the write path uses, and scraping every 100 ms costs the host nothing more than scraping
 //! every minute.
 
+pub mod alert;
+pub mod event_log;
 pub mod exposition;
 pub mod histogram;
 pub mod http;
