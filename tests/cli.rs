@@ -250,3 +250,63 @@ fn cdp_up_serves_and_stops_on_sigint() {
         "the splitter still serves after cdp up stopped"
     );
 }
+
+/// `cdp status --watch` redraws the table in place: each frame starts at the cursor's home,
+/// clears every line's rest and the screen below, and a later frame shows a write's new
+/// last seq without the command being run again.
+#[test]
+fn status_watch_redraws_in_place() {
+    if reference_mode() || !requires("qemu-io") {
+        return;
+    }
+    let site = Site::start(&[("vol0", 16 * MIB)]);
+    site.wait_connected(Duration::from_secs(30));
+    let out_path = site.root().join("watch.out");
+    let mut watch = Command::new(cdp_bin())
+        .args(["status", "--watch", "0.2", "--control"])
+        .arg(&site.control_sock)
+        .arg("--splitter-control")
+        .arg(site.splitter_control())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .spawn()
+        .expect("start cdp status --watch");
+    let frames = || {
+        let text = std::fs::read_to_string(&out_path).unwrap();
+        text.split("\x1b[H")
+            .skip(1)
+            .filter(|f| f.ends_with("\x1b[J"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert!(poll_until(Duration::from_secs(30), || frames().len() >= 2));
+    run_ok(
+        Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write -P 3 0 64k", "-c", "flush"])
+            .arg(site.nbd_uri("vol0")),
+        Duration::from_secs(30),
+    );
+    let last = seq(group(&site.status()), "last_seq");
+    assert!(last > 0);
+    let shows_last = |f: &String| {
+        f.lines()
+            .find(|l| l.starts_with("default "))
+            .is_some_and(|l| l.split_whitespace().any(|w| w == last.to_string()))
+    };
+    let seen = poll_until(Duration::from_secs(30), || frames().iter().any(shows_last));
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let all = frames();
+    assert!(seen, "no frame shows last seq {last}: {:?}", all.last());
+    assert!(
+        !shows_last(&all[0]),
+        "the first frame already showed seq {last}"
+    );
+    for f in &all {
+        assert!(f.starts_with("Every 0.2s: cdp status"), "{f:?}");
+        assert!(
+            f.lines().all(|l| l.ends_with("\x1b[K") || l == "\x1b[J"),
+            "{f:?}"
+        );
+        assert!(f.contains("GROUP"), "{f:?}");
+    }
+}

@@ -19,11 +19,78 @@ pub struct StatusArgs {
     /// Data directory of `cdp up` (or env CDP_DIR).
     #[arg(long, env = "CDP_DIR", default_value = "cdp-data")]
     dir: PathBuf,
+    /// Redraw the table in place every SECONDS (default 2) until interrupted, like
+    /// `watch`; with `--json`, print one JSON document per line instead.
+    #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
+    watch: Option<f64>,
 }
 
+/// Shortest `--watch` interval: each refresh asks both control sockets.
+const WATCH_INTERVAL_MIN_S: f64 = 0.1;
+
 pub fn run(args: StatusArgs) -> anyhow::Result<()> {
+    if let Some(seconds) = args.watch {
+        return watch(&args, seconds);
+    }
+    let (value, failure) = collect(&args);
+    if crate::output::json() {
+        crate::out!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        crate::out_nonl!("{}", table(&value).context("unexpected status answer")?);
+    }
+    match failure {
+        Some(e) => Err(e.context("the appliance is unreachable; shown: what the splitter knows")),
+        None => Ok(()),
+    }
+}
+
+/// Redraws until interrupted (SIGINT ends the process). An unreachable process is shown,
+/// not fatal: watching is how one sees it come back.
+fn watch(args: &StatusArgs, seconds: f64) -> anyhow::Result<()> {
+    if !seconds.is_finite() || seconds < WATCH_INTERVAL_MIN_S {
+        return Err(crate::output::CliError::new(
+            crate::output::ErrorKind::Usage,
+            format!("--watch {seconds}: the interval must be at least {WATCH_INTERVAL_MIN_S} s"),
+        )
+        .into());
+    }
+    let interval = std::time::Duration::from_secs_f64(seconds);
+    loop {
+        let (value, failure) = collect(args);
+        if crate::output::json() {
+            crate::out!("{}", serde_json::to_string(&value)?);
+        } else {
+            let body = table(&value).unwrap_or_else(|| "unexpected status answer\n".into());
+            let when = cdp_appliance::rfc3339::format_time(cdp_types::TimestampNs::now().0);
+            let note = failure.map(|e| format!("{e:#}\n")).unwrap_or_default();
+            crate::out_nonl!(
+                "{}",
+                frame(&format!(
+                    "Every {seconds}s: cdp status    {when}\n\n{body}{note}"
+                ))
+            );
+        }
+        std::thread::sleep(interval);
+    }
+}
+
+/// `text` drawn over the previous frame: cursor home, each line cleared to its end, then
+/// the rest of the screen cleared, so a refresh never flickers or leaves old lines.
+fn frame(text: &str) -> String {
+    let mut out = String::from("\x1b[H");
+    for line in text.lines() {
+        out.push_str(line);
+        out.push_str("\x1b[K\n");
+    }
+    out.push_str("\x1b[J");
+    out
+}
+
+/// Both processes' state, and the appliance's error if it did not answer.
+fn collect(args: &StatusArgs) -> (serde_json::Value, Option<anyhow::Error>) {
     let control = args
         .control
+        .clone()
         .unwrap_or_else(|| args.dir.join("appliance.ctl"));
     // Either process may be down; show what the other knows, mark the unreachable one,
     // and exit with its status (5 when unreachable) once everything known is printed.
@@ -42,7 +109,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             v
         }
     };
-    let splitter_control = args.splitter_control.or_else(|| {
+    let splitter_control = args.splitter_control.clone().or_else(|| {
         let default = args.dir.join("splitter.ctl");
         default.exists().then_some(default)
     });
@@ -57,15 +124,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
         };
     }
-    if crate::output::json() {
-        crate::out!("{}", serde_json::to_string_pretty(&value)?);
-    } else {
-        crate::out_nonl!("{}", table(&value).context("unexpected status answer")?);
-    }
-    match failure {
-        Some(e) => Err(e.context("the appliance is unreachable; shown: what the splitter knows")),
-        None => Ok(()),
-    }
+    (value, failure)
 }
 
 fn table(value: &serde_json::Value) -> Option<String> {
