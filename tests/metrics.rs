@@ -204,6 +204,95 @@ fn assert_promtool_clean(addr: &str) -> String {
     body
 }
 
+/// Every `cdp_*` name in `expr`, without histogram suffixes.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let bytes = expr.as_bytes();
+    let mut i = 0;
+    while let Some(at) = expr[i..].find("cdp_") {
+        let start = i + at;
+        let mut end = start;
+        while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
+            end += 1;
+        }
+        if start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_') {
+            names.push(expr[start..end].trim_end_matches("_bucket").to_string());
+        }
+        i = end;
+    }
+    names
+}
+
+/// contrib/: the alert rules pass `promtool check rules` and their unit tests, and every
+/// query of the Grafana dashboard and of the rules names only series the processes expose;
+/// each dashboard query runs on the live Prometheus and returns data.
+fn check_contrib(prom: &Prometheus, exposed: &str) {
+    assert_eq!(
+        metric_names("rate(cdp_a_bucket{x=\"y\"}[1m]) / cdp_b"),
+        ["cdp_a", "cdp_b"]
+    );
+    let contrib = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib");
+    let rules = contrib.join("prometheus/cdp-alerts.yml");
+    run_ok(
+        Command::new("promtool")
+            .args(["check", "rules"])
+            .arg(&rules),
+        T,
+    );
+    run_ok(
+        Command::new("promtool")
+            .args(["test", "rules", "cdp-alerts.test.yml"])
+            .current_dir(contrib.join("prometheus")),
+        T,
+    );
+    let exists = |name: &str| {
+        exposed.contains(&format!("# TYPE {name} "))
+            || exposed.contains(&format!("\n{name}{{"))
+            || exposed.contains(&format!("\n{name} "))
+    };
+    let rules_text = std::fs::read_to_string(&rules).unwrap();
+    for line in rules_text
+        .lines()
+        .filter(|l| l.trim_start().starts_with("expr:"))
+    {
+        for name in metric_names(line) {
+            assert!(
+                exists(&name),
+                "cdp-alerts.yml uses {name}, which no process exposes"
+            );
+        }
+    }
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(contrib.join("grafana/cdp-dashboard.json")).unwrap(),
+    )
+    .expect("the dashboard is JSON");
+    let mut queries = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            for name in metric_names(expr) {
+                assert!(
+                    exists(&name),
+                    "dashboard panel {} uses {name}, which no process exposes",
+                    panel["title"]
+                );
+            }
+            let live = expr
+                .replace("$site", ".*")
+                .replace("$group", ".*")
+                .replace("$volume", ".*");
+            let result = prom.query_at(&live, None);
+            assert!(
+                !result.is_empty(),
+                "dashboard panel {}: {live} returned nothing",
+                panel["title"]
+            );
+            queries += 1;
+        }
+    }
+    assert!(queries >= 20, "{queries} dashboard queries");
+}
+
 #[test]
 fn prometheus_scrapes_both_processes_and_matches_status() {
     if reference_mode()
@@ -390,6 +479,8 @@ fn prometheus_scrapes_both_processes_and_matches_status() {
         appliance_text.lines().count(),
         splitter_text.lines().count()
     );
+
+    check_contrib(&prom, &format!("{appliance_text}{splitter_text}"));
 
     // The appliance dies: the splitter marks, and says so to Prometheus and to status alike.
     site.kill_appliance();
