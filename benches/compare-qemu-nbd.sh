@@ -3,12 +3,14 @@
 # serving a plain raw file and against cdp (appliance + splitter protecting a raw file of the same
 # size in the same directory), and prints a table of both results and their ratio.
 #
-# usage: benches/compare-qemu-nbd.sh [--short] [--rounds N] [--dir DIR] [--cdp PATH] [--keep]
+# usage: benches/compare-qemu-nbd.sh [--short] [--rounds N] [--dir DIR] [--cdp PATH] [--metrics] [--keep]
 #   --short   small sizes and runtimes (CI): 256 MiB volume, 5 s random-write jobs, 1 round
 #   --rounds  run every job N times per server (default 3; 1 with --short); the median counts
 #   --dir     where the raw files live (default: a new directory under /tmp); both servers use
 #             the same directory, so the same filesystem
 #   --cdp     the cdp binary (default: target/release/cdp beside this script's repository)
+#   --metrics also run a fourth server: cdp with metrics_listen on both processes, each scraped
+#             every second for the whole run (GET /metrics), and print its ratio to plain cdp
 #   --keep    keep the data directory and logs afterwards
 #
 # Three servers run side by side for the whole run: qemu-nbd, cdp protecting, and cdp in
@@ -24,7 +26,7 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-SHORT=0 DIR= CDP="${CARGO_TARGET_DIR:-$REPO/target}/release/cdp" KEEP=0 ROUNDS=
+SHORT=0 METRICS=0 DIR= CDP="${CARGO_TARGET_DIR:-$REPO/target}/release/cdp" KEEP=0 ROUNDS=
 while [ $# -gt 0 ]; do
     case "$1" in
         --short) SHORT=1 ;;
@@ -32,7 +34,8 @@ while [ $# -gt 0 ]; do
         --dir) DIR=$2; shift ;;
         --cdp) CDP=$2; shift ;;
         --keep) KEEP=1 ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        --metrics) METRICS=1 ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
     shift
@@ -128,8 +131,15 @@ run_job() {
         || { echo "fio $job against $server failed" >&2; exit 1; }
 }
 
-# Prints cdp's distribution lag, then waits until the replica has caught up with the journal.
+# Prints cdp's distribution lag, then waits until the replica has caught up with the journal
+# (of each protecting cdp: the plain one, and with --metrics the scraped one).
 cdp_settle() {
+    cdp_settle_one "$C"
+    if [ "$METRICS" = 1 ]; then cdp_settle_one "$S" >/dev/null; fi
+}
+
+cdp_settle_one() {
+    local C=$1
     "$CDP" status --control "$C/appliance.ctl" --json | python3 -c '
 import json, sys
 g = json.load(sys.stdin)["groups"][0]
@@ -162,13 +172,19 @@ wait_socket "$DIR/qemu/nbd.sock" "$QPID" "$DIR/qemu/qemu-nbd.log"
 # --- cdp --------------------------------------------------------------------------------------
 # start_cdp DIR: appliance + splitter protecting DIR/production/vol0.img; sets APID and SPID.
 start_cdp() {
-    local C=$1
+    local C=$1 metrics=${2:-} appliance_metrics= splitter_metrics=
+    # A second argument "A,S": metrics_listen on 127.0.0.1:A (appliance) and :S (splitter).
+    if [ -n "$metrics" ]; then
+        appliance_metrics="metrics_listen = \"127.0.0.1:${metrics%,*}\""
+        splitter_metrics="metrics_listen = \"127.0.0.1:${metrics#*,}\""
+    fi
     mkdir -p "$C/production" "$C/replica" "$C/appliance"
     truncate -s "$VOL_SIZE" "$C/production/vol0.img"
     cat >"$C/appliance.toml" <<EOF
 data_dir = "$C/appliance"
 link_listen = "unix:$C/link.sock"
 control = "$C/appliance.ctl"
+$appliance_metrics
 
 [[group]]
 name = "default"
@@ -181,6 +197,7 @@ EOF
     cat >"$C/splitter.toml" <<EOF
 appliance = "unix:$C/link.sock"
 nbd_unix = "$C/nbd.sock"
+$splitter_metrics
 control = "$C/splitter.ctl"
 handshake_timeout_s = 60
 
@@ -213,23 +230,42 @@ until "$CDP" status --control "$C/appliance.ctl" --splitter-control "$M/splitter
     sleep 0.1
 done
 
+# With --metrics: the same as cdp, with both metrics listeners on and scraped every second.
+SERVERS="qemu-nbd cdp cdp-marking"
+if [ "$METRICS" = 1 ]; then
+    command -v curl >/dev/null || { echo "compare-qemu-nbd: --metrics needs curl" >&2; exit 1; }
+    free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+    MPORTS="$(free_port),$(free_port)"
+    S="$DIR/cdp-metrics"
+    start_cdp "$S" "$MPORTS"
+    SAPID=$APID SSPID=$SPID
+    ( while sleep 1; do
+          curl -sf "http://127.0.0.1:${MPORTS%,*}/metrics" >/dev/null || echo "appliance scrape failed" >&2
+          curl -sf "http://127.0.0.1:${MPORTS#*,}/metrics" >/dev/null || echo "splitter scrape failed" >&2
+      done ) &
+    SCRAPER=$!
+    PIDS+=("$SCRAPER")
+    SERVERS="$SERVERS cdp-metrics"
+fi
+SURI="nbd+unix:///vol0?socket=$DIR/cdp-metrics/nbd.sock"
+
 # --- the jobs, interleaved ----------------------------------------------------------------------
 QURI="nbd+unix:///vol0?socket=$DIR/qemu/nbd.sock"
 CURI="nbd+unix:///vol0?socket=$C/nbd.sock"
 MURI="nbd+unix:///vol0?socket=$M/nbd.sock"
 for round in $(seq 1 "$ROUNDS"); do
     for job in "${JOBS[@]}"; do
-        case $((round % 3)) in
-            1) order="qemu-nbd cdp cdp-marking" ;;
-            2) order="cdp cdp-marking qemu-nbd" ;;
-            0) order="cdp-marking qemu-nbd cdp" ;;
-        esac
+        # Rotate the servers' order by round, so none always runs first or last.
+        read -r -a all <<<"$SERVERS"
+        shift_by=$(( (round - 1) % ${#all[@]} ))
+        order="${all[*]:shift_by} ${all[*]:0:shift_by}"
         for server in $order; do
             sync
             echo "  round $round $job on $server ($(cdp_settle))"
             case $server in
                 cdp) uri=$CURI ;;
                 cdp-marking) uri=$MURI ;;
+                cdp-metrics) uri=$SURI ;;
                 *) uri=$QURI ;;
             esac
             run_job "$server" "$uri" "$job" "$round"
@@ -240,12 +276,13 @@ echo "  after the last job: $(cdp_settle)"
 stop "$CSPID"
 stop "$CAPID"
 stop "$MSPID"
+if [ "$METRICS" = 1 ]; then stop "$SCRAPER"; stop "$SSPID"; stop "$SAPID"; fi
 stop "$QPID"
 
 # --- table ------------------------------------------------------------------------------------
-python3 - "$DIR/results" "$ROUNDS" "${JOBS[@]}" <<'EOF'
+python3 - "$DIR/results" "$ROUNDS" "$METRICS" "${JOBS[@]}" <<'EOF'
 import json, os, statistics, sys
-results, rounds, jobs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+results, rounds, metrics, jobs = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4:]
 
 def one(server, job, r):
     with open(os.path.join(results, "%s-%s-%d.json" % (server, job, r))) as f:
@@ -269,4 +306,14 @@ for job in jobs:
     per_round = " ".join("%.2f" % (cv / qv) if qv else "nan" for qv, cv in zip(q, c))
     ratio = lambda x: x / qm if qm else float("nan")
     print("%-20s %-6s %10.1f %10.1f %9.2f  %12.1f %9.2f  [%s]" % (job, unit(job), qm, cm, ratio(cm), mm, ratio(mm), per_round))
+if metrics:
+    print()
+    print("metrics on and scraped every second against off (goal >= 0.98)")
+    print("%-20s %-6s %10s %12s %9s  %s" % ("job", "unit", "cdp", "cdp-metrics", "on/off", "by round"))
+    for job in jobs:
+        c = [one("cdp", job, r) for r in range(1, rounds + 1)]
+        s = [one("cdp-metrics", job, r) for r in range(1, rounds + 1)]
+        cm, sm = statistics.median(c), statistics.median(s)
+        per_round = " ".join("%.2f" % (sv / cv) if cv else "nan" for cv, sv in zip(c, s))
+        print("%-20s %-6s %10.1f %12.1f %9.2f  [%s]" % (job, unit(job), cm, sm, sm / cm if cm else float("nan"), per_round))
 EOF

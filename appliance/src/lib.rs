@@ -113,13 +113,22 @@ pub async fn run_with_ready(
         .site
         .clone()
         .unwrap_or_else(cdp_metrics::default_site);
-    let event_log = Arc::new(cdp_metrics::event_log::EventLog::open(
-        &config.events_log_path(),
-        "appliance",
-        &site,
-        config.events_log_bytes_max,
-        cdp_metrics::alert::Alerts::start(&config.alert),
-    )?);
+    let events_path = config.events_log_path();
+    let event_log = Arc::new(
+        cdp_metrics::event_log::EventLog::open(
+            &events_path,
+            "appliance",
+            &site,
+            config.events_log_bytes_max,
+            cdp_metrics::alert::Alerts::start(&config.alert),
+        )
+        .map_err(|e| {
+            ApplianceError::Io(std::io::Error::new(
+                e.kind(),
+                format!("event log {}: {e}", events_path.display()),
+            ))
+        })?,
+    );
     event_log.record(
         "started",
         Default::default(),
