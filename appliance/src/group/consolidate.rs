@@ -17,7 +17,6 @@ use serde::Serialize;
 
 use super::{lock, Group};
 use crate::consolidation::{kept_points, needed_payloads, ConsolidationState, PointRecord};
-use crate::distribution_state;
 use crate::error::ApplianceError;
 
 /// What one pass did (the answer to `cdp journal consolidate`).
@@ -180,7 +179,9 @@ impl Group {
         let mut report = ConsolidationReport::default();
         // Distribution replays from the checkpoint after a crash, so nothing above it may lose
         // a payload; open images and the remote copy read above their pins.
-        let checkpointed = distribution_state::load(&self.state_path)?
+        let checkpointed = self
+            .state
+            .distributed()?
             .0
             .min(self.distributed.load(Ordering::Relaxed));
         let pinned = lock(&self.pins).values().min().map_or(u64::MAX, |p| p.0);
@@ -241,7 +242,7 @@ impl Group {
         };
         state.kept.extend(kept.iter().copied());
         state.prune_below(oldest);
-        state.store(&self.dir)?;
+        self.state.store_consolidation(&state)?;
         *self
             .consolidation_state
             .write()

@@ -13,12 +13,11 @@ use std::time::Duration;
 
 use cdp_types::Seq;
 
-use super::{lock, Group, ReplicaState};
+use super::{lock, Group, GroupState, ReplicaState};
 use crate::consolidation::ConsolidationState;
-use crate::distribution_state;
 use crate::error::ApplianceError;
 use crate::history::History;
-use crate::state_file::{self, StateFileError, StateKind};
+use crate::state_file::StateFileError;
 
 /// Longest wait for this copy's distribution to apply its journal before a resync compares.
 const RESYNC_DISTRIBUTION_WAIT: Duration = Duration::from_secs(600);
@@ -26,18 +25,18 @@ const RESYNC_DISTRIBUTION_WAIT: Duration = Duration::from_secs(600);
 impl Group {
     /// At open: a resync that did not finish keeps images refused until one does.
     pub(super) fn resync_marker_at_open(
-        dir: &std::path::Path,
+        state: &GroupState,
         journal_first: Seq,
     ) -> Result<bool, StateFileError> {
-        let Some(through) = state_file::load_resync_marker(dir)? else {
+        let Some(through) = state.resync_marker()? else {
             return Ok(false);
         };
         if journal_first.0 == through + 1 {
             // Finished but for removing the marker.
-            state_file::remove(dir, StateKind::ResyncMarker)?;
+            state.remove_resync_marker()?;
             return Ok(false);
         }
-        let path = state_file::path(dir, StateKind::ResyncMarker);
+        let path = state.resync_marker_path();
         tracing::warn!(path = %path.display(), through, "a resynchronisation by regions did not finish; images stay refused until the source resynchronises this copy again");
         Ok(true)
     }
@@ -53,7 +52,7 @@ impl Group {
             ));
         }
         self.distribute_everything(RESYNC_DISTRIBUTION_WAIT)?;
-        state_file::store_resync_marker(&self.dir, through.0)?;
+        self.state.store_resync_marker(through.0)?;
         let mut state = self
             .replica_state
             .write()
@@ -123,7 +122,7 @@ impl Group {
         for v in self.volumes() {
             v.replica.sync_data()?;
         }
-        distribution_state::store(&self.state_path, through)?;
+        self.state.store_distributed(through)?;
         let mut history = lock(&self.history);
         self.journal
             .restart_at(through.next())
@@ -137,7 +136,7 @@ impl Group {
         self.bookmarks.clear();
         self.resync_spans.clear();
         let fresh = ConsolidationState::default();
-        fresh.store(&self.dir)?;
+        self.state.store_consolidation(&fresh)?;
         *self
             .consolidation_state
             .write()
@@ -151,7 +150,7 @@ impl Group {
             exact: true,
             exact_from: through,
         };
-        state_file::remove(&self.dir, StateKind::ResyncMarker)?;
+        self.state.remove_resync_marker()?;
         Ok(())
     }
 }
