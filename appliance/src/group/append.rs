@@ -9,7 +9,7 @@ use std::sync::Arc;
 use cdp_journal::{Journal, JournalError, RecordIn, RecordKind, RecordLocation};
 use cdp_types::Seq;
 
-use super::{lock, Group, GroupVolume};
+use super::{Group, GroupVolume};
 use crate::config::JournalFullPolicy;
 use crate::error::ApplianceError;
 use crate::history::RedoRef;
@@ -88,7 +88,7 @@ impl Group {
         self.refuse_if_fenced()?;
         self.last_append_ns
             .store(self.epoch.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        let mut history = lock(&self.history);
+        let mut history = self.history.lock();
         let mut locations = Vec::with_capacity(records.len());
         let last = match append_to(&self.journal, &mut locations) {
             Ok(last) => last,
@@ -163,7 +163,7 @@ impl Group {
         };
         let later: u64 = infos[i + 1..].iter().map(|s| s.bytes).sum();
         let in_holding = {
-            let history = lock(&self.history);
+            let history = self.history.lock();
             (next..next.saturating_add(RPO_BYTES_LOOKAHEAD_RECORDS))
                 .find_map(|s| history.redo_ref(s))
                 .filter(|r| r.location.segment == holding.index)

@@ -15,7 +15,7 @@ use cdp_journal::{RecordKind, SegmentRewrite};
 use cdp_types::{Seq, TimestampNs};
 use serde::Serialize;
 
-use super::{lock, Group};
+use super::Group;
 use crate::consolidation::{kept_points, needed_payloads, ConsolidationState, PointRecord};
 use crate::error::ApplianceError;
 
@@ -75,10 +75,7 @@ impl Group {
     pub(super) fn check_not_consolidated(&self, at: Seq) -> Result<(), ApplianceError> {
         // Read before the state's lock: `oldest_point` takes it too.
         let oldest = self.oldest_point().0;
-        let state = self
-            .consolidation_state
-            .read()
-            .unwrap_or_else(|p| p.into_inner());
+        let state = self.consolidation_state.read();
         if state.is_kept(at.0) {
             return Ok(());
         }
@@ -97,10 +94,7 @@ impl Group {
 
     /// The points consolidation kept so far.
     pub fn consolidation_state(&self) -> ConsolidationState {
-        self.consolidation_state
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.consolidation_state.read().clone()
     }
 
     /// Consolidation in `cdp status`, if the group has a policy.
@@ -108,11 +102,8 @@ impl Group {
         let config = self.consolidation.as_ref()?;
         // Read before the state's lock: `oldest_point` takes it too.
         let oldest = self.oldest_point().0;
-        let state = self
-            .consolidation_state
-            .read()
-            .unwrap_or_else(|p| p.into_inner());
-        let stats = lock(&self.consolidation_stats);
+        let state = self.consolidation_state.read();
+        let stats = self.consolidation_stats.lock();
         Some(ConsolidationStatus {
             keep_all_s: config.keep_all_s,
             tiers: config.tier.iter().map(|t| (t.every_s, t.for_s)).collect(),
@@ -120,7 +111,7 @@ impl Group {
             kept_points: state.kept.range(oldest..).count(),
             passes: stats.passes,
             bytes_freed_total: stats.bytes_freed_total,
-            running: self.consolidation_pass.try_lock().is_err(),
+            running: self.consolidation_pass.try_lock().is_none(),
             last: stats.last.clone(),
         })
     }
@@ -130,7 +121,9 @@ impl Group {
         let Some(config) = &self.consolidation else {
             return;
         };
-        let due = lock(&self.consolidation_stats)
+        let due = self
+            .consolidation_stats
+            .lock()
             .last_run
             .is_none_or(|t| t.elapsed().as_secs() >= config.interval_s);
         if due {
@@ -148,12 +141,12 @@ impl Group {
                 self.name
             )));
         };
-        let _pass = lock(&self.consolidation_pass);
+        let _pass = self.consolidation_pass.lock();
         let started = Instant::now();
-        lock(&self.consolidation_stats).last_run = Some(started);
+        self.consolidation_stats.lock().last_run = Some(started);
         let mut report = self.consolidate_locked(&config)?;
         report.millis = started.elapsed().as_millis() as u64;
-        let mut stats = lock(&self.consolidation_stats);
+        let mut stats = self.consolidation_stats.lock();
         stats.passes += 1;
         stats.bytes_freed_total += report.bytes_freed;
         stats.last = Some(report.clone());
@@ -184,7 +177,7 @@ impl Group {
             .distributed()?
             .0
             .min(self.distributed.load(Ordering::Relaxed));
-        let pinned = lock(&self.pins).values().min().map_or(u64::MAX, |p| p.0);
+        let pinned = self.pins.lock().values().min().map_or(u64::MAX, |p| p.0);
         let now = TimestampNs::now().0;
         let cutoff_ns = now.saturating_sub(config.keep_all_s.saturating_mul(1_000_000_000));
         let bound = checkpointed.min(pinned).min(self.journal.durable_seq().0);
@@ -215,11 +208,7 @@ impl Group {
             return Ok(report);
         };
         let oldest = self.oldest_point().0;
-        let prev = self
-            .consolidation_state
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let prev = self.consolidation_state.read().clone();
         let keep_bookmarks: BTreeSet<u64> = self
             .bookmarks()
             .into_iter()
@@ -243,10 +232,7 @@ impl Group {
         state.kept.extend(kept.iter().copied());
         state.prune_below(oldest);
         self.state.store_consolidation(&state)?;
-        *self
-            .consolidation_state
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = state.clone();
+        *self.consolidation_state.write() = state.clone();
         report.through_seq = state.consolidated_below.saturating_sub(1);
         report.kept_points = state.kept.range(oldest..).count();
 
@@ -269,7 +255,9 @@ impl Group {
             }
         }
         for (index, last_undo) in self.undo.sealed_segments() {
-            let serves = lock(&self.history)
+            let serves = self
+                .history
+                .lock()
                 .undo_ref(last_undo.0)
                 .map(|u| u.redo_seq);
             match serves {
@@ -297,7 +285,6 @@ impl Group {
     fn consolidation_state_through(&self) -> u64 {
         self.consolidation_state
             .read()
-            .unwrap_or_else(|p| p.into_inner())
             .consolidated_below
             .saturating_sub(1)
     }
@@ -305,8 +292,8 @@ impl Group {
     /// Points the block index at a rewritten segment's records. Image reads hold
     /// `relocation` from plan to read, so none reads an old location in the new file.
     fn moved(&self, rewrite: &SegmentRewrite, undo: bool) {
-        let _readers_out = self.relocation.write().unwrap_or_else(|p| p.into_inner());
-        let mut history = lock(&self.history);
+        let _readers_out = self.relocation.write();
+        let mut history = self.history.lock();
         for &(seq, location, dropped) in &rewrite.records {
             if undo {
                 history.relocate_undo(seq, location, dropped);

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use cdp_journal::{Record, RecordIn, RecordKind};
 use cdp_types::Seq;
 
-use super::{lock, Group, GroupVolume};
+use super::{Group, GroupVolume};
 use crate::error::ApplianceError;
 use crate::history::{UndoRef, BLOCK_BYTES};
 use crate::limits::{
@@ -59,7 +59,7 @@ impl Group {
             self.retain(distributed);
             let stopping = self.stop_distribution.load(Ordering::Relaxed);
             let mut target = self.journal.durable_seq();
-            if let Some(hold) = *lock(&self.hold) {
+            if let Some(hold) = *self.hold.lock() {
                 target = target.min(hold);
             }
             if target > distributed {
@@ -110,7 +110,7 @@ impl Group {
         target: Seq,
         urgent: bool,
     ) -> Result<(), ApplianceError> {
-        let _writer = lock(&self.replica_writer);
+        let _writer = self.replica_writer.lock();
         let from = Seq(self.distributed.load(Ordering::Relaxed));
         let volumes = self.volumes();
         let by_id: BTreeMap<u32, &GroupVolume> =
@@ -118,7 +118,7 @@ impl Group {
         // Records below this already have their before-image; the last one captured is
         // captured again, because a crash may have cut its capture short (first capture
         // wins, see `history.rs`).
-        let captured_through = lock(&self.history).undo_captured_through();
+        let captured_through = self.history.lock().undo_captured_through();
         let mut batch = Batch::default();
         let mut since_checkpoint = 0u64;
         for record in self.journal.read_from(from.next())? {
@@ -173,14 +173,11 @@ impl Group {
             self.undo.sync()?;
         }
         let mut bytes = 0;
-        let mut state = self
-            .replica_state
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut state = self.replica_state.write();
         for record in &batch.records {
             bytes += apply(by_id, record)?;
             if record.source_seq != 0 && record.kind.change_kind().is_some() {
-                let mut seqs = lock(&self.distributed_source_seqs);
+                let mut seqs = self.distributed_source_seqs.lock();
                 let e = seqs.entry(record.volume).or_default();
                 *e = (*e).max(record.source_seq);
             }
@@ -243,7 +240,7 @@ impl Group {
         if records.is_empty() {
             return Ok(());
         }
-        let mut history = lock(&self.history);
+        let mut history = self.history.lock();
         let mut locations = Vec::with_capacity(records.len());
         let last = self.undo.append_located(records, &mut locations)?;
         let first = last.0 + 1 - locations.len() as u64;

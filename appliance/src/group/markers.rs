@@ -95,10 +95,7 @@ impl Group {
     /// The bookmarks still in the journal, oldest first.
     pub fn bookmarks(&self) -> Vec<Bookmark> {
         let mut list = self.bookmarks.list(&self.journal);
-        let state = self
-            .consolidation_state
-            .read()
-            .unwrap_or_else(|p| p.into_inner());
+        let state = self.consolidation_state.read();
         for b in &mut list {
             b.consolidated = !state.is_kept(b.seq);
         }

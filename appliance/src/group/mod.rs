@@ -20,6 +20,7 @@
 mod append;
 mod consolidate;
 mod distribution;
+mod lock_order;
 mod markers;
 mod point_read;
 mod recoverable;
@@ -34,7 +35,7 @@ mod volumes;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, RwLock};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -51,6 +52,7 @@ use crate::record_cache::RecordCache;
 use crate::resync_span::ResyncSpans;
 
 pub use consolidate::{ConsolidationReport, ConsolidationStatus};
+use lock_order::{Rank, RankedMutex, RankedRwLock};
 use replica::ReplicaState;
 use state::GroupState;
 pub use status::{GroupStatus, VolumeStatus};
@@ -115,8 +117,8 @@ pub struct Group {
     pub name: String,
     journal: Arc<Journal>,
     /// Changes at runtime (`cdp volume add/remove`); readers take a snapshot.
-    volumes: RwLock<BTreeMap<String, Arc<GroupVolume>>>,
-    sync_tx: Mutex<Option<mpsc::SyncSender<SyncRequest>>>,
+    volumes: RankedRwLock<BTreeMap<String, Arc<GroupVolume>>>,
+    sync_tx: RankedMutex<Option<mpsc::SyncSender<SyncRequest>>>,
     distributed: AtomicU64,
     retention: RetentionPolicy,
     journal_full_policy: JournalFullPolicy,
@@ -128,7 +130,7 @@ pub struct Group {
     /// Per volume id, the highest source_seq among distributed (hence durable) records.
     /// Written to `source_seqs.state` before segments are released, so a reconnecting
     /// splitter is told the right resume point even when its last change was released.
-    distributed_source_seqs: Mutex<BTreeMap<u32, u64>>,
+    distributed_source_seqs: RankedMutex<BTreeMap<u32, u64>>,
     /// The group's small state files (`state.rs`).
     state: GroupState,
     failure: watch::Sender<Option<String>>,
@@ -142,26 +144,26 @@ pub struct Group {
     bookmarks: BookmarkIndex,
     resync_spans: ResyncSpans,
     distribution_wake: mpsc::SyncSender<()>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    threads: RankedMutex<Vec<JoinHandle<()>>>,
     /// Before-images of replica blocks, saved by distribution before it overwrites them.
     undo: Arc<Journal>,
     /// Block index over journal and undo stream (see `history.rs`). Appends hold it across
     /// the journal append, so once a seq is visible every lower change is indexed.
-    history: Mutex<History>,
+    history: RankedMutex<History>,
     /// What the replica holds. Image reads share it; distribution and rollback take it
     /// exclusively while they change the replica.
-    replica_state: RwLock<ReplicaState>,
+    replica_state: RankedRwLock<ReplicaState>,
     /// The undo stream started here: points below were never given before-images.
     undo_floor: u64,
     /// Points that open images read: retention never releases records they need.
-    pins: Mutex<BTreeMap<u64, Seq>>,
+    pins: RankedMutex<BTreeMap<u64, Seq>>,
     next_pin: AtomicU64,
     /// While a logged image holds the replica, distribution stops at this seq.
-    hold: Mutex<Option<Seq>>,
+    hold: RankedMutex<Option<Seq>>,
     /// Images wait for the replica: distribution runs without waiting for a host pause.
     urgent: AtomicBool,
     /// Held by whoever writes the replica in bulk: a distribution pass or a rollback.
-    replica_writer: Mutex<()>,
+    replica_writer: RankedMutex<()>,
     /// Undo records applied by the rollback running now, and how many it needs.
     rollback_progress: (AtomicU64, AtomicU64),
     record_cache: RecordCache,
@@ -170,14 +172,14 @@ pub struct Group {
     /// `[group.consolidation]`, if the group has a policy (`consolidate.rs`).
     consolidation: Option<crate::consolidation::ConsolidationConfig>,
     /// Points consolidation kept: at or below its `through`, other points are refused.
-    consolidation_state: RwLock<crate::consolidation::ConsolidationState>,
+    consolidation_state: RankedRwLock<crate::consolidation::ConsolidationState>,
     /// Held by a consolidation pass, and by rollback and retention, which must not move
     /// history under it.
-    consolidation_pass: Mutex<()>,
-    consolidation_stats: Mutex<consolidate::PassStats>,
+    consolidation_pass: RankedMutex<()>,
+    consolidation_stats: RankedMutex<consolidate::PassStats>,
     /// Image reads hold it shared from planning to reading; consolidation exclusively while
     /// it moves records to their rewritten segments.
-    relocation: RwLock<()>,
+    relocation: RankedRwLock<()>,
 }
 
 impl Group {
@@ -280,14 +282,17 @@ impl Group {
         let group = Arc::new(Group {
             name: config.name.clone(),
             journal,
-            volumes: RwLock::new(volumes),
-            sync_tx: Mutex::new(Some(sync_tx)),
+            volumes: RankedRwLock::new(Rank::Volumes, volumes),
+            sync_tx: RankedMutex::new(Rank::SyncTx, Some(sync_tx)),
             distributed: AtomicU64::new(distributed.0),
             retention,
             journal_full_policy: config.journal_full_policy,
             held_by_images: AtomicBool::new(false),
             over_capacity: AtomicBool::new(false),
-            distributed_source_seqs: Mutex::new(distributed_source_seqs),
+            distributed_source_seqs: RankedMutex::new(
+                Rank::DistributedSourceSeqs,
+                distributed_source_seqs,
+            ),
             failure: watch::Sender::new(None),
             stop_distribution: AtomicBool::new(false),
             distribution_delay_max,
@@ -296,29 +301,35 @@ impl Group {
             bookmarks,
             resync_spans,
             distribution_wake: wake_tx,
-            threads: Mutex::new(Vec::new()),
+            threads: RankedMutex::new(Rank::Threads, Vec::new()),
             undo,
-            history: Mutex::new(history),
-            replica_state: RwLock::new(ReplicaState {
-                seq: distributed,
-                exact: distributed >= exact_from,
-                exact_from,
-            }),
+            history: RankedMutex::new(Rank::History, history),
+            replica_state: RankedRwLock::new(
+                Rank::ReplicaState,
+                ReplicaState {
+                    seq: distributed,
+                    exact: distributed >= exact_from,
+                    exact_from,
+                },
+            ),
             undo_floor,
-            pins: Mutex::new(Group::replication_pins(config)),
+            pins: RankedMutex::new(Rank::Pins, Group::replication_pins(config)),
             next_pin: AtomicU64::new(1),
-            hold: Mutex::new(None),
+            hold: RankedMutex::new(Rank::Hold, None),
             urgent: AtomicBool::new(false),
-            replica_writer: Mutex::new(()),
+            replica_writer: RankedMutex::new(Rank::ReplicaWriter, ()),
             rollback_progress: (AtomicU64::new(0), AtomicU64::new(0)),
             record_cache: RecordCache::default(),
             state,
             replication: crate::replication::GroupReplication::new(config),
             consolidation: config.consolidation.clone(),
-            consolidation_state: RwLock::new(consolidation_state),
-            consolidation_pass: Mutex::new(()),
-            consolidation_stats: Mutex::new(consolidate::PassStats::new()),
-            relocation: RwLock::new(()),
+            consolidation_state: RankedRwLock::new(Rank::ConsolidationState, consolidation_state),
+            consolidation_pass: RankedMutex::new(Rank::ConsolidationPass, ()),
+            consolidation_stats: RankedMutex::new(
+                Rank::ConsolidationStats,
+                consolidate::PassStats::new(),
+            ),
+            relocation: RankedRwLock::new(Rank::Relocation, ()),
         });
         let mut threads = Vec::new();
         let g = Arc::clone(&group);
@@ -330,7 +341,7 @@ impl Group {
             format!("distribute-{}", config.name),
             move || g.distribute_loop(wake_rx),
         )?);
-        *group.threads.lock().unwrap_or_else(|p| p.into_inner()) = threads;
+        *group.threads.lock() = threads;
         Ok(group)
     }
 
@@ -340,9 +351,8 @@ impl Group {
 
     pub(super) fn read_volumes(
         &self,
-    ) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<GroupVolume>>> {
-        // Every change is one map call, so a poisoned lock still guards a consistent map.
-        self.volumes.read().unwrap_or_else(|p| p.into_inner())
+    ) -> lock_order::ReadGuard<'_, BTreeMap<String, Arc<GroupVolume>>> {
+        self.volumes.read()
     }
 
     /// The group's volumes now, by name (a snapshot: volumes may be added or removed).
@@ -367,11 +377,8 @@ impl Group {
     /// Stops the sync thread after a final sync, then lets distribution catch up and checkpoint.
     /// Link connections must be closed first.
     pub fn stop(&self) {
-        self.sync_tx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        self.sync_tx.lock().take();
+        let threads = std::mem::take(&mut *self.threads.lock());
         let mut threads = threads.into_iter();
         if let Some(sync) = threads.next() {
             let _ = sync.join();
@@ -448,7 +455,7 @@ pub(super) fn rebuild_history(
     Ok(history)
 }
 
-pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 

@@ -4,7 +4,7 @@
 use cdp_journal::{RecordKind, RecordLocation};
 use cdp_types::Seq;
 
-use super::{lock, Group, GroupVolume};
+use super::{Group, GroupVolume};
 use crate::error::ApplianceError;
 use crate::history::{BlockPlan, BLOCK_BYTES};
 use crate::limits::PARALLEL_ASSEMBLY_BLOCKS_MIN;
@@ -20,8 +20,8 @@ impl Group {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<(), ApplianceError> {
-        let _locations_stay = self.relocation.read().unwrap_or_else(|p| p.into_inner());
-        let state = self.replica_state.read().unwrap_or_else(|p| p.into_inner());
+        let _locations_stay = self.relocation.read();
+        let state = self.replica_state.read();
         if !state.exact {
             return Err(ApplianceError::Busy(
                 "the replica is catching up after a restart; images are readable once it has"
@@ -35,7 +35,7 @@ impl Group {
         }
         let first_block = offset / BLOCK_BYTES;
         let plans: Vec<BlockPlan> = {
-            let history = lock(&self.history);
+            let history = self.history.lock();
             (first_block..=(end - 1) / BLOCK_BYTES)
                 .map(|b| history.plan(volume.id, b, at.0, distributed))
                 .collect()

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use cdp_types::Seq;
 
-use super::{lock, Group, GroupState, ReplicaState};
+use super::{Group, GroupState, ReplicaState};
 use crate::consolidation::ConsolidationState;
 use crate::error::ApplianceError;
 use crate::history::History;
@@ -44,7 +44,7 @@ impl Group {
     /// Starts a resync to the source's point `through`: refused while images are open here;
     /// waits until the replica holds every journaled record, then marks it in progress.
     pub fn begin_region_resync(&self, through: Seq) -> Result<(), ApplianceError> {
-        if !lock(&self.pins).is_empty() {
+        if !self.pins.lock().is_empty() {
             return Err(ApplianceError::Refused(
                 "images are open at the remote copy; a resynchronisation replaces its history, \
                  release them first"
@@ -53,10 +53,7 @@ impl Group {
         }
         self.distribute_everything(RESYNC_DISTRIBUTION_WAIT)?;
         self.state.store_resync_marker(through.0)?;
-        let mut state = self
-            .replica_state
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut state = self.replica_state.write();
         state.exact = false;
         state.exact_from = Seq(u64::MAX);
         Ok(())
@@ -110,20 +107,20 @@ impl Group {
                 volume.size
             )));
         }
-        let _writer = lock(&self.replica_writer);
+        let _writer = self.replica_writer.lock();
         Ok(volume.replica.write_at(offset, data)?)
     }
 
     /// Ends a resync: the replica holds the source's state at `through`; journal, undo
     /// stream, index, bookmarks and kept points restart after it.
     pub fn finish_region_resync(&self, through: Seq) -> Result<(), ApplianceError> {
-        let _no_consolidation = lock(&self.consolidation_pass);
-        let _writer = lock(&self.replica_writer);
+        let _no_consolidation = self.consolidation_pass.lock();
+        let _writer = self.replica_writer.lock();
         for v in self.volumes() {
             v.replica.sync_data()?;
         }
         self.state.store_distributed(through)?;
-        let mut history = lock(&self.history);
+        let mut history = self.history.lock();
         self.journal
             .restart_at(through.next())
             .inspect_err(|e| tracing::error!(group = %self.name, "restarting the journal: {e}"))?;
@@ -137,15 +134,9 @@ impl Group {
         self.resync_spans.clear();
         let fresh = ConsolidationState::default();
         self.state.store_consolidation(&fresh)?;
-        *self
-            .consolidation_state
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = fresh;
+        *self.consolidation_state.write() = fresh;
         self.distributed.store(through.0, Ordering::Relaxed);
-        *self
-            .replica_state
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = ReplicaState {
+        *self.replica_state.write() = ReplicaState {
             seq: through,
             exact: true,
             exact_from: through,

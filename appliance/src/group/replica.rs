@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use cdp_types::Seq;
 
-use super::{lock, Group, GroupVolume};
+use super::{Group, GroupVolume};
 use crate::error::ApplianceError;
 use crate::history::UndoRef;
 use crate::record_cache::Stream;
@@ -18,7 +18,7 @@ impl Group {
     pub fn wait_replica_exact(&self, timeout: Duration) -> Result<(), ApplianceError> {
         let deadline = Instant::now() + timeout;
         loop {
-            let state = *self.replica_state.read().unwrap_or_else(|p| p.into_inner());
+            let state = *self.replica_state.read();
             if state.exact {
                 return Ok(());
             }
@@ -42,7 +42,7 @@ impl Group {
     /// Blocks until done: call from a blocking thread.
     pub fn hold_replica(&self, at: Seq) -> Result<(), String> {
         {
-            let mut hold = lock(&self.hold);
+            let mut hold = self.hold.lock();
             if let Some(held) = *hold {
                 return Err(format!(
                     "a logged image already holds this group's replica at seq {held}; release it first"
@@ -60,7 +60,7 @@ impl Group {
 
     /// Lets distribution carry the replica forward again after logged access.
     pub fn release_replica(&self) {
-        *lock(&self.hold) = None;
+        *self.hold.lock() = None;
         self.urgent.store(true, Ordering::Relaxed);
         let _ = self.distribution_wake.try_send(());
     }
@@ -87,24 +87,20 @@ impl Group {
             let _ = self.distribution_wake.try_send(());
             std::thread::sleep(Duration::from_millis(10));
         }
-        let _no_consolidation = lock(&self.consolidation_pass);
-        let _writer = lock(&self.replica_writer);
+        let _no_consolidation = self.consolidation_pass.lock();
+        let _writer = self.replica_writer.lock();
         let distributed = self.distributed.load(Ordering::Relaxed);
         if distributed <= at.0 {
             return Ok(());
         }
         // In consolidated history the replica is exact only at kept points (dropped
         // before-images are skipped), so image reads see it only there.
-        let consolidated = self
-            .consolidation_state
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let consolidated = self.consolidation_state.read().clone();
         // Checkpoint the target first: if the appliance dies mid-rollback, it restarts
         // distribution from `at`, which rewrites every block the rollback may have touched.
         self.state.store_distributed(at)?;
         let undos: Vec<(u64, UndoRef)> = {
-            let history = lock(&self.history);
+            let history = self.history.lock();
             let mut v = Vec::new();
             let mut u = history.undo_next();
             while u > 0 {
@@ -133,11 +129,7 @@ impl Group {
         let mut held = None;
         while i < undos.len() {
             let redo_seq = undos[i].1.redo_seq;
-            let mut state = held.take().unwrap_or_else(|| {
-                self.replica_state
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-            });
+            let mut state = held.take().unwrap_or_else(|| self.replica_state.write());
             while i < undos.len() && undos[i].1.redo_seq == redo_seq {
                 let (undo_seq, r) = undos[i];
                 if r.dropped {
@@ -179,11 +171,7 @@ impl Group {
                 held = Some(state);
             }
         }
-        let mut state = held.unwrap_or_else(|| {
-            self.replica_state
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-        });
+        let mut state = held.unwrap_or_else(|| self.replica_state.write());
         state.seq = at;
         self.distributed.store(at.0, Ordering::Relaxed);
         drop(state);

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use cdp_journal::RetentionPolicy;
 use cdp_types::{Seq, TimestampNs};
 
-use super::{lock, Group};
+use super::Group;
 use crate::config::{GroupConfig, JournalFullPolicy};
 use crate::error::ApplianceError;
 
@@ -18,7 +18,7 @@ impl Group {
     /// segment only costs disk space.
     pub(super) fn retain(&self, checkpointed: Seq) {
         // A consolidation pass is moving history; the next pass of retention runs soon.
-        let Ok(_no_consolidation) = self.consolidation_pass.try_lock() else {
+        let Some(_no_consolidation) = self.consolidation_pass.try_lock() else {
             return;
         };
         // The undo stream shares the group's capacity with the journal.
@@ -32,7 +32,7 @@ impl Group {
         // Open images read the records just above their point, and the remote copy still
         // needs what it has not acknowledged: release nothing at or above either, unless the
         // remote copy is configured to be resynchronised by regions instead.
-        let pins = lock(&self.pins);
+        let pins = self.pins.lock();
         let release_unshipped = self.replication.shipping.as_ref().is_some_and(|s| {
             s.config.unshipped_history == crate::config::UnshippedHistory::Release
         });
@@ -129,11 +129,7 @@ impl Group {
 
     /// Stores the distributed source_seq maxima (atomically: temp file, fsync, rename).
     pub(super) fn persist_source_seqs(&self) -> Result<(), ApplianceError> {
-        let seqs = self
-            .distributed_source_seqs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let seqs = self.distributed_source_seqs.lock().clone();
         self.state.store_released_source_seqs(&seqs)
     }
 
@@ -141,14 +137,16 @@ impl Group {
     pub(super) fn release_undo(&self) {
         let first = self.journal.first_seq().0;
         let through = {
-            let mut history = lock(&self.history);
+            let mut history = self.history.lock();
             history.release_redo_before(first);
             history.undo_release_point(first.saturating_sub(1))
         };
         let Some(through) = through else { return };
         match self.undo.release_through(Seq(through)) {
             Ok(r) => {
-                lock(&self.history).release_undo_before(self.undo.first_seq().0);
+                self.history
+                    .lock()
+                    .release_undo_before(self.undo.first_seq().0);
                 if r.segments > 0 {
                     tracing::info!(group = %self.name, segments = r.segments, bytes = r.bytes, "undo segments released");
                 }
@@ -164,10 +162,7 @@ impl Group {
             .undo_floor
             .max(self.journal.first_seq().0.saturating_sub(1));
         // Consolidation may have dropped that point: the oldest kept one is the oldest.
-        let state = self
-            .consolidation_state
-            .read()
-            .unwrap_or_else(|p| p.into_inner());
+        let state = self.consolidation_state.read();
         if state.is_kept(oldest) {
             return Seq(oldest);
         }
@@ -182,7 +177,7 @@ impl Group {
     /// Keeps retention away from what an image at `at` reads; refuses points outside the
     /// window. Returns the pin to give back to `unpin`.
     pub fn pin_point(&self, at: Seq) -> Result<u64, ApplianceError> {
-        let mut pins = lock(&self.pins);
+        let mut pins = self.pins.lock();
         self.check_recoverable(at).map_err(|e| match e.code {
             cdp_link::control_socket::ErrorCode::NotFound => ApplianceError::NotFound(e.message),
             _ => ApplianceError::Refused(e.message),
@@ -193,7 +188,7 @@ impl Group {
     }
 
     pub fn unpin(&self, pin: u64) {
-        lock(&self.pins).remove(&pin);
+        self.pins.lock().remove(&pin);
     }
 
     /// Retention pins for a group that ships to a remote copy: from open on, nothing the
@@ -208,7 +203,7 @@ impl Group {
 
     /// Lets retention release records up to `acked` (durable at the remote copy), no more.
     pub fn release_for_remote_copy_through(&self, acked: Seq) {
-        lock(&self.pins).insert(REMOTE_COPY_PIN, acked);
+        self.pins.lock().insert(REMOTE_COPY_PIN, acked);
     }
 }
 

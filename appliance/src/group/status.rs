@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 
 use serde::Serialize;
 
-use super::{consolidate, lock, Group};
+use super::{consolidate, Group};
 use crate::config::JournalFullPolicy;
 use crate::history::HistoryStats;
 
@@ -20,6 +20,22 @@ impl Group {
             None => None,
         };
         let (logical, stored) = self.journal.write_bytes_since_open();
+        // One lock at a time: guards in the struct expression below would all live until
+        // its end, nesting `History` around `ConsolidationState` against the lock order.
+        let replica_held_at = self.hold.lock().map(|s| s.0);
+        let history = self.history.lock().stats();
+        let consolidation = self.consolidation_status();
+        let volumes = self
+            .read_volumes()
+            .values()
+            .map(|v| VolumeStatus {
+                name: v.name.clone(),
+                size: v.size,
+                replica: v.replica_path.display().to_string(),
+                connected: v.connected.load(Ordering::Relaxed),
+                last_source_seq: v.last_source_seq.load(Ordering::Relaxed),
+            })
+            .collect();
         GroupStatus {
             name: self.name.clone(),
             journal_bytes: self.journal.size_bytes(),
@@ -46,20 +62,10 @@ impl Group {
             failure: self.failure.borrow().clone(),
             undo_bytes: self.undo.size_bytes(),
             oldest_point_seq: self.oldest_point().0,
-            replica_held_at: lock(&self.hold).map(|s| s.0),
-            history: lock(&self.history).stats(),
-            consolidation: self.consolidation_status(),
-            volumes: self
-                .read_volumes()
-                .values()
-                .map(|v| VolumeStatus {
-                    name: v.name.clone(),
-                    size: v.size,
-                    replica: v.replica_path.display().to_string(),
-                    connected: v.connected.load(Ordering::Relaxed),
-                    last_source_seq: v.last_source_seq.load(Ordering::Relaxed),
-                })
-                .collect(),
+            replica_held_at,
+            history,
+            consolidation,
+            volumes,
             source: self.replication.source,
             remote: self
                 .replication

@@ -17,7 +17,7 @@ impl Group {
         source_seq: u64,
         progress: &Arc<ConnectionProgress>,
     ) -> Result<(), String> {
-        let sync_tx = self.sync_tx.lock().unwrap_or_else(|p| p.into_inner());
+        let sync_tx = self.sync_tx.lock();
         let Some(sync_tx) = sync_tx.as_ref() else {
             return Err("group is stopping".into());
         };

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use cdp_journal::Journal;
 use cdp_types::BlockFile;
 
-use super::{lock, Group};
+use super::Group;
 use crate::config::VolumeConfig;
 use crate::error::ApplianceError;
 
@@ -54,11 +54,11 @@ impl Group {
             .fetch_max(released, Ordering::Relaxed)
             .max(released);
         {
-            let mut seqs = lock(&self.distributed_source_seqs);
+            let mut seqs = self.distributed_source_seqs.lock();
             let e = seqs.entry(id).or_default();
             *e = (*e).max(resume);
         }
-        let mut volumes = self.volumes.write().unwrap_or_else(|p| p.into_inner());
+        let mut volumes = self.volumes.write();
         if volumes.contains_key(&config.name) {
             return Err(already());
         }
@@ -104,7 +104,7 @@ impl Group {
                  first (cdp volume remove does) or use --force"
             )));
         }
-        if let Some(held) = *lock(&self.hold) {
+        if let Some(held) = *self.hold.lock() {
             return Err(ApplianceError::Refused(format!(
                 "a logged image holds group {}'s replicas at seq {held}; release it first, \
                  so the replica of {name:?} can receive its last changes",
@@ -116,10 +116,7 @@ impl Group {
             volume.removed.store(false, Ordering::Relaxed);
             return Err(e.context(&format!("volume {name:?} not removed")));
         }
-        self.volumes
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+        self.volumes.write().remove(name);
         tracing::info!(group = %self.name, volume = %name, replica = %volume.replica_path.display(), "volume removed; its journal records and replica are kept");
         Ok(volume)
     }
