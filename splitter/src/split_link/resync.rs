@@ -1,0 +1,263 @@
+//! Resync: copies regions marked in the dirty bitmap from production into the journal, between
+//! `ResyncStart` and `ResyncEnd` markers, in order with host writes.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use cdp_link::Message;
+
+use super::queue::Queue;
+use super::seeding::{ChecksumReplies, VerifyStop};
+use super::status::{ResyncMethod, ResyncReason, ResyncSummary};
+use super::SplitLink;
+use crate::limits::{RESYNC_REPORT_INTERVAL, RESYNC_ZERO_RUN_BYTES_MAX};
+
+impl SplitLink {
+    /// Marks every region for resync (first-time initialization or `cdp volume resync`) and
+    /// wakes the resync task. A first initialization verifies instead of copying when the
+    /// appliance says the replica holds data (see `resync`).
+    pub fn request_full_resync(&self, why: ResyncReason) {
+        self.request_resync(why, ResyncMethod::Copy);
+    }
+
+    /// Marks every region for a resync by `method` and wakes the resync task. A resync
+    /// already running keeps its method for the regions it has not reached.
+    pub fn request_resync(&self, why: ResyncReason, method: ResyncMethod) {
+        // Reason and method first: the resync task may start as soon as regions are pending.
+        {
+            let mut progress = self.lock_progress();
+            progress.reason = why;
+            progress.method = method;
+        }
+        let mut queue = self.lock_queue();
+        for region in 0..queue.bitmap.regions() {
+            queue.bitmap.set(region);
+            queue.resync_pending.insert(region);
+        }
+        drop(queue);
+        self.resync_wake.notify_one();
+    }
+
+    /// Copies every region marked for resync from production into the journal, in order with
+    /// host writes (each copy is taken under the queue lock). Holes and all-zero regions go
+    /// as Zero changes without payload, consecutive ones merged. Stops if the link drops.
+    /// When verifying, regions whose checksum equals the replica's are dropped first.
+    pub(super) async fn resync(&self, replies: &mut ChecksumReplies) {
+        let (total, region_bytes, incomplete) = {
+            let queue = self.lock_queue();
+            (
+                queue.resync_pending.len() as u64,
+                queue.bitmap.region_bytes(),
+                queue.resync_incomplete,
+            )
+        };
+        if total == 0 && !incomplete {
+            return;
+        }
+        let (reason, method) = {
+            let mut progress = self.lock_progress();
+            progress.total_bytes = total * region_bytes;
+            progress.done_bytes = 0;
+            progress.verified_bytes = 0;
+            progress.copied_bytes = 0;
+            progress.started = Some(Instant::now());
+            // First protection of a volume whose replica already holds data: it was most
+            // likely seeded by other means (a copy of the disk), so only differences travel.
+            if progress.reason == ResyncReason::Initial
+                && self.replica_holds_data.load(Ordering::Relaxed)
+            {
+                progress.method = ResyncMethod::Verify;
+            }
+            (progress.reason, progress.method)
+        };
+        let before = self.resync_copied_bytes();
+        tracing::info!(
+            volume = %self.volume,
+            regions = total,
+            bytes = total * region_bytes,
+            ?reason,
+            ?method,
+            "resync started"
+        );
+        let mut last_report = Instant::now();
+        {
+            let mut queue = self.lock_queue();
+            if queue.marking || !self.is_connected() {
+                return;
+            }
+            let marking_since_ns = queue.marking_since_ns.unwrap_or(0);
+            queue.resync_incomplete = false;
+            self.push_marker(&mut queue, move |source_seq| Message::ResyncStart {
+                source_seq,
+                marking_since_ns,
+            });
+        }
+        self.wake_sender.notify_one();
+        if method == ResyncMethod::Verify {
+            match self.verify_pending(region_bytes, replies).await {
+                Ok(()) => {}
+                Err(VerifyStop::LinkLost) => {
+                    tracing::warn!(volume = %self.volume, "resync verification interrupted by link loss");
+                    return;
+                }
+                Err(VerifyStop::Unusable(why)) => {
+                    tracing::warn!(volume = %self.volume, "resync verification stopped: {why}; copying the remaining regions");
+                }
+            }
+        }
+        loop {
+            let permit = self.reserve(region_bytes as usize).await;
+            let mut queue = self.lock_queue();
+            if queue.marking || !self.is_connected() {
+                tracing::warn!(volume = %self.volume, remaining = queue.resync_pending.len(), "resync interrupted by link loss");
+                return;
+            }
+            let Some(region) = queue.resync_pending.pop_first() else {
+                break;
+            };
+            let offset = region * region_bytes;
+            let length = region_bytes.min(self.size - offset);
+            let (change, end_region, copied) = match self.resync_change(
+                &mut queue,
+                region,
+                region_bytes,
+            ) {
+                Ok(found) => found,
+                Err(e) => {
+                    queue.resync_pending.insert(region);
+                    tracing::error!(volume = %self.volume, region, "resync read failed: {e}; will retry on the next connection");
+                    return;
+                }
+            };
+            queue.touched.extend(region..end_region);
+            queue.push(change, None, region..end_region, Some(permit));
+            drop(queue);
+            self.wake_sender.notify_one();
+            self.resync_copied_bytes
+                .fetch_add(copied, Ordering::Relaxed);
+            let done = (end_region - region - 1) * region_bytes + length;
+            {
+                let mut progress = self.lock_progress();
+                progress.done_bytes += done;
+                progress.copied_bytes += copied;
+            }
+            if last_report.elapsed() >= RESYNC_REPORT_INTERVAL {
+                last_report = Instant::now();
+                let p = self.lock_progress();
+                tracing::info!(volume = %self.volume, "resync {:.1}% ({} of {} bytes)", p.percent(), p.done_bytes, p.total_bytes);
+            }
+        }
+        {
+            let mut queue = self.lock_queue();
+            if queue.marking || !self.is_connected() {
+                // The ResyncStart went out on a connection that is gone: the next one
+                // brackets again, so the appliance's span is closed by a ResyncEnd.
+                queue.resync_incomplete = true;
+                tracing::warn!(volume = %self.volume, "resync end interrupted by link loss");
+                return;
+            }
+            let end = self.push_marker(&mut queue, |source_seq| Message::ResyncEnd { source_seq });
+            queue.resync_end_unacked = Some(end);
+        }
+        self.wake_sender.notify_one();
+        // One critical section: `state()` must never see the resync ended (no `started`)
+        // without its summary (`last`).
+        let copied_bytes = self.resync_copied_bytes() - before;
+        let mut progress = self.lock_progress();
+        let seconds = progress
+            .started
+            .take()
+            .map_or(0.0, |s| s.elapsed().as_secs_f64());
+        let verified_bytes = progress.verified_bytes;
+        progress.last = Some(ResyncSummary {
+            method,
+            total_bytes: total * region_bytes,
+            verified_bytes,
+            copied_bytes,
+            seconds,
+            completed_ns: cdp_types::TimestampNs::now().0,
+        });
+        tracing::info!(
+            volume = %self.volume,
+            regions = total,
+            verified_bytes,
+            copied_bytes,
+            seconds,
+            ?reason,
+            ?method,
+            "resync complete"
+        );
+        progress.reason = ResyncReason::Dirty;
+        progress.method = ResyncMethod::Copy;
+    }
+
+    /// Queues a resync marker (start or end) in the change stream, under the queue lock so it
+    /// sits exactly between the changes before and after it.
+    fn push_marker(&self, queue: &mut Queue, marker: impl FnOnce(u64) -> Message) -> u64 {
+        queue.push(marker, None, 0..0, None)
+    }
+
+    /// The change that brings the journal's copy of `region` (already popped) up to date:
+    /// a Write of its bytes, or a Zero covering it and any directly following pending regions
+    /// that are holes too. Returns the change, the end region and the payload bytes.
+    #[allow(clippy::type_complexity)]
+    fn resync_change(
+        &self,
+        queue: &mut Queue,
+        region: u64,
+        region_bytes: u64,
+    ) -> std::io::Result<(Box<dyn FnOnce(u64) -> Message + Send>, u64, u64)> {
+        let offset = region * region_bytes;
+        let length = region_bytes.min(self.size - offset);
+        let data_at = self.production.next_data(offset)?;
+        let zero_run = |queue: &mut Queue, hole_end: u64| {
+            let mut end = offset + length;
+            while end < hole_end.min(self.size)
+                && end - offset < RESYNC_ZERO_RUN_BYTES_MAX
+                && queue.resync_pending.first() == Some(&(end / region_bytes))
+            {
+                let next_len = region_bytes.min(self.size - end);
+                if end + next_len > hole_end {
+                    break;
+                }
+                queue.resync_pending.pop_first();
+                end += next_len;
+            }
+            end
+        };
+        if data_at.is_some_and(|d| d >= offset + length) {
+            let end = zero_run(queue, data_at.unwrap_or(offset + length));
+            let end_region = end.div_ceil(region_bytes);
+            return Ok((
+                Box::new(move |source_seq| Message::Zero {
+                    source_seq,
+                    offset,
+                    length: end - offset,
+                }),
+                end_region,
+                0,
+            ));
+        }
+        let data = self.production.read_at(offset, length as usize)?;
+        if data.iter().all(|b| *b == 0) {
+            return Ok((
+                Box::new(move |source_seq| Message::Zero {
+                    source_seq,
+                    offset,
+                    length,
+                }),
+                region + 1,
+                0,
+            ));
+        }
+        Ok((
+            Box::new(move |source_seq| Message::Write {
+                source_seq,
+                offset,
+                data,
+            }),
+            region + 1,
+            length,
+        ))
+    }
+}
