@@ -9,7 +9,7 @@ use cdp_link::limits::CHECKSUM_REQUESTS_IN_FLIGHT_MAX;
 use cdp_link::{watermark, LinkError, LinkStream, Message};
 use tokio::sync::mpsc;
 
-use super::queue::pop_acked;
+use super::queue::{pop_acked, Queue};
 use super::seeding::ChecksumReplies;
 use super::{Readiness, SplitLink};
 use crate::config::OnApplianceLoss;
@@ -154,7 +154,7 @@ impl SplitLink {
                     }
                 }
                 loop {
-                    self.take_unsent(&mut batch);
+                    self.lock_queue().take_unsent(&mut batch);
                     if batch.is_empty() {
                         break;
                     }
@@ -181,16 +181,13 @@ impl SplitLink {
     /// After (re)connecting: forget what the journal already has and rewind the send cursor.
     fn on_welcome(&self, last_journaled: u64) {
         let mut queue = self.lock_queue();
-        if queue.last_seq < last_journaled {
-            if queue.last_seq != 0 || !queue.unacked.is_empty() {
-                tracing::error!(
-                    volume = %self.volume,
-                    ours = queue.last_seq,
-                    journal = last_journaled,
-                    "the journal holds changes this splitter never sent; was the volume written elsewhere?"
-                );
-            }
-            queue.last_seq = last_journaled;
+        if queue.last_seq < last_journaled && (queue.last_seq != 0 || !queue.unacked.is_empty()) {
+            tracing::error!(
+                volume = %self.volume,
+                ours = queue.last_seq,
+                journal = last_journaled,
+                "the journal holds changes this splitter never sent; was the volume written elsewhere?"
+            );
         }
         let acked_before = *self.acked.borrow();
         if last_journaled < acked_before {
@@ -204,35 +201,7 @@ impl SplitLink {
                 acked_before - last_journaled
             );
         }
-        pop_acked(&mut queue.unacked, last_journaled);
-        if queue
-            .resync_end_unacked
-            .is_some_and(|end| end <= last_journaled)
-        {
-            queue.resync_ended();
-        }
-        if queue.unacked.is_empty() {
-            // Changes dropped into the bitmap while marking were never journaled; their
-            // numbers are reused so the appliance sees no gap.
-            queue.last_seq = last_journaled;
-            queue.flush_requested = queue.flush_requested.min(last_journaled);
-        }
-        queue.sent_through = last_journaled;
-        queue.flush_sent = 0;
-        queue.marking = false;
-        // A marking episode that marked nothing (no host write was acknowledged without the
-        // journal) needs no resync and leaves no unrecoverable stretch: forget its start, or
-        // the next episode's span would reach back to it.
-        if queue.resync_pending.is_empty()
-            && queue.resync_end_unacked.is_none()
-            && !queue.resync_incomplete
-        {
-            queue.marking_since_ns = None;
-        }
-        // Requests and comparisons of the old connection will never be answered.
-        queue.checksum_requests.clear();
-        queue.verify_watch.clear();
-        queue.clear_settled_regions();
+        queue.welcome(last_journaled);
         drop(queue);
         // Durable marks of the old connection say nothing about renumbered changes.
         self.durable.send_replace(0);
@@ -243,16 +212,7 @@ impl SplitLink {
     }
 
     fn on_ack(&self, source_seq: u64) {
-        let mut queue = self.lock_queue();
-        pop_acked(&mut queue.unacked, source_seq);
-        if queue
-            .resync_end_unacked
-            .is_some_and(|end| end <= source_seq)
-        {
-            queue.resync_ended();
-        }
-        queue.clear_settled_regions();
-        drop(queue);
+        self.lock_queue().ack(source_seq);
         watermark::raise(&self.acked, source_seq);
     }
 
@@ -260,30 +220,7 @@ impl SplitLink {
     /// regions (its host request completes: production has it) and later changes are marked.
     pub(super) fn start_marking(&self) {
         let mut queue = self.lock_queue();
-        let unacked = std::mem::take(&mut queue.unacked);
-        let count = unacked.len();
-        if queue.resync_end_unacked.take().is_some()
-            || unacked.iter().any(|p| {
-                matches!(
-                    p.message,
-                    Message::ResyncStart { .. } | Message::ResyncEnd { .. }
-                )
-            })
-        {
-            queue.resync_incomplete = true;
-        }
-        let now_ns = cdp_types::TimestampNs::now().0;
-        queue.link_lost_ns = Some(now_ns);
-        if queue.marking_since_ns.is_none() {
-            queue.marking_since_ns = Some(now_ns);
-        }
-        for pending in unacked {
-            queue.mark(pending.regions.clone());
-            if let Some(tx) = pending.acked {
-                let _ = tx.send(());
-            }
-        }
-        queue.marking = true;
+        let count = queue.start_marking(cdp_types::TimestampNs::now().0);
         let dirty = queue.resync_pending.len() as u64 * queue.bitmap.region_bytes();
         drop(queue);
         self.marking.send_replace(true);
@@ -294,35 +231,207 @@ impl SplitLink {
             "appliance unreachable: marking mode, the host keeps being served and changed regions are recorded"
         );
     }
+}
+
+/// What a connection's start, end and sender do to the queue; plain state, so the resend
+/// rules are tested without sockets.
+impl Queue {
+    /// A Welcome said the journal holds every change through `last_journaled`: forget those,
+    /// rewind the send cursor so exactly the later ones are resent, in order, and leave
+    /// marking (numbering resumes from the journal when nothing is left queued).
+    pub(super) fn welcome(&mut self, last_journaled: u64) {
+        if self.last_seq < last_journaled {
+            self.last_seq = last_journaled;
+        }
+        pop_acked(&mut self.unacked, last_journaled);
+        if self
+            .resync_end_unacked
+            .is_some_and(|end| end <= last_journaled)
+        {
+            self.resync_ended();
+        }
+        if self.unacked.is_empty() {
+            // Changes dropped into the bitmap while marking were never journaled; their
+            // numbers are reused so the appliance sees no gap.
+            self.last_seq = last_journaled;
+            self.flush_requested = self.flush_requested.min(last_journaled);
+        }
+        self.sent_through = last_journaled;
+        self.flush_sent = 0;
+        self.marking = false;
+        // A marking episode that marked nothing (no host write was acknowledged without the
+        // journal) needs no resync and leaves no unrecoverable stretch: forget its start, or
+        // the next episode's span would reach back to it.
+        if self.resync_pending.is_empty()
+            && self.resync_end_unacked.is_none()
+            && !self.resync_incomplete
+        {
+            self.marking_since_ns = None;
+        }
+        // Requests and comparisons of the old connection will never be answered.
+        self.checksum_requests.clear();
+        self.verify_watch.clear();
+        self.clear_settled_regions();
+    }
+
+    /// The link was lost at `now_ns` and the policy is `mark`: every unacknowledged change
+    /// becomes marked regions and its host request completes; later changes are only marked.
+    /// Returns how many changes were unacknowledged.
+    pub(super) fn start_marking(&mut self, now_ns: u64) -> usize {
+        let unacked = std::mem::take(&mut self.unacked);
+        let count = unacked.len();
+        if self.resync_end_unacked.take().is_some()
+            || unacked.iter().any(|p| {
+                matches!(
+                    p.message,
+                    Message::ResyncStart { .. } | Message::ResyncEnd { .. }
+                )
+            })
+        {
+            self.resync_incomplete = true;
+        }
+        self.link_lost_ns = Some(now_ns);
+        if self.marking_since_ns.is_none() {
+            self.marking_since_ns = Some(now_ns);
+        }
+        for pending in unacked {
+            self.mark(pending.regions.clone());
+            if let Some(tx) = pending.acked {
+                let _ = tx.send(());
+            }
+        }
+        self.marking = true;
+        count
+    }
 
     /// Moves the next unsent changes (and a pending flush request) into `batch`.
-    fn take_unsent(&self, batch: &mut Vec<Message>) {
-        let mut queue = self.lock_queue();
-        let sent_through = queue.sent_through;
-        let start = queue
+    pub(super) fn take_unsent(&mut self, batch: &mut Vec<Message>) {
+        let sent_through = self.sent_through;
+        let start = self
             .unacked
             .partition_point(|p| p.source_seq <= sent_through);
         let mut last = sent_through;
-        for pending in queue.unacked.range(start..).take(SEND_BATCH_MESSAGES_MAX) {
+        for pending in self.unacked.range(start..).take(SEND_BATCH_MESSAGES_MAX) {
             batch.push(pending.message.clone());
             last = pending.source_seq;
         }
-        queue.sent_through = last;
-        while queue
+        self.sent_through = last;
+        while self
             .checksum_requests
             .front()
             .is_some_and(|(after, _)| *after <= last)
         {
-            if let Some((_, request)) = queue.checksum_requests.pop_front() {
+            if let Some((_, request)) = self.checksum_requests.pop_front() {
                 batch.push(request);
             }
         }
         // A flush may only be sent once every change it covers is on the wire ahead of it.
-        if queue.flush_requested > queue.flush_sent && queue.flush_requested <= last {
+        if self.flush_requested > self.flush_sent && self.flush_requested <= last {
             batch.push(Message::Flush {
-                source_seq: queue.flush_requested,
+                source_seq: self.flush_requested,
             });
-            queue.flush_sent = queue.flush_requested;
+            self.flush_sent = self.flush_requested;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::queue::testing::{
+        answered, queue, seqs, submit, submit_per_region, unacked, zero_offsets, REGION,
+    };
+    use super::*;
+
+    #[test]
+    fn block_policy_resends_exactly_the_changes_after_last_journaled_in_order() {
+        let (_dir, mut q) = queue(8);
+        let mut waits = submit_per_region(&mut q, 5);
+        let mut batch = Vec::new();
+        q.take_unsent(&mut batch);
+        assert_eq!(seqs(&batch), vec![1, 2, 3, 4, 5]);
+        q.ack(1);
+        // The connection breaks; under `block` nothing else happens until the next Welcome,
+        // whose journal has two more changes than were acknowledged.
+        q.welcome(3);
+        assert_eq!(unacked(&q), vec![4, 5]);
+        let answered_now: Vec<bool> = waits.iter_mut().map(answered).collect();
+        assert_eq!(answered_now, vec![true, true, true, false, false]);
+        batch.clear();
+        q.take_unsent(&mut batch);
+        assert_eq!(
+            seqs(&batch),
+            vec![4, 5],
+            "only the changes after the journal's"
+        );
+        assert_eq!(
+            zero_offsets(&batch),
+            vec![3 * REGION, 4 * REGION],
+            "the same changes, in order"
+        );
+        // Each is sent once per connection, and numbering continues after them.
+        batch.clear();
+        q.take_unsent(&mut batch);
+        assert!(batch.is_empty());
+        assert_eq!(submit(&mut q, 0, 4096).expect("queued").0, 6);
+    }
+
+    #[test]
+    fn block_policy_resends_everything_when_the_journal_has_none_of_it() {
+        let (_dir, mut q) = queue(4);
+        submit_per_region(&mut q, 3);
+        let mut batch = Vec::new();
+        q.take_unsent(&mut batch);
+        q.welcome(0);
+        batch.clear();
+        q.take_unsent(&mut batch);
+        assert_eq!(seqs(&batch), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn a_flush_is_resent_after_the_changes_it_covers() {
+        let (_dir, mut q) = queue(4);
+        submit_per_region(&mut q, 3);
+        q.flush_requested = 3;
+        let mut batch = Vec::new();
+        q.take_unsent(&mut batch);
+        assert_eq!(batch.last(), Some(&Message::Flush { source_seq: 3 }));
+        q.welcome(1);
+        batch.clear();
+        q.take_unsent(&mut batch);
+        assert_eq!(seqs(&batch), vec![2, 3]);
+        assert_eq!(batch.last(), Some(&Message::Flush { source_seq: 3 }));
+    }
+
+    #[test]
+    fn mark_policy_turns_unacked_changes_into_dirty_regions_and_renumbers_from_the_journal() {
+        let (_dir, mut q) = queue(8);
+        let mut waits = submit_per_region(&mut q, 3);
+        let mut batch = Vec::new();
+        q.take_unsent(&mut batch);
+        q.ack(1);
+        assert_eq!(q.start_marking(1_000), 2);
+        // The host requests complete (production has them); their regions await the resync.
+        assert!(waits.iter_mut().all(answered));
+        assert!(unacked(&q).is_empty());
+        assert_eq!(
+            q.resync_pending.iter().copied().collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        assert!(q.bitmap.is_set(1) && q.bitmap.is_set(2));
+        // While marking, a change is only marked.
+        assert!(submit(&mut q, 5 * REGION, 4096).is_none());
+        assert!(q.resync_pending.contains(&5) && q.bitmap.is_set(5));
+        // The journal got change 1 only: numbering resumes from there, with no gap.
+        q.welcome(1);
+        assert!(!q.marking);
+        assert_eq!(q.last_seq, 1);
+        batch.clear();
+        q.take_unsent(&mut batch);
+        assert!(batch.is_empty(), "marked changes are resynced, not resent");
+        assert_eq!(submit(&mut q, 6 * REGION, 4096).expect("queued").0, 2);
+        assert_eq!(
+            q.resync_pending.iter().copied().collect::<Vec<_>>(),
+            vec![1, 2, 5]
+        );
     }
 }

@@ -30,14 +30,13 @@ mod resync;
 mod seeding;
 mod status;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use cdp_link::Message;
 use cdp_types::{BlockFile, Endpoint};
-use tokio::sync::{oneshot, watch, Notify, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::config::OnApplianceLoss;
 use crate::dirty_bitmap::DirtyBitmap;
@@ -107,32 +106,12 @@ impl SplitLink {
         window_bytes: usize,
         deadline: Duration,
     ) -> Arc<SplitLink> {
-        // Regions dirty at start-up may hold changes the journal never got (a crash, or a stop
-        // while marking): copy them at the first connection.
-        let resync_pending: BTreeSet<u64> = bitmap.dirty_regions().into_iter().collect();
         let link = Arc::new(SplitLink {
             volume: volume.to_string(),
             size: production.size(),
             endpoint,
             splitter_id: rand::random(),
-            queue: Mutex::new(Queue {
-                last_seq: 0,
-                unacked: VecDeque::new(),
-                sent_through: 0,
-                flush_requested: 0,
-                flush_sent: 0,
-                bitmap,
-                touched: Vec::new(),
-                resync_pending,
-                marking: false,
-                checksum_requests: VecDeque::new(),
-                verify_watch: BTreeMap::new(),
-                verify_region_bytes: 0,
-                marking_since_ns: None,
-                link_lost_ns: None,
-                resync_end_unacked: None,
-                resync_incomplete: false,
-            }),
+            queue: Mutex::new(Queue::new(bitmap)),
             wake_sender: Notify::new(),
             acked: watch::Sender::new(0),
             durable: watch::Sender::new(0),
@@ -196,28 +175,11 @@ impl SplitLink {
         apply: impl FnOnce() -> Result<(), E>,
         message: impl FnOnce(u64) -> Message,
     ) -> Result<Submitted, E> {
-        let mut queue = self.lock_queue();
-        let regions = queue.bitmap.regions_of(offset, length);
-        // Mark before production changes, so a crash between the two can never hide it.
-        for region in regions.clone() {
-            if queue.bitmap.set(region) {
-                queue.touched.push(region);
-            }
+        let submitted = self.lock_queue().submit(offset, length, apply, message)?;
+        if matches!(submitted, Submitted::Queued { .. }) {
+            self.wake_sender.notify_one();
         }
-        apply()?;
-        queue.note_verify_write(offset, length);
-        if queue.marking {
-            queue.mark(regions);
-            return Ok(Submitted::Marked);
-        }
-        let (tx, rx) = oneshot::channel();
-        let source_seq = queue.push(message, Some(tx), regions, None);
-        drop(queue);
-        self.wake_sender.notify_one();
-        Ok(Submitted::Queued {
-            source_seq,
-            acked: AckWait(rx),
-        })
+        Ok(submitted)
     }
 
     /// True while the link is down and changes are being marked instead of sent.

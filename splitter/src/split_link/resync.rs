@@ -85,12 +85,7 @@ impl SplitLink {
             if queue.marking || !self.is_connected() {
                 return;
             }
-            let marking_since_ns = queue.marking_since_ns.unwrap_or(0);
-            queue.resync_incomplete = false;
-            self.push_marker(&mut queue, move |source_seq| Message::ResyncStart {
-                source_seq,
-                marking_since_ns,
-            });
+            queue.push_resync_start();
         }
         self.wake_sender.notify_one();
         if method == ResyncMethod::Verify {
@@ -156,8 +151,7 @@ impl SplitLink {
                 tracing::warn!(volume = %self.volume, "resync end interrupted by link loss");
                 return;
             }
-            let end = self.push_marker(&mut queue, |source_seq| Message::ResyncEnd { source_seq });
-            queue.resync_end_unacked = Some(end);
+            queue.push_resync_end();
         }
         self.wake_sender.notify_one();
         // One critical section: `state()` must never see the resync ended (no `started`)
@@ -189,12 +183,6 @@ impl SplitLink {
         );
         progress.reason = ResyncReason::Dirty;
         progress.method = ResyncMethod::Copy;
-    }
-
-    /// Queues a resync marker (start or end) in the change stream, under the queue lock so it
-    /// sits exactly between the changes before and after it.
-    fn push_marker(&self, queue: &mut Queue, marker: impl FnOnce(u64) -> Message) -> u64 {
-        queue.push(marker, None, 0..0, None)
     }
 
     /// The change that brings the journal's copy of `region` (already popped) up to date:
@@ -259,5 +247,158 @@ impl SplitLink {
             region + 1,
             length,
         ))
+    }
+}
+
+/// A resync's markers sit in the change stream like changes, queued under the queue lock so
+/// each stands exactly between the changes before and after it.
+impl Queue {
+    /// Queues the `ResyncStart`, carrying when marking began (0: not since this process
+    /// started); this resync's markers are not lost yet.
+    pub(super) fn push_resync_start(&mut self) -> u64 {
+        let marking_since_ns = self.marking_since_ns.unwrap_or(0);
+        self.resync_incomplete = false;
+        self.push(
+            move |source_seq| Message::ResyncStart {
+                source_seq,
+                marking_since_ns,
+            },
+            None,
+            0..0,
+            None,
+        )
+    }
+
+    /// Queues the `ResyncEnd`; the volume resyncs until the journal acknowledges it.
+    pub(super) fn push_resync_end(&mut self) -> u64 {
+        let end = self.push(
+            |source_seq| Message::ResyncEnd { source_seq },
+            None,
+            0..0,
+            None,
+        );
+        self.resync_end_unacked = Some(end);
+        end
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::queue::testing::{queue, seqs, submit, REGION};
+    use super::*;
+
+    /// A queue whose link was lost at `lost_ns` with one change unacknowledged (so the
+    /// episode marked a region), and which then reconnected to a journal holding nothing.
+    fn marked_and_reconnected(lost_ns: u64) -> (tempfile::TempDir, Queue) {
+        let (dir, mut q) = queue(4);
+        submit(&mut q, REGION, 4096).expect("queued");
+        q.start_marking(lost_ns);
+        q.welcome(0);
+        (dir, q)
+    }
+
+    /// Stands in for the copy loop: every pending region is copied as one change.
+    fn copy_pending(q: &mut Queue) {
+        while let Some(region) = q.resync_pending.pop_first() {
+            q.touched.push(region);
+            q.push(
+                |source_seq| Message::Zero {
+                    source_seq,
+                    offset: region * REGION,
+                    length: REGION,
+                },
+                None,
+                region..region + 1,
+                None,
+            );
+        }
+    }
+
+    #[test]
+    fn marking_since_is_set_at_link_loss() {
+        let (_dir, mut q) = queue(4);
+        submit(&mut q, 0, 4096).expect("queued");
+        assert_eq!(q.marking_since_ns, None);
+        q.start_marking(100);
+        assert_eq!(q.marking_since_ns, Some(100));
+        assert_eq!(q.link_lost_ns, Some(100));
+    }
+
+    #[test]
+    fn marking_since_is_kept_across_reconnects_until_the_resync_ends() {
+        let (_dir, mut q) = marked_and_reconnected(100);
+        assert_eq!(q.marking_since_ns, Some(100), "regions still to copy");
+        // Lost again before the resync began: the span still starts at the first loss.
+        q.start_marking(200);
+        q.welcome(0);
+        assert_eq!(q.marking_since_ns, Some(100));
+        // The resync's start carries it to the appliance.
+        let start = q.push_resync_start();
+        let mut batch = Vec::new();
+        q.take_unsent(&mut batch);
+        assert_eq!(
+            batch,
+            vec![Message::ResyncStart {
+                source_seq: start,
+                marking_since_ns: 100
+            }]
+        );
+        // Everything but the ResyncEnd is journaled when the link is lost again: no region
+        // is pending, yet the span has no end, so the episode is kept for the next resync.
+        copy_pending(&mut q);
+        let end = q.push_resync_end();
+        q.ack(end - 1);
+        assert_eq!(q.marking_since_ns, Some(100));
+        q.start_marking(300);
+        q.welcome(end - 1);
+        assert!(q.resync_pending.is_empty());
+        assert!(q.resync_incomplete);
+        assert_eq!(q.marking_since_ns, Some(100));
+    }
+
+    #[test]
+    fn a_reconnect_that_finds_nothing_marked_forgets_the_episode() {
+        let (_dir, mut q) = queue(4);
+        // Lost with nothing unacknowledged, and no host write while marking.
+        q.start_marking(100);
+        assert_eq!(q.marking_since_ns, Some(100));
+        q.welcome(0);
+        assert_eq!(q.marking_since_ns, None);
+        // The next episode's span starts at its own loss.
+        submit(&mut q, 0, 4096).expect("queued");
+        q.start_marking(500);
+        assert_eq!(q.marking_since_ns, Some(500));
+    }
+
+    #[test]
+    fn marking_since_is_reset_when_the_resync_end_is_acknowledged() {
+        let (_dir, mut q) = marked_and_reconnected(100);
+        let start = q.push_resync_start();
+        copy_pending(&mut q);
+        let end = q.push_resync_end();
+        let mut batch = Vec::new();
+        q.take_unsent(&mut batch);
+        assert_eq!(seqs(&batch), (start..=end).collect::<Vec<_>>());
+        q.ack(end - 1);
+        assert_eq!(q.marking_since_ns, Some(100), "ResyncEnd not journaled yet");
+        assert_eq!(q.resync_end_unacked, Some(end));
+        q.ack(end);
+        assert_eq!(q.marking_since_ns, None);
+        assert_eq!(q.resync_end_unacked, None);
+        // Its copies are journaled: the regions are clean again.
+        assert!(!q.bitmap.is_set(1));
+    }
+
+    #[test]
+    fn a_welcome_past_the_resync_end_ends_the_episode() {
+        // Block policy: the link broke after the ResyncEnd was sent; the next Welcome says
+        // the journal has it, which acknowledges it.
+        let (_dir, mut q) = marked_and_reconnected(100);
+        q.push_resync_start();
+        copy_pending(&mut q);
+        let end = q.push_resync_end();
+        q.welcome(end);
+        assert_eq!(q.marking_since_ns, None);
+        assert_eq!(q.resync_end_unacked, None);
     }
 }
