@@ -974,3 +974,79 @@ fn json_everywhere_including_errors() {
         serde_json::from_str(&std::fs::read_to_string(&log).unwrap()).unwrap();
     assert_eq!(v["nbd_tcp"], format!("127.0.0.1:{port}"), "{v:#}");
 }
+
+/// `cdp status --json` against `site`'s appliance socket, run as the unprivileged `nobody`
+/// (uid and gid 65534) with no supplementary groups.
+fn status_as_nobody(site: &Site) -> Output {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(cdp_bin())
+        .args(["--json", "status", "--control"])
+        .arg(&site.control_sock);
+    run(&mut cmd, T)
+}
+
+#[test]
+fn control_sockets_admit_their_owner_and_the_configured_group_only() {
+    // Goal (defect 13): a control socket is usable by its owner, or also by one configured
+    // group, never by every local user, whatever umask the process was started with.
+    // Method: an appliance started as root (the harness's umask, 022 in CI) on a directory
+    // `nobody` can traverse: its socket is 0600 and `nobody` is refused with a permission
+    // error; with
+    // `control_socket_group = "65534"` the socket is 0660, group 65534, and `nobody`'s
+    // status answers. An unknown group stops the start with its name.
+    if reference_mode() || !is_root() || !requires("setpriv") {
+        return;
+    }
+    let mut site = Site::create(&[("vol0", 1 << 20)], SiteOptions::default());
+    std::fs::set_permissions(site.root(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    site.start_role(Role::Appliance);
+    site.start_role(Role::Splitter);
+    for socket in [site.control_sock.clone(), site.splitter_control()] {
+        let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} mode {mode:o}", socket.display());
+    }
+    site.kill_splitter();
+    let out = status_as_nobody(&site);
+    assert!(
+        !out.status.success(),
+        "nobody reached the appliance: {out:?}"
+    );
+    assert!(
+        stderr(&out).contains("ermission denied"),
+        "{}",
+        stderr(&out)
+    );
+    site.kill_appliance();
+
+    site.add_appliance_settings("control_socket_group = \"65534\"\n", "");
+    site.start_role(Role::Appliance);
+    let meta = std::fs::metadata(&site.control_sock).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), 65534);
+    let out = status_as_nobody(&site);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(status.get("groups").is_some(), "{status}");
+    site.kill_appliance();
+
+    let text = std::fs::read_to_string(&site.appliance_config).unwrap();
+    std::fs::write(
+        &site.appliance_config,
+        text.replace("\"65534\"", "\"no-such-group\""),
+    )
+    .unwrap();
+    let out = run(
+        Command::new(cdp_bin())
+            .arg("appliance")
+            .arg("--config")
+            .arg(&site.appliance_config),
+        T,
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("\"no-such-group\" is not a group"),
+        "{}",
+        stderr(&out)
+    );
+}

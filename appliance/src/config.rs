@@ -29,6 +29,10 @@ pub struct ApplianceConfig {
     /// Unix socket for `cdp status` and other control commands. Default `DATA_DIR/appliance.ctl`.
     #[serde(default)]
     pub control: Option<PathBuf>,
+    /// Also let this group (name or gid) use the control socket: it becomes 0660 and
+    /// group-owned. Default: owner only (0600).
+    #[serde(default)]
+    pub control_socket_group: Option<String>,
     /// Where point-in-time images are served over NBD: `unix:PATH` or `HOST:PORT`.
     /// Default `unix:DATA_DIR/image.sock`.
     #[serde(default)]

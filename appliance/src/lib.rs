@@ -19,6 +19,7 @@ pub mod record_cache;
 pub mod replica_verify;
 pub mod replication;
 pub mod resync_span;
+pub mod rfc3339;
 pub mod state_file;
 pub mod timeline;
 pub mod volume_link;
@@ -59,6 +60,10 @@ pub async fn run_with_ready(
 
     let control_path = config.control_path();
     let control = bind_unix(&control_path)?;
+    cdp_link::socket_access::restrict_control_socket(
+        &control_path,
+        config.control_socket_group.as_deref(),
+    )?;
     let link = LinkListener::bind(&config.link_listen).await?;
     tracing::info!(link = %config.link_listen, control = %control_path.display(), "appliance ready");
 

@@ -29,6 +29,10 @@ pub struct SplitterConfig {
     /// Unix socket for `cdp status` and `cdp volume resync`. Optional.
     #[serde(default)]
     pub control: Option<PathBuf>,
+    /// Also let this group (name or gid) use the control socket: it becomes 0660 and
+    /// group-owned. Default: owner only (0600).
+    #[serde(default)]
+    pub control_socket_group: Option<String>,
     /// Seconds a client may take to finish the NBD handshake. Default 60, minimum 1.
     #[serde(default = "handshake_timeout_default")]
     pub handshake_timeout_s: u64,

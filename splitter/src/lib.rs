@@ -103,6 +103,10 @@ pub async fn run_with_ready(
     }
     if let Some(path) = &config.control {
         let listener = cdp_link::codec::bind_unix(path)?;
+        cdp_link::socket_access::restrict_control_socket(
+            path,
+            config.control_socket_group.as_deref(),
+        )?;
         let control = control::Control {
             volumes: Arc::clone(&served),
             nbd_endpoints,

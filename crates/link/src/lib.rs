@@ -9,6 +9,7 @@ pub mod frame;
 pub mod limits;
 pub mod message;
 pub mod replication;
+pub mod socket_access;
 pub mod watermark;
 
 pub use codec::{connect, FrameReader, FrameWriter, LinkStream};
