@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use cdp_link::Message;
+use cdp_types::BlockFile;
 
 use super::queue::Queue;
 use super::seeding::{ChecksumReplies, VerifyStop};
@@ -112,7 +113,8 @@ impl SplitLink {
             };
             let offset = region * region_bytes;
             let length = region_bytes.min(self.size - offset);
-            let (change, end_region, copied) = match self.resync_change(
+            let (change, end_region, copied) = match resync_change(
+                &self.production,
                 &mut queue,
                 region,
                 region_bytes,
@@ -184,70 +186,71 @@ impl SplitLink {
         progress.reason = ResyncReason::Dirty;
         progress.method = ResyncMethod::Copy;
     }
+}
 
-    /// The change that brings the journal's copy of `region` (already popped) up to date:
-    /// a Write of its bytes, or a Zero covering it and any directly following pending regions
-    /// that are holes too. Returns the change, the end region and the payload bytes.
-    #[allow(clippy::type_complexity)]
-    fn resync_change(
-        &self,
-        queue: &mut Queue,
-        region: u64,
-        region_bytes: u64,
-    ) -> std::io::Result<(Box<dyn FnOnce(u64) -> Message + Send>, u64, u64)> {
-        let offset = region * region_bytes;
-        let length = region_bytes.min(self.size - offset);
-        let data_at = self.production.next_data(offset)?;
-        let zero_run = |queue: &mut Queue, hole_end: u64| {
-            let mut end = offset + length;
-            while end < hole_end.min(self.size)
-                && end - offset < RESYNC_ZERO_RUN_BYTES_MAX
-                && queue.resync_pending.first() == Some(&(end / region_bytes))
-            {
-                let next_len = region_bytes.min(self.size - end);
-                if end + next_len > hole_end {
-                    break;
-                }
-                queue.resync_pending.pop_first();
-                end += next_len;
+/// The change that brings the journal's copy of `region` (already popped) up to date:
+/// a Write of its bytes, or a Zero covering it and any directly following pending regions
+/// that are holes too. Returns the change, the end region and the payload bytes.
+#[allow(clippy::type_complexity)]
+fn resync_change(
+    production: &BlockFile,
+    queue: &mut Queue,
+    region: u64,
+    region_bytes: u64,
+) -> std::io::Result<(Box<dyn FnOnce(u64) -> Message + Send>, u64, u64)> {
+    let size = production.size();
+    let offset = region * region_bytes;
+    let length = region_bytes.min(size - offset);
+    let data_at = production.next_data(offset)?;
+    let zero_run = |queue: &mut Queue, hole_end: u64| {
+        let mut end = offset + length;
+        while end < hole_end.min(size)
+            && end - offset < RESYNC_ZERO_RUN_BYTES_MAX
+            && queue.resync_pending.first() == Some(&(end / region_bytes))
+        {
+            let next_len = region_bytes.min(size - end);
+            if end + next_len > hole_end {
+                break;
             }
-            end
-        };
-        if data_at.is_some_and(|d| d >= offset + length) {
-            let end = zero_run(queue, data_at.unwrap_or(offset + length));
-            let end_region = end.div_ceil(region_bytes);
-            return Ok((
-                Box::new(move |source_seq| Message::Zero {
-                    source_seq,
-                    offset,
-                    length: end - offset,
-                }),
-                end_region,
-                0,
-            ));
+            queue.resync_pending.pop_first();
+            end += next_len;
         }
-        let data = self.production.read_at(offset, length as usize)?;
-        if data.iter().all(|b| *b == 0) {
-            return Ok((
-                Box::new(move |source_seq| Message::Zero {
-                    source_seq,
-                    offset,
-                    length,
-                }),
-                region + 1,
-                0,
-            ));
-        }
-        Ok((
-            Box::new(move |source_seq| Message::Write {
+        end
+    };
+    if data_at.is_some_and(|d| d >= offset + length) {
+        let end = zero_run(queue, data_at.unwrap_or(offset + length));
+        let end_region = end.div_ceil(region_bytes);
+        return Ok((
+            Box::new(move |source_seq| Message::Zero {
                 source_seq,
                 offset,
-                data,
+                length: end - offset,
+            }),
+            end_region,
+            0,
+        ));
+    }
+    let data = production.read_at(offset, length as usize)?;
+    if data.iter().all(|b| *b == 0) {
+        return Ok((
+            Box::new(move |source_seq| Message::Zero {
+                source_seq,
+                offset,
+                length,
             }),
             region + 1,
-            length,
-        ))
+            0,
+        ));
     }
+    Ok((
+        Box::new(move |source_seq| Message::Write {
+            source_seq,
+            offset,
+            data,
+        }),
+        region + 1,
+        length,
+    ))
 }
 
 /// A resync's markers sit in the change stream like changes, queued under the queue lock so
@@ -312,6 +315,107 @@ mod tests {
                 None,
             );
         }
+    }
+
+    /// A production file of `regions` bitmap regions plus `tail` bytes, sparse except where
+    /// `data` puts bytes: (offset, bytes).
+    fn production(
+        dir: &tempfile::TempDir,
+        regions: u64,
+        tail: u64,
+        data: &[(u64, &[u8])],
+    ) -> BlockFile {
+        let path = dir.path().join("production.img");
+        let file = BlockFile::create_sparse(&path, regions * REGION + tail).expect("production");
+        for (offset, bytes) in data {
+            file.write_at(*offset, bytes).expect("production write");
+        }
+        file
+    }
+
+    /// Runs `resync_change` over every pending region as the copy loop does, and returns the
+    /// changes it queued as (kind, offset, length) plus the bytes copied.
+    fn copy_all(production: &BlockFile, q: &mut Queue) -> (Vec<(&'static str, u64, u64)>, u64) {
+        let mut changes = Vec::new();
+        let mut copied_total = 0;
+        while let Some(region) = q.resync_pending.pop_first() {
+            let (change, end_region, copied) =
+                resync_change(production, q, region, REGION).expect("production read");
+            assert!(end_region > region, "every change covers its region");
+            copied_total += copied;
+            changes.push(match change(0) {
+                Message::Write { offset, data, .. } => ("write", offset, data.len() as u64),
+                Message::Zero { offset, length, .. } => ("zero", offset, length),
+                other => panic!("unexpected {other:?}"),
+            });
+        }
+        (changes, copied_total)
+    }
+
+    #[test]
+    fn resync_copies_data_regions_and_merges_pending_holes_into_one_zero() {
+        // Regions 0 and 5 hold data, 1..=3 are holes, 4 holds written zeroes; 4 is not
+        // pending, so the hole run 1..=3 must stop before it and never swallow region 5.
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let file = production(
+            &dir,
+            6,
+            0,
+            &[
+                (100, &[1u8; 10]),
+                (4 * REGION, &[0u8; 4096]),
+                (5 * REGION, &[5u8; 8]),
+            ],
+        );
+        let (_bitmap_dir, mut q) = queue(6);
+        q.resync_pending.extend([0, 1, 2, 3, 5]);
+        let (changes, copied) = copy_all(&file, &mut q);
+        assert_eq!(
+            changes,
+            vec![
+                ("write", 0, REGION),
+                ("zero", REGION, 3 * REGION),
+                ("write", 5 * REGION, REGION),
+            ]
+        );
+        assert_eq!(copied, 2 * REGION, "holes travel without payload");
+    }
+
+    #[test]
+    fn resync_sends_a_region_of_written_zeroes_as_zero_and_cuts_the_last_region() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let file = production(
+            &dir,
+            2,
+            4096,
+            &[(0, &[0u8; 4096]), (2 * REGION, &[9u8; 4096])],
+        );
+        let (_bitmap_dir, mut q) = queue(3);
+        q.resync_pending.extend([0, 2]);
+        let (changes, copied) = copy_all(&file, &mut q);
+        assert_eq!(
+            changes,
+            vec![("zero", 0, REGION), ("write", 2 * REGION, 4096)],
+            "the last region is as long as the volume leaves it"
+        );
+        assert_eq!(copied, 4096);
+    }
+
+    #[test]
+    fn a_hole_run_stops_at_the_first_region_not_pending() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let file = production(&dir, 8, 0, &[]);
+        let (_bitmap_dir, mut q) = queue(8);
+        q.resync_pending.extend([0, 1, 2, 4, 5, 7]);
+        let (changes, _) = copy_all(&file, &mut q);
+        assert_eq!(
+            changes,
+            vec![
+                ("zero", 0, 3 * REGION),
+                ("zero", 4 * REGION, 2 * REGION),
+                ("zero", 7 * REGION, REGION),
+            ]
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ use cdp_link::Message;
 use cdp_types::BlockFile;
 use tokio::sync::mpsc;
 
+use super::queue::Queue;
 use super::SplitLink;
 use crate::limits::RESYNC_REPORT_INTERVAL;
 use crate::limits::{VERIFY_REGION_BYTES, VERIFY_REQUEST_REGIONS_MAX, VERIFY_RETRIES_MAX};
@@ -80,13 +81,7 @@ impl SplitLink {
         let result = loop {
             let may_retry = round < VERIFY_RETRIES_MAX;
             match self
-                .verify_round(
-                    &todo,
-                    checksum_region_bytes,
-                    per_checksum,
-                    may_retry,
-                    replies,
-                )
+                .verify_round(&todo, checksum_region_bytes, may_retry, replies)
                 .await
             {
                 Ok(retry) if retry.is_empty() => break Ok(()),
@@ -110,7 +105,6 @@ impl SplitLink {
         &self,
         todo: &[u64],
         checksum_region_bytes: u64,
-        per_checksum: u64,
         may_retry: bool,
         replies: &mut ChecksumReplies,
     ) -> Result<Vec<u64>, VerifyStop> {
@@ -153,14 +147,7 @@ impl SplitLink {
                     )))
                 }
             };
-            self.settle_compared(
-                &asked,
-                &sums,
-                checksum_region_bytes,
-                per_checksum,
-                may_retry,
-                &mut retry,
-            );
+            self.settle_compared(&asked, &sums, checksum_region_bytes, may_retry, &mut retry);
             if last_report.elapsed() >= RESYNC_REPORT_INTERVAL {
                 last_report = Instant::now();
                 let p = self.lock_progress();
@@ -220,48 +207,71 @@ impl SplitLink {
         })
     }
 
-    /// Decides each compared checksum region: equal ones leave the pending set (their bits
-    /// clear once the journal has everything queued meanwhile); differing ones stay pending
-    /// for the copy, or go back to `retry` when the host wrote to them during the comparison.
+    /// Settles one compared request in the queue and counts the bytes decided.
     fn settle_compared(
         &self,
         asked: &ChecksumInFlight,
         replica: &[RegionChecksum],
         checksum_region_bytes: u64,
-        per_checksum: u64,
         may_retry: bool,
         retry: &mut Vec<u64>,
     ) {
+        let (equal_bytes, verified_bytes) = self.lock_queue().settle_compared(
+            self.size,
+            asked,
+            replica,
+            checksum_region_bytes,
+            may_retry,
+            retry,
+        );
+        let mut progress = self.lock_progress();
+        progress.done_bytes += equal_bytes;
+        progress.verified_bytes += verified_bytes;
+    }
+}
+
+impl Queue {
+    /// Decides each compared checksum region of a volume of `size` bytes: equal ones leave
+    /// the pending set (their bits clear once the journal has everything queued meanwhile);
+    /// differing ones stay pending for the copy, or go back to `retry` when the host wrote to
+    /// them during the comparison. Returns the bytes found equal and the bytes compared.
+    fn settle_compared(
+        &mut self,
+        size: u64,
+        asked: &ChecksumInFlight,
+        replica: &[RegionChecksum],
+        checksum_region_bytes: u64,
+        may_retry: bool,
+        retry: &mut Vec<u64>,
+    ) -> (u64, u64) {
         let mut equal_bytes = 0;
         let mut verified_bytes = 0;
-        let mut queue = self.lock_queue();
-        let bitmap_region_bytes = queue.bitmap.region_bytes();
-        let bitmap_regions = queue.bitmap.regions();
+        let bitmap_region_bytes = self.bitmap.region_bytes();
+        let bitmap_regions = self.bitmap.regions();
+        // Both powers of two (see `verify_pending`): whole bitmap regions per checksum.
+        let per_checksum = checksum_region_bytes / bitmap_region_bytes;
         for (i, (ours, theirs)) in asked.production.iter().zip(replica).enumerate() {
             let region = asked.first + i as u64;
-            let written = queue.verify_watch.remove(&region).unwrap_or(false);
+            let written = self.verify_watch.remove(&region).unwrap_or(false);
             if ours != theirs && written && may_retry {
                 retry.push(region);
                 continue;
             }
             let start = region * checksum_region_bytes;
-            verified_bytes += checksum_region_bytes.min(self.size - start);
+            verified_bytes += checksum_region_bytes.min(size - start);
             if ours != theirs {
                 continue;
             }
             let first = region * per_checksum;
             for bit in first..(first + per_checksum).min(bitmap_regions) {
-                if queue.resync_pending.remove(&bit) {
-                    queue.touched.push(bit);
-                    equal_bytes += bitmap_region_bytes.min(self.size - bit * bitmap_region_bytes);
+                if self.resync_pending.remove(&bit) {
+                    self.touched.push(bit);
+                    equal_bytes += bitmap_region_bytes.min(size - bit * bitmap_region_bytes);
                 }
             }
         }
-        queue.clear_settled_regions();
-        drop(queue);
-        let mut progress = self.lock_progress();
-        progress.done_bytes += equal_bytes;
-        progress.verified_bytes += verified_bytes;
+        self.clear_settled_regions();
+        (equal_bytes, verified_bytes)
     }
 }
 
@@ -313,6 +323,7 @@ fn contiguous_runs(indexes: &[u64], run_max: u64) -> Vec<(u64, u64)> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::queue::testing::{queue, submit, REGION};
     use super::*;
 
     #[test]
@@ -339,6 +350,98 @@ mod tests {
                 region_checksum(&data),
                 region_checksum(&[0u8; 4096]),
             ]
+        );
+    }
+
+    /// One request over checksum regions `first..first + sums.len()` whose production
+    /// checksums are `sums`.
+    fn asked(first: u64, sums: &[RegionChecksum]) -> ChecksumInFlight {
+        ChecksumInFlight {
+            first,
+            count: sums.len() as u64,
+            production: sums.to_vec(),
+        }
+    }
+
+    #[test]
+    fn equal_checksum_regions_leave_the_resync_and_differing_ones_stay() {
+        // Checksum regions of 2 bitmap regions over a 4-region volume: region 0 (bits 0, 1)
+        // equals the replica, region 1 (bits 2, 3) differs. Only bits 2 and 3 are copied.
+        let (_dir, mut q) = queue(4);
+        for bit in 0..4 {
+            q.bitmap.set(bit);
+            q.resync_pending.insert(bit);
+        }
+        let (a, b) = (region_checksum(b"a"), region_checksum(b"b"));
+        let mut retry = Vec::new();
+        let (equal, verified) = q.settle_compared(
+            4 * REGION,
+            &asked(0, &[a, a]),
+            &[a, b],
+            2 * REGION,
+            true,
+            &mut retry,
+        );
+        assert_eq!((equal, verified), (2 * REGION, 4 * REGION));
+        assert!(retry.is_empty());
+        assert_eq!(
+            q.resync_pending.iter().copied().collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+        // Nothing is unacknowledged, so the equal regions are clean at once.
+        assert!(!q.bitmap.is_set(0) && !q.bitmap.is_set(1));
+        assert!(q.bitmap.is_set(2) && q.bitmap.is_set(3));
+    }
+
+    #[test]
+    fn a_region_the_host_wrote_during_the_comparison_is_compared_again() {
+        let (_dir, mut q) = queue(4);
+        for bit in 0..4 {
+            q.bitmap.set(bit);
+            q.resync_pending.insert(bit);
+        }
+        q.verify_region_bytes = 2 * REGION;
+        q.verify_watch.insert(0, false);
+        q.verify_watch.insert(1, false);
+        // A host write to bit 3 lands while production is hashed: checksum region 1's
+        // comparison says nothing about the bytes now in production.
+        submit(&mut q, 3 * REGION, 4096).expect("queued");
+        let (a, b) = (region_checksum(b"a"), region_checksum(b"b"));
+        let mut retry = Vec::new();
+        q.settle_compared(
+            4 * REGION,
+            &asked(0, &[a, a]),
+            &[a, b],
+            2 * REGION,
+            true,
+            &mut retry,
+        );
+        assert_eq!(retry, vec![1]);
+        assert_eq!(
+            q.resync_pending.iter().copied().collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+        // Region 0 left the resync but its bits stay until the write queued meanwhile is
+        // journaled: a crash now must still resync them.
+        assert!(q.bitmap.is_set(0) && q.bitmap.is_set(1));
+        q.ack(1);
+        assert!(!q.bitmap.is_set(0) && !q.bitmap.is_set(1));
+        assert!(q.bitmap.is_set(3), "still pending");
+        // Without retries left, a differing region simply stays pending for the copy.
+        let mut retry = Vec::new();
+        q.verify_watch.insert(1, true);
+        q.settle_compared(
+            4 * REGION,
+            &asked(1, &[a]),
+            &[b],
+            2 * REGION,
+            false,
+            &mut retry,
+        );
+        assert!(retry.is_empty());
+        assert_eq!(
+            q.resync_pending.iter().copied().collect::<Vec<_>>(),
+            vec![2, 3]
         );
     }
 

@@ -104,3 +104,17 @@ pub struct ResyncState {
     pub rate_bytes_per_s: u64,
     pub seconds_left: Option<u64>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_counts_settled_bytes_and_an_empty_resync_is_done() {
+        let mut progress = ResyncProgress::default();
+        assert_eq!(progress.percent(), 100.0);
+        progress.total_bytes = 4 << 20;
+        progress.done_bytes = 1 << 20;
+        assert_eq!(progress.percent(), 25.0);
+    }
+}
