@@ -23,6 +23,7 @@ pub mod rfc3339;
 pub mod state_file;
 pub mod timeline;
 pub mod volume_link;
+pub mod watermark;
 
 use std::future::Future;
 use std::sync::Arc;

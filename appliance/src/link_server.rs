@@ -41,7 +41,7 @@ struct ConnectedGuard {
 
 impl Drop for ConnectedGuard {
     fn drop(&mut self) {
-        self.volume.connected.store(false, Ordering::Relaxed);
+        self.volume.connected.set(false);
         self.volume.link.release(self.claim, self.margin);
     }
 }
@@ -161,7 +161,7 @@ pub async fn serve_link(groups: Arc<Groups>, stream: LinkStream, deadline: Durat
             return;
         }
     };
-    volume.connected.store(true, Ordering::Relaxed);
+    volume.connected.set(true);
     let _connected = ConnectedGuard {
         volume: Arc::clone(&volume),
         claim: claim.id,

@@ -50,9 +50,11 @@ use crate::history::{History, RedoRef, UndoRef};
 use crate::limits::SYNC_REQUESTS_MAX;
 use crate::record_cache::RecordCache;
 use crate::resync_span::ResyncSpans;
+use crate::watermark::Watermark;
 
 pub use consolidate::{ConsolidationReport, ConsolidationStatus};
 use lock_order::{Rank, RankedMutex, RankedRwLock};
+pub use replica::DistributionMark;
 use replica::ReplicaState;
 use state::GroupState;
 pub use status::{GroupStatus, VolumeStatus};
@@ -119,7 +121,8 @@ pub struct Group {
     /// Changes at runtime (`cdp volume add/remove`); readers take a snapshot.
     volumes: RankedRwLock<BTreeMap<String, Arc<GroupVolume>>>,
     sync_tx: RankedMutex<Option<mpsc::SyncSender<SyncRequest>>>,
-    distributed: AtomicU64,
+    /// Distribution's progress: the replica's `ReplicaState` as waiters see it, set with it.
+    distribution: Watermark<DistributionMark>,
     retention: RetentionPolicy,
     journal_full_policy: JournalFullPolicy,
     /// Open images or the remote copy keep the journal over capacity (logged once per
@@ -277,6 +280,11 @@ impl Group {
                 .map(|s| s.saturating_mul(1_000_000_000)),
         };
 
+        let replica_state = ReplicaState {
+            seq: distributed,
+            exact: distributed >= exact_from,
+            exact_from,
+        };
         let (sync_tx, sync_rx) = mpsc::sync_channel(SYNC_REQUESTS_MAX);
         let (wake_tx, wake_rx) = mpsc::sync_channel(1);
         let group = Arc::new(Group {
@@ -284,7 +292,6 @@ impl Group {
             journal,
             volumes: RankedRwLock::new(Rank::Volumes, volumes),
             sync_tx: RankedMutex::new(Rank::SyncTx, Some(sync_tx)),
-            distributed: AtomicU64::new(distributed.0),
             retention,
             journal_full_policy: config.journal_full_policy,
             held_by_images: AtomicBool::new(false),
@@ -304,14 +311,8 @@ impl Group {
             threads: RankedMutex::new(Rank::Threads, Vec::new()),
             undo,
             history: RankedMutex::new(Rank::History, history),
-            replica_state: RankedRwLock::new(
-                Rank::ReplicaState,
-                ReplicaState {
-                    seq: distributed,
-                    exact: distributed >= exact_from,
-                    exact_from,
-                },
-            ),
+            replica_state: RankedRwLock::new(Rank::ReplicaState, replica_state),
+            distribution: Watermark::new(replica_state.mark()),
             undo_floor,
             pins: RankedMutex::new(Rank::Pins, Group::replication_pins(config)),
             next_pin: AtomicU64::new(1),
@@ -367,6 +368,8 @@ impl Group {
     pub(super) fn fail(&self, what: String) {
         tracing::error!(group = %self.name, "group fenced: {what}");
         self.failure.send_replace(Some(what));
+        // Waiters for distribution recheck and see the failure.
+        self.distribution.bump();
     }
 
     /// The group's journal, for read-only scans (point lookup, timeline).
@@ -397,7 +400,7 @@ impl Group {
 
     /// The replica holds every record up to this seq.
     pub fn distributed_seq(&self) -> Seq {
-        Seq(self.distributed.load(Ordering::Relaxed))
+        self.distribution.get().distributed
     }
 
     /// The id binding this group's journal records (sent in the replication Hello).

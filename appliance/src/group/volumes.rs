@@ -13,6 +13,7 @@ use cdp_types::BlockFile;
 use super::Group;
 use crate::config::VolumeConfig;
 use crate::error::ApplianceError;
+use crate::watermark::Watermark;
 
 impl Group {
     /// Adds a volume to the running group (`cdp volume add`). It gets a new id in
@@ -95,10 +96,13 @@ impl Group {
         // `cdp volume remove` stops the splitter's side first; its connection closes a
         // moment later, so give it that moment before refusing.
         let deadline = Instant::now() + VOLUME_REMOVE_DISCONNECT_WAIT;
-        while !force && volume.connected.load(Ordering::Relaxed) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
+        let mut seen = volume.connected.subscribe();
+        while !force && *seen.borrow_and_update() {
+            if !volume.connected.wait_changed(&mut seen, deadline) {
+                break;
+            }
         }
-        if volume.connected.load(Ordering::Relaxed) && !force {
+        if volume.connected.get() && !force {
             return Err(ApplianceError::Refused(format!(
                 "volume {name:?} still has a connected splitter; remove it from the splitter \
                  first (cdp volume remove does) or use --force"
@@ -130,7 +134,7 @@ pub struct GroupVolume {
     pub replica_path: PathBuf,
     pub(super) replica: BlockFile,
     /// A splitter is connected for this volume (at most one at a time).
-    pub connected: AtomicBool,
+    pub connected: Watermark<bool>,
     /// Highest splitter source_seq in the journal for this volume.
     pub last_source_seq: AtomicU64,
     /// Removed from the group at runtime: appends for it are refused from then on.
@@ -162,7 +166,7 @@ pub(super) fn open_volume(v: &VolumeConfig, id: u32) -> Result<GroupVolume, Appl
         size: v.size,
         replica_path: v.replica.clone(),
         replica,
-        connected: AtomicBool::new(false),
+        connected: Watermark::new(false),
         last_source_seq: AtomicU64::new(0),
         removed: AtomicBool::new(false),
         link: crate::volume_link::VolumeLink::default(),

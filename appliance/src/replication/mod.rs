@@ -255,7 +255,8 @@ impl ShippingState {
 /// What the receiver publishes for a remote group.
 #[derive(Default)]
 pub struct ReceivingState {
-    pub connected: AtomicBool,
+    /// A link is up; a newer link waits on it to take over (`receiver.rs`).
+    pub connected: crate::watermark::Watermark<bool>,
     /// The source's address of the current (or last) link.
     pub peer: Mutex<Option<String>>,
     /// The current link's socket, so a newer link from the same source can close it.
@@ -344,7 +345,7 @@ pub struct ReceivingStatus {
 impl ReceivingState {
     pub fn status(&self, durable_seq: u64) -> ReceivingStatus {
         ReceivingStatus {
-            connected: self.connected.load(Ordering::Relaxed),
+            connected: self.connected.get(),
             peer: self.peer.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             last_received_seq: durable_seq,
         }
