@@ -59,8 +59,8 @@ use replica::ReplicaState;
 use state::GroupState;
 pub use status::{GroupStatus, VolumeStatus};
 use sync::SyncRequest;
+use volumes::open_volumes;
 pub use volumes::GroupVolume;
-use volumes::{open_volume, recover_last_source_seqs};
 
 /// Progress reported back to one split-link connection; cumulative, so no queue is needed
 /// (except in sync mode, see `remote_pending`).
@@ -252,27 +252,9 @@ impl Group {
         }
         tracing::info!(group = %config.name, "history index rebuilt: {}", history.stats());
 
-        let mut volumes = BTreeMap::new();
-        for v in &config.volume {
-            let id = meta.volumes.get(&v.name).copied().ok_or_else(|| {
-                ApplianceError::Config(format!("volume {} has no id in group.state", v.name))
-            })?;
-            volumes.insert(v.name.clone(), Arc::new(open_volume(v, id)?));
-        }
-        let released_source_seqs = state.released_source_seqs()?;
-        recover_last_source_seqs(&journal, &volumes)?;
+        let (volumes, distributed_source_seqs) = open_volumes(config, &meta, &journal, &state)?;
         let bookmarks = BookmarkIndex::rebuild(&journal)?;
         let resync_spans = ResyncSpans::rebuild(&journal)?;
-        // Everything recovered is durable, so it seeds the distributed maxima too.
-        let mut distributed_source_seqs = BTreeMap::new();
-        for v in volumes.values() {
-            let released = released_source_seqs.get(&v.id).copied().unwrap_or(0);
-            let seq = v
-                .last_source_seq
-                .fetch_max(released, Ordering::Relaxed)
-                .max(released);
-            distributed_source_seqs.insert(v.id, seq);
-        }
         let retention = RetentionPolicy {
             capacity_bytes: config.journal_capacity_bytes,
             window_ns: config
@@ -332,18 +314,29 @@ impl Group {
             ),
             relocation: RankedRwLock::new(Rank::Relocation, ()),
         });
+        group.start_threads(sync_rx, wake_rx, sync_interval)?;
+        Ok(group)
+    }
+
+    /// Starts the sync and distribution threads.
+    fn start_threads(
+        self: &Arc<Group>,
+        sync_rx: mpsc::Receiver<SyncRequest>,
+        wake_rx: mpsc::Receiver<()>,
+        sync_interval: Duration,
+    ) -> Result<(), ApplianceError> {
         let mut threads = Vec::new();
-        let g = Arc::clone(&group);
-        threads.push(spawn_named(format!("sync-{}", config.name), move || {
+        let g = Arc::clone(self);
+        threads.push(spawn_named(format!("sync-{}", self.name), move || {
             g.sync_loop(sync_rx, sync_interval)
         })?);
-        let g = Arc::clone(&group);
+        let g = Arc::clone(self);
         threads.push(spawn_named(
-            format!("distribute-{}", config.name),
+            format!("distribute-{}", self.name),
             move || g.distribute_loop(wake_rx),
         )?);
-        *group.threads.lock() = threads;
-        Ok(group)
+        *self.threads.lock() = threads;
+        Ok(())
     }
 
     pub fn volume(&self, name: &str) -> Option<Arc<GroupVolume>> {

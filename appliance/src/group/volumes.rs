@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use cdp_journal::Journal;
 use cdp_types::BlockFile;
 
-use super::Group;
-use crate::config::VolumeConfig;
+use super::{Group, GroupState};
+use crate::config::{GroupConfig, VolumeConfig};
 use crate::error::ApplianceError;
+use crate::group_meta::GroupMeta;
 use crate::watermark::Watermark;
 
 impl Group {
@@ -206,4 +207,38 @@ pub(super) fn recover_last_source_seqs(
         }
     }
     Ok(())
+}
+
+/// The group's volumes by name.
+pub(super) type VolumesByName = BTreeMap<String, Arc<GroupVolume>>;
+
+/// Opens the configured volumes' replicas and recovers each one's resume point: its last
+/// source_seq in the journal or, if retention released that, the one stored then. Returns
+/// the volumes by name and, per volume id, the distributed source_seq maxima they seed.
+pub(super) fn open_volumes(
+    config: &GroupConfig,
+    meta: &GroupMeta,
+    journal: &Journal,
+    state: &GroupState,
+) -> Result<(VolumesByName, BTreeMap<u32, u64>), ApplianceError> {
+    let mut volumes = BTreeMap::new();
+    for v in &config.volume {
+        let id = meta.volumes.get(&v.name).copied().ok_or_else(|| {
+            ApplianceError::Config(format!("volume {} has no id in group.state", v.name))
+        })?;
+        volumes.insert(v.name.clone(), Arc::new(open_volume(v, id)?));
+    }
+    let released_source_seqs = state.released_source_seqs()?;
+    recover_last_source_seqs(journal, &volumes)?;
+    // Everything recovered is durable, so it seeds the distributed maxima too.
+    let mut distributed_source_seqs = BTreeMap::new();
+    for v in volumes.values() {
+        let released = released_source_seqs.get(&v.id).copied().unwrap_or(0);
+        let seq = v
+            .last_source_seq
+            .fetch_max(released, Ordering::Relaxed)
+            .max(released);
+        distributed_source_seqs.insert(v.id, seq);
+    }
+    Ok((volumes, distributed_source_seqs))
 }
