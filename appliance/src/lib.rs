@@ -2,6 +2,7 @@
 
 pub mod bookmark;
 pub mod config;
+pub mod connection_progress;
 pub mod consolidation;
 pub mod control;
 pub mod distribution_state;

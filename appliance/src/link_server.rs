@@ -26,7 +26,8 @@ use cdp_link::limits::CHECKSUM_REQUESTS_IN_FLIGHT_MAX;
 use cdp_link::{LinkError, LinkStream, Message};
 use tokio::sync::mpsc;
 
-use crate::group::{ConnectionProgress, Group, GroupVolume};
+use crate::connection_progress::ConnectionProgress;
+use crate::group::{Group, GroupVolume};
 use crate::group_registry::Groups;
 use crate::limits::{APPEND_BATCH_BYTES_MAX, APPEND_BATCH_ITEMS_MAX, JOURNAL_FULL_HOLD_POLL};
 use crate::replica_verify::{self, ChecksumAsk};

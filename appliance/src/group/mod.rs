@@ -35,7 +35,7 @@ mod volumes;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -52,6 +52,7 @@ use crate::record_cache::RecordCache;
 use crate::resync_span::ResyncSpans;
 use crate::watermark::Watermark;
 
+pub use crate::connection_progress::ConnectionProgress;
 pub use consolidate::{ConsolidationReport, ConsolidationStatus};
 use lock_order::{Rank, RankedMutex, RankedRwLock};
 pub use replica::DistributionMark;
@@ -61,59 +62,6 @@ pub use status::{GroupStatus, VolumeStatus};
 use sync::SyncRequest;
 use volumes::open_volumes;
 pub use volumes::GroupVolume;
-
-/// Progress reported back to one split-link connection; cumulative, so no queue is needed
-/// (except in sync mode, see `remote_pending`).
-pub struct ConnectionProgress {
-    /// Highest source_seq appended to the local journal.
-    pub acked: watch::Sender<u64>,
-    /// Highest source_seq a local journal sync covered after the splitter's Flush.
-    pub durable: watch::Sender<u64>,
-    /// Sync mode only: (last journal seq, last source_seq) of each appended batch whose Ack
-    /// still waits for the remote copy, oldest first. The journal interleaves the group's
-    /// volumes, so a connection's source_seq maps to a journal seq only through this list.
-    /// At most `SYNC_ACKS_PENDING_MAX` entries: past that, a batch joins the newest entry
-    /// (its changes are then acknowledged a little later, never earlier).
-    pub remote_pending: Mutex<std::collections::VecDeque<(u64, u64)>>,
-}
-
-impl ConnectionProgress {
-    pub fn new(start: u64) -> Arc<ConnectionProgress> {
-        Arc::new(ConnectionProgress {
-            acked: watch::Sender::new(start),
-            durable: watch::Sender::new(0),
-            remote_pending: Mutex::new(std::collections::VecDeque::new()),
-        })
-    }
-
-    /// Sync mode: notes that changes through `source_seq` are at journal seq ≤ `journal_seq`
-    /// and must wait for the remote copy before their Ack.
-    pub fn note_remote_pending(&self, journal_seq: u64, source_seq: u64) {
-        let mut q = lock(&self.remote_pending);
-        if q.len() >= crate::limits::SYNC_ACKS_PENDING_MAX {
-            if let Some(back) = q.back_mut() {
-                *back = (journal_seq, source_seq);
-                return;
-            }
-        }
-        q.push_back((journal_seq, source_seq));
-    }
-
-    /// Sync mode: the highest source_seq whose batch the remote copy holds once it
-    /// acknowledged `shipped`, dropping those entries; `None` if no entry is covered yet.
-    pub fn remote_covered(&self, shipped: u64) -> Option<u64> {
-        let mut q = lock(&self.remote_pending);
-        let mut covered = None;
-        while let Some(&(journal_seq, source_seq)) = q.front() {
-            if journal_seq > shipped {
-                break;
-            }
-            covered = Some(source_seq);
-            q.pop_front();
-        }
-        covered
-    }
-}
 
 pub struct Group {
     pub name: String,
@@ -171,7 +119,7 @@ pub struct Group {
     rollback_progress: (AtomicU64, AtomicU64),
     record_cache: RecordCache,
     /// Remote replication role and progress (`replication/`).
-    replication: crate::replication::GroupReplication,
+    replication: crate::replication::state::GroupReplication,
     /// `[group.consolidation]`, if the group has a policy (`consolidate.rs`).
     consolidation: Option<crate::consolidation::ConsolidationConfig>,
     /// Points consolidation kept: at or below its `through`, other points are refused.
@@ -304,7 +252,7 @@ impl Group {
             rollback_progress: (AtomicU64::new(0), AtomicU64::new(0)),
             record_cache: RecordCache::default(),
             state,
-            replication: crate::replication::GroupReplication::new(config),
+            replication: crate::replication::state::GroupReplication::new(config),
             consolidation: config.consolidation.clone(),
             consolidation_state: RankedRwLock::new(Rank::ConsolidationState, consolidation_state),
             consolidation_pass: RankedMutex::new(Rank::ConsolidationPass, ()),
@@ -401,7 +349,7 @@ impl Group {
         self.journal.group_id()
     }
 
-    pub fn replication(&self) -> &crate::replication::GroupReplication {
+    pub fn replication(&self) -> &crate::replication::state::GroupReplication {
         &self.replication
     }
 
@@ -449,10 +397,6 @@ pub(super) fn rebuild_history(
         history.note_undo(r.seq.0, undo)?;
     }
     Ok(history)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 pub(super) fn spawn_named(

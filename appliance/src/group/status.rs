@@ -132,10 +132,10 @@ pub struct GroupStatus {
     pub source: crate::config::GroupSource,
     /// Shipping to the remote copy, for a group with `[group.remote]`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub remote: Option<crate::replication::RemoteStatus>,
+    pub remote: Option<crate::replication::state::RemoteStatus>,
     /// Receiving from the source, for a remote copy.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub replication_source: Option<crate::replication::ReceivingStatus>,
+    pub replication_source: Option<crate::replication::state::ReceivingStatus>,
 }
 
 #[derive(Clone, Debug, Serialize)]
