@@ -30,6 +30,8 @@ mod retention;
 mod state;
 mod status;
 mod sync;
+#[cfg(test)]
+mod tests;
 mod volumes;
 
 use std::collections::BTreeMap;
