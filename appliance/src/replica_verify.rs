@@ -17,10 +17,6 @@ use tokio::sync::mpsc;
 
 use crate::group::{Group, GroupVolume};
 
-/// How often a checksum request looks whether distribution has reached its target. The
-/// group offers no notification; the wait is one replica catch-up, so polling costs nothing.
-const DISTRIBUTION_POLL_INTERVAL: Duration = Duration::from_millis(5);
-
 /// A checksum request waiting longer than this for distribution is logged once.
 const DISTRIBUTION_WAIT_WARN: Duration = Duration::from_secs(60);
 
@@ -102,28 +98,33 @@ pub async fn answer_checksum_requests(
 /// Waits until the replica holds every record up to `through`, urging distribution not to
 /// wait for a pause in host writes.
 async fn wait_for_distribution(group: &Group, through: Seq) -> Result<(), String> {
-    let failure = group.failure();
-    let started = std::time::Instant::now();
+    let mut failure = group.failure();
+    let mut progress = group.subscribe_distribution();
+    let warn_at = tokio::time::Instant::now() + DISTRIBUTION_WAIT_WARN;
     let mut warned = false;
     loop {
-        if group.distributed_seq() >= through {
+        if progress.borrow_and_update().distributed >= through {
             return Ok(());
         }
-        if !warned && started.elapsed() >= DISTRIBUTION_WAIT_WARN {
-            warned = true;
-            tracing::warn!(
-                group = %group.name,
-                %through,
-                distributed = %group.distributed_seq(),
-                "a checksum request has waited {} s for distribution (is the replica held by a logged image?)",
-                DISTRIBUTION_WAIT_WARN.as_secs()
-            );
-        }
-        if let Some(failure) = failure.borrow().clone() {
+        if let Some(failure) = failure.borrow_and_update().clone() {
             return Err(format!("group {} is fenced: {failure}", group.name));
         }
         group.urge_distribution();
-        tokio::time::sleep(DISTRIBUTION_POLL_INTERVAL).await;
+        // The group owns both senders and outlives this wait, so neither channel closes.
+        tokio::select! {
+            moved = progress.changed() => moved.map_err(|_| format!("group {} stopped", group.name))?,
+            fenced = failure.changed() => fenced.map_err(|_| format!("group {} stopped", group.name))?,
+            _ = tokio::time::sleep_until(warn_at), if !warned => {
+                warned = true;
+                tracing::warn!(
+                    group = %group.name,
+                    %through,
+                    distributed = %group.distributed_seq(),
+                    "a checksum request has waited {} s for distribution (is the replica held by a logged image?)",
+                    DISTRIBUTION_WAIT_WARN.as_secs()
+                );
+            }
+        }
     }
 }
 

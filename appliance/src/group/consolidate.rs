@@ -8,7 +8,6 @@
 //! stored before any file changes, so a crash mid-pass never lets a dropped point be opened.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use cdp_journal::{RecordKind, SegmentRewrite};
@@ -172,11 +171,7 @@ impl Group {
         let mut report = ConsolidationReport::default();
         // Distribution replays from the checkpoint after a crash, so nothing above it may lose
         // a payload; open images and the remote copy read above their pins.
-        let checkpointed = self
-            .state
-            .distributed()?
-            .0
-            .min(self.distributed.load(Ordering::Relaxed));
+        let checkpointed = self.state.distributed()?.0.min(self.distributed_seq().0);
         let pinned = self.pins.lock().values().min().map_or(u64::MAX, |p| p.0);
         let now = TimestampNs::now().0;
         let cutoff_ns = now.saturating_sub(config.keep_all_s.saturating_mul(1_000_000_000));

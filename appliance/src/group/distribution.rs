@@ -25,22 +25,17 @@ impl Group {
         if self.journal.durable_seq() < target {
             self.journal.sync()?;
         }
-        let deadline = Instant::now() + timeout;
-        while self.distributed_seq() < target {
-            if let Some(failure) = self.failure.borrow().clone() {
-                return Err(ApplianceError::Fenced(failure));
-            }
-            if Instant::now() >= deadline {
-                return Err(ApplianceError::Busy(format!(
+        self.wait_for_distribution(
+            Instant::now() + timeout,
+            |mark| mark.distributed >= target,
+            |mark| {
+                format!(
                     "distribution did not reach seq {target} within {} s (it is at {})",
                     timeout.as_secs(),
-                    self.distributed_seq()
-                )));
-            }
-            self.urge_distribution();
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(())
+                    mark.distributed
+                )
+            },
+        )
     }
 
     /// Makes distribution run now rather than wait for a pause in host writes.
@@ -54,7 +49,7 @@ impl Group {
         let mut behind_since: Option<Instant> = None;
         loop {
             // A rollback may have moved the replica back: always start from its state.
-            let distributed = Seq(self.distributed.load(Ordering::Relaxed));
+            let distributed = self.distributed_seq();
             // `distributed` is always checkpointed here (distribute_through ends with one).
             self.retain(distributed);
             let stopping = self.stop_distribution.load(Ordering::Relaxed);
@@ -78,7 +73,7 @@ impl Group {
                     self.fail(format!("distribution failed: {e}"));
                     return;
                 }
-                if Seq(self.distributed.load(Ordering::Relaxed)) >= target {
+                if self.distributed_seq() >= target {
                     behind_since = None;
                     self.urgent.store(false, Ordering::Relaxed);
                 }
@@ -111,7 +106,7 @@ impl Group {
         urgent: bool,
     ) -> Result<(), ApplianceError> {
         let _writer = self.replica_writer.lock();
-        let from = Seq(self.distributed.load(Ordering::Relaxed));
+        let from = self.distributed_seq();
         let volumes = self.volumes();
         let by_id: BTreeMap<u32, &GroupVolume> =
             volumes.iter().map(|v| (v.id, v.as_ref())).collect();
@@ -144,7 +139,7 @@ impl Group {
             if since_checkpoint >= DISTRIBUTION_CHECKPOINT_BYTES_MAX {
                 self.checkpoint()?;
                 since_checkpoint = 0;
-                self.retain(Seq(self.distributed.load(Ordering::Relaxed)));
+                self.retain(self.distributed_seq());
             }
             if seq >= target {
                 break;
@@ -186,7 +181,7 @@ impl Group {
         if last >= state.exact_from {
             state.exact = true;
         }
-        self.distributed.store(last.0, Ordering::Relaxed);
+        self.distribution.set(state.mark());
         drop(state);
         *batch = Batch::default();
         Ok(bytes)
@@ -263,8 +258,7 @@ impl Group {
         for v in self.volumes() {
             v.replica.sync_data()?;
         }
-        self.state
-            .store_distributed(Seq(self.distributed.load(Ordering::Relaxed)))
+        self.state.store_distributed(self.distributed_seq())
     }
 }
 

@@ -30,12 +30,14 @@ mod retention;
 mod state;
 mod status;
 mod sync;
+#[cfg(test)]
+mod tests;
 mod volumes;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -50,68 +52,18 @@ use crate::history::{History, RedoRef, UndoRef};
 use crate::limits::SYNC_REQUESTS_MAX;
 use crate::record_cache::RecordCache;
 use crate::resync_span::ResyncSpans;
+use crate::watermark::Watermark;
 
+pub use crate::connection_progress::ConnectionProgress;
 pub use consolidate::{ConsolidationReport, ConsolidationStatus};
 use lock_order::{Rank, RankedMutex, RankedRwLock};
+pub use replica::DistributionMark;
 use replica::ReplicaState;
 use state::GroupState;
 pub use status::{GroupStatus, VolumeStatus};
 use sync::SyncRequest;
+use volumes::open_volumes;
 pub use volumes::GroupVolume;
-use volumes::{open_volume, recover_last_source_seqs};
-
-/// Progress reported back to one split-link connection; cumulative, so no queue is needed
-/// (except in sync mode, see `remote_pending`).
-pub struct ConnectionProgress {
-    /// Highest source_seq appended to the local journal.
-    pub acked: watch::Sender<u64>,
-    /// Highest source_seq a local journal sync covered after the splitter's Flush.
-    pub durable: watch::Sender<u64>,
-    /// Sync mode only: (last journal seq, last source_seq) of each appended batch whose Ack
-    /// still waits for the remote copy, oldest first. The journal interleaves the group's
-    /// volumes, so a connection's source_seq maps to a journal seq only through this list.
-    /// At most `SYNC_ACKS_PENDING_MAX` entries: past that, a batch joins the newest entry
-    /// (its changes are then acknowledged a little later, never earlier).
-    pub remote_pending: Mutex<std::collections::VecDeque<(u64, u64)>>,
-}
-
-impl ConnectionProgress {
-    pub fn new(start: u64) -> Arc<ConnectionProgress> {
-        Arc::new(ConnectionProgress {
-            acked: watch::Sender::new(start),
-            durable: watch::Sender::new(0),
-            remote_pending: Mutex::new(std::collections::VecDeque::new()),
-        })
-    }
-
-    /// Sync mode: notes that changes through `source_seq` are at journal seq ≤ `journal_seq`
-    /// and must wait for the remote copy before their Ack.
-    pub fn note_remote_pending(&self, journal_seq: u64, source_seq: u64) {
-        let mut q = lock(&self.remote_pending);
-        if q.len() >= crate::limits::SYNC_ACKS_PENDING_MAX {
-            if let Some(back) = q.back_mut() {
-                *back = (journal_seq, source_seq);
-                return;
-            }
-        }
-        q.push_back((journal_seq, source_seq));
-    }
-
-    /// Sync mode: the highest source_seq whose batch the remote copy holds once it
-    /// acknowledged `shipped`, dropping those entries; `None` if no entry is covered yet.
-    pub fn remote_covered(&self, shipped: u64) -> Option<u64> {
-        let mut q = lock(&self.remote_pending);
-        let mut covered = None;
-        while let Some(&(journal_seq, source_seq)) = q.front() {
-            if journal_seq > shipped {
-                break;
-            }
-            covered = Some(source_seq);
-            q.pop_front();
-        }
-        covered
-    }
-}
 
 pub struct Group {
     pub name: String,
@@ -119,7 +71,8 @@ pub struct Group {
     /// Changes at runtime (`cdp volume add/remove`); readers take a snapshot.
     volumes: RankedRwLock<BTreeMap<String, Arc<GroupVolume>>>,
     sync_tx: RankedMutex<Option<mpsc::SyncSender<SyncRequest>>>,
-    distributed: AtomicU64,
+    /// Distribution's progress: the replica's `ReplicaState` as waiters see it, set with it.
+    distribution: Watermark<DistributionMark>,
     retention: RetentionPolicy,
     journal_full_policy: JournalFullPolicy,
     /// Open images or the remote copy keep the journal over capacity (logged once per
@@ -168,7 +121,7 @@ pub struct Group {
     rollback_progress: (AtomicU64, AtomicU64),
     record_cache: RecordCache,
     /// Remote replication role and progress (`replication/`).
-    replication: crate::replication::GroupReplication,
+    replication: crate::replication::state::GroupReplication,
     /// `[group.consolidation]`, if the group has a policy (`consolidate.rs`).
     consolidation: Option<crate::consolidation::ConsolidationConfig>,
     /// Points consolidation kept: at or below its `through`, other points are refused.
@@ -249,27 +202,9 @@ impl Group {
         }
         tracing::info!(group = %config.name, "history index rebuilt: {}", history.stats());
 
-        let mut volumes = BTreeMap::new();
-        for v in &config.volume {
-            let id = meta.volumes.get(&v.name).copied().ok_or_else(|| {
-                ApplianceError::Config(format!("volume {} has no id in group.state", v.name))
-            })?;
-            volumes.insert(v.name.clone(), Arc::new(open_volume(v, id)?));
-        }
-        let released_source_seqs = state.released_source_seqs()?;
-        recover_last_source_seqs(&journal, &volumes)?;
+        let (volumes, distributed_source_seqs) = open_volumes(config, &meta, &journal, &state)?;
         let bookmarks = BookmarkIndex::rebuild(&journal)?;
         let resync_spans = ResyncSpans::rebuild(&journal)?;
-        // Everything recovered is durable, so it seeds the distributed maxima too.
-        let mut distributed_source_seqs = BTreeMap::new();
-        for v in volumes.values() {
-            let released = released_source_seqs.get(&v.id).copied().unwrap_or(0);
-            let seq = v
-                .last_source_seq
-                .fetch_max(released, Ordering::Relaxed)
-                .max(released);
-            distributed_source_seqs.insert(v.id, seq);
-        }
         let retention = RetentionPolicy {
             capacity_bytes: config.journal_capacity_bytes,
             window_ns: config
@@ -277,6 +212,11 @@ impl Group {
                 .map(|s| s.saturating_mul(1_000_000_000)),
         };
 
+        let replica_state = ReplicaState {
+            seq: distributed,
+            exact: distributed >= exact_from,
+            exact_from,
+        };
         let (sync_tx, sync_rx) = mpsc::sync_channel(SYNC_REQUESTS_MAX);
         let (wake_tx, wake_rx) = mpsc::sync_channel(1);
         let group = Arc::new(Group {
@@ -284,7 +224,6 @@ impl Group {
             journal,
             volumes: RankedRwLock::new(Rank::Volumes, volumes),
             sync_tx: RankedMutex::new(Rank::SyncTx, Some(sync_tx)),
-            distributed: AtomicU64::new(distributed.0),
             retention,
             journal_full_policy: config.journal_full_policy,
             held_by_images: AtomicBool::new(false),
@@ -304,14 +243,8 @@ impl Group {
             threads: RankedMutex::new(Rank::Threads, Vec::new()),
             undo,
             history: RankedMutex::new(Rank::History, history),
-            replica_state: RankedRwLock::new(
-                Rank::ReplicaState,
-                ReplicaState {
-                    seq: distributed,
-                    exact: distributed >= exact_from,
-                    exact_from,
-                },
-            ),
+            replica_state: RankedRwLock::new(Rank::ReplicaState, replica_state),
+            distribution: Watermark::new(replica_state.mark()),
             undo_floor,
             pins: RankedMutex::new(Rank::Pins, Group::replication_pins(config)),
             next_pin: AtomicU64::new(1),
@@ -321,7 +254,7 @@ impl Group {
             rollback_progress: (AtomicU64::new(0), AtomicU64::new(0)),
             record_cache: RecordCache::default(),
             state,
-            replication: crate::replication::GroupReplication::new(config),
+            replication: crate::replication::state::GroupReplication::new(config),
             consolidation: config.consolidation.clone(),
             consolidation_state: RankedRwLock::new(Rank::ConsolidationState, consolidation_state),
             consolidation_pass: RankedMutex::new(Rank::ConsolidationPass, ()),
@@ -331,18 +264,29 @@ impl Group {
             ),
             relocation: RankedRwLock::new(Rank::Relocation, ()),
         });
+        group.start_threads(sync_rx, wake_rx, sync_interval)?;
+        Ok(group)
+    }
+
+    /// Starts the sync and distribution threads.
+    fn start_threads(
+        self: &Arc<Group>,
+        sync_rx: mpsc::Receiver<SyncRequest>,
+        wake_rx: mpsc::Receiver<()>,
+        sync_interval: Duration,
+    ) -> Result<(), ApplianceError> {
         let mut threads = Vec::new();
-        let g = Arc::clone(&group);
-        threads.push(spawn_named(format!("sync-{}", config.name), move || {
+        let g = Arc::clone(self);
+        threads.push(spawn_named(format!("sync-{}", self.name), move || {
             g.sync_loop(sync_rx, sync_interval)
         })?);
-        let g = Arc::clone(&group);
+        let g = Arc::clone(self);
         threads.push(spawn_named(
-            format!("distribute-{}", config.name),
+            format!("distribute-{}", self.name),
             move || g.distribute_loop(wake_rx),
         )?);
-        *group.threads.lock() = threads;
-        Ok(group)
+        *self.threads.lock() = threads;
+        Ok(())
     }
 
     pub fn volume(&self, name: &str) -> Option<Arc<GroupVolume>> {
@@ -367,6 +311,8 @@ impl Group {
     pub(super) fn fail(&self, what: String) {
         tracing::error!(group = %self.name, "group fenced: {what}");
         self.failure.send_replace(Some(what));
+        // Waiters for distribution recheck and see the failure.
+        self.distribution.bump();
     }
 
     /// The group's journal, for read-only scans (point lookup, timeline).
@@ -397,7 +343,7 @@ impl Group {
 
     /// The replica holds every record up to this seq.
     pub fn distributed_seq(&self) -> Seq {
-        Seq(self.distributed.load(Ordering::Relaxed))
+        self.distribution.get().distributed
     }
 
     /// The id binding this group's journal records (sent in the replication Hello).
@@ -405,7 +351,7 @@ impl Group {
         self.journal.group_id()
     }
 
-    pub fn replication(&self) -> &crate::replication::GroupReplication {
+    pub fn replication(&self) -> &crate::replication::state::GroupReplication {
         &self.replication
     }
 
@@ -453,10 +399,6 @@ pub(super) fn rebuild_history(
         history.note_undo(r.seq.0, undo)?;
     }
     Ok(history)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 pub(super) fn spawn_named(

@@ -8,7 +8,6 @@
 //! journal not yet restarted keeps images refused, and the source, finding the same gap,
 //! resynchronises again (comparing, so only what still differs is sent).
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use cdp_types::Seq;
@@ -56,6 +55,7 @@ impl Group {
         let mut state = self.replica_state.write();
         state.exact = false;
         state.exact_from = Seq(u64::MAX);
+        self.distribution.set(state.mark());
         Ok(())
     }
 
@@ -135,12 +135,14 @@ impl Group {
         let fresh = ConsolidationState::default();
         self.state.store_consolidation(&fresh)?;
         *self.consolidation_state.write() = fresh;
-        self.distributed.store(through.0, Ordering::Relaxed);
-        *self.replica_state.write() = ReplicaState {
+        let mut state = self.replica_state.write();
+        *state = ReplicaState {
             seq: through,
             exact: true,
             exact_from: through,
         };
+        self.distribution.set(state.mark());
+        drop(state);
         self.state.remove_resync_marker()?;
         Ok(())
     }

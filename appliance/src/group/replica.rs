@@ -16,25 +16,46 @@ impl Group {
     /// Waits until the replica is exact again after a restart (distribution re-applies the
     /// records after the last checkpoint), asking distribution to hurry.
     pub fn wait_replica_exact(&self, timeout: Duration) -> Result<(), ApplianceError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let state = *self.replica_state.read();
-            if state.exact {
-                return Ok(());
-            }
-            if let Some(f) = self.failure.borrow().clone() {
-                return Err(ApplianceError::Fenced(f));
-            }
-            if Instant::now() >= deadline {
-                return Err(ApplianceError::Busy(format!(
+        self.wait_for_distribution(
+            Instant::now() + timeout,
+            |mark| mark.exact,
+            |_| {
+                let state = *self.replica_state.read();
+                format!(
                     "the replica is still catching up after a restart (at seq {} of {}); try again shortly",
                     state.seq, state.exact_from
-                )));
+                )
+            },
+        )
+    }
+
+    /// Blocks until `done` holds for distribution's progress, urging distribution not to
+    /// wait for a pause in host writes; `Fenced` if the group fails meanwhile, and `Busy`
+    /// with `busy`'s message at `deadline`.
+    pub(super) fn wait_for_distribution(
+        &self,
+        deadline: Instant,
+        done: impl Fn(DistributionMark) -> bool,
+        busy: impl FnOnce(DistributionMark) -> String,
+    ) -> Result<(), ApplianceError> {
+        let mut seen = self.distribution.subscribe();
+        loop {
+            let mark = *seen.borrow_and_update();
+            if done(mark) {
+                return Ok(());
             }
-            self.urgent.store(true, Ordering::Relaxed);
-            let _ = self.distribution_wake.try_send(());
-            std::thread::sleep(Duration::from_millis(10));
+            self.refuse_if_fenced()?;
+            if Instant::now() >= deadline {
+                return Err(ApplianceError::Busy(busy(mark)));
+            }
+            self.urge_distribution();
+            self.distribution.wait_changed(&mut seen, deadline);
         }
+    }
+
+    /// Distribution's progress, for async waiters (`replica_verify.rs`).
+    pub fn subscribe_distribution(&self) -> tokio::sync::watch::Receiver<DistributionMark> {
+        self.distribution.subscribe()
     }
 
     /// Holds the replica at `at` for logged access: distribution stops there, and a replica
@@ -76,20 +97,25 @@ impl Group {
     pub(super) fn roll_replica_to(&self, at: Seq) -> Result<(), ApplianceError> {
         self.wait_replica_exact(Duration::from_secs(600))?;
         // A replica behind the point first catches up to it (distribution stops there).
-        while Seq(self.distributed.load(Ordering::Relaxed)) < at {
-            if let Some(f) = self.failure.borrow().clone() {
-                return Err(ApplianceError::Fenced(f));
-            }
-            if self.journal.durable_seq() < at {
-                self.journal.sync()?;
-            }
-            self.urgent.store(true, Ordering::Relaxed);
-            let _ = self.distribution_wake.try_send(());
-            std::thread::sleep(Duration::from_millis(10));
+        // Distribution applies only durable records.
+        if self.journal.durable_seq() < at {
+            self.refuse_if_fenced()?;
+            self.journal.sync()?;
         }
+        // No deadline: the caller holds the replica and waits for it (`image access --log`).
+        self.wait_for_distribution(
+            Instant::now() + ROLLBACK_CATCH_UP_WAIT,
+            |mark| mark.distributed >= at,
+            |mark| {
+                format!(
+                    "distribution did not reach seq {at} (it is at {})",
+                    mark.distributed
+                )
+            },
+        )?;
         let _no_consolidation = self.consolidation_pass.lock();
         let _writer = self.replica_writer.lock();
-        let distributed = self.distributed.load(Ordering::Relaxed);
+        let distributed = self.distributed_seq().0;
         if distributed <= at.0 {
             return Ok(());
         }
@@ -166,14 +192,14 @@ impl Group {
             }
             if consolidated.is_kept(redo_seq - 1) {
                 state.seq = Seq(redo_seq - 1);
-                self.distributed.store(redo_seq - 1, Ordering::Relaxed);
+                self.distribution.set(state.mark());
             } else {
                 held = Some(state);
             }
         }
         let mut state = held.unwrap_or_else(|| self.replica_state.write());
         state.seq = at;
-        self.distributed.store(at.0, Ordering::Relaxed);
+        self.distribution.set(state.mark());
         drop(state);
         self.checkpoint()?;
         tracing::info!(group = %self.name, at = %at, "replica rolled back");
@@ -214,3 +240,25 @@ pub(super) struct ReplicaState {
     pub(super) exact: bool,
     pub(super) exact_from: Seq,
 }
+
+impl ReplicaState {
+    /// What waiters for distribution see of it.
+    pub(super) fn mark(&self) -> DistributionMark {
+        DistributionMark {
+            distributed: self.seq,
+            exact: self.exact,
+        }
+    }
+}
+
+/// Distribution's progress, the group's distributed watermark: the replica holds every
+/// record up to `distributed` (and, unless `exact` is false after a restart, nothing later).
+/// Set with `ReplicaState`, whose lock image reads hold; waiters need no lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DistributionMark {
+    pub distributed: Seq,
+    pub exact: bool,
+}
+
+/// "Forever" for a rollback waiting for distribution to reach its point.
+const ROLLBACK_CATCH_UP_WAIT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);

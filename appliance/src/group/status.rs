@@ -11,7 +11,7 @@ use crate::history::HistoryStats;
 impl Group {
     pub fn status(&self) -> GroupStatus {
         let last = self.journal.last_seq().0;
-        let distributed = self.distributed.load(Ordering::Relaxed);
+        let distributed = self.distributed_seq().0;
         let first_timestamp_ns = match self.retention.window_ns {
             Some(_) => self.journal.first_record_timestamp().unwrap_or_else(|e| {
                 tracing::warn!(group = %self.name, "reading the oldest journal record: {e}");
@@ -32,7 +32,7 @@ impl Group {
                 name: v.name.clone(),
                 size: v.size,
                 replica: v.replica_path.display().to_string(),
-                connected: v.connected.load(Ordering::Relaxed),
+                connected: v.connected.get(),
                 last_source_seq: v.last_source_seq.load(Ordering::Relaxed),
             })
             .collect();
@@ -132,10 +132,10 @@ pub struct GroupStatus {
     pub source: crate::config::GroupSource,
     /// Shipping to the remote copy, for a group with `[group.remote]`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub remote: Option<crate::replication::RemoteStatus>,
+    pub remote: Option<crate::replication::state::RemoteStatus>,
     /// Receiving from the source, for a remote copy.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub replication_source: Option<crate::replication::ReceivingStatus>,
+    pub replication_source: Option<crate::replication::state::ReceivingStatus>,
 }
 
 #[derive(Clone, Debug, Serialize)]

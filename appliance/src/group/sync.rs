@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use cdp_types::Seq;
 
-use super::{ConnectionProgress, Group};
+use super::Group;
+use crate::connection_progress::ConnectionProgress;
 use crate::error::ApplianceError;
 use crate::limits::SYNC_REQUESTS_MAX;
 

@@ -10,9 +10,11 @@ use std::time::{Duration, Instant};
 use cdp_journal::Journal;
 use cdp_types::BlockFile;
 
-use super::Group;
-use crate::config::VolumeConfig;
+use super::{Group, GroupState};
+use crate::config::{GroupConfig, VolumeConfig};
 use crate::error::ApplianceError;
+use crate::group_meta::GroupMeta;
+use crate::watermark::Watermark;
 
 impl Group {
     /// Adds a volume to the running group (`cdp volume add`). It gets a new id in
@@ -95,10 +97,13 @@ impl Group {
         // `cdp volume remove` stops the splitter's side first; its connection closes a
         // moment later, so give it that moment before refusing.
         let deadline = Instant::now() + VOLUME_REMOVE_DISCONNECT_WAIT;
-        while !force && volume.connected.load(Ordering::Relaxed) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
+        let mut seen = volume.connected.subscribe();
+        while !force && *seen.borrow_and_update() {
+            if !volume.connected.wait_changed(&mut seen, deadline) {
+                break;
+            }
         }
-        if volume.connected.load(Ordering::Relaxed) && !force {
+        if volume.connected.get() && !force {
             return Err(ApplianceError::Refused(format!(
                 "volume {name:?} still has a connected splitter; remove it from the splitter \
                  first (cdp volume remove does) or use --force"
@@ -130,7 +135,7 @@ pub struct GroupVolume {
     pub replica_path: PathBuf,
     pub(super) replica: BlockFile,
     /// A splitter is connected for this volume (at most one at a time).
-    pub connected: AtomicBool,
+    pub connected: Watermark<bool>,
     /// Highest splitter source_seq in the journal for this volume.
     pub last_source_seq: AtomicU64,
     /// Removed from the group at runtime: appends for it are refused from then on.
@@ -162,7 +167,7 @@ pub(super) fn open_volume(v: &VolumeConfig, id: u32) -> Result<GroupVolume, Appl
         size: v.size,
         replica_path: v.replica.clone(),
         replica,
-        connected: AtomicBool::new(false),
+        connected: Watermark::new(false),
         last_source_seq: AtomicU64::new(0),
         removed: AtomicBool::new(false),
         link: crate::volume_link::VolumeLink::default(),
@@ -202,4 +207,38 @@ pub(super) fn recover_last_source_seqs(
         }
     }
     Ok(())
+}
+
+/// The group's volumes by name.
+pub(super) type VolumesByName = BTreeMap<String, Arc<GroupVolume>>;
+
+/// Opens the configured volumes' replicas and recovers each one's resume point: its last
+/// source_seq in the journal or, if retention released that, the one stored then. Returns
+/// the volumes by name and, per volume id, the distributed source_seq maxima they seed.
+pub(super) fn open_volumes(
+    config: &GroupConfig,
+    meta: &GroupMeta,
+    journal: &Journal,
+    state: &GroupState,
+) -> Result<(VolumesByName, BTreeMap<u32, u64>), ApplianceError> {
+    let mut volumes = BTreeMap::new();
+    for v in &config.volume {
+        let id = meta.volumes.get(&v.name).copied().ok_or_else(|| {
+            ApplianceError::Config(format!("volume {} has no id in group.state", v.name))
+        })?;
+        volumes.insert(v.name.clone(), Arc::new(open_volume(v, id)?));
+    }
+    let released_source_seqs = state.released_source_seqs()?;
+    recover_last_source_seqs(journal, &volumes)?;
+    // Everything recovered is durable, so it seeds the distributed maxima too.
+    let mut distributed_source_seqs = BTreeMap::new();
+    for v in volumes.values() {
+        let released = released_source_seqs.get(&v.id).copied().unwrap_or(0);
+        let seq = v
+            .last_source_seq
+            .fetch_max(released, Ordering::Relaxed)
+            .max(released);
+        distributed_source_seqs.insert(v.id, seq);
+    }
+    Ok((volumes, distributed_source_seqs))
 }

@@ -140,7 +140,8 @@ const LINK_TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 /// times out. Waits for the old session to end, so its last append precedes our Welcome.
 fn take_over_link(receiving: &crate::replication::ReceivingState) -> bool {
     let deadline = Instant::now() + LINK_TAKEOVER_WAIT;
-    while receiving.connected.swap(true, Ordering::Relaxed) {
+    let mut seen = receiving.connected.subscribe();
+    while receiving.connected.swap(true) {
         if let Some(old) = receiving
             .link
             .lock()
@@ -152,10 +153,14 @@ fn take_over_link(receiving: &crate::replication::ReceivingState) -> bool {
             );
             let _ = old.shutdown(std::net::Shutdown::Both);
         }
-        if Instant::now() >= deadline {
+        // The old session's guard sets it false when the session ends.
+        seen.borrow_and_update();
+        if !receiving.connected.get() {
+            continue;
+        }
+        if !receiving.connected.wait_changed(&mut seen, deadline) {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(10));
     }
     true
 }
@@ -171,7 +176,7 @@ impl Drop for ReceivingGuard<'_> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        receiving.connected.store(false, Ordering::Relaxed);
+        receiving.connected.set(false);
     }
 }
 
