@@ -12,7 +12,6 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use cdp_nbd::{Export, ExportError, ExportFeatures, ExportRegistry};
 use cdp_types::{BlockFile, Seq, TimestampNs};
-use serde::Serialize;
 
 use crate::group::{Group, GroupVolume};
 use crate::history::BLOCK_BYTES;
@@ -23,40 +22,7 @@ use crate::point::ResolvedPoint;
 const REPLICA_EXACT_WAIT: Duration = Duration::from_secs(60);
 
 /// An image as `cdp image list` shows it.
-#[derive(Clone, Debug, Serialize)]
-pub struct ImageInfo {
-    pub id: String,
-    pub group: String,
-    pub seq: u64,
-    pub time_ns: u64,
-    pub time: String,
-    /// The point as the administrator named it.
-    pub point: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub bookmark: Option<String>,
-    pub writable: bool,
-    /// `virtual` or `logged`.
-    pub mode: &'static str,
-    /// `rolling_back` (logged, replica not there yet), `ready`, or `failed`.
-    pub state: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// Rollback progress in undo records, for logged images.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rollback: Option<(u64, u64)>,
-    pub opened_ns: u64,
-    /// Where the exports are served (`unix:PATH` or `HOST:PORT`).
-    pub nbd: String,
-    pub exports: Vec<ImageExport>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct ImageExport {
-    pub volume: String,
-    /// NBD export name.
-    pub export: String,
-    pub size: u64,
-}
+pub use cdp_control::{ImageExport, ImageInfo, ImageMode, ImageState};
 
 struct OpenImage {
     info: ImageInfo,
@@ -127,7 +93,7 @@ impl Images {
             && self
                 .lock()
                 .values()
-                .any(|i| i.group.name == group.name && i.info.mode == "logged")
+                .any(|i| i.group.name == group.name && i.info.mode == ImageMode::Logged)
         {
             return Err(format!(
                 "group {} already has a logged image; release it first",
@@ -189,11 +155,15 @@ impl Images {
             point: request.point,
             bookmark: request.resolved.bookmark.clone(),
             writable: request.writable,
-            mode: if request.logged { "logged" } else { "virtual" },
-            state: if request.logged {
-                "rolling_back"
+            mode: if request.logged {
+                ImageMode::Logged
             } else {
-                "ready"
+                ImageMode::Virtual
+            },
+            state: if request.logged {
+                ImageState::RollingBack
+            } else {
+                ImageState::Ready
             },
             error: None,
             rollback: None,
@@ -227,12 +197,12 @@ impl Images {
                 if let Some(image) = open.get_mut(&id) {
                     match result {
                         Ok(()) => {
-                            image.info.state = "ready";
+                            image.info.state = ImageState::Ready;
                             tracing::info!(image = %id, group = %group.name, seq = at.0, "logged image ready");
                         }
                         Err(e) => {
                             tracing::error!(image = %id, "logged access failed: {e}");
-                            image.info.state = "failed";
+                            image.info.state = ImageState::Failed;
                             image.info.error = Some(e);
                         }
                     }
@@ -264,7 +234,7 @@ impl Images {
             .filter(|i| group.is_none_or(|g| i.info.group == g))
             .map(|i| {
                 let mut info = i.info.clone();
-                if info.mode == "logged" && info.state == "rolling_back" {
+                if info.mode == ImageMode::Logged && info.state == ImageState::RollingBack {
                     info.rollback = Some(i.group.rollback_progress());
                 }
                 info
@@ -290,7 +260,7 @@ impl Images {
         for e in &image.info.exports {
             self.exports.remove(&e.export);
         }
-        if image.info.mode == "logged" && image.info.state != "rolling_back" {
+        if image.info.mode == ImageMode::Logged && image.info.state != ImageState::RollingBack {
             image.group.release_replica();
         }
         image.group.unpin(image.pin);
