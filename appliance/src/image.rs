@@ -13,6 +13,7 @@ use bytes::Bytes;
 use cdp_nbd::{Export, ExportError, ExportFeatures, ExportRegistry};
 use cdp_types::{BlockFile, Seq, TimestampNs};
 
+use crate::error::ApplianceError;
 use crate::group::{Group, GroupVolume};
 use crate::history::BLOCK_BYTES;
 use crate::limits::IMAGES_MAX;
@@ -82,12 +83,12 @@ impl Images {
         self: &Arc<Self>,
         group: &Arc<Group>,
         request: AccessRequest,
-    ) -> Result<ImageInfo, String> {
+    ) -> Result<ImageInfo, ApplianceError> {
         let at = Seq(request.resolved.seq);
         if self.lock().len() >= IMAGES_MAX {
-            return Err(format!(
+            return Err(ApplianceError::Busy(format!(
                 "{IMAGES_MAX} images are open; release one first (cdp image release ID)"
-            ));
+            )));
         }
         if request.logged
             && self
@@ -95,10 +96,11 @@ impl Images {
                 .values()
                 .any(|i| i.group.name == group.name && i.info.mode == ImageMode::Logged)
         {
-            return Err(format!(
+            // Busy, not refused: the same request succeeds once that image is released.
+            return Err(ApplianceError::Busy(format!(
                 "group {} already has a logged image; release it first",
                 group.name
-            ));
+            )));
         }
         group.wait_replica_exact(REPLICA_EXACT_WAIT)?;
         let pin = group.pin_point(at)?;
@@ -106,18 +108,21 @@ impl Images {
         let mut exports = Vec::new();
         let mut volumes = Vec::new();
         let mut scratch_files = Vec::new();
-        let build = (|| -> Result<(), String> {
+        let build = (|| -> Result<(), ApplianceError> {
             for volume in &group.volumes() {
                 let scratch = if request.writable {
                     std::fs::create_dir_all(&self.scratch_dir).map_err(|e| {
-                        format!("scratch directory {}: {e}", self.scratch_dir.display())
+                        io_context(
+                            e,
+                            &format!("scratch directory {}", self.scratch_dir.display()),
+                        )
                     })?;
                     let path = self
                         .scratch_dir
                         .join(format!("{id}-{}.scratch", volume.name));
                     let _ = std::fs::remove_file(&path);
                     let file = BlockFile::create_sparse(&path, volume.size)
-                        .map_err(|e| format!("scratch file {}: {e}", path.display()))?;
+                        .map_err(|e| io_context(e, &format!("scratch file {}", path.display())))?;
                     scratch_files.push(path);
                     Some(Scratch::new(file, volume.size))
                 } else {
@@ -192,7 +197,7 @@ impl Images {
             .spawn(move || {
                 let result = group
                     .hold_replica(at)
-                    .and_then(|()| images.publish(&id, volumes));
+                    .and_then(|()| images.publish(&id, volumes).map_err(|e| e.to_string()));
                 let mut open = images.lock();
                 if let Some(image) = open.get_mut(&id) {
                     match result {
@@ -213,17 +218,22 @@ impl Images {
             });
         if let Err(e) = spawned {
             self.release(&info.id).ok();
-            return Err(format!("starting the rollback: {e}"));
+            return Err(io_context(e, "starting the rollback"));
         }
         Ok(info)
     }
 
-    fn publish(&self, id: &str, volumes: Vec<(String, Arc<ImageVolume>)>) -> Result<(), String> {
+    fn publish(
+        &self,
+        id: &str,
+        volumes: Vec<(String, Arc<ImageVolume>)>,
+    ) -> Result<(), ApplianceError> {
         for (name, export) in volumes {
             let description = format!("cdp image {id}");
             self.exports
                 .add(&name, &description, export)
-                .map_err(|e| format!("exporting {name}: {e}"))?;
+                // The registry refuses a name that is taken or not a valid NBD string.
+                .map_err(|e| ApplianceError::Refused(format!("exporting {name}: {e}")))?;
         }
         Ok(())
     }
@@ -474,4 +484,9 @@ fn no_open_image_message<'a>(id: &str, open: impl Iterator<Item = &'a String>) -
         ids.join(", ")
     };
     format!("no open image {id:?} (open: {listed})")
+}
+
+/// An I/O error with what was being done said first; its kind is kept.
+fn io_context(e: std::io::Error, what: &str) -> ApplianceError {
+    ApplianceError::Io(std::io::Error::new(e.kind(), format!("{what}: {e}")))
 }

@@ -30,13 +30,13 @@ pub enum PointSpec {
 pub fn parse_point(s: &str) -> Result<PointSpec, ControlError> {
     let bad = |e: String| ControlError::new(ErrorCode::BadRequest, e);
     if let Some(n) = s.strip_prefix("seq:") {
-        return parse_seq(n).map(PointSpec::Seq).map_err(bad);
+        return parse_seq(n).map(PointSpec::Seq);
     }
     if !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit()) {
-        return parse_seq(s).map(PointSpec::Seq).map_err(bad);
+        return parse_seq(s).map(PointSpec::Seq);
     }
     if let Some(rel) = s.strip_prefix('-') {
-        return parse_ago(rel).map(PointSpec::Ago).map_err(bad);
+        return parse_ago(rel).map(PointSpec::Ago);
     }
     if s.as_bytes().first().is_some_and(|c| c.is_ascii_digit()) && s.contains(':') {
         return parse_time(s).map(PointSpec::Time).map_err(|e| bad(e.0));
@@ -45,14 +45,19 @@ pub fn parse_point(s: &str) -> Result<PointSpec, ControlError> {
     Ok(PointSpec::Bookmark(s.to_string()))
 }
 
-fn parse_seq(s: &str) -> Result<u64, String> {
+fn parse_seq(s: &str) -> Result<u64, ControlError> {
     s.parse::<u64>()
-        .map_err(|_| format!("bad sequence number {s:?}"))
+        .map_err(|_| ControlError::new(ErrorCode::BadRequest, format!("bad sequence number {s:?}")))
 }
 
 /// `30s`, `5m`, `2h`, `1d` → ns.
-fn parse_ago(s: &str) -> Result<u64, String> {
-    let bad = || format!("bad relative time -{s:?}: expected e.g. -30s, -5m, -2h, -1d");
+fn parse_ago(s: &str) -> Result<u64, ControlError> {
+    let bad = || {
+        ControlError::new(
+            ErrorCode::BadRequest,
+            format!("bad relative time -{s:?}: expected e.g. -30s, -5m, -2h, -1d"),
+        )
+    };
     let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
     let (n, unit) = s.split_at(split);
     let n: u64 = n.parse().map_err(|_| bad())?;
