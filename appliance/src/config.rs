@@ -142,14 +142,10 @@ pub struct GroupConfig {
 }
 
 // --- remote replication ---
-/// Where a group's writes come from; see `GroupConfig::source`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum GroupSource {
-    #[default]
-    Local,
-    Remote,
-}
+/// Where a group's writes come from (see `GroupConfig::source`), what a full journal does
+/// (`GroupConfig::journal_full_policy`), and the remote link's mode and compression
+/// (`RemoteConfig`): settings that `cdp status` reports, so the control protocol defines them.
+pub use cdp_control::{CompressLevel, GroupSource, JournalFullPolicy, ReplicationMode};
 
 /// See `RemoteConfig::unshipped_history`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -253,16 +249,6 @@ pub struct RemoteTlsConfig {
     pub server_name: Option<String>,
 }
 
-/// When a host write to a shipping group is acknowledged; see `RemoteConfig::mode`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ReplicationMode {
-    #[default]
-    Async,
-    Sync,
-    Dynamic,
-}
-
 fn sync_wait_ms_max_default() -> u64 {
     5000
 }
@@ -287,51 +273,6 @@ fn dedup_window_bytes_default() -> u64 {
 
 /// The smallest dedup window: below it references would rarely reach the previous batch.
 pub const DEDUP_WINDOW_BYTES_MIN: u64 = 1024 * 1024;
-
-/// `[group.remote] compress_level`: a fixed zstd level (0 = off) or `"adaptive"`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum CompressLevel {
-    Fixed(i32),
-    #[default]
-    Adaptive,
-}
-
-impl Serialize for CompressLevel {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
-            CompressLevel::Fixed(level) => s.serialize_i32(*level),
-            CompressLevel::Adaptive => s.serialize_str("adaptive"),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for CompressLevel {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct LevelVisitor;
-        impl serde::de::Visitor<'_> for LevelVisitor {
-            type Value = CompressLevel;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a zstd level (0 = off, 1..=19) or \"adaptive\"")
-            }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<CompressLevel, E> {
-                // Out-of-range levels are clamped (with a warning) by sanitize.
-                Ok(CompressLevel::Fixed(
-                    v.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32,
-                ))
-            }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<CompressLevel, E> {
-                Ok(CompressLevel::Fixed(v.min(i32::MAX as u64) as i32))
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<CompressLevel, E> {
-                match v {
-                    "adaptive" => Ok(CompressLevel::Adaptive),
-                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
-                }
-            }
-        }
-        d.deserialize_any(LevelVisitor)
-    }
-}
 
 impl GroupConfig {
     /// Checks the group's replication settings, clamping soft mistakes with a warning.
@@ -446,15 +387,6 @@ impl ApplianceConfig {
     }
 }
 // --- end remote replication ---
-
-/// See `GroupConfig::journal_full_policy`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JournalFullPolicy {
-    #[default]
-    Release,
-    Throttle,
-}
 
 /// A protected volume as the appliance knows it.
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -41,7 +41,7 @@ const _: () = assert!(APPEND_BATCH_BYTES_MAX >= 32 * 1024 * 1024 + 4096);
 
 /// Longest bookmark name, in bytes: long enough for a descriptive name with a date, short
 /// enough to show in a table. The journal's own bound (4 KiB) is far above.
-pub const BOOKMARK_NAME_BYTES_MAX: usize = 128;
+pub const BOOKMARK_NAME_BYTES_MAX: usize = cdp_control::limits::BOOKMARK_NAME_BYTES_MAX;
 
 /// Most activity buckets `cdp timeline` returns; with a longer window each bucket widens
 /// (doubling from `TIMELINE_BUCKET_NS_DEFAULT`), so the answer stays small.
@@ -54,10 +54,8 @@ pub const TIMELINE_BUCKET_NS_DEFAULT: u64 = 60_000_000_000;
 const _: () =
     assert!(BOOKMARK_NAME_BYTES_MAX as u64 + 12 <= cdp_journal::limits::BOOKMARK_NAME_BYTES_MAX);
 
-/// How long `cdp bookmark create` waits for the answer beyond its timeout. The appliance
-/// appends within the timeout or not at all; the grace covers the journal sync that follows,
-/// so a slow fsync is not mistaken for a lost bookmark.
-pub const BOOKMARK_ANSWER_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long `cdp bookmark create` waits for the answer beyond its timeout (a protocol limit).
+pub use cdp_control::limits::BOOKMARK_ANSWER_GRACE;
 
 /// How often a `bookmark create --wait` checks whether the group is recoverable again (a
 /// blocking-pool thread waits; the wait itself is bounded by the request).

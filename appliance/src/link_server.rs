@@ -201,7 +201,7 @@ pub async fn serve_link(groups: Arc<Groups>, stream: LinkStream, deadline: Durat
             answers_tx,
         )
         .await
-        .map_err(LinkError::Protocol)?;
+        .map_err(|e| LinkError::Protocol(e.to_string()))?;
         // The receive half dropped its end: the connection is ending anyway.
         std::future::pending::<Result<(), LinkError>>().await
     };
@@ -415,8 +415,7 @@ async fn receive_changes(
         }
         for (offset, length, region_bytes) in checksum_requests.drain(..) {
             let through = group.last_seq();
-            let ask = ChecksumAsk::new(volume, offset, length, region_bytes, through)
-                .map_err(LinkError::Protocol)?;
+            let ask = ChecksumAsk::new(volume, offset, length, region_bytes, through)?;
             checksum_asks.try_send(ask).map_err(|_| {
                 LinkError::Protocol(format!(
                     "more than {CHECKSUM_REQUESTS_IN_FLIGHT_MAX} checksum requests in flight"

@@ -3,10 +3,11 @@
 
 use cdp_journal::Journal;
 use cdp_types::Seq;
-use serde::Serialize;
 
-use crate::bookmark::{record_timestamp, validate_name, Bookmark};
-pub use crate::rfc3339::{format_time, parse_time};
+use cdp_link::control_socket::{ControlError, ErrorCode};
+
+use crate::bookmark::{record_timestamp, Bookmark};
+pub use cdp_types::rfc3339::{format_time, parse_time};
 
 const NS_PER_S: u64 = 1_000_000_000;
 
@@ -25,7 +26,9 @@ pub enum PointSpec {
 
 /// Parses a point spec. Bookmark names cannot look like the other forms (see
 /// `bookmark::validate_name`), so the forms never overlap.
-pub fn parse_point(s: &str) -> Result<PointSpec, String> {
+/// A spec that is none of the forms is a bad request (the caller's words, not the journal's).
+pub fn parse_point(s: &str) -> Result<PointSpec, ControlError> {
+    let bad = |e: String| ControlError::new(ErrorCode::BadRequest, e);
     if let Some(n) = s.strip_prefix("seq:") {
         return parse_seq(n).map(PointSpec::Seq);
     }
@@ -36,20 +39,25 @@ pub fn parse_point(s: &str) -> Result<PointSpec, String> {
         return parse_ago(rel).map(PointSpec::Ago);
     }
     if s.as_bytes().first().is_some_and(|c| c.is_ascii_digit()) && s.contains(':') {
-        return parse_time(s).map(PointSpec::Time);
+        return parse_time(s).map(PointSpec::Time).map_err(|e| bad(e.0));
     }
-    validate_name(s).map_err(|e| format!("{e} (points are a bookmark name, seq:N, N, an RFC 3339 time such as 2026-11-23T00:10:00.123Z, or -30s/-5m/-2h/-1d)"))?;
+    cdp_control::validate_bookmark_name(s).map_err(|e| bad(format!("{e} (points are a bookmark name, seq:N, N, an RFC 3339 time such as 2026-11-23T00:10:00.123Z, or -30s/-5m/-2h/-1d)")))?;
     Ok(PointSpec::Bookmark(s.to_string()))
 }
 
-fn parse_seq(s: &str) -> Result<u64, String> {
+fn parse_seq(s: &str) -> Result<u64, ControlError> {
     s.parse::<u64>()
-        .map_err(|_| format!("bad sequence number {s:?}"))
+        .map_err(|_| ControlError::new(ErrorCode::BadRequest, format!("bad sequence number {s:?}")))
 }
 
 /// `30s`, `5m`, `2h`, `1d` → ns.
-fn parse_ago(s: &str) -> Result<u64, String> {
-    let bad = || format!("bad relative time -{s:?}: expected e.g. -30s, -5m, -2h, -1d");
+fn parse_ago(s: &str) -> Result<u64, ControlError> {
+    let bad = || {
+        ControlError::new(
+            ErrorCode::BadRequest,
+            format!("bad relative time -{s:?}: expected e.g. -30s, -5m, -2h, -1d"),
+        )
+    };
     let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
     let (n, unit) = s.split_at(split);
     let n: u64 = n.parse().map_err(|_| bad())?;
@@ -66,15 +74,7 @@ fn parse_ago(s: &str) -> Result<u64, String> {
 }
 
 /// A resolved point: the seq of a record and its timestamp.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct ResolvedPoint {
-    pub seq: u64,
-    pub timestamp_ns: u64,
-    pub time: String,
-    /// The bookmark the point names, if it was named by one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub bookmark: Option<String>,
-}
+pub use cdp_control::ResolvedPoint;
 
 /// Resolves `spec` against the journal's recoverable window `first_seq..=last_seq` and the
 /// group's bookmarks. Times resolve to the last record stamped at or before them; a time
@@ -90,13 +90,13 @@ pub fn resolve(
     spec: &PointSpec,
     now_ns: u64,
     oldest: u64,
-) -> Result<ResolvedPoint, String> {
+) -> Result<ResolvedPoint, ControlError> {
     let first = journal.first_seq().0;
     let last = journal.last_seq().0;
     if last < first {
-        return Err("the journal holds no records yet".into());
+        return Err(ControlError::not_found("the journal holds no records yet"));
     }
-    let at = |seq: u64| -> Result<ResolvedPoint, String> {
+    let at = |seq: u64| -> Result<ResolvedPoint, ControlError> {
         let ts = if seq < first {
             record_timestamp(journal, Seq(first))?.saturating_sub(1)
         } else {
@@ -114,7 +114,7 @@ pub fn resolve(
             let b = bookmarks
                 .iter()
                 .find(|b| &b.name == name)
-                .ok_or_else(|| format!("no bookmark named {name:?} in this group (released by retention, or never taken)"))?;
+                .ok_or_else(|| ControlError::not_found(format!("no bookmark named {name:?} in this group (released by retention, or never taken)")))?;
             Ok(ResolvedPoint {
                 seq: b.seq,
                 timestamp_ns: b.timestamp_ns,
@@ -125,12 +125,14 @@ pub fn resolve(
         PointSpec::Seq(seq) => {
             let oldest = oldest.clamp(first.saturating_sub(1), last);
             if *seq < oldest {
-                return Err(format!(
+                return Err(ControlError::not_found(format!(
                     "seq {seq} is before the oldest recoverable point, seq {oldest}"
-                ));
+                )));
             }
             if *seq > last {
-                return Err(format!("seq {seq} is after the last record, seq {last}"));
+                return Err(ControlError::not_found(format!(
+                    "seq {seq} is after the last record, seq {last}"
+                )));
             }
             at(*seq)
         }
@@ -138,7 +140,7 @@ pub fn resolve(
         PointSpec::Ago(d) => {
             let t = now_ns
                 .checked_sub(*d)
-                .ok_or_else(|| "relative time reaches before 1970".to_string())?;
+                .ok_or_else(|| ControlError::not_found("relative time reaches before 1970"))?;
             resolve_time(journal, t, now_ns, first)
         }
     }
@@ -154,19 +156,22 @@ fn resolve_time(
     t: u64,
     now_ns: u64,
     first: u64,
-) -> Result<ResolvedPoint, String> {
+) -> Result<ResolvedPoint, ControlError> {
     if t > now_ns {
-        return Err(format!("{} is in the future", format_time(t)));
+        return Err(ControlError::not_found(format!(
+            "{} is in the future",
+            format_time(t)
+        )));
     }
     let segments = journal.segment_infos();
     let before = || {
         let oldest = record_timestamp(journal, Seq(first))
             .map(format_time)
             .unwrap_or_else(|e| format!("unknown: {e}"));
-        format!(
+        ControlError::not_found(format!(
             "{} is before the oldest recoverable point (seq {first} at {oldest})",
             format_time(t)
-        )
+        ))
     };
     // None: even the first segment was created after `t`, but the call that created it may
     // have stamped its records just before, so the scan starts at the first record anyway.
@@ -180,9 +185,9 @@ fn resolve_time(
     let mut found = None;
     let reader = journal
         .read_headers_from(Seq(start))
-        .map_err(|e| format!("reading the journal: {e}"))?;
+        .map_err(|e| ControlError::from(format!("reading the journal: {e}")))?;
     for record in reader {
-        let record = record.map_err(|e| format!("reading the journal: {e}"))?;
+        let record = record.map_err(|e| ControlError::from(format!("reading the journal: {e}")))?;
         if record.timestamp.0 > t {
             break;
         }
@@ -216,23 +221,34 @@ mod tests {
         );
     }
 
+    /// `parse_point`'s spec, if it parsed.
+    fn parse_point_ok(s: &str) -> Option<PointSpec> {
+        parse_point(s).ok()
+    }
+
     #[test]
     fn parses_every_form() {
-        assert_eq!(parse_point("seq:1234"), Ok(PointSpec::Seq(1234)));
-        assert_eq!(parse_point("42"), Ok(PointSpec::Seq(42)));
-        assert_eq!(parse_point("-30s"), Ok(PointSpec::Ago(30 * NS_PER_S)));
-        assert_eq!(parse_point("-5m"), Ok(PointSpec::Ago(300 * NS_PER_S)));
-        assert_eq!(parse_point("-2h"), Ok(PointSpec::Ago(7200 * NS_PER_S)));
-        assert_eq!(parse_point("-1d"), Ok(PointSpec::Ago(86_400 * NS_PER_S)));
-        assert_eq!(parse_point("b1"), Ok(PointSpec::Bookmark("b1".to_string())));
-        // 2024-02-29T12:34:56.789Z = 1709210096.789 s (date -d ... +%s).
+        assert_eq!(parse_point_ok("seq:1234"), Some(PointSpec::Seq(1234)));
+        assert_eq!(parse_point_ok("42"), Some(PointSpec::Seq(42)));
+        assert_eq!(parse_point_ok("-30s"), Some(PointSpec::Ago(30 * NS_PER_S)));
+        assert_eq!(parse_point_ok("-5m"), Some(PointSpec::Ago(300 * NS_PER_S)));
+        assert_eq!(parse_point_ok("-2h"), Some(PointSpec::Ago(7200 * NS_PER_S)));
         assert_eq!(
-            parse_point("2024-02-29T12:34:56.789Z"),
-            Ok(PointSpec::Time(1_709_210_096_789_000_000))
+            parse_point_ok("-1d"),
+            Some(PointSpec::Ago(86_400 * NS_PER_S))
         );
         assert_eq!(
-            parse_point("2024-02-29T14:34:56.789+02:00"),
-            Ok(PointSpec::Time(1_709_210_096_789_000_000))
+            parse_point_ok("b1"),
+            Some(PointSpec::Bookmark("b1".to_string()))
+        );
+        // 2024-02-29T12:34:56.789Z = 1709210096.789 s (date -d ... +%s).
+        assert_eq!(
+            parse_point_ok("2024-02-29T12:34:56.789Z"),
+            Some(PointSpec::Time(1_709_210_096_789_000_000))
+        );
+        assert_eq!(
+            parse_point_ok("2024-02-29T14:34:56.789+02:00"),
+            Some(PointSpec::Time(1_709_210_096_789_000_000))
         );
         assert_eq!(parse_time("1970-01-01T00:00:00Z"), Ok(0));
         assert_eq!(parse_time("1970-01-01T00:00:00.000000001Z"), Ok(1));
@@ -337,10 +353,17 @@ mod tests {
             13,
             "now-1s is after the last"
         );
-        assert!(r("nope").expect_err("unknown").contains("no bookmark"));
-        assert!(r("seq:14").expect_err("after").contains("after the last"));
+        assert!(r("nope")
+            .expect_err("unknown")
+            .message
+            .contains("no bookmark"));
+        assert!(r("seq:14")
+            .expect_err("after")
+            .message
+            .contains("after the last"));
         assert!(r("seq:0")
             .expect_err("before")
+            .message
             .contains("before the oldest recoverable point, seq 1"));
         // With the state before the first record recoverable, seq 0 is a point, stamped
         // just before that record.
@@ -349,9 +372,11 @@ mod tests {
         assert_eq!(before_first.timestamp_ns, all[0].1 - 1);
         assert!(r(&format_time_ns(all[0].1 - 1))
             .expect_err("before")
+            .message
             .contains("before the oldest"));
         assert!(r(&format_time_ns(now + NS_PER_S))
             .expect_err("future")
+            .message
             .contains("future"));
         assert!(r("-100000d").is_err());
     }

@@ -12,42 +12,14 @@ use std::time::Instant;
 
 use cdp_journal::{RecordKind, SegmentRewrite};
 use cdp_types::{Seq, TimestampNs};
-use serde::Serialize;
 
 use super::Group;
 use crate::consolidation::{kept_points, needed_payloads, ConsolidationState, PointRecord};
 use crate::error::ApplianceError;
 
-/// What one pass did (the answer to `cdp journal consolidate`).
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct ConsolidationReport {
-    /// Points at or below this seq are recoverable only if kept.
-    pub through_seq: u64,
-    pub kept_points: usize,
-    pub segments_rewritten: usize,
-    pub payloads_dropped: u64,
-    pub bytes_before: u64,
-    pub bytes_after: u64,
-    pub bytes_freed: u64,
-    pub millis: u64,
-    /// Why nothing was consolidated, if nothing was.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub nothing_because: Option<String>,
-}
-
-/// Consolidation in `cdp status`.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct ConsolidationStatus {
-    pub keep_all_s: u64,
-    pub tiers: Vec<(u64, u64)>,
-    pub through_seq: u64,
-    pub kept_points: usize,
-    pub passes: u64,
-    pub bytes_freed_total: u64,
-    pub running: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub last: Option<ConsolidationReport>,
-}
+/// What one pass did (the answer to `cdp journal consolidate`) and consolidation in `cdp
+/// status`: defined by the control protocol.
+pub use cdp_control::{ConsolidationReport, ConsolidationStatus};
 
 /// Counters of the passes since start.
 pub(super) struct PassStats {
@@ -246,7 +218,7 @@ impl Group {
                 })?;
             if let Some(rewrite) = rewrite {
                 self.moved(&rewrite, false);
-                report.add(&rewrite);
+                add_rewrite(&mut report, &rewrite);
             }
         }
         for (index, last_undo) in self.undo.sealed_segments() {
@@ -271,7 +243,7 @@ impl Group {
                 })?;
             if let Some(rewrite) = rewrite {
                 self.moved(&rewrite, true);
-                report.add(&rewrite);
+                add_rewrite(&mut report, &rewrite);
             }
         }
         Ok(report)
@@ -299,12 +271,11 @@ impl Group {
     }
 }
 
-impl ConsolidationReport {
-    fn add(&mut self, rewrite: &SegmentRewrite) {
-        self.segments_rewritten += 1;
-        self.payloads_dropped += rewrite.dropped;
-        self.bytes_before += rewrite.bytes_before;
-        self.bytes_after += rewrite.bytes_after;
-        self.bytes_freed += rewrite.bytes_before.saturating_sub(rewrite.bytes_after);
-    }
+/// Counts one rewritten segment in a pass's report.
+fn add_rewrite(report: &mut ConsolidationReport, rewrite: &SegmentRewrite) {
+    report.segments_rewritten += 1;
+    report.payloads_dropped += rewrite.dropped;
+    report.bytes_before += rewrite.bytes_before;
+    report.bytes_after += rewrite.bytes_after;
+    report.bytes_freed += rewrite.bytes_before.saturating_sub(rewrite.bytes_after);
 }

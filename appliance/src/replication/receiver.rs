@@ -210,7 +210,7 @@ fn open_link(
             let _ = write_message(&mut &stream, &refuse);
             Err(reason.to_string())
         }
-        (None, Some(config)) => tls::accept(stream, config),
+        (None, Some(config)) => tls::accept(stream, config).map_err(|e| e.to_string()),
         (None, None) => {
             LinkReader::plain_pair(stream).map_err(|e| format!("cloning the socket: {e}"))
         }

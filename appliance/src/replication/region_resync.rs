@@ -26,7 +26,8 @@ pub const RESYNC_REGION_BYTES: u32 = 1024 * 1024;
 /// Longest wait for the replica to be exact after a restart before comparing.
 const REPLICA_EXACT_WAIT: Duration = Duration::from_secs(600);
 
-pub use super::state::RegionResyncReport;
+/// What the last resynchronisation by regions did, for status.
+pub use cdp_control::RegionResyncReport;
 
 /// Resynchronises the remote copy (which holds the journal up to `remote_last`) and returns
 /// the seq it holds afterwards.

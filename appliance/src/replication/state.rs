@@ -3,13 +3,13 @@
 //! group, so the group holds it without importing the replication threads that use the
 //! group (`shipper.rs`, `receiver.rs`, `region_resync.rs`).
 
+pub use cdp_control::{ReceivingStatus, RegionResyncReport, RemoteStatus};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::config::{CompressLevel, GroupConfig, GroupSource, RemoteConfig, ReplicationMode};
+use crate::config::{GroupConfig, GroupSource, RemoteConfig, ReplicationMode};
 
 /// A group's replication role and progress, kept in its `Group`.
 pub struct GroupReplication {
@@ -242,84 +242,7 @@ pub struct ReceivingState {
     pub link: Mutex<Option<std::net::TcpStream>>,
 }
 
-/// `groups[].remote` in `cdp status --json`, for a group that ships.
-#[derive(Clone, Debug, Serialize)]
-pub struct RemoteStatus {
-    pub endpoint: String,
-    /// The link is mutual TLS (false: plaintext, as configured explicitly).
-    pub tls: bool,
-    pub connected: bool,
-    /// Every record up to here is durable at the remote.
-    pub shipped_seq: u64,
-    /// False until the remote answered once since this appliance started (`shipped_seq`
-    /// is then 0 and the lag counts the whole journal).
-    pub shipped_known: bool,
-    pub lag_records: u64,
-    /// Age of the oldest record the remote does not have yet; 0 when caught up.
-    pub lag_seconds: f64,
-    /// The 99th percentile and the maximum of the lag over the last `lag_window_s` seconds
-    /// the shipper measured (one sample per second, the largest of that second; at most
-    /// `super::lag_window::LAG_WINDOW_SECONDS`): how far behind the remote copy ran recently,
-    /// which the current `lag_seconds` alone does not tell.
-    pub lag_p99_ms: u64,
-    pub lag_max_ms: u64,
-    pub lag_window_s: u64,
-    pub rpo_s: u64,
-    pub rpo_exceeded: bool,
-    /// Journal bytes the remote does not have yet, and the RPO in bytes if set.
-    pub lag_bytes: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rpo_bytes: Option<u64>,
-    /// `throttle_on_rpo`, and whether host writes are held for it right now.
-    pub throttle_on_rpo: bool,
-    /// The last resynchronisation by regions since start (history released before it was
-    /// shipped), if any.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub last_region_resync: Option<RegionResyncReport>,
-    pub rpo_throttling: bool,
-    /// The setting: a zstd level or `"adaptive"`.
-    pub compress_level: CompressLevel,
-    /// The level the last batch went out with (0: uncompressed).
-    pub compress_level_now: i32,
-    /// `async`, `sync` or `dynamic` (`[group.remote] mode`).
-    pub mode: ReplicationMode,
-    /// Host writes wait for the remote copy right now (sync, or dynamic while synchronous).
-    pub sync_active: bool,
-    /// Sync mode: host writes have been waiting for the remote copy for more than a second.
-    pub sync_waiting: bool,
-    /// The configured wire bandwidth limit, if any.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub bandwidth_bytes_per_s: Option<u64>,
-    /// Measured wire bytes per second over the last ~5 s.
-    pub wire_rate_bytes_per_s: u64,
-    /// Batch bytes shipped since start: records as they are, after dedup, and on the wire
-    /// (after compression); `wire_compression_ratio` is raw / wire (both together),
-    /// `dedup_ratio` raw / dedup, `zstd_ratio` dedup / wire.
-    pub wire_raw_bytes: u64,
-    pub wire_dedup_bytes: u64,
-    pub wire_bytes: u64,
-    pub wire_compression_ratio: f64,
-    /// `[group.remote] dedup`.
-    pub dedup: bool,
-    pub dedup_ratio: f64,
-    pub zstd_ratio: f64,
-    /// Whole 4 KiB blocks of writes shipped since start as bytes, as zero tags, as references.
-    pub dedup_literal_blocks: u64,
-    pub dedup_zero_blocks: u64,
-    pub dedup_reference_blocks: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
-}
 
-/// `groups[].replication_source` for a remote copy.
-#[derive(Clone, Debug, Serialize)]
-pub struct ReceivingStatus {
-    pub connected: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub peer: Option<String>,
-    /// The last record received (and durable) here, with the source's seq numbering.
-    pub last_received_seq: u64,
-}
 
 impl ReceivingState {
     pub fn status(&self, durable_seq: u64) -> ReceivingStatus {
@@ -331,17 +254,3 @@ impl ReceivingState {
     }
 }
 
-/// What the last resynchronisation by regions did, for status.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct RegionResyncReport {
-    /// The remote held the journal up to here...
-    pub remote_had_through_seq: u64,
-    /// ...but this journal had released everything before this seq.
-    pub journal_first_seq: u64,
-    /// The point both copies hold afterwards.
-    pub through_seq: u64,
-    pub regions_compared: u64,
-    pub regions_sent: u64,
-    pub bytes_sent: u64,
-    pub millis: u64,
-}

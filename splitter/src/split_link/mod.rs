@@ -313,7 +313,7 @@ impl SplitLink {
             resync,
             last_resync: progress.last.clone(),
             marking_since_ns,
-            nbd_clients: 0,
+            nbd_clients: Some(0),
         }
     }
 }

@@ -15,16 +15,9 @@ pub enum ResyncReason {
     Full,
 }
 
-/// How a resync decides which regions to copy.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ResyncMethod {
-    /// Copy every pending region.
-    #[default]
-    Copy,
-    /// Compare each pending region's checksum with the replica's; copy only those that differ.
-    Verify,
-}
+/// How a resync decides which regions to copy, what it did, and a volume's state: defined by
+/// the control protocol, which reports them.
+pub use cdp_control::{ResyncMethod, ResyncState, ResyncSummary, VolumeState};
 
 #[derive(Default)]
 pub(super) struct ResyncProgress {
@@ -42,20 +35,6 @@ pub(super) struct ResyncProgress {
     pub(super) last: Option<ResyncSummary>,
 }
 
-/// What a completed resync did, from the finished operation itself (not a progress sample).
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct ResyncSummary {
-    pub method: ResyncMethod,
-    pub total_bytes: u64,
-    /// Bytes compared with the replica by checksum (verify only).
-    pub verified_bytes: u64,
-    /// Payload bytes the resync copied into the journal.
-    pub copied_bytes: u64,
-    pub seconds: f64,
-    /// When it completed, ns since the Unix epoch.
-    pub completed_ns: u64,
-}
-
 impl ResyncProgress {
     pub(super) fn percent(&self) -> f64 {
         if self.total_bytes == 0 {
@@ -64,45 +43,6 @@ impl ResyncProgress {
             100.0 * self.done_bytes as f64 / self.total_bytes as f64
         }
     }
-}
-
-/// A volume's protection state, as `cdp status` shows it.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct VolumeState {
-    pub name: String,
-    /// protecting, marking, resyncing, initializing or connecting.
-    pub state: String,
-    pub on_appliance_loss: String,
-    /// Bytes of regions waiting for a resync copy.
-    pub dirty_bytes: u64,
-    /// Payload bytes copied by resyncs since the splitter started.
-    pub resync_copied_bytes: u64,
-    pub resync: Option<ResyncState>,
-    /// The last completed resync's totals.
-    pub last_resync: Option<ResyncSummary>,
-    /// When the splitter began marking what is still to be resynchronised (ns since the
-    /// Unix epoch); points of the group from then until the resync's end are not recoverable.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub marking_since_ns: Option<u64>,
-    /// Hosts attached over NBD (connections in the transmission phase); filled in by the
-    /// control socket, which knows the NBD server.
-    pub nbd_clients: usize,
-}
-
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct ResyncState {
-    /// copy, or verify (compare checksums with the replica, copy only what differs).
-    pub method: ResyncMethod,
-    pub total_bytes: u64,
-    /// Bytes settled: found equal to the replica, or copied (zero runs count without payload).
-    pub done_bytes: u64,
-    /// Bytes compared with the replica by checksum (verify only).
-    pub verified_bytes: u64,
-    /// Payload bytes this resync copied into the journal.
-    pub copied_bytes: u64,
-    pub percent: f64,
-    pub rate_bytes_per_s: u64,
-    pub seconds_left: Option<u64>,
 }
 
 #[cfg(test)]
