@@ -30,7 +30,7 @@ use cdp_types::Seq;
 use serde::{Deserialize, Serialize};
 
 use crate::limits::BOOKMARK_NAME_BYTES_MAX;
-use crate::point::format_time;
+use crate::rfc3339::format_time;
 
 pub const PAYLOAD_MAGIC: [u8; 4] = *b"CDPB";
 pub const PAYLOAD_VERSION: u8 = 1;

@@ -269,17 +269,42 @@ impl Group {
     pub fn open(
         data_dir: &Path,
         config: &GroupConfig,
+        journal_config: JournalConfig,
+        sync_interval: Duration,
+        distribution_delay_max: Duration,
+    ) -> Result<Arc<Group>, ApplianceError> {
+        Group::open_with_env(
+            data_dir,
+            config,
+            journal_config,
+            sync_interval,
+            distribution_delay_max,
+            cdp_journal::env::Env::new(),
+        )
+    }
+
+    /// `open` with the journal's and the undo stream's files behind `env`, the file-system
+    /// seam a simulation injects crashes through (`tests/sim.rs`). Replicas and small state
+    /// files do not go through it.
+    pub fn open_with_env(
+        data_dir: &Path,
+        config: &GroupConfig,
         mut journal_config: JournalConfig,
         sync_interval: Duration,
         distribution_delay_max: Duration,
+        env: cdp_journal::env::Env,
     ) -> Result<Arc<Group>, ApplianceError> {
         let dir = data_dir.join("groups").join(&config.name);
         std::fs::create_dir_all(&dir)?;
         let names: Vec<String> = config.volume.iter().map(|v| v.name.clone()).collect();
         let meta = GroupMeta::load_or_create(&dir, &config.name, &names)?;
         journal_config.compress_writes = config.journal_compress;
-        let (journal, report) =
-            Journal::open(&dir.join("journal"), meta.group_id, journal_config.clone())?;
+        let (journal, report) = Journal::open_with_env(
+            &dir.join("journal"),
+            meta.group_id,
+            journal_config.clone(),
+            env.clone(),
+        )?;
         tracing::info!(group = %config.name, "journal opened: {report}");
         let journal = Arc::new(journal);
         let dist_path = dir.join("distribution.state");
@@ -290,10 +315,11 @@ impl Group {
         // which measured at a fifth of the replica's read rate. Zeroes and holes already
         // cost nothing (payload-less records).
         undo_config.compress_writes = false;
-        let (undo, undo_report) = Journal::open(
+        let (undo, undo_report) = Journal::open_with_env(
             &dir.join("undo"),
             meta.group_id ^ UNDO_STREAM_ID_SALT,
             undo_config,
+            env,
         )?;
         tracing::info!(group = %config.name, "undo stream opened: {undo_report}");
         let undo = Arc::new(undo);

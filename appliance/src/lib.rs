@@ -19,6 +19,7 @@ pub mod record_cache;
 pub mod replica_verify;
 pub mod replication;
 pub mod resync_span;
+pub mod rfc3339;
 pub mod state_file;
 pub mod timeline;
 pub mod volume_link;

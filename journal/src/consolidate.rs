@@ -28,8 +28,7 @@ use crate::recover::read_header;
 use crate::scan::{Payload, ScanError, Scanner};
 use crate::segment::{segment_path, Segment};
 
-/// Suffix of a segment's rewrite in progress; never a segment name, removed at open.
-pub const CONSOLIDATING_SUFFIX: &str = ".consolidating";
+pub use crate::recover::CONSOLIDATING_SUFFIX;
 
 /// Bytes gathered before each write of the new file.
 const REWRITE_BUFFER_BYTES: usize = 8 << 20;
@@ -51,25 +50,6 @@ fn consolidating_path(dir: &Path, index: u64) -> PathBuf {
     let mut name = segment_path(dir, index).into_os_string();
     name.push(CONSOLIDATING_SUFFIX);
     PathBuf::from(name)
-}
-
-/// Removes rewrites a crash left behind (their segments are intact).
-pub(crate) fn remove_leftovers(dir: &Path) -> Result<usize, JournalError> {
-    let mut removed = 0;
-    let entries = std::fs::read_dir(dir).map_err(|e| JournalError::io("read_dir", dir, e))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| JournalError::io("read_dir", dir, e))?;
-        let name = entry.file_name();
-        if name
-            .to_str()
-            .is_some_and(|n| n.ends_with(CONSOLIDATING_SUFFIX))
-        {
-            let path = entry.path();
-            std::fs::remove_file(&path).map_err(|e| JournalError::io("remove", &path, e))?;
-            removed += 1;
-        }
-    }
-    Ok(removed)
 }
 
 impl Journal {

@@ -397,6 +397,15 @@ impl RecordHeader {
     }
 }
 
+// The limits' relations to the header sizes, checked here so limits.rs stays a leaf.
+const _: () =
+    assert!(crate::limits::SEGMENT_BYTES_MIN > (SEGMENT_HEADER_LEN + RECORD_HEADER_LEN) as u64);
+const _: () = assert!(
+    crate::limits::BATCH_BYTES_MAX
+        >= crate::limits::WRITE_PAYLOAD_BYTES_MAX + RECORD_HEADER_LEN as u64
+);
+const _: () = assert!(crate::limits::READ_AHEAD_BYTES >= RECORD_HEADER_LEN);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,8 +3,6 @@
 //! Anything a caller or a file controls is checked against these before memory is
 //! allocated or bytes are written (TIGER_STYLE: put a limit on everything).
 
-use crate::format::{RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
-
 const MIB: u64 = 1024 * 1024;
 
 /// Largest payload of one `Write` record: an NBD request is at most 32 MiB, so a
@@ -69,8 +67,5 @@ const _: () = assert!(WRITE_PAYLOAD_BYTES_MAX <= RECORD_PAYLOAD_BYTES_MAX);
 const _: () = assert!(BOOKMARK_NAME_BYTES_MAX <= RECORD_PAYLOAD_BYTES_MAX);
 const _: () = assert!(SEGMENT_BYTES_MIN <= SEGMENT_BYTES_DEFAULT);
 const _: () = assert!(SEGMENT_BYTES_DEFAULT <= SEGMENT_BYTES_MAX);
-const _: () = assert!(SEGMENT_BYTES_MIN > (SEGMENT_HEADER_LEN + RECORD_HEADER_LEN) as u64);
-const _: () = assert!(BATCH_BYTES_MAX >= WRITE_PAYLOAD_BYTES_MAX + RECORD_HEADER_LEN as u64);
-const _: () = assert!(READ_AHEAD_BYTES >= RECORD_HEADER_LEN);
 const _: () = assert!(PAYLOAD_COPY_BYTES_MAX < READ_AHEAD_BYTES);
 const _: () = assert!(IOVECS_PER_WRITE_MAX >= 2);

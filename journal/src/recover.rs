@@ -21,6 +21,29 @@ use crate::format::{SegmentHeader, SEGMENT_HEADER_LEN};
 use crate::scan::{Payload, ScanError, Scanner};
 use crate::segment::{parse_segment_name, Segment};
 
+/// Suffix of a segment's rewrite in progress (`consolidate.rs`); never a segment name,
+/// removed at open.
+pub const CONSOLIDATING_SUFFIX: &str = ".consolidating";
+
+/// Removes rewrites a crash left behind (their segments are intact).
+pub(crate) fn remove_leftovers(dir: &Path) -> Result<usize, JournalError> {
+    let mut removed = 0;
+    let entries = std::fs::read_dir(dir).map_err(|e| JournalError::io("read_dir", dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| JournalError::io("read_dir", dir, e))?;
+        let name = entry.file_name();
+        if name
+            .to_str()
+            .is_some_and(|n| n.ends_with(CONSOLIDATING_SUFFIX))
+        {
+            let path = entry.path();
+            std::fs::remove_file(&path).map_err(|e| JournalError::io("remove", &path, e))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// The index of the first segment of a new journal. After retention released the oldest
 /// segments the first one left has a higher index; recovery only requires the indexes it
 /// finds to be contiguous (a crash mid-release leaves a shorter but contiguous run).
@@ -168,7 +191,7 @@ fn check_contiguous(found: &[(u64, PathBuf)]) -> Result<(), JournalError> {
 
 /// Recovers the journal in `dir` (which exists and is locked by the caller).
 pub fn recover(env: &Env, dir: &Path, group_id: u64) -> Result<Recovered, JournalError> {
-    crate::consolidate::remove_leftovers(dir)?;
+    remove_leftovers(dir)?;
     let mut found = list_segments(dir)?;
     check_contiguous(&found)?;
     let mut report = RecoveryReport::default();

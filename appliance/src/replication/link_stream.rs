@@ -19,7 +19,7 @@ use std::net::TcpStream;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::limits::REPLICATION_TLS_READ_BYTES;
-use crate::replication::tls::describe_tls_error;
+use crate::replication::tls_error::describe_tls_error;
 
 /// One TLS session shared by a link's two halves.
 struct SharedTls {

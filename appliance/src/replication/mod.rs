@@ -22,6 +22,7 @@ pub mod receiver;
 pub mod region_resync;
 pub mod shipper;
 pub mod tls;
+mod tls_error;
 
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::Mutex;

@@ -12,6 +12,7 @@ pub mod limits;
 pub mod protocol;
 mod registry;
 mod server;
+mod shutdown;
 mod transmission;
 
 pub use error::NbdError;

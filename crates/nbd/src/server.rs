@@ -17,6 +17,7 @@ use crate::limits::{
     READ_BUFFER_BYTES, REQUESTS_IN_FLIGHT_LIMIT, REQUESTS_IN_FLIGHT_MAX_DEFAULT,
 };
 use crate::registry::ExportRegistry;
+use crate::shutdown::Shutdown;
 use crate::transmission;
 
 /// Server settings.
@@ -228,30 +229,6 @@ where
             )
             .await
         }
-    }
-}
-
-/// Listens for the server-wide shutdown signal (the broadcast sender being dropped).
-pub(crate) struct Shutdown {
-    is_shutdown: bool,
-    notify: broadcast::Receiver<()>,
-}
-
-impl Shutdown {
-    fn new(notify: broadcast::Receiver<()>) -> Self {
-        Self {
-            is_shutdown: false,
-            notify,
-        }
-    }
-
-    /// Completes once shutdown has been signalled (at once if it already was).
-    pub(crate) async fn recv(&mut self) {
-        if self.is_shutdown {
-            return;
-        }
-        let _ = self.notify.recv().await;
-        self.is_shutdown = true;
     }
 }
 

@@ -22,7 +22,7 @@ use crate::limits::{
 };
 use crate::protocol::*;
 use crate::registry::ClientCount;
-use crate::server::Shutdown;
+use crate::shutdown::Shutdown;
 
 /// A request that passed validation, in the export's terms.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -4,8 +4,15 @@
 //! call with an errno and writes nothing; `ShortWrite` writes a prefix and then fails (a
 //! disk filling up mid-write); `Crash` writes a prefix and then fails every later call of
 //! every kind, as if the process died there, leaving a torn tail for recovery to cut.
+//!
+//! Durable lengths: the plan also remembers, per file (by inode, so a rename keeps it),
+//! how many bytes the last successful fdatasync covered. A simulated power loss
+//! (`synced_len`) may cut a file back to that length but never below it; the journal only
+//! appends, so everything past it is what a lost page cache could take.
 
+use std::collections::HashMap;
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::sync::Mutex;
 
 /// Where a fault can fire.
@@ -54,6 +61,13 @@ struct State {
     armed: Vec<(FaultPoint, u64, Fault)>,
     crashed: bool,
     hits: Vec<(FaultPoint, u64)>,
+    /// Bytes of each file (by device and inode) the last successful fdatasync made durable.
+    synced: HashMap<(u64, u64), u64>,
+}
+
+/// Identifies a file across renames.
+pub(crate) fn file_key(meta: &std::fs::Metadata) -> (u64, u64) {
+    (meta.dev(), meta.ino())
 }
 
 /// A shared, thread-safe fault plan. Give it to `Env::with_faults`.
@@ -90,6 +104,46 @@ impl Faults {
             .iter()
             .find(|(p, _)| *p == point)
             .map_or(0, |(_, n)| *n)
+    }
+
+    /// The process "dies" now: every later call through this plan fails with EIO.
+    pub fn crash_now(&self) {
+        self.lock().crashed = true;
+    }
+
+    /// How many bytes of the file with metadata `meta` are durable (covered by an
+    /// fdatasync, or on disk when the file was opened), if the file went through this plan.
+    pub fn synced_len(&self, meta: &std::fs::Metadata) -> Option<u64> {
+        self.lock().synced.get(&file_key(meta)).copied()
+    }
+
+    /// A file was opened (its bytes on disk count as durable) or created empty.
+    pub(crate) fn note_open(&self, key: (u64, u64), len: u64, created: bool) {
+        let mut s = self.lock();
+        if created {
+            s.synced.insert(key, 0);
+        } else {
+            s.synced.entry(key).or_insert(len);
+        }
+    }
+
+    /// An fdatasync that began when the file held `len` bytes succeeded.
+    pub(crate) fn note_synced(&self, key: (u64, u64), len: u64) {
+        let mut s = self.lock();
+        let e = s.synced.entry(key).or_insert(0);
+        *e = (*e).max(len);
+    }
+
+    /// The file was cut to `len` bytes.
+    pub(crate) fn note_truncated(&self, key: (u64, u64), len: u64) {
+        if let Some(e) = self.lock().synced.get_mut(&key) {
+            *e = (*e).min(len);
+        }
+    }
+
+    /// The file was removed (its inode may be reused).
+    pub(crate) fn note_removed(&self, key: (u64, u64)) {
+        self.lock().synced.remove(&key);
     }
 
     /// Whether a `Crash` fault has fired.

@@ -83,22 +83,27 @@ impl Env {
             .create_new(true)
             .mode(0o644)
             .open(path)?;
-        Ok(self.wrap(file, path))
+        Ok(self.wrap(file, path, /* created */ true))
     }
 
     /// Opens an existing `path` for reading and writing.
     pub fn open_rw(&self, path: &Path) -> io::Result<EnvFile> {
         let file = OpenOptions::new().read(true).write(true).open(path)?;
-        Ok(self.wrap(file, path))
+        Ok(self.wrap(file, path, /* created */ false))
     }
 
     /// Opens an existing `path` read-only.
     pub fn open_ro(&self, path: &Path) -> io::Result<EnvFile> {
         let file = File::open(path)?;
-        Ok(self.wrap(file, path))
+        Ok(self.wrap(file, path, /* created */ false))
     }
 
-    fn wrap(&self, file: File, path: &Path) -> EnvFile {
+    #[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
+    fn wrap(&self, file: File, path: &Path, created: bool) -> EnvFile {
+        #[cfg(feature = "failpoints")]
+        if let (Some(faults), Ok(meta)) = (&self.faults, file.metadata()) {
+            faults.note_open(faults::file_key(&meta), meta.len(), created);
+        }
         EnvFile {
             file,
             path: path.to_path_buf(),
@@ -111,6 +116,10 @@ impl Env {
         if let Some(f) = self.fault(FaultPoint::Remove)? {
             #[allow(unreachable_code)]
             return Err(fault_error(f));
+        }
+        #[cfg(feature = "failpoints")]
+        if let (Some(faults), Ok(meta)) = (&self.faults, fs::metadata(path)) {
+            faults.note_removed(faults::file_key(&meta));
         }
         fs::remove_file(path)
     }
@@ -274,7 +283,15 @@ impl EnvFile {
             #[allow(unreachable_code)]
             return Err(fault_error(f));
         }
-        self.file.sync_data()
+        // What the fdatasync covers: the bytes written before it began.
+        #[cfg(feature = "failpoints")]
+        let before = self.file.metadata();
+        self.file.sync_data()?;
+        #[cfg(feature = "failpoints")]
+        if let (Some(faults), Ok(meta)) = (&self.env.faults, before) {
+            faults.note_synced(faults::file_key(&meta), meta.len());
+        }
+        Ok(())
     }
 
     /// Cuts the file to `len` bytes.
@@ -283,7 +300,12 @@ impl EnvFile {
             #[allow(unreachable_code)]
             return Err(fault_error(f));
         }
-        self.file.set_len(len)
+        self.file.set_len(len)?;
+        #[cfg(feature = "failpoints")]
+        if let (Some(faults), Ok(meta)) = (&self.env.faults, self.file.metadata()) {
+            faults.note_truncated(faults::file_key(&meta), len);
+        }
+        Ok(())
     }
 }
 
