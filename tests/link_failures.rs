@@ -143,6 +143,39 @@ fn half_open_connection_is_replaced_at_once() {
 }
 
 #[test]
+fn a_splitter_restarted_over_its_stale_connection_is_admitted_once_the_appliance_drops_it() {
+    // Goal: a splitter restarted at once after a crash, while the appliance still holds its
+    // old connection, asks again until the appliance's deadline drops that connection instead
+    // of exiting at the first refusal (a second splitter alive is still refused and exits:
+    // tests/recovery.rs). Method: a 5 s deadline; blackhole the proxy, kill -9 the splitter,
+    // half-open the proxy (the appliance's side stays open and silent and the held close is
+    // never delivered), heal, start a new splitter process: the appliance must refuse it at
+    // least once, and it must still become ready; then write, settle and compare.
+    if reference_mode() || !requires("qemu-io") {
+        return;
+    }
+    let (mut site, proxy) = site_through_proxy(&[("vol0", 32 * MIB)], 5000);
+    let mut model = Model::zeroed(32 * MIB);
+    write_blocks(&site, &mut model, 10, Duration::from_secs(30));
+    proxy.blackhole();
+    site.kill(Role::Splitter);
+    proxy.half_open();
+    proxy.heal();
+    // Panics if the splitter exits during start-up.
+    site.start_role(Role::Splitter);
+    assert!(
+        site.logs().contains("already has a connected splitter"),
+        "the restarted splitter never met its stale connection\n{}",
+        site.logs()
+    );
+    site.wait_connected(Duration::from_secs(60));
+    write_blocks(&site, &mut model, 200, Duration::from_secs(30));
+    site.settle();
+    model.check_file("replica", &site.volume("vol0").replica);
+    site.assert_replica_equals_production("vol0");
+}
+
+#[test]
 fn bookmark_while_marking_is_refused_and_points_then_are_not_resolvable() {
     // Goal: no false recovery point. While the splitter is marking (link reset, appliance up)
     // a bookmark is refused; a time point from then is refused during and after the resync;
