@@ -1129,6 +1129,16 @@ impl RemoteAppliance {
 
     /// Like `start`, with the replication listener secured as `security` says.
     pub fn start_with(volumes: &[(&str, u64)], security: LinkSecurity) -> RemoteAppliance {
+        RemoteAppliance::start_configured(volumes, security, "")
+    }
+
+    /// Like `start_with`, with `top_level` (whole `key = value` lines) added to the config's
+    /// top level.
+    pub fn start_configured(
+        volumes: &[(&str, u64)],
+        security: LinkSecurity,
+        top_level: &str,
+    ) -> RemoteAppliance {
         let dir = tempfile::Builder::new()
             .prefix("cdp-remote-")
             .tempdir_in("/tmp")
@@ -1142,7 +1152,7 @@ impl RemoteAppliance {
             LinkSecurity::Plaintext => "replication_plaintext = true\n".to_string(),
         };
         let mut text = format!(
-            "data_dir = \"{}\"\nlink_listen = \"unix:{}\"\ncontrol = \"{}\"\nreplication_listen = \"{endpoint}\"\n{security_line}\n[[group]]\nname = \"default\"\nsource = \"remote\"\n",
+            "data_dir = \"{}\"\nlink_listen = \"unix:{}\"\ncontrol = \"{}\"\nreplication_listen = \"{endpoint}\"\n{security_line}{top_level}\n[[group]]\nname = \"default\"\nsource = \"remote\"\n",
             root.join("appliance").display(),
             root.join("link.sock").display(),
             control_sock.display()
