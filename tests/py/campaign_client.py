@@ -102,10 +102,14 @@ def cmd_run(a):
                     while unit in busy:
                         unit = rng.randrange(a.units)
                     i = issued
-                    log.write("I %d %d %d\n" % (i, unit, now()))
                     buf = nbd.Buffer.from_bytearray(
                         bytearray(unit_bytes(a.seed, i, unit, a.unit_size)))
+                    # Stamped before it can reach the server; logged only once libnbd queued
+                    # it (a dead connection raises here, and write i is then issued anew on
+                    # the next connection).
+                    t = now()
                     cookie = h.aio_pwrite(buf, unit * a.unit_size)
+                    log.write("I %d %d %d\n" % (i, unit, t))
                     inflight[cookie] = (i, unit, buf)
                     busy.add(unit)
                     issued += 1
