@@ -93,6 +93,12 @@ pub fn reference_mode() -> bool {
     std::env::var("CDP_TEST_REFERENCE").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
+/// Where sites and remote appliances keep their files: `/tmp`, or `CDP_TEST_DIR` (a short
+/// path: unix socket paths must stay under 108 bytes), e.g. a tmpfs for a long campaign.
+pub fn test_dir_base() -> PathBuf {
+    std::env::var_os("CDP_TEST_DIR").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from)
+}
+
 /// Path of the product binary under test: the one cargo built, or `CDP_TEST_BIN` (to test an
 /// installed or saved binary).
 pub fn cdp_bin() -> PathBuf {
@@ -447,7 +453,7 @@ impl Site {
         // Short prefix and /tmp: unix socket paths must stay under 108 bytes.
         let dir = tempfile::Builder::new()
             .prefix("cdp-e2e-")
-            .tempdir_in("/tmp")
+            .tempdir_in(test_dir_base())
             .expect("tempdir");
         let root = dir.path().to_path_buf();
         for sub in ["production", "replica", "appliance"] {
@@ -1141,7 +1147,7 @@ impl RemoteAppliance {
     ) -> RemoteAppliance {
         let dir = tempfile::Builder::new()
             .prefix("cdp-remote-")
-            .tempdir_in("/tmp")
+            .tempdir_in(test_dir_base())
             .expect("tempdir");
         let root = dir.path().to_path_buf();
         std::fs::create_dir_all(root.join("replica")).unwrap();
