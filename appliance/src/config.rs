@@ -23,6 +23,13 @@ pub struct ApplianceConfig {
     /// recoverable) until its splitter is back. Default 5000, 200..=600000.
     #[serde(default = "link_deadline_ms_default")]
     pub link_deadline_ms: u64,
+    /// Milliseconds a replication link (shipper or receiver end) may pass no bytes before it
+    /// is dropped and the shipper reconnects; an idle shipper sends a heartbeat every sixth
+    /// of this. Status then shows the remote (or the source) as not connected. Set the same
+    /// at both sites (the receiver must not time out between two heartbeats). Default 30000,
+    /// 200..=600000.
+    #[serde(default = "replication_deadline_ms_default")]
+    pub replication_deadline_ms: u64,
     /// Log lines as readable `text` (default) or `json`, one object per line.
     #[serde(default)]
     pub log_format: cdp_types::LogFormat,
@@ -71,6 +78,10 @@ pub struct ApplianceConfig {
 
 fn link_deadline_ms_default() -> u64 {
     cdp_link::limits::LINK_DEADLINE_MS_DEFAULT
+}
+
+fn replication_deadline_ms_default() -> u64 {
+    crate::limits::REPLICATION_DEADLINE_MS_DEFAULT
 }
 
 fn distribution_delay_default() -> u64 {
@@ -435,6 +446,19 @@ impl ApplianceConfig {
             );
             self.link_deadline_ms = deadline;
         }
+        let deadline = self.replication_deadline_ms.clamp(
+            cdp_link::limits::LINK_DEADLINE_MS_MIN,
+            cdp_link::limits::LINK_DEADLINE_MS_MAX,
+        );
+        if deadline != self.replication_deadline_ms {
+            tracing::warn!(
+                "replication_deadline_ms = {} is outside {}..={}; using {deadline}",
+                self.replication_deadline_ms,
+                cdp_link::limits::LINK_DEADLINE_MS_MIN,
+                cdp_link::limits::LINK_DEADLINE_MS_MAX
+            );
+            self.replication_deadline_ms = deadline;
+        }
         if self.group.is_empty() {
             return bad("no [[group]] configured".into());
         }
@@ -589,6 +613,17 @@ replica = "/d/r0.img"
         let typo =
             format!("{GOOD}\n[group.remote]\nendpoint = \"x:1\"\nplaintext = true\nrpo = 3\n");
         assert!(ApplianceConfig::from_toml(&typo).is_err());
+    }
+
+    #[test]
+    fn replication_deadline_defaults_and_clamps() {
+        let c = ApplianceConfig::from_toml(GOOD).unwrap();
+        assert_eq!(c.replication_deadline_ms, 30_000);
+        for (given, used) in [(1, 200), (1500, 1500), (10_000_000, 600_000)] {
+            let c =
+                ApplianceConfig::from_toml(&format!("replication_deadline_ms = {given}\n{GOOD}"));
+            assert_eq!(c.unwrap().replication_deadline_ms, used, "{given}");
+        }
     }
 
     #[test]

@@ -91,19 +91,26 @@ pub const JOURNAL_FULL_HOLD_POLL: std::time::Duration = std::time::Duration::fro
 /// takes one link at a time, further ones are refused.
 pub const REPLICATION_LINKS_MAX: usize = 16;
 
-/// A replication link with no message for this long is dead (the shipper sends a heartbeat
-/// every `REPLICATION_HEARTBEAT_INTERVAL` when idle); it is dropped and the shipper reconnects.
-pub const REPLICATION_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Default `replication_deadline_ms`: a replication link that passes no bytes for this long
+/// (either way) is dead; it is dropped and the shipper reconnects. Longer than the split
+/// link's `link_deadline_ms` because a batch (up to 8 MiB) is acknowledged only after it
+/// crossed a possibly slow or bandwidth-limited WAN link and the remote fsynced it.
+pub const REPLICATION_DEADLINE_MS_DEFAULT: u64 = 30_000;
 
-/// How often an idle shipper proves the link alive.
-pub const REPLICATION_HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+/// The idle timeout TLS handshakes leave on a replication socket; the shipper and the receiver
+/// then set the configured deadline.
+pub const REPLICATION_IDLE_TIMEOUT: std::time::Duration =
+    std::time::Duration::from_millis(REPLICATION_DEADLINE_MS_DEFAULT);
+
+/// How often an idle shipper proves the link alive (the receiver answers each heartbeat with
+/// a `BatchAck`): a sixth of the deadline, so a few may be late or lost before it passes.
+pub fn replication_heartbeat_interval(deadline: std::time::Duration) -> std::time::Duration {
+    deadline / 6
+}
 
 /// Longest wait between two connection attempts of a shipper (it starts at 100 ms and doubles).
 pub const REPLICATION_RECONNECT_BACKOFF_MAX: std::time::Duration =
     std::time::Duration::from_secs(5);
-
-const _: () =
-    assert!(REPLICATION_HEARTBEAT_INTERVAL.as_millis() * 3 <= REPLICATION_IDLE_TIMEOUT.as_millis());
 
 /// A replication link's TLS handshake must finish within this: a peer that connects and stays
 /// silent holds one of the `REPLICATION_LINKS_MAX` link threads only this long.

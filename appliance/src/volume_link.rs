@@ -124,7 +124,7 @@ impl VolumeLink {
                                 h.session
                             )
                         } else {
-                            "already has a connected splitter".to_string()
+                            cdp_link::message::REFUSED_VOLUME_ALREADY_SPLIT.to_string()
                         }));
                     }
                 }

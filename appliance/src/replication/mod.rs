@@ -63,18 +63,20 @@ impl Replication {
                 client_security.push((std::sync::Arc::clone(g), security));
             }
         }
+        let deadline = std::time::Duration::from_millis(config.replication_deadline_ms);
         let receiver = match config.replication_listen {
             Some(listen) => Some(receiver::Receiver::start(
                 listen,
                 &config.data_dir,
                 groups.to_vec(),
                 server_security,
+                deadline,
             )?),
             None => None,
         };
         let mut shippers = Vec::new();
         for (g, security) in client_security {
-            shippers.push(shipper::Shipper::start(g, security)?);
+            shippers.push(shipper::Shipper::start(g, security, deadline)?);
         }
         Ok(Replication { shippers, receiver })
     }

@@ -52,6 +52,7 @@ impl Receiver {
         data_dir: &Path,
         groups: Vec<Arc<Group>>,
         security: ServerSecurity,
+        deadline: Duration,
     ) -> Result<Receiver, ApplianceError> {
         let tls_on = security.is_some();
         let listener = TcpListener::bind(listen)?;
@@ -93,7 +94,7 @@ impl Receiver {
                     let spawned = std::thread::Builder::new()
                         .name("replication-link".into())
                         .spawn(move || {
-                            serve_link(stream, &peer, &security, &groups, &groups_dir);
+                            serve_link(stream, &peer, &security, &groups, &groups_dir, deadline);
                             active.fetch_sub(1, Ordering::Relaxed);
                         });
                     let mut links = all.lock().unwrap_or_else(|p| p.into_inner());
@@ -252,13 +253,21 @@ fn serve_link(
     security: &ServerSecurity,
     groups: &[Arc<Group>],
     groups_dir: &Path,
+    deadline: Duration,
 ) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(REPLICATION_IDLE_TIMEOUT));
     let _ = stream.set_write_timeout(Some(REPLICATION_IDLE_TIMEOUT));
+    let handle = stream.try_clone();
     let Some((read_half, write_half)) = open_link(stream, peer, security) else {
         return;
     };
+    // After the handshake (which has its own timeout): a source silent for the deadline,
+    // heartbeats included, is gone. The options belong to the socket, shared by every handle.
+    if let Ok(handle) = handle {
+        let _ = handle.set_read_timeout(Some(deadline));
+        let _ = handle.set_write_timeout(Some(deadline));
+    }
     let mut reader = BufReader::with_capacity(256 * 1024, read_half);
     let mut writer = BufWriter::new(write_half);
     let outcome = match read_message(&mut reader) {
@@ -276,7 +285,7 @@ fn serve_link(
                         Some(peer.to_string());
                     *receiving.link.lock().unwrap_or_else(|p| p.into_inner()) =
                         reader.get_ref().socket().try_clone().ok();
-                    receive(&g, &volume_map, peer, &mut reader, &mut writer)
+                    receive(&g, &volume_map, peer, &mut reader, &mut writer, deadline)
                 } else {
                     Err(ApplianceError::Busy(format!(
                         "group {group:?} still has a replication link that did not end within \
@@ -396,6 +405,7 @@ fn receive(
     peer: &str,
     reader: &mut BufReader<LinkReader>,
     writer: &mut BufWriter<LinkWriter>,
+    deadline: Duration,
 ) -> Result<(), ApplianceError> {
     // Everything in the journal after a restart is on disk or in the page cache; sync so
     // the resume point we announce is durable.
@@ -417,6 +427,23 @@ fn receive(
             Err(LinkError::Closed) => {
                 tracing::info!(group = %group.name, %peer, "replication source disconnected");
                 return Ok(());
+            }
+            // The source heartbeats an idle link: silence this long is a partition or a
+            // dead source, said as such rather than as EAGAIN.
+            Err(LinkError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(ApplianceError::Link(LinkError::Io(std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "the source sent nothing for {} ms (replication_deadline_ms; it \
+                         sends a heartbeat every sixth of it): link dropped",
+                        deadline.as_millis()
+                    ),
+                ))));
             }
             Err(e) => return Err(e.into()),
         };

@@ -38,7 +38,7 @@ use crate::config::ReplicationMode;
 use crate::error::ApplianceError;
 use crate::group::Group;
 use crate::limits::{
-    DYNAMIC_SYNC_RETURN, REPLICATION_HEARTBEAT_INTERVAL, REPLICATION_IDLE_TIMEOUT,
+    replication_heartbeat_interval, DYNAMIC_SYNC_RETURN, REPLICATION_IDLE_TIMEOUT,
     REPLICATION_RECONNECT_BACKOFF_MAX, SYNC_WAIT_WARN,
 };
 use crate::replication::bandwidth::{RateMeter, TokenBucket};
@@ -96,14 +96,18 @@ pub struct Shipper {
 impl Shipper {
     /// Starts shipping `group`, which must have `[group.remote]`, over a link secured as
     /// `security` says.
-    pub fn start(group: Arc<Group>, security: ClientSecurity) -> Result<Shipper, ApplianceError> {
+    pub fn start(
+        group: Arc<Group>,
+        security: ClientSecurity,
+        deadline: Duration,
+    ) -> Result<Shipper, ApplianceError> {
         let stop = Arc::new(StopSignal::default());
         let link: Arc<Mutex<Option<TcpStream>>> = Arc::default();
         let (s, l) = (Arc::clone(&stop), Arc::clone(&link));
         let g = Arc::clone(&group);
         let thread = std::thread::Builder::new()
             .name(format!("ship-{}", group.name))
-            .spawn(move || run(&g, &security, &s, &l))?;
+            .spawn(move || run(&g, &security, &s, &l, deadline))?;
         if let Some(state) = group.replication().shipping.as_ref() {
             // One shipper per group for the appliance's life, so this is set once.
             let _ = state.shipper_thread.set(thread.thread().clone());
@@ -133,6 +137,7 @@ fn run(
     security: &ClientSecurity,
     stop: &StopSignal,
     link: &Mutex<Option<TcpStream>>,
+    deadline: Duration,
 ) {
     let Some(state) = group.replication().shipping.as_ref() else {
         return;
@@ -142,7 +147,7 @@ fn run(
     let mut lag = LagClock::default();
     while !stop.is_set() {
         let started = Instant::now();
-        let result = ship_one_connection(group, state, security, stop, link, &mut lag);
+        let result = ship_one_connection(group, state, security, stop, link, &mut lag, deadline);
         state.connected.store(false, Ordering::Relaxed);
         *link.lock().unwrap_or_else(|p| p.into_inner()) = None;
         if let Err(e) = result {
@@ -195,6 +200,7 @@ fn ship_one_connection(
     stop: &StopSignal,
     link: &Mutex<Option<TcpStream>>,
     lag: &mut LagClock,
+    deadline: Duration,
 ) -> Result<(), ApplianceError> {
     let endpoint = &state.config.endpoint;
     let addr = endpoint
@@ -222,6 +228,10 @@ fn ship_one_connection(
             crate::replication::tls::connect(stream.try_clone()?, tls, endpoint)?
         }
     };
+    // After the handshake (which has its own timeout): a remote silent for the deadline (it
+    // answers every heartbeat) is gone. The options belong to the socket, shared by all handles.
+    let _ = stream.set_read_timeout(Some(deadline));
+    let _ = stream.set_write_timeout(Some(deadline));
     let mut reader = BufReader::new(reader);
     let mut writer = BufWriter::with_capacity(256 * 1024, writer);
     let volumes = group
@@ -283,7 +293,7 @@ fn ship_one_connection(
     ));
     let result = std::thread::scope(|scope| {
         let acks = Arc::clone(&in_flight);
-        scope.spawn(move || read_acks(group, state, reader, &acks));
+        scope.spawn(move || read_acks(group, state, reader, &acks, deadline));
         let result = send_batches(
             group,
             state,
@@ -292,6 +302,7 @@ fn ship_one_connection(
             remote_last,
             &in_flight,
             lag,
+            deadline,
         );
         // Ends the ack reader too.
         let _ = stream.shutdown(std::net::Shutdown::Both);
@@ -316,6 +327,7 @@ fn read_acks(
     state: &ShippingState,
     mut reader: BufReader<LinkReader>,
     in_flight: &(Mutex<InFlight>, Condvar),
+    deadline: Duration,
 ) {
     let broken = loop {
         let through = match read_message(&mut reader) {
@@ -324,6 +336,7 @@ fn read_acks(
             Ok(other) => {
                 break LinkError::Protocol(format!("unexpected message from the remote: {other:?}"))
             }
+            Err(LinkError::Io(e)) => break link_lost(e, deadline, Direction::Read),
             Err(e) => break e,
         };
         let shipped = state.shipped_seq.load(Ordering::Relaxed);
@@ -351,6 +364,7 @@ fn read_acks(
 
 /// Reads records (durable ones, or appended ones in sync mode) from `remote_last + 1` on and
 /// sends them in bounded batches, paced by the bandwidth limit if one is set.
+#[allow(clippy::too_many_arguments)]
 fn send_batches(
     group: &Group,
     state: &ShippingState,
@@ -359,7 +373,9 @@ fn send_batches(
     remote_last: u64,
     in_flight: &(Mutex<InFlight>, Condvar),
     lag: &mut LagClock,
+    deadline: Duration,
 ) -> Result<(), ApplianceError> {
+    let heartbeat = replication_heartbeat_interval(deadline);
     let journal = group.journal();
     let mut reader = journal.read_from(Seq(remote_last + 1))?;
     let mut levels = LevelChooser::new(state.config.compress_level);
@@ -473,8 +489,11 @@ fn send_batches(
         }
         backlog |= records.len() == BATCH_RECORDS_MAX;
         if records.is_empty() {
-            if last_sent.elapsed() >= REPLICATION_HEARTBEAT_INTERVAL {
-                write_message(writer, &ReplicationMessage::Heartbeat)?;
+            if last_sent.elapsed() >= heartbeat {
+                write_message(writer, &ReplicationMessage::Heartbeat).map_err(|e| match e {
+                    LinkError::Io(e) => link_lost(e, deadline, Direction::Write),
+                    e => e,
+                })?;
                 last_sent = Instant::now();
             }
             if sync {
@@ -525,7 +544,7 @@ fn send_batches(
         writer
             .write_all(&encoded.bytes)
             .and_then(|()| writer.flush())
-            .map_err(LinkError::Io)?;
+            .map_err(|e| link_lost(e, deadline, Direction::Write))?;
         let tried = codec != BatchCodec::Raw;
         levels.observe(BatchCost {
             compress: if tried { compress } else { Duration::ZERO },
@@ -544,6 +563,35 @@ fn send_batches(
         publish_batch(state, &encoded, counts, codec);
         last_sent = Instant::now();
     }
+}
+
+/// Which way a link failed to pass bytes.
+#[derive(Clone, Copy)]
+enum Direction {
+    Read,
+    Write,
+}
+
+/// Why a link broke, for the log and `last_error` in status: a socket timeout is the
+/// deadline passing with no bytes (a silent partition or a stalled remote), said as such
+/// rather than as EAGAIN.
+fn link_lost(e: std::io::Error, deadline: Duration, direction: Direction) -> LinkError {
+    use std::io::ErrorKind::{TimedOut, WouldBlock};
+    if !matches!(e.kind(), WouldBlock | TimedOut) {
+        return LinkError::Io(e);
+    }
+    let ms = deadline.as_millis();
+    let why = match direction {
+        Direction::Read => format!(
+            "the remote sent nothing for {ms} ms (replication_deadline_ms; it answers every \
+             heartbeat): a silent partition or a stalled remote"
+        ),
+        Direction::Write => format!(
+            "the remote took no bytes for {ms} ms (replication_deadline_ms): a silent \
+             partition or a stalled remote"
+        ),
+    };
+    LinkError::Io(std::io::Error::new(TimedOut, why))
 }
 
 /// Adds a sent batch to the byte and block counters status shows.

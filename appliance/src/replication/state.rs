@@ -242,8 +242,6 @@ pub struct ReceivingState {
     pub link: Mutex<Option<std::net::TcpStream>>,
 }
 
-
-
 impl ReceivingState {
     pub fn status(&self, durable_seq: u64) -> ReceivingStatus {
         ReceivingStatus {
@@ -253,4 +251,3 @@ impl ReceivingState {
         }
     }
 }
-

@@ -4,6 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+use std::time::Instant;
 
 use cdp_link::limits::CHECKSUM_REQUESTS_IN_FLIGHT_MAX;
 use cdp_link::{watermark, LinkError, LinkStream, Message};
@@ -26,12 +27,24 @@ impl SplitLink {
 
     async fn run_connections_until_stopped(&self) {
         let mut backoff_ms = 50u64;
+        // When the appliance first said another connection holds the volume.
+        let mut held_since: Option<Instant> = None;
         loop {
             match self.run_one_connection().await {
                 Ok(()) => return,
                 Err(LinkError::Refused(reason)) if *self.ready.borrow() == Readiness::Waiting => {
-                    self.ready.send_replace(Readiness::Refused(reason));
-                    return;
+                    // Perhaps this splitter's own connection from before a crash, which the
+                    // appliance drops within its deadline (twice ours covers an appliance
+                    // configured longer); past that it is another splitter: a configuration
+                    // error to exit with.
+                    let since = *held_since.get_or_insert_with(Instant::now);
+                    let held = reason.contains(cdp_link::message::REFUSED_VOLUME_ALREADY_SPLIT);
+                    if !held || since.elapsed() >= self.deadline * 2 {
+                        tracing::error!(volume = %self.volume, "appliance refused the volume: {reason}");
+                        self.ready.send_replace(Readiness::Refused(reason));
+                        return;
+                    }
+                    tracing::warn!(volume = %self.volume, "appliance refused the volume: {reason}; asking again until its link deadline drops a stale connection");
                 }
                 Err(e) => {
                     if self.connected.swap(false, Ordering::Relaxed) {
@@ -40,6 +53,8 @@ impl SplitLink {
                         if self.policy == OnApplianceLoss::Mark {
                             self.start_marking();
                         }
+                    } else if let LinkError::Refused(reason) = &e {
+                        tracing::warn!(volume = %self.volume, "appliance refused the volume: {reason}; asking again");
                     } else {
                         tracing::debug!(volume = %self.volume, "appliance not reachable: {e}");
                     }
@@ -92,10 +107,8 @@ impl SplitLink {
                     .store(replica_holds_data, Ordering::Relaxed);
                 last_source_seq
             }
-            Message::Refuse { reason } => {
-                tracing::error!(volume = %self.volume, "appliance refused the volume: {reason}");
-                return Err(LinkError::Refused(reason));
-            }
+            // Logged by the caller, which knows whether it asks again.
+            Message::Refuse { reason } => return Err(LinkError::Refused(reason)),
             other => {
                 return Err(LinkError::Protocol(format!(
                     "expected Welcome, got {other:?}"
