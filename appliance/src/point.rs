@@ -144,11 +144,8 @@ pub fn resolve(
     }
 }
 
-/// The last record stamped at or before `t`. Stamps never decrease with seq, so a forward
-/// scan from any record stamped ≤ `t` finds it, stopping at the first later stamp. Every
-/// record of a segment is stamped before its successor's creation time (in its header), so
-/// with k the last segment created at or before `t`, segment k-1's records are all ≤ `t`: the
-/// scan starts there and covers about two segments, never the whole journal.
+/// The last record stamped at or before `t`, through the journal's time index (a binary
+/// search and a scan of at most a few hundred headers, whatever the journal's length).
 fn resolve_time(
     journal: &Journal,
     t: u64,
@@ -158,44 +155,25 @@ fn resolve_time(
     if t > now_ns {
         return Err(format!("{} is in the future", format_time(t)));
     }
-    let segments = journal.segment_infos();
-    let before = || {
-        let oldest = record_timestamp(journal, Seq(first))
-            .map(format_time)
-            .unwrap_or_else(|e| format!("unknown: {e}"));
-        format!(
-            "{} is before the oldest recoverable point (seq {first} at {oldest})",
-            format_time(t)
-        )
-    };
-    // None: even the first segment was created after `t`, but the call that created it may
-    // have stamped its records just before, so the scan starts at the first record anyway.
-    let k = segments
-        .iter()
-        .rposition(|s| s.created_ns <= t)
-        .unwrap_or(0);
-    let start = segments
-        .get(k.saturating_sub(1))
-        .map_or(first, |s| s.first_seq);
-    let mut found = None;
-    let reader = journal
-        .read_headers_from(Seq(start))
+    let found = journal
+        .last_at_or_before(cdp_types::TimestampNs(t))
         .map_err(|e| format!("reading the journal: {e}"))?;
-    for record in reader {
-        let record = record.map_err(|e| format!("reading the journal: {e}"))?;
-        if record.timestamp.0 > t {
-            break;
-        }
-        found = Some((record.seq.0, record.timestamp.0));
-    }
     match found {
         Some((seq, ts)) => Ok(ResolvedPoint {
-            seq,
-            timestamp_ns: ts,
-            time: format_time(ts),
+            seq: seq.0,
+            timestamp_ns: ts.0,
+            time: format_time(ts.0),
             bookmark: None,
         }),
-        None => Err(before()),
+        None => {
+            let oldest = record_timestamp(journal, Seq(first))
+                .map(format_time)
+                .unwrap_or_else(|e| format!("unknown: {e}"));
+            Err(format!(
+                "{} is before the oldest recoverable point (seq {first} at {oldest})",
+                format_time(t)
+            ))
+        }
     }
 }
 

@@ -22,6 +22,7 @@ use crate::record::RecordKind;
 use crate::record::{Record, RecordIn, RecordLocation};
 use crate::recover::{self, RecoveryReport, FIRST_SEGMENT_INDEX};
 use crate::segment::Segment;
+use crate::time_index::{self, TimeIndex};
 
 /// Name of the directory, inside the directory given to `open`, holding the segments.
 pub const JOURNAL_DIR_NAME: &str = "journal";
@@ -56,6 +57,9 @@ pub(crate) struct Inner {
     pub(crate) segments: RwLock<Vec<Arc<Segment>>>,
     /// Held by the one retention pass that may run at a time (see `retention.rs`).
     pub(crate) release: Mutex<()>,
+    /// Sampled seq/time marks of every segment (`time_index.rs`). Lock order: after
+    /// `writer` and after `segments`, never held while taking either.
+    pub(crate) times: Mutex<TimeIndex>,
     commit: GroupCommit,
     /// Highest seq whose append has returned; readers and `sync` targets use it.
     last_seq: AtomicU64,
@@ -104,6 +108,17 @@ impl Inner {
         segs[i.saturating_sub(1)].clone()
     }
 
+    pub(crate) fn times(&self) -> MutexGuard<'_, TimeIndex> {
+        self.times.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The segment with index `index`, if it is still kept.
+    pub(crate) fn segment_by_index(&self, index: u64) -> Option<Arc<Segment>> {
+        let segs = self.segments();
+        let i = segs.partition_point(|s| s.index < index);
+        segs.get(i).filter(|s| s.index == index).cloned()
+    }
+
     /// The segment after `index`, if it exists yet.
     pub(crate) fn segment_after(&self, index: u64) -> Option<Arc<Segment>> {
         let segs = self.segments();
@@ -141,6 +156,16 @@ impl Inner {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .push(seg.clone());
+        // The sealed segment's marks go beside it, so the next open need not scan it.
+        if let Some(marks) = self.times().segment(w.active.index) {
+            time_index::store(
+                &self.dir,
+                self.group_id,
+                w.active.first_seq,
+                w.active.written(),
+                marks,
+            );
+        }
         w.active = seg;
         tracing::debug!(index, first_seq = w.next_seq, "journal segment started");
         Ok(())
@@ -202,6 +227,7 @@ impl Journal {
         }
         let active = segments[segments.len() - 1].clone();
         let last_seq = recovered.next_seq - 1;
+        let times = open_time_index(&jdir, group_id, &segments, recovered.last_marks)?;
         // The journal does not know its group; its directory (groups/NAME/journal) names it.
         // A clean open is the caller's to announce with the group's name (debug here).
         if report.tail_cut.is_some() {
@@ -223,6 +249,7 @@ impl Journal {
             }),
             segments: RwLock::new(segments),
             release: Mutex::new(()),
+            times: Mutex::new(times),
             // Recovery fdatasynced the last segment, so all it found is durable.
             commit: GroupCommit::new(last_seq),
             last_seq: AtomicU64::new(last_seq),
@@ -427,6 +454,16 @@ impl Journal {
                 // One huge batch of small records should not pin its buffer forever.
                 w.scratch = Vec::new();
             }
+            {
+                let mut times = inner.times();
+                let mut at = start;
+                for (k, s) in stored[first..last].iter().enumerate() {
+                    let len = RECORD_HEADER_LEN as u64 + s.payload.len() as u64;
+                    let seq = w.next_seq + k as u64;
+                    times.note(seg.index, seq, timestamps.of(first + k), at, len);
+                    at += len;
+                }
+            }
             if let Some(locations) = locations.as_deref_mut() {
                 let mut at = start;
                 for s in &stored[first..last] {
@@ -498,7 +535,9 @@ impl Journal {
             )));
         }
         let old: Vec<Arc<Segment>> = inner.segments().clone();
+        inner.times().clear();
         for seg in &old {
+            time_index::remove(&inner.dir, seg.index);
             inner
                 .env
                 .remove_file(seg.path())
@@ -591,6 +630,10 @@ impl Journal {
         &self.inner
     }
 
+    pub(crate) fn inner_arc(&self) -> Arc<Inner> {
+        Arc::clone(&self.inner)
+    }
+
     /// Reads records with seq ≥ `seq` in order, CRC-checked, from the segment files.
     /// The iterator yields what has been appended when `next` is called; it returns
     /// `None` when it catches up and may yield more after later appends. A reader keeps
@@ -663,6 +706,35 @@ impl Journal {
             ))),
         }
     }
+}
+
+/// The time index at open: each sealed segment's marks from its marks file (or a scan of
+/// it when the file is missing or does not match), the last segment's from recovery's scan.
+fn open_time_index(
+    dir: &Path,
+    group_id: u64,
+    segments: &[Arc<Segment>],
+    last_marks: time_index::SegmentMarks,
+) -> Result<TimeIndex, JournalError> {
+    time_index::remove_orphans(dir, segments)?;
+    let mut times = TimeIndex::default();
+    let mut scanned = 0;
+    for pair in segments.windows(2) {
+        let (marks, from_file) =
+            time_index::load_sealed(dir, group_id, &pair[0], pair[1].first_seq - 1)?;
+        scanned += usize::from(!from_file);
+        times.push(marks);
+    }
+    if scanned > 0 {
+        tracing::info!(dir = %dir.display(), scanned, "time marks rebuilt by scanning sealed segments");
+    }
+    // The active segment grows: a marks file of it (left when recovery removed a
+    // half-created successor) would be stale.
+    if let Some(last) = segments.last() {
+        time_index::remove(dir, last.index);
+    }
+    times.push(last_marks);
+    Ok(times)
 }
 
 /// Who numbers and stamps an append: the journal (now), or another journal (replication).

@@ -20,6 +20,7 @@ use crate::error::JournalError;
 use crate::format::{SegmentHeader, SEGMENT_HEADER_LEN};
 use crate::scan::{Payload, ScanError, Scanner};
 use crate::segment::{parse_segment_name, Segment};
+use crate::time_index::SegmentMarks;
 
 /// Suffix of a segment's rewrite in progress (`consolidate.rs`); never a segment name,
 /// removed at open.
@@ -122,6 +123,8 @@ pub struct Recovered {
     /// Timestamp of the last record found, so timestamps stay monotonic across a restart
     /// even if the wall clock went back.
     pub last_timestamp_ns: u64,
+    /// Time marks of the last segment's records, taken by the scan that checked them.
+    pub last_marks: SegmentMarks,
     pub report: RecoveryReport,
 }
 
@@ -237,6 +240,7 @@ pub fn recover(env: &Env, dir: &Path, group_id: u64) -> Result<Recovered, Journa
             segments: Vec::new(),
             next_seq: 1,
             last_timestamp_ns: 0,
+            last_marks: SegmentMarks::default(),
             report,
         });
     };
@@ -283,6 +287,8 @@ pub fn recover(env: &Env, dir: &Path, group_id: u64) -> Result<Recovered, Journa
     );
     let mut next_seq = last_header.first_seq;
     let mut last_timestamp_ns = 0;
+    let mut last_marks = SegmentMarks::default();
+    last_marks.index = last_header.segment_index;
     let cut = loop {
         match scanner.next(&last_file, len, Payload::Skip) {
             Ok(None) => break None,
@@ -298,6 +304,12 @@ pub fn recover(env: &Env, dir: &Path, group_id: u64) -> Result<Recovered, Journa
                 }
                 next_seq += 1;
                 last_timestamp_ns = r.header.timestamp_ns;
+                last_marks.note(
+                    r.header.seq,
+                    r.header.timestamp_ns,
+                    r.offset,
+                    r.header.encoded_len(),
+                );
             }
             Err(ScanError::Corrupt { offset, what }) => break Some((offset, what)),
             Err(ScanError::Io { offset, error }) => {
@@ -339,6 +351,7 @@ pub fn recover(env: &Env, dir: &Path, group_id: u64) -> Result<Recovered, Journa
         segments,
         next_seq,
         last_timestamp_ns,
+        last_marks,
         report,
     })
 }
