@@ -15,7 +15,7 @@ use crate::format::{RecordHeader, RECORD_FLAG_ZSTD, RECORD_HEADER_LEN, SEGMENT_H
 use crate::group_commit::{CommitError, GroupCommit};
 use crate::limits::{
     BATCH_BYTES_MAX, BATCH_RECORDS_MAX, COMPRESS_LEVEL, COMPRESS_PAYLOAD_BYTES_MIN,
-    PAYLOAD_COPY_BYTES_MAX, SCRATCH_BYTES_RETAINED_MAX,
+    PAYLOAD_COPY_BYTES_MAX, SCRATCH_BYTES_RETAINED_MAX, TAIL_CHECKPOINT_BYTES,
 };
 use crate::reader::JournalReader;
 use crate::record::RecordKind;
@@ -60,6 +60,8 @@ pub(crate) struct Inner {
     /// Sampled seq/time marks of every segment (`time_index.rs`). Lock order: after
     /// `writer` and after `segments`, never held while taking either.
     pub(crate) times: Mutex<TimeIndex>,
+    /// Segment index and length of the last tail checkpoint written.
+    tail_checkpoint: Mutex<(u64, u64)>,
     commit: GroupCommit,
     /// Highest seq whose append has returned; readers and `sync` targets use it.
     last_seq: AtomicU64,
@@ -106,6 +108,23 @@ impl Inner {
         let segs = self.segments();
         let i = segs.partition_point(|s| s.first_seq <= seq);
         segs[i.saturating_sub(1)].clone()
+    }
+
+    /// The marks of `active`'s first `written` bytes if a tail checkpoint is due (at least
+    /// `TAIL_CHECKPOINT_BYTES` since the last one). Called under the writer lock, so the
+    /// active segment's marks end exactly at `written`.
+    fn tail_due(&self, active: &Segment, written: u64) -> Option<(time_index::SegmentMarks, u64)> {
+        let mut last = self
+            .tail_checkpoint
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let since = if last.0 == active.index { last.1 } else { 0 };
+        if written < since + TAIL_CHECKPOINT_BYTES {
+            return None;
+        }
+        let marks = self.times().segment(active.index)?.prefix(written);
+        *last = (active.index, written);
+        Some((marks, written))
     }
 
     pub(crate) fn times(&self) -> MutexGuard<'_, TimeIndex> {
@@ -250,6 +269,7 @@ impl Journal {
             segments: RwLock::new(segments),
             release: Mutex::new(()),
             times: Mutex::new(times),
+            tail_checkpoint: Mutex::new((0, 0)),
             // Recovery fdatasynced the last segment, so all it found is durable.
             commit: GroupCommit::new(last_seq),
             last_seq: AtomicU64::new(last_seq),
@@ -501,11 +521,26 @@ impl Journal {
         let result = inner.commit.commit(target, || {
             // Snapshot under the writer lock: every seq ≤ `seq` is in `active` or in an
             // earlier, already fdatasynced segment.
-            let (active, seq) = {
+            let (active, seq, tail) = {
                 let w = inner.lock_writer();
-                (w.active.clone(), w.next_seq - 1)
+                let written = w.active.written();
+                (
+                    w.active.clone(),
+                    w.next_seq - 1,
+                    inner.tail_due(&w.active, written),
+                )
             };
             active.sync()?;
+            // Everything in `tail` is durable now: let the next open start after it.
+            if let Some(marks) = tail {
+                time_index::store(
+                    &inner.dir,
+                    inner.group_id,
+                    active.first_seq,
+                    marks.1,
+                    &marks.0,
+                );
+            }
             Ok(seq)
         });
         match result {
@@ -728,11 +763,8 @@ fn open_time_index(
     if scanned > 0 {
         tracing::info!(dir = %dir.display(), scanned, "time marks rebuilt by scanning sealed segments");
     }
-    // The active segment grows: a marks file of it (left when recovery removed a
-    // half-created successor) would be stale.
-    if let Some(last) = segments.last() {
-        time_index::remove(dir, last.index);
-    }
+    // The active segment's marks file, if any, is its tail checkpoint (recovery checked it
+    // or ignored it); the next checkpoint or roll replaces it.
     times.push(last_marks);
     Ok(times)
 }

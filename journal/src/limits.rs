@@ -70,6 +70,12 @@ pub const TIME_MARK_RECORDS: u64 = 256;
 /// See `TIME_MARK_RECORDS`: the bytes (headers and payloads) between two marks at most.
 pub const TIME_MARK_BYTES: u64 = MIB;
 
+/// A sync that finds at least this many bytes appended to the active segment since its
+/// last tail checkpoint writes a new one (its marks file, after the fdatasync), so `open`
+/// scans at most about this much of the last segment plus what the last sync did not
+/// cover. Costs one small file write (24 bytes per mark) per this much journal.
+pub const TAIL_CHECKPOINT_BYTES: u64 = 32 * MIB;
+
 const _: () = assert!(RECORD_PAYLOAD_BYTES_MAX <= u32::MAX as u64);
 const _: () = assert!(WRITE_PAYLOAD_BYTES_MAX <= RECORD_PAYLOAD_BYTES_MAX);
 const _: () = assert!(BOOKMARK_NAME_BYTES_MAX <= RECORD_PAYLOAD_BYTES_MAX);

@@ -43,11 +43,34 @@ pub(crate) struct SegmentMarks {
     /// Records and bytes since the last mark.
     since_records: u64,
     since_bytes: u64,
-    /// The last record noted.
+    /// The last record noted: its seq, offset and stamp.
     pub last_seq: u64,
+    pub last_offset: u64,
+    pub last_timestamp_ns: u64,
 }
 
 impl SegmentMarks {
+    fn from_file(t: TimeMarks) -> SegmentMarks {
+        SegmentMarks {
+            index: t.segment_index,
+            marks: t.marks,
+            since_records: 0,
+            since_bytes: 0,
+            last_seq: t.last_seq,
+            last_offset: t.last_record_offset,
+            last_timestamp_ns: t.last_timestamp_ns,
+        }
+    }
+
+    /// The marks of the records before byte `end` (a tail checkpoint's prefix).
+    pub fn prefix(&self, end: u64) -> SegmentMarks {
+        let n = self.marks.partition_point(|m| m.offset < end);
+        SegmentMarks {
+            marks: self.marks[..n].to_vec(),
+            ..self.clone()
+        }
+    }
+
     fn new(index: u64) -> SegmentMarks {
         SegmentMarks {
             index,
@@ -73,6 +96,8 @@ impl SegmentMarks {
         self.since_records += 1;
         self.since_bytes += len;
         self.last_seq = seq;
+        self.last_offset = offset;
+        self.last_timestamp_ns = timestamp_ns;
     }
 }
 
@@ -164,6 +189,8 @@ pub(crate) fn store(
         first_seq,
         last_seq: s.last_seq,
         segment_bytes,
+        last_record_offset: s.last_offset,
+        last_timestamp_ns: s.last_timestamp_ns,
         marks: s.marks.clone(),
     };
     let path = time_marks_path(dir, s.index);
@@ -225,16 +252,7 @@ pub(crate) fn load_sealed(
         }
     };
     if let Some(t) = checked {
-        return Ok((
-            SegmentMarks {
-                index: segment.index,
-                marks: t.marks,
-                since_records: 0,
-                since_bytes: 0,
-                last_seq,
-            },
-            true,
-        ));
+        return Ok((SegmentMarks::from_file(t), true));
     }
     let marks = scan_segment(group_id, segment.index, segment.file(), written)?;
     if marks.last_seq != last_seq && !marks.marks.is_empty() {
@@ -250,6 +268,63 @@ pub(crate) fn load_sealed(
     }
     store(dir, group_id, segment.first_seq, written, &marks);
     Ok((marks, false))
+}
+
+/// Where recovery may start scanning the last segment: a tail checkpoint's end, the seq and
+/// stamp of the record before it, and the marks of the records before it.
+pub(crate) struct TailStart {
+    pub offset: u64,
+    pub next_seq: u64,
+    pub last_timestamp_ns: u64,
+    pub marks: SegmentMarks,
+}
+
+/// The tail checkpoint of the last segment `file` (header `first_seq`, `len` bytes), if its
+/// marks file is one for exactly this segment, not longer than the file, and the record it
+/// names as the last one is there, whole and CRC-valid, ending exactly at the checkpoint (so
+/// the checkpoint's end is a record boundary and everything before it was fdatasynced when
+/// the file was written). Otherwise `None`, and recovery scans the whole segment.
+pub(crate) fn load_tail(
+    dir: &Path,
+    group_id: u64,
+    index: u64,
+    first_seq: u64,
+    file: &EnvFile,
+    len: u64,
+) -> Option<TailStart> {
+    let path = time_marks_path(dir, index);
+    let bytes = std::fs::read(&path).ok()?;
+    let t = match TimeMarks::decode(&bytes) {
+        Ok(t) => t,
+        Err(c) => {
+            tracing::warn!(path = %path.display(), "tail checkpoint damaged ({c}); scanning the whole segment");
+            return None;
+        }
+    };
+    if t.group_id != group_id
+        || t.segment_index != index
+        || t.first_seq != first_seq
+        || t.segment_bytes > len
+    {
+        tracing::warn!(path = %path.display(), "tail checkpoint describes another segment; scanning the whole segment");
+        return None;
+    }
+    let mut scanner = Scanner::new(group_id, index, t.last_record_offset);
+    let last = scanner.next(file, t.segment_bytes, Payload::Skip);
+    let verified = matches!(&last, Ok(Some(r))
+        if r.header.seq == t.last_seq
+            && r.header.timestamp_ns == t.last_timestamp_ns
+            && scanner.pos() == t.segment_bytes);
+    if !verified {
+        tracing::warn!(path = %path.display(), "tail checkpoint does not match the segment's records; scanning the whole segment");
+        return None;
+    }
+    Some(TailStart {
+        offset: t.segment_bytes,
+        next_seq: t.last_seq + 1,
+        last_timestamp_ns: t.last_timestamp_ns,
+        marks: SegmentMarks::from_file(t),
+    })
 }
 
 /// Marks of a segment by reading every record header (CRC-checked).

@@ -2,7 +2,11 @@
 //! lives here. The file is a cache of what the segment's record headers say: a stale, torn
 //! or damaged one is detected here or by `time_index` and rebuilt from the segment.
 //!
-//! All integers are fixed-width little-endian. Version 1 layout: a 64-byte header, then
+//! The same file also serves as the *tail checkpoint* of the active segment: written after
+//! an fdatasync, it says that the segment's first `segment bytes` are whole records ending
+//! with record `last seq` at `last record offset`, so recovery scans only what follows.
+//!
+//! All integers are fixed-width little-endian. Version 1 layout: an 80-byte header, then
 //! `mark_count` marks of 24 bytes, then a CRC32 (crc32fast) of every byte before it.
 //!
 //! | offset | size | field                                                   |
@@ -16,9 +20,11 @@
 //! |     32 |    8 | first seq of the segment                                |
 //! |     40 |    8 | last seq of the segment                                 |
 //! |     48 |    8 | segment bytes (file length when the marks were taken)   |
-//! |     56 |    4 | mark count                                              |
-//! |     60 |    4 | reserved, zero                                          |
-//! |     64 |   24 | per mark: seq, timestamp ns, byte offset in the segment |
+//! |     56 |    8 | last record offset (where record `last seq` starts)     |
+//! |     64 |    8 | last record's timestamp, ns                             |
+//! |     72 |    4 | mark count                                              |
+//! |     76 |    4 | reserved, zero                                          |
+//! |     80 |   24 | per mark: seq, timestamp ns, byte offset in the segment |
 //! |    end |    4 | CRC32 of all bytes before it                            |
 
 use crate::format::{Corrupt, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
@@ -27,7 +33,7 @@ use crate::format::{Corrupt, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
 pub const TIME_MARKS_MAGIC: [u8; 8] = *b"CDPJTIX\0";
 /// The only version so far.
 pub const TIME_MARKS_VERSION: u16 = 1;
-const HEADER_LEN: usize = 64;
+const HEADER_LEN: usize = 80;
 const MARK_LEN: usize = 24;
 
 /// One sampled record: its seq, its timestamp and where its header starts.
@@ -46,6 +52,8 @@ pub struct TimeMarks {
     pub first_seq: u64,
     pub last_seq: u64,
     pub segment_bytes: u64,
+    pub last_record_offset: u64,
+    pub last_timestamp_ns: u64,
     pub marks: Vec<Mark>,
 }
 
@@ -62,6 +70,8 @@ impl TimeMarks {
             self.first_seq,
             self.last_seq,
             self.segment_bytes,
+            self.last_record_offset,
+            self.last_timestamp_ns,
         ] {
             b.extend_from_slice(&v.to_le_bytes());
         }
@@ -98,7 +108,7 @@ impl TimeMarks {
         if u16::from_le_bytes([b[10], b[11]]) as usize != HEADER_LEN {
             return bad("time marks header length".into());
         }
-        let count = u32_at(b, 56) as usize;
+        let count = u32_at(b, 72) as usize;
         if body.len() != HEADER_LEN + count * MARK_LEN {
             return bad(format!(
                 "{count} time marks do not fit a {}-byte file",
@@ -111,6 +121,8 @@ impl TimeMarks {
             first_seq: u64_at(b, 32),
             last_seq: u64_at(b, 40),
             segment_bytes: u64_at(b, 48),
+            last_record_offset: u64_at(b, 56),
+            last_timestamp_ns: u64_at(b, 64),
             marks: (0..count)
                 .map(|i| {
                     let at = HEADER_LEN + i * MARK_LEN;
@@ -144,7 +156,11 @@ impl TimeMarks {
             }
         }
         let last = t.marks[t.marks.len() - 1];
-        if last.seq > t.last_seq || last.offset + RECORD_HEADER_LEN as u64 > t.segment_bytes {
+        if last.seq > t.last_seq
+            || last.offset > t.last_record_offset
+            || last.timestamp_ns > t.last_timestamp_ns
+            || t.last_record_offset + RECORD_HEADER_LEN as u64 > t.segment_bytes
+        {
             return bad("time mark past the end of its segment".into());
         }
         Ok(t)
@@ -172,6 +188,8 @@ mod tests {
             first_seq: 10,
             last_seq: 20,
             segment_bytes: 4096,
+            last_record_offset: 2048,
+            last_timestamp_ns: 9,
             marks: vec![
                 Mark {
                     seq: 10,
@@ -192,8 +210,8 @@ mod tests {
     fn golden_bytes_v1() {
         let b = sample().encode();
         let mut want = Vec::new();
-        want.extend_from_slice(b"CDPJTIX\0\x01\x00\x40\x00\0\0\0\0");
-        for v in [0x1122u64, 3, 10, 20, 4096] {
+        want.extend_from_slice(b"CDPJTIX\0\x01\x00\x50\x00\0\0\0\0");
+        for v in [0x1122u64, 3, 10, 20, 4096, 2048, 9] {
             want.extend_from_slice(&v.to_le_bytes());
         }
         want.extend_from_slice(&[2, 0, 0, 0, 0, 0, 0, 0]);

@@ -268,3 +268,114 @@ fn retention_and_consolidation() {
         .unwrap();
     assert_eq!(marks.segment_bytes, info.bytes);
 }
+
+/// A journal of one big active segment: `mib` MiB of 4 KiB writes, a sync after every
+/// 4 MiB (so tail checkpoints are written), then `unsynced` more records without a sync.
+fn one_big_segment(dir: &Path, mib: u64, unsynced: u64) -> u64 {
+    let j = open(dir, 256 * MIB);
+    let per_sync = 4 * MIB / 4096;
+    for k in 0..mib / 4 {
+        let recs: Vec<_> = (0..per_sync)
+            .map(|i| record(RecordKind::Write, k * per_sync + i, 4096))
+            .collect();
+        for chunk in recs.chunks(256) {
+            j.append(chunk).expect("append");
+        }
+        j.sync().expect("sync");
+    }
+    for i in 0..unsynced {
+        j.append(&[record(RecordKind::Write, 1_000_000 + i, 4096)])
+            .expect("append");
+    }
+    assert_eq!(j.segment_count(), 1);
+    j.last_seq().0
+}
+
+fn active_marks_path(dir: &Path) -> std::path::PathBuf {
+    time_marks_path(&jdir(dir), 1)
+}
+
+/// Goal: with a tail checkpoint, opening reads only the end of the last segment, and finds
+/// exactly the records a full scan finds. Method: 80 MiB in one segment, synced every
+/// 4 MiB, 300 records unsynced; reopen and compare the report, the records and lookups.
+#[test]
+fn tail_checkpoint_bounds_the_open_scan() {
+    let tmp = tempfile::tempdir().unwrap();
+    let last = one_big_segment(tmp.path(), 80, 300);
+    assert!(active_marks_path(tmp.path()).is_file());
+    let (j, report) = Journal::open(tmp.path(), 77, config(256 * MIB)).expect("open");
+    assert_eq!(report.last_seq, Seq(last));
+    assert_eq!(report.truncated_bytes, 0);
+    let bound = cdp_journal::limits::TAIL_CHECKPOINT_BYTES + 8 * MIB;
+    assert!(
+        report.scanned_bytes < bound,
+        "scanned {} bytes of an 80 MiB segment",
+        report.scanned_bytes
+    );
+    let all = stamps(&j);
+    assert_eq!(all.len() as u64, last);
+    check_against_full_scan(&j);
+    // Appends continue at the right seq with stamps not going back.
+    let next = j
+        .append(&[record(RecordKind::Zero, 5, 4096)])
+        .expect("append");
+    assert_eq!(next, Seq(last + 1));
+    check_against_full_scan(&j);
+}
+
+/// Goal (rule 4): a tail checkpoint that is damaged, or valid by its CRC but wrong (its
+/// last record not where it says, or its end not a record boundary), is never trusted:
+/// the whole segment is scanned and nothing is cut. Method: three such files in turn,
+/// each followed by a reopen that must find every record and cut nothing.
+#[test]
+fn bad_tail_checkpoints_are_not_trusted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let last = one_big_segment(tmp.path(), 40, 10);
+    let path = active_marks_path(tmp.path());
+    let good = fs::read(&path).unwrap();
+    let t = TimeMarks::decode(&good).unwrap();
+    let mut flipped = good.clone();
+    flipped[90] ^= 4;
+    let mut off_by_one_record = t.clone();
+    off_by_one_record.last_record_offset -= 4096 + 64;
+    let mut mid_record = t.clone();
+    mid_record.segment_bytes -= 100;
+    mid_record.last_record_offset -= 100;
+    let mut past_the_end = t.clone();
+    past_the_end.segment_bytes = 1 << 40;
+    for (what, bytes) in [
+        ("flipped", flipped),
+        ("off by one record", off_by_one_record.encode()),
+        ("mid record", mid_record.encode()),
+        ("past the end", past_the_end.encode()),
+    ] {
+        fs::write(&path, bytes).unwrap();
+        let seg_len = fs::metadata(jdir(tmp.path()).join("0000000000000001.seg"))
+            .unwrap()
+            .len();
+        let (j, report) = Journal::open(tmp.path(), 77, config(256 * MIB)).expect("open");
+        assert_eq!(report.last_seq, Seq(last), "{what}");
+        assert_eq!(report.truncated_bytes, 0, "{what}");
+        assert_eq!(report.scanned_bytes, seg_len - 64, "{what}: a full scan");
+        assert_eq!(stamps(&j).len() as u64, last, "{what}");
+    }
+}
+
+/// Goal: a torn write after the checkpoint is still cut, exactly where a full scan would
+/// cut it. Method: tear the last record in half, reopen, compare with the records before.
+#[test]
+fn torn_tail_after_a_checkpoint_is_cut() {
+    let tmp = tempfile::tempdir().unwrap();
+    let last = one_big_segment(tmp.path(), 40, 10);
+    let seg = jdir(tmp.path()).join("0000000000000001.seg");
+    let len = fs::metadata(&seg).unwrap().len();
+    let f = fs::OpenOptions::new().write(true).open(&seg).unwrap();
+    f.set_len(len - 2000).unwrap();
+    drop(f);
+    let (j, report) = Journal::open(tmp.path(), 77, config(256 * MIB)).expect("open");
+    assert_eq!(report.last_seq, Seq(last - 1));
+    assert_eq!(report.truncated_bytes, 4096 + 64 - 2000);
+    assert!(report.tail_cut.is_some());
+    assert_eq!(stamps(&j).len() as u64, last - 1);
+    check_against_full_scan(&j);
+}
