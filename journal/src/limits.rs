@@ -43,7 +43,8 @@ pub const SEGMENT_BYTES_MIN: u64 = MIB;
 pub const SEGMENT_BYTES_DEFAULT: u64 = 256 * MIB;
 
 /// Largest segment a config may ask for; larger values are clamped with a warning.
-/// Recovery scans the last segment fully on open, so this bounds open time.
+/// Recovery scans the last segment fully on open when it has no valid tail checkpoint
+/// (see `TAIL_CHECKPOINT_BYTES`), so this bounds open time.
 pub const SEGMENT_BYTES_MAX: u64 = 16 * 1024 * MIB;
 
 /// Most iovecs passed to one `pwritev` (Linux's `IOV_MAX`). A larger batch is written

@@ -1,5 +1,6 @@
 //! Opening an existing journal: find the segments, validate their headers and chaining,
-//! scan the last segment record by record, and cut a torn tail so appends can resume.
+//! scan the last segment record by record (from its tail checkpoint, if it has a valid one:
+//! see `time_index.rs`), and cut a torn tail so appends can resume.
 //!
 //! Why only the last segment is scanned: a segment is fdatasynced before the next one is
 //! created, so only the last segment can hold a torn write. Earlier segments get header
