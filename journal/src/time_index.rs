@@ -254,19 +254,27 @@ pub(crate) fn load_sealed(
     if let Some(t) = checked {
         return Ok((SegmentMarks::from_file(t), true));
     }
-    let marks = scan_segment(group_id, segment.index, segment.file(), written)?;
-    if marks.last_seq != last_seq && !marks.marks.is_empty() {
-        return Err(JournalError::corruption(
-            segment.path(),
-            0,
-            format!(
-                "segment ends at seq {} but the next segment starts at {}",
-                marks.last_seq,
-                last_seq + 1
-            ),
-        ));
+    let (marks, damage) = scan_segment(group_id, segment.index, segment.file(), written);
+    let damage = damage.or_else(|| {
+        (marks.last_seq != last_seq).then(|| {
+            JournalError::corruption(
+                segment.path(),
+                0,
+                format!(
+                    "segment ends at seq {} but the next segment starts at {}",
+                    marks.last_seq,
+                    last_seq + 1
+                ),
+            )
+        })
+    });
+    match damage {
+        // As before the time index existed, damage in a sealed segment does not stop the
+        // open: the marks before it are kept, and readers (a lookup that reaches it
+        // included) report it where they meet it. No marks file is written for it.
+        Some(e) => tracing::warn!("indexing a sealed segment by time stopped: {e}"),
+        None => store(dir, group_id, segment.first_seq, written, &marks),
     }
-    store(dir, group_id, segment.first_seq, written, &marks);
     Ok((marks, false))
 }
 
@@ -327,18 +335,19 @@ pub(crate) fn load_tail(
     })
 }
 
-/// Marks of a segment by reading every record header (CRC-checked).
+/// Marks of a segment by reading every record header (CRC-checked), and the damage that
+/// stopped the scan early, if any.
 fn scan_segment(
     group_id: u64,
     index: u64,
     file: &EnvFile,
     limit: u64,
-) -> Result<SegmentMarks, JournalError> {
+) -> (SegmentMarks, Option<JournalError>) {
     let mut marks = SegmentMarks::new(index);
     let mut scanner = Scanner::new(group_id, index, SEGMENT_HEADER_LEN as u64);
     loop {
         match scanner.next(file, limit, Payload::Skip) {
-            Ok(None) => return Ok(marks),
+            Ok(None) => return (marks, None),
             Ok(Some(r)) => marks.note(
                 r.header.seq,
                 r.header.timestamp_ns,
@@ -346,10 +355,13 @@ fn scan_segment(
                 r.header.encoded_len(),
             ),
             Err(ScanError::Corrupt { offset, what }) => {
-                return Err(JournalError::corruption(file.path(), offset, what))
+                return (
+                    marks,
+                    Some(JournalError::corruption(file.path(), offset, what)),
+                )
             }
             Err(ScanError::Io { error, .. }) => {
-                return Err(JournalError::io("read", file.path(), error))
+                return (marks, Some(JournalError::io("read", file.path(), error)))
             }
         }
     }

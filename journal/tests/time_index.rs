@@ -379,3 +379,54 @@ fn torn_tail_after_a_checkpoint_is_cut() {
     assert_eq!(stamps(&j).len() as u64, last - 1);
     check_against_full_scan(&j);
 }
+
+/// Goal: damage in a sealed segment whose marks file is missing does not stop the open (as
+/// before the index existed): times before the damage resolve, a lookup that has to read
+/// the damaged record reports `Corruption`. Method: flip a payload byte in the middle of
+/// the second segment, remove its marks file, reopen, probe times on both sides.
+#[test]
+fn damaged_sealed_segment_without_marks_still_opens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let all = {
+        let j = open(tmp.path(), MIB);
+        append_stamped(&j, 40, 100, 2, 500);
+        assert!(j.segment_count() >= 3, "{} segments", j.segment_count());
+        stamps(&j)
+    };
+    let dir = jdir(tmp.path());
+    let seg = dir.join("0000000000000002.seg");
+    let mut b = fs::read(&seg).unwrap();
+    let at = b.len() / 2;
+    b[at] ^= 0x10;
+    fs::write(&seg, &b).unwrap();
+    fs::remove_file(time_marks_path(&dir, 2)).unwrap();
+    let (j, _) = Journal::open(tmp.path(), 77, config(MIB)).expect("open despite the damage");
+    let first = all[0].1;
+    assert_eq!(
+        j.last_at_or_before(TimestampNs(first))
+            .expect("before the damage"),
+        by_full_scan(&all, first)
+    );
+    let last = all[all.len() - 1].1;
+    assert!(
+        !time_marks_path(&dir, 2).exists(),
+        "no marks file for a damaged segment"
+    );
+    // A time inside segment 2, after the damage, must read the damaged record.
+    let infos = j.segment_infos();
+    let in_two = all
+        .iter()
+        .find(|(s, _)| *s >= infos[1].first_seq + (infos[2].first_seq - infos[1].first_seq) * 3 / 4)
+        .unwrap()
+        .1;
+    let got = j.last_at_or_before(TimestampNs(in_two));
+    assert!(
+        matches!(got, Err(cdp_journal::JournalError::Corruption { .. })),
+        "{got:?}"
+    );
+    // After the damaged segment, marks from the other files answer directly.
+    assert_eq!(
+        j.last_at_or_before(TimestampNs(last)).expect("after"),
+        by_full_scan(&all, last)
+    );
+}
