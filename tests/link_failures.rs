@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::link_proxy::LinkProxy;
+use common::link_proxy::site_through_proxy;
 use common::*;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
@@ -50,38 +50,6 @@ fn splitter_state(site: &Site) -> String {
         .to_string()
 }
 
-/// A site of one volume whose split link runs through a proxy, with `deadline_ms` on both ends.
-fn site_through_proxy(size: u64, deadline_ms: u64) -> (Site, LinkProxy) {
-    let options = SiteOptions {
-        link_tcp: true,
-        nbd_tcp: false,
-    };
-    let mut site = Site::create(&[("vol0", size)], options);
-    site.add_appliance_settings(&format!("link_deadline_ms = {deadline_ms}\n"), "");
-    let text = std::fs::read_to_string(&site.splitter_config).unwrap();
-    let target = text
-        .lines()
-        .find_map(|l| l.strip_prefix("appliance = \""))
-        .and_then(|l| l.strip_suffix('"'))
-        .expect("appliance address in splitter.toml")
-        .to_string();
-    let proxy = LinkProxy::start(target.clone());
-    let text = text
-        .replace(
-            &format!("appliance = \"{target}\""),
-            &format!("appliance = \"127.0.0.1:{}\"", proxy.port),
-        )
-        .replace(
-            "handshake_timeout_s = 60\n",
-            &format!("handshake_timeout_s = 60\nlink_deadline_ms = {deadline_ms}\n"),
-        );
-    std::fs::write(&site.splitter_config, text).unwrap();
-    site.start_role(Role::Appliance);
-    site.start_role(Role::Splitter);
-    site.settle();
-    (site, proxy)
-}
-
 /// Writes 4 blocks of 8 KiB in distinct regions (pattern from `base`) and flushes.
 fn write_blocks(site: &Site, model: &mut Model, base: u64, timeout: Duration) {
     let mut commands = Vec::new();
@@ -104,7 +72,7 @@ fn blackhole_host_is_served_within_the_deadline_then_resync_is_exact() {
         return;
     }
     let deadline = Duration::from_millis(1000);
-    let (site, proxy) = site_through_proxy(32 * MIB, deadline.as_millis() as u64);
+    let (site, proxy) = site_through_proxy(&[("vol0", 32 * MIB)], deadline.as_millis() as u64);
     let mut model = Model::zeroed(32 * MIB);
     write_blocks(&site, &mut model, 10, Duration::from_secs(30));
     site.flush_all();
@@ -144,7 +112,7 @@ fn half_open_connection_is_replaced_at_once() {
     if reference_mode() || !requires("qemu-io") {
         return;
     }
-    let (site, proxy) = site_through_proxy(32 * MIB, 30_000);
+    let (site, proxy) = site_through_proxy(&[("vol0", 32 * MIB)], 30_000);
     let mut model = Model::zeroed(32 * MIB);
     write_blocks(&site, &mut model, 10, Duration::from_secs(30));
     proxy.half_open();
@@ -175,6 +143,39 @@ fn half_open_connection_is_replaced_at_once() {
 }
 
 #[test]
+fn a_splitter_restarted_over_its_stale_connection_is_admitted_once_the_appliance_drops_it() {
+    // Goal: a splitter restarted at once after a crash, while the appliance still holds its
+    // old connection, asks again until the appliance's deadline drops that connection instead
+    // of exiting at the first refusal (a second splitter alive is still refused and exits:
+    // tests/recovery.rs). Method: a 5 s deadline; blackhole the proxy, kill -9 the splitter,
+    // half-open the proxy (the appliance's side stays open and silent and the held close is
+    // never delivered), heal, start a new splitter process: the appliance must refuse it at
+    // least once, and it must still become ready; then write, settle and compare.
+    if reference_mode() || !requires("qemu-io") {
+        return;
+    }
+    let (mut site, proxy) = site_through_proxy(&[("vol0", 32 * MIB)], 5000);
+    let mut model = Model::zeroed(32 * MIB);
+    write_blocks(&site, &mut model, 10, Duration::from_secs(30));
+    proxy.blackhole();
+    site.kill(Role::Splitter);
+    proxy.half_open();
+    proxy.heal();
+    // Panics if the splitter exits during start-up.
+    site.start_role(Role::Splitter);
+    assert!(
+        site.logs().contains("already has a connected splitter"),
+        "the restarted splitter never met its stale connection\n{}",
+        site.logs()
+    );
+    site.wait_connected(Duration::from_secs(60));
+    write_blocks(&site, &mut model, 200, Duration::from_secs(30));
+    site.settle();
+    model.check_file("replica", &site.volume("vol0").replica);
+    site.assert_replica_equals_production("vol0");
+}
+
+#[test]
 fn bookmark_while_marking_is_refused_and_points_then_are_not_resolvable() {
     // Goal: no false recovery point. While the splitter is marking (link reset, appliance up)
     // a bookmark is refused; a time point from then is refused during and after the resync;
@@ -184,7 +185,7 @@ fn bookmark_while_marking_is_refused_and_points_then_are_not_resolvable() {
     if reference_mode() || !requires("qemu-io") {
         return;
     }
-    let (site, proxy) = site_through_proxy(32 * MIB, 1000);
+    let (site, proxy) = site_through_proxy(&[("vol0", 32 * MIB)], 1000);
     let mut model = Model::zeroed(32 * MIB);
     write_blocks(&site, &mut model, 10, Duration::from_secs(30));
     site.flush_all();
@@ -269,7 +270,7 @@ fn status_says_protecting_only_once_resync_end_is_journaled() {
     if reference_mode() || !requires("qemu-io") {
         return;
     }
-    let (site, proxy) = site_through_proxy(32 * MIB, 5000);
+    let (site, proxy) = site_through_proxy(&[("vol0", 32 * MIB)], 5000);
     let mut model = Model::zeroed(32 * MIB);
     proxy.cut();
     assert!(poll_until(Duration::from_secs(10), || splitter_state(

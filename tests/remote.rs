@@ -452,6 +452,205 @@ fn link_cuts_pause_shipping_and_it_resumes_where_it_stopped() {
     stop_and_assert_same_journals(&mut site, &mut remote, last);
 }
 
+/// `replication_deadline_ms` of both appliances in the partition test: short, so a partition
+/// costs about a second.
+const PARTITION_DEADLINE_MS: u64 = 1000;
+
+/// What observing a detection may add to the deadline: `cdp status` runs every 20 ms or so,
+/// on a machine whose two cores other tests share.
+const OBSERVE_SLACK: Duration = Duration::from_millis(750);
+
+/// How many replication links the site's shipper brought up so far (its log says each).
+fn links_up(site: &Site) -> usize {
+    std::fs::read_to_string(site.log_path(Role::Appliance))
+        .unwrap_or_default()
+        .matches("replication link up")
+        .count()
+}
+
+/// `cdp image export --at POINT` of the appliance behind `control` into `to`.
+fn export_image(control: &Path, point: &str, to: &Path) {
+    let _ = std::fs::remove_file(to);
+    run_ok(
+        Command::new(cdp_bin())
+            .args(["image", "export", "--at", point, "--to"])
+            .arg(to)
+            .arg("--control")
+            .arg(control),
+        T,
+    );
+}
+
+#[test]
+fn a_silent_replication_partition_is_detected_within_the_deadline_and_heals() {
+    // Goal: rule 8 on the replication link. A partition that closes nothing is seen by both
+    // appliances within `replication_deadline_ms`, status says the remote copy is not
+    // connected, the host is served meanwhile, and after the heal shipping resumes and the
+    // remote copy equals the local one. Method: both appliances with a 1 s deadline and the
+    // LinkProxy between them. An idle link must stay up on heartbeats alone for three
+    // deadlines. Then two blackholes, one of the idle link (with writes and a bookmark during
+    // it) and one under a steady host load, each timed from its start to `connected: false`
+    // with a deadline reason in `cdp status --json`, DISCONNECTED in the text form, and
+    // `replication_source.connected: false` at the remote. After each heal the remote catches
+    // up; at the end the remote's image at the bookmark equals the local image and the model,
+    // the remote replica equals production, and both journals hold the same records.
+    if !requirements() {
+        return;
+    }
+    let deadline = Duration::from_millis(PARTITION_DEADLINE_MS);
+    let settings = format!("replication_deadline_ms = {PARTITION_DEADLINE_MS}\n");
+    let volumes = [("vol0", VOLUME_BYTES)];
+    let mut remote = RemoteAppliance::start_configured(&volumes, LinkSecurity::Tls, &settings);
+    let proxy = LinkProxy::start(remote.endpoint.clone());
+    let mut site = Site::create(&volumes, SiteOptions::default());
+    site.add_appliance_settings(&settings, "");
+    add_remote_to_site_config(&site, &format!("127.0.0.1:{}", proxy.port), 30);
+    site.start_role(Role::Appliance);
+    site.start_role(Role::Splitter);
+    site.wait_connected(T);
+    let mut rng = SplitMix64(seed("remote_partition"));
+    let mut model = Model::zeroed(VOLUME_BYTES);
+    write_random_patterns(&site, &mut model, &mut rng, 20, 64);
+    site.settle();
+    wait_shipped(&site, &remote);
+
+    // Heartbeats alone keep an idle link up: no drop and no reconnect for three deadlines.
+    let ups = links_up(&site);
+    let idle_until = Instant::now() + deadline * 3;
+    while Instant::now() < idle_until {
+        let status = site.status();
+        assert_eq!(
+            status["groups"][0]["remote"]["connected"],
+            true,
+            "the idle link dropped: {status}\n{}",
+            site.logs()
+        );
+    }
+    assert_eq!(
+        links_up(&site),
+        ups,
+        "the idle link reconnected\n{}",
+        site.logs()
+    );
+
+    let mut at_bookmark = None;
+    for busy in [false, true] {
+        let what = if busy { "under load" } else { "idle" };
+        let writer = busy.then(|| {
+            let writer = BackgroundWriter::start(site.nbd_uri("vol0"), rng.next_u64());
+            // The load is shipping when the partition begins: batches are in flight.
+            let shipped = |site: &Site| {
+                site.status()["groups"][0]["remote"]["shipped_seq"]
+                    .as_u64()
+                    .unwrap_or(0)
+            };
+            let before = shipped(&site);
+            assert!(
+                poll_until(T, || shipped(&site) > before + 50),
+                "shipping did not go on under load: {}",
+                site.status()
+            );
+            writer
+        });
+        let ups = links_up(&site);
+        proxy.blackhole();
+        let cut = Instant::now();
+        let mut status = serde_json::Value::Null;
+        let detected = poll_until(T, || {
+            status = site.status();
+            let r = &status["groups"][0]["remote"];
+            r["connected"] == false
+                && r["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("replication_deadline_ms"))
+        });
+        let seen_after = cut.elapsed();
+        assert!(
+            detected,
+            "{what}: the partition was not reported as a deadline: {status}\n{}",
+            site.logs()
+        );
+        eprintln!(
+            "{what}: the source saw the partition after {seen_after:?} (deadline {deadline:?})"
+        );
+        assert!(
+            seen_after <= deadline + OBSERVE_SLACK,
+            "{what}: the source saw the partition only after {seen_after:?} (deadline \
+             {deadline:?}): {status}"
+        );
+        let human = run_ok(
+            Command::new(cdp_bin())
+                .args(["status", "--control"])
+                .arg(&site.control_sock),
+            T,
+        );
+        assert!(
+            human.contains("DISCONNECTED") && human.contains("replication_deadline_ms"),
+            "{what}: text status does not show the partition:\n{human}"
+        );
+        let mut remote_status = serde_json::Value::Null;
+        let remote_saw = poll_until(T, || {
+            remote_status = remote.status();
+            remote_status["groups"][0]["replication_source"]["connected"] == false
+        });
+        let remote_seen_after = cut.elapsed();
+        assert!(remote_saw, "{what}: {remote_status}\n{}", remote.logs());
+        eprintln!("{what}: the remote saw the partition after {remote_seen_after:?}");
+        assert!(
+            remote_seen_after <= deadline + OBSERVE_SLACK,
+            "{what}: the remote saw the partition only after {remote_seen_after:?}: \
+             {remote_status}\n{}",
+            remote.logs()
+        );
+        match writer {
+            // The host was served all along; the backlog ships after the heal.
+            Some(writer) => assert!(writer.stop() > 0, "no host writes completed"),
+            None => {
+                // Host writes and a bookmark (a local point) while the remote is away.
+                write_random_patterns(&site, &mut model, &mut rng, 20, 64);
+                site.flush_all();
+                site.cdp_json(&["bookmark", "create", "partitioned", "--json"]);
+                at_bookmark = Some(model.clone());
+                let status = site.status();
+                assert_eq!(
+                    status["groups"][0]["remote"]["connected"], false,
+                    "{status}"
+                );
+            }
+        }
+        proxy.heal();
+        assert!(
+            poll_until(T, || site.status()["groups"][0]["remote"]["connected"]
+                == true),
+            "{what}: no reconnect after the heal: {}\n{}",
+            site.status(),
+            site.logs()
+        );
+        assert!(links_up(&site) > ups, "{what}: {}", site.logs());
+        site.settle();
+        wait_shipped(&site, &remote);
+    }
+
+    let last = wait_shipped(&site, &remote);
+    assert_remote_replica_equals_production(&site, &remote, last);
+    let local_image = site.root().join("partitioned-local.img");
+    let remote_image = remote.root().join("partitioned-remote.img");
+    export_image(&site.control_sock, "partitioned", &local_image);
+    export_image(&remote.control_sock, "partitioned", &remote_image);
+    at_bookmark
+        .expect("a bookmark during the partition")
+        .check_file(
+            "remote image at the bookmark taken in the partition",
+            &remote_image,
+        );
+    assert_same_bytes(
+        "remote image vs local image at the bookmark",
+        &remote_image,
+        &local_image,
+    );
+    stop_and_assert_same_journals(&mut site, &mut remote, last);
+}
+
 #[test]
 fn a_remote_copy_refuses_another_source_group() {
     // Goal: a remote copy belongs to one source group; a second site whose group has the

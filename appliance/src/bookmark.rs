@@ -27,10 +27,9 @@ use std::time::Instant;
 use bytes::Bytes;
 use cdp_journal::{Journal, JournalError, RecordIn, RecordKind};
 use cdp_types::Seq;
-use serde::{Deserialize, Serialize};
 
-use crate::limits::BOOKMARK_NAME_BYTES_MAX;
-use crate::rfc3339::format_time;
+use crate::error::ApplianceError;
+use cdp_types::rfc3339::format_time;
 
 pub const PAYLOAD_MAGIC: [u8; 4] = *b"CDPB";
 pub const PAYLOAD_VERSION: u8 = 1;
@@ -41,30 +40,22 @@ const PAYLOAD_V2_HEADER_LEN: usize = 16;
 /// Flag: consolidation keeps this bookmark's point.
 const FLAG_KEEP: u8 = 0x01;
 
-/// How consistent the image at a bookmark is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Consistency {
-    /// Write-order consistent: what a power cut at that instant would have left.
-    Crash,
-    /// Taken between the application's quiesce and thaw hooks.
-    Application,
+/// How consistent the image at a bookmark is (defined by the control protocol).
+pub use cdp_control::{Bookmark, Consistency};
+
+/// A bookmark record's code for `consistency`.
+fn consistency_code(consistency: Consistency) -> u8 {
+    match consistency {
+        Consistency::Crash => 1,
+        Consistency::Application => 2,
+    }
 }
 
-impl Consistency {
-    fn code(self) -> u8 {
-        match self {
-            Consistency::Crash => 1,
-            Consistency::Application => 2,
-        }
-    }
-
-    fn from_code(code: u8) -> Option<Consistency> {
-        match code {
-            1 => Some(Consistency::Crash),
-            2 => Some(Consistency::Application),
-            _ => None,
-        }
+fn consistency_from_code(code: u8) -> Option<Consistency> {
+    match code {
+        1 => Some(Consistency::Crash),
+        2 => Some(Consistency::Application),
+        _ => None,
     }
 }
 
@@ -89,7 +80,7 @@ impl BookmarkPayload {
         } else {
             PAYLOAD_VERSION
         });
-        out.push(self.consistency.code());
+        out.push(consistency_code(self.consistency));
         out.extend_from_slice(&(name.len() as u16).to_le_bytes());
         out.extend_from_slice(&self.freeze_window_ms.to_le_bytes());
         if self.keep {
@@ -100,42 +91,44 @@ impl BookmarkPayload {
     }
 
     /// Decodes a payload read from the journal; refuses anything malformed.
-    pub fn decode(b: &[u8]) -> Result<BookmarkPayload, String> {
+    pub fn decode(b: &[u8]) -> Result<BookmarkPayload, ApplianceError> {
         if b.len() < PAYLOAD_HEADER_LEN {
-            return Err(format!(
+            return Err(corrupt(format!(
                 "bookmark payload of {} bytes is too short",
                 b.len()
-            ));
+            )));
         }
         if b[0..4] != PAYLOAD_MAGIC {
-            return Err("bookmark payload has a bad magic".into());
+            return Err(corrupt("bookmark payload has a bad magic".into()));
         }
         let (header_len, keep) = match b[4] {
             PAYLOAD_VERSION => (PAYLOAD_HEADER_LEN, false),
             PAYLOAD_VERSION_FLAGS => {
                 let flags = b
                     .get(PAYLOAD_HEADER_LEN..PAYLOAD_V2_HEADER_LEN)
-                    .ok_or("bookmark payload of version 2 is too short")?;
+                    .ok_or_else(|| corrupt("bookmark payload of version 2 is too short".into()))?;
                 if flags[0] & !FLAG_KEEP != 0 || flags[1..] != [0, 0, 0] {
-                    return Err(format!("bookmark payload flags {flags:?} are unknown"));
+                    return Err(corrupt(format!(
+                        "bookmark payload flags {flags:?} are unknown"
+                    )));
                 }
                 (PAYLOAD_V2_HEADER_LEN, flags[0] & FLAG_KEEP != 0)
             }
-            v => return Err(format!("bookmark payload version {v} is unknown")),
+            v => return Err(corrupt(format!("bookmark payload version {v} is unknown"))),
         };
-        let consistency = Consistency::from_code(b[5])
-            .ok_or_else(|| format!("bookmark consistency {} is unknown", b[5]))?;
+        let consistency = consistency_from_code(b[5])
+            .ok_or_else(|| corrupt(format!("bookmark consistency {} is unknown", b[5])))?;
         let name_len = u16::from_le_bytes([b[6], b[7]]) as usize;
         let freeze_window_ms = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
         if b.len() != header_len + name_len {
-            return Err(format!(
+            return Err(corrupt(format!(
                 "bookmark payload of {} bytes, its name length says {name_len}",
                 b.len()
-            ));
+            )));
         }
         let name = std::str::from_utf8(&b[header_len..])
-            .map_err(|_| "bookmark name is not UTF-8".to_string())?;
-        validate_name(name)?;
+            .map_err(|_| corrupt("bookmark name is not UTF-8".into()))?;
+        validate_name(name).map_err(|e| corrupt(e.to_string()))?;
         Ok(BookmarkPayload {
             name: name.to_string(),
             consistency,
@@ -145,59 +138,19 @@ impl BookmarkPayload {
     }
 }
 
-/// Bookmark names: 1..=128 bytes of printable ASCII (space to `~`), without `:`, not
-/// starting with `-` or a space, and not all digits, so that a name never reads as another
-/// kind of point (`seq:N`, a bare seq, an RFC 3339 time, `-5m`).
-pub fn validate_name(name: &str) -> Result<(), String> {
-    let bad = |why: &str| Err(format!("bad bookmark name {name:?}: {why}"));
-    if name.is_empty() || name.len() > BOOKMARK_NAME_BYTES_MAX {
-        return bad(&format!("must be 1 to {BOOKMARK_NAME_BYTES_MAX} bytes"));
+/// A bookmark record that fails its checks.
+fn corrupt(what: String) -> ApplianceError {
+    ApplianceError::Corruption {
+        path: "bookmark record".into(),
+        what,
     }
-    if !name.bytes().all(|c| (b' '..=b'~').contains(&c)) {
-        return bad("only printable ASCII characters are allowed");
-    }
-    if name.contains(':') {
-        return bad("`:` is not allowed (it would read as a time or `seq:N`)");
-    }
-    if name.starts_with('-') || name.starts_with(' ') {
-        return bad("must not start with `-` (a relative time) or a space");
-    }
-    if name.bytes().all(|c| c.is_ascii_digit()) {
-        return bad("must not be all digits (it would read as a sequence number)");
-    }
-    Ok(())
 }
 
-/// The rules for a bookmark being created: `validate_name`, and no spaces, so that a name
-/// is one word in a shell, a script and `cdp bookmark list`'s columns. Names with spaces taken
-/// by earlier versions still decode and resolve (`validate_name`).
-pub fn validate_new_name(name: &str) -> Result<(), String> {
-    validate_name(name)?;
-    if name.contains(' ') {
-        return Err(format!(
-            "bad bookmark name {name:?}: spaces are not allowed (use '-' or '_', e.g. {:?})",
-            name.replace(' ', "-")
-        ));
-    }
-    Ok(())
-}
-
-/// One bookmark of a group.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Bookmark {
-    pub name: String,
-    pub seq: u64,
-    pub timestamp_ns: u64,
-    /// `timestamp_ns` as RFC 3339 UTC with milliseconds.
-    pub time: String,
-    pub consistency: Consistency,
-    pub freeze_window_ms: u32,
-    /// Kept through consolidation.
-    pub keep: bool,
-    /// Consolidation dropped this point (it was not marked to keep): it can no longer be
-    /// opened. Set by `Group::bookmarks`.
-    pub consolidated: bool,
-}
+/// The rules for bookmark names, shared with the CLI (which checks them before freezing an
+/// application for a bookmark that would be refused).
+pub use cdp_control::{
+    validate_bookmark_name as validate_name, validate_new_bookmark_name as validate_new_name,
+};
 
 /// The group's bookmarks in seq order, kept in memory and rebuilt from the journal at start.
 pub struct BookmarkIndex {
@@ -289,7 +242,7 @@ impl BookmarkIndex {
         append_deadline: Option<Instant>,
         on_journal_failure: impl Fn(String),
     ) -> Result<Bookmark, String> {
-        validate_new_name(&payload.name)?;
+        validate_new_name(&payload.name).map_err(|e| e.to_string())?;
         let mut list = self.list.lock().unwrap_or_else(|p| p.into_inner());
         if append_deadline.is_some_and(|d| Instant::now() > d) {
             return Err("the request's deadline passed before the bookmark could be appended; no bookmark was taken".into());
@@ -341,15 +294,16 @@ fn prune(list: &mut Vec<Bookmark>, first: Seq) {
 }
 
 /// The timestamp of the record at `seq` (one header read).
-pub fn record_timestamp(journal: &Journal, seq: Seq) -> Result<u64, String> {
-    let mut reader = journal
-        .read_headers_from(seq)
-        .map_err(|e| format!("reading seq {seq}: {e}"))?;
+pub fn record_timestamp(journal: &Journal, seq: Seq) -> Result<u64, ApplianceError> {
+    let mut reader = journal.read_headers_from(seq)?;
     match reader.next() {
         Some(Ok(r)) if r.seq == seq => Ok(r.timestamp.0),
-        Some(Ok(r)) => Err(format!("seq {seq} not found (read seq {})", r.seq)),
-        Some(Err(e)) => Err(format!("reading seq {seq}: {e}")),
-        None => Err(format!("seq {seq} not found")),
+        Some(Ok(r)) => Err(ApplianceError::NotFound(format!(
+            "seq {seq} not found (read seq {})",
+            r.seq
+        ))),
+        Some(Err(e)) => Err(e.into()),
+        None => Err(ApplianceError::NotFound(format!("seq {seq} not found"))),
     }
 }
 
@@ -376,7 +330,7 @@ mod tests {
         ]
         .concat();
         assert_eq!(p.encode(), golden);
-        assert_eq!(BookmarkPayload::decode(&golden), Ok(p));
+        assert_eq!(BookmarkPayload::decode(&golden).expect("decodes"), p);
         let crash = BookmarkPayload {
             name: "x".into(),
             consistency: Consistency::Crash,
@@ -539,7 +493,10 @@ mod tests {
         assert!(!BookmarkPayload::decode(&v1).unwrap().keep);
         let mut bad = b.clone();
         bad[12] = 0x02;
-        assert!(BookmarkPayload::decode(&bad).unwrap_err().contains("flags"));
+        assert!(BookmarkPayload::decode(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("flags"));
         assert!(BookmarkPayload::decode(&b[..14]).is_err());
     }
 }

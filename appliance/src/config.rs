@@ -23,6 +23,13 @@ pub struct ApplianceConfig {
     /// recoverable) until its splitter is back. Default 5000, 200..=600000.
     #[serde(default = "link_deadline_ms_default")]
     pub link_deadline_ms: u64,
+    /// Milliseconds a replication link (shipper or receiver end) may pass no bytes before it
+    /// is dropped and the shipper reconnects; an idle shipper sends a heartbeat every sixth
+    /// of this. Status then shows the remote (or the source) as not connected. Set the same
+    /// at both sites (the receiver must not time out between two heartbeats). Default 30000,
+    /// 200..=600000.
+    #[serde(default = "replication_deadline_ms_default")]
+    pub replication_deadline_ms: u64,
     /// Log lines as readable `text` (default) or `json`, one object per line.
     #[serde(default)]
     pub log_format: cdp_types::LogFormat,
@@ -96,6 +103,10 @@ fn events_log_bytes_default() -> u64 {
     cdp_metrics::event_log::EVENTS_LOG_BYTES_DEFAULT
 }
 
+fn replication_deadline_ms_default() -> u64 {
+    crate::limits::REPLICATION_DEADLINE_MS_DEFAULT
+}
+
 fn distribution_delay_default() -> u64 {
     30
 }
@@ -165,14 +176,10 @@ pub struct GroupConfig {
 }
 
 // --- remote replication ---
-/// Where a group's writes come from; see `GroupConfig::source`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum GroupSource {
-    #[default]
-    Local,
-    Remote,
-}
+/// Where a group's writes come from (see `GroupConfig::source`), what a full journal does
+/// (`GroupConfig::journal_full_policy`), and the remote link's mode and compression
+/// (`RemoteConfig`): settings that `cdp status` reports, so the control protocol defines them.
+pub use cdp_control::{CompressLevel, GroupSource, JournalFullPolicy, ReplicationMode};
 
 /// See `RemoteConfig::unshipped_history`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -276,16 +283,6 @@ pub struct RemoteTlsConfig {
     pub server_name: Option<String>,
 }
 
-/// When a host write to a shipping group is acknowledged; see `RemoteConfig::mode`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ReplicationMode {
-    #[default]
-    Async,
-    Sync,
-    Dynamic,
-}
-
 fn sync_wait_ms_max_default() -> u64 {
     5000
 }
@@ -310,51 +307,6 @@ fn dedup_window_bytes_default() -> u64 {
 
 /// The smallest dedup window: below it references would rarely reach the previous batch.
 pub const DEDUP_WINDOW_BYTES_MIN: u64 = 1024 * 1024;
-
-/// `[group.remote] compress_level`: a fixed zstd level (0 = off) or `"adaptive"`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum CompressLevel {
-    Fixed(i32),
-    #[default]
-    Adaptive,
-}
-
-impl Serialize for CompressLevel {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
-            CompressLevel::Fixed(level) => s.serialize_i32(*level),
-            CompressLevel::Adaptive => s.serialize_str("adaptive"),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for CompressLevel {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct LevelVisitor;
-        impl serde::de::Visitor<'_> for LevelVisitor {
-            type Value = CompressLevel;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a zstd level (0 = off, 1..=19) or \"adaptive\"")
-            }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<CompressLevel, E> {
-                // Out-of-range levels are clamped (with a warning) by sanitize.
-                Ok(CompressLevel::Fixed(
-                    v.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32,
-                ))
-            }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<CompressLevel, E> {
-                Ok(CompressLevel::Fixed(v.min(i32::MAX as u64) as i32))
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<CompressLevel, E> {
-                match v {
-                    "adaptive" => Ok(CompressLevel::Adaptive),
-                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
-                }
-            }
-        }
-        d.deserialize_any(LevelVisitor)
-    }
-}
 
 impl GroupConfig {
     /// Checks the group's replication settings, clamping soft mistakes with a warning.
@@ -470,15 +422,6 @@ impl ApplianceConfig {
 }
 // --- end remote replication ---
 
-/// See `GroupConfig::journal_full_policy`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JournalFullPolicy {
-    #[default]
-    Release,
-    Throttle,
-}
-
 /// A protected volume as the appliance knows it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -535,6 +478,19 @@ impl ApplianceConfig {
                 cdp_link::limits::LINK_DEADLINE_MS_MAX
             );
             self.link_deadline_ms = deadline;
+        }
+        let deadline = self.replication_deadline_ms.clamp(
+            cdp_link::limits::LINK_DEADLINE_MS_MIN,
+            cdp_link::limits::LINK_DEADLINE_MS_MAX,
+        );
+        if deadline != self.replication_deadline_ms {
+            tracing::warn!(
+                "replication_deadline_ms = {} is outside {}..={}; using {deadline}",
+                self.replication_deadline_ms,
+                cdp_link::limits::LINK_DEADLINE_MS_MIN,
+                cdp_link::limits::LINK_DEADLINE_MS_MAX
+            );
+            self.replication_deadline_ms = deadline;
         }
         if self.group.is_empty() {
             return bad("no [[group]] configured".into());
@@ -690,6 +646,17 @@ replica = "/d/r0.img"
         let typo =
             format!("{GOOD}\n[group.remote]\nendpoint = \"x:1\"\nplaintext = true\nrpo = 3\n");
         assert!(ApplianceConfig::from_toml(&typo).is_err());
+    }
+
+    #[test]
+    fn replication_deadline_defaults_and_clamps() {
+        let c = ApplianceConfig::from_toml(GOOD).unwrap();
+        assert_eq!(c.replication_deadline_ms, 30_000);
+        for (given, used) in [(1, 200), (1500, 1500), (10_000_000, 600_000)] {
+            let c =
+                ApplianceConfig::from_toml(&format!("replication_deadline_ms = {given}\n{GOOD}"));
+            assert_eq!(c.unwrap().replication_deadline_ms, used, "{given}");
+        }
     }
 
     #[test]

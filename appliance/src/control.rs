@@ -1,116 +1,24 @@
 //! The control socket: one JSON request per line in, one JSON response per line out.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
+use serde::Serialize;
+use tokio::net::UnixListener;
 
 use cdp_link::control_socket::ControlError;
 use cdp_types::{Seq, TimestampNs};
 
-use crate::bookmark::{BookmarkPayload, Consistency};
-use crate::group::{Group, GroupStatus};
-use crate::group_registry::{GroupCreate, Groups};
+use crate::bookmark::BookmarkPayload;
+use crate::group::Group;
+use crate::group_registry::Groups;
 use crate::image::{AccessRequest, Images};
 use crate::limits::{BOOKMARK_RECOVERABLE_POLL, CONTROL_CONNECTIONS_MAX};
 use crate::point::{format_time, parse_point, resolve, PointSpec, ResolvedPoint};
 use crate::timeline::{timeline, NotRecoverable};
 
-/// A control request.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "command", rename_all = "snake_case")]
-pub enum Request {
-    Status,
-    /// Take a bookmark (appended after every acknowledged write, then synced).
-    BookmarkCreate {
-        /// The group; may be left out when the appliance has one group.
-        #[serde(default)]
-        group: Option<String>,
-        name: String,
-        consistency: Consistency,
-        /// Application-consistent: ms from the start of quiesce to this request.
-        #[serde(default)]
-        freeze_window_ms: u32,
-        /// If set, the bookmark is appended within this many ms of the request's arrival
-        /// or not at all (the caller thaws the application after its timeout).
-        #[serde(default)]
-        deadline_ms: Option<u64>,
-        /// Consolidation keeps this point.
-        #[serde(default)]
-        keep: bool,
-        /// While a volume of the group is marking or resynchronising, wait up to this many
-        /// ms for it to be protected again and take the bookmark then; without it (or when
-        /// the wait runs out) such a bookmark is refused (it would be a false recovery point).
-        #[serde(default)]
-        wait_recoverable_ms: Option<u64>,
-    },
-    BookmarkList {
-        #[serde(default)]
-        group: Option<String>,
-    },
-    /// Resolve a point spec (see `point::parse_point`) to a seq.
-    PointResolve {
-        #[serde(default)]
-        group: Option<String>,
-        point: String,
-    },
-    Timeline {
-        #[serde(default)]
-        group: Option<String>,
-    },
-    /// Run a consolidation pass now (see `consolidation.rs`).
-    JournalConsolidate {
-        #[serde(default)]
-        group: Option<String>,
-    },
-    /// Open the group at a point as NBD exports (see `image.rs`).
-    ImageAccess {
-        #[serde(default)]
-        group: Option<String>,
-        at: String,
-        #[serde(default)]
-        writable: bool,
-        #[serde(default)]
-        logged: bool,
-    },
-    ImageList {
-        #[serde(default)]
-        group: Option<String>,
-    },
-    ImageRelease {
-        id: String,
-    },
-    /// Create a consistency group with an empty journal; kept in DATA_DIR/managed.toml.
-    GroupCreate(GroupCreate),
-    /// Every group: journal capacity and use, oldest point, volumes.
-    GroupList,
-    /// Add a volume to a group. The replica defaults to DATA_DIR/replicas/GROUP/NAME.img,
-    /// created sparse.
-    VolumeAdd {
-        group: String,
-        name: String,
-        size: u64,
-        #[serde(default)]
-        replica: Option<PathBuf>,
-    },
-    /// Remove a volume from its group: refused while its splitter is connected unless
-    /// `force`. The journal keeps its records and the replica file is kept.
-    VolumeRemove {
-        group: String,
-        name: String,
-        #[serde(default)]
-        force: bool,
-    },
-}
-
-/// The answer to `status`.
-#[derive(Debug, Clone, Serialize)]
-pub struct ApplianceStatus {
-    pub groups: Vec<GroupStatus>,
-}
+/// The requests this socket answers, and the answers, are the control protocol's.
+pub use cdp_control::{ApplianceStatus, Request};
 
 pub async fn serve_control(listener: UnixListener, registry: Arc<Groups>, images: Arc<Images>) {
     cdp_link::control_socket::serve(
@@ -166,7 +74,7 @@ async fn image_request(
                         logged,
                     },
                 )?;
-                to_json(&serde_json::json!({ "image": image }))
+                to_json(&cdp_control::ImageAccessed { image })
             })
         }
         Request::ImageList { group } => {
@@ -174,12 +82,16 @@ async fn image_request(
                 find_group(groups, Some(name))?;
             }
             Box::new(move || {
-                to_json(&serde_json::json!({ "images": images.list(group.as_deref()) }))
+                to_json(&cdp_control::ImageListed {
+                    images: images.list(group.as_deref()),
+                })
             })
         }
-        Request::ImageRelease { id } => {
-            Box::new(move || to_json(&serde_json::json!({ "released": images.release(&id)? })))
-        }
+        Request::ImageRelease { id } => Box::new(move || {
+            to_json(&cdp_control::ImageReleased {
+                released: images.release(&id)?,
+            })
+        }),
         _ => return Err("not an image request".into()),
     };
     tokio::task::spawn_blocking(work)
@@ -196,9 +108,14 @@ async fn manage_request(
     let work = move || match request {
         Request::GroupCreate(create) => {
             let group = registry.create_group(create)?;
-            to_json(&serde_json::json!({ "created": group.name, "status": group.status() }))
+            to_json(&cdp_control::GroupCreated {
+                created: group.name.clone(),
+                status: wire_status(group.status()),
+            })
         }
-        Request::GroupList => to_json(&serde_json::json!({ "groups": registry.summaries() })),
+        Request::GroupList => to_json(&cdp_control::GroupListed {
+            groups: registry.summaries(),
+        }),
         Request::VolumeAdd {
             group,
             name,
@@ -206,21 +123,21 @@ async fn manage_request(
             replica,
         } => {
             let volume = registry.add_volume(&group, &name, size, replica)?;
-            to_json(&serde_json::json!({
-                "group": group,
-                "added": volume.name,
-                "volume_id": volume.id,
-                "size": volume.size,
-                "replica": volume.replica_path,
-            }))
+            to_json(&cdp_control::VolumeAdded {
+                group,
+                added: volume.name.clone(),
+                volume_id: volume.id,
+                size: volume.size,
+                replica: volume.replica_path.clone(),
+            })
         }
         Request::VolumeRemove { group, name, force } => {
             let volume = registry.remove_volume(&group, &name, force)?;
-            to_json(&serde_json::json!({
-                "group": group,
-                "removed": volume.name,
-                "replica_kept": volume.replica_path,
-            }))
+            to_json(&cdp_control::VolumeRemoved {
+                group,
+                removed: volume.name.clone(),
+                replica_kept: volume.replica_path.clone(),
+            })
         }
         _ => Err("not a management request".into()),
     };
@@ -233,8 +150,7 @@ async fn manage_request(
 /// refuses, points inside a resync (the copy is not consistent there) and moments when a
 /// volume was marking or had no splitter. Every command that takes a point comes through here.
 fn resolve_point(g: &Group, point: &str) -> Result<ResolvedPoint, ControlError> {
-    let spec = parse_point(point)
-        .map_err(|e| ControlError::new(cdp_link::control_socket::ErrorCode::BadRequest, e))?;
+    let spec = parse_point(point)?;
     let bookmarks = g.bookmarks();
     if let PointSpec::Bookmark(name) = &spec {
         if !bookmarks.iter().any(|b| &b.name == name) {
@@ -246,8 +162,7 @@ fn resolve_point(g: &Group, point: &str) -> Result<ResolvedPoint, ControlError> 
         }
     }
     let now = TimestampNs::now().0;
-    let r = resolve(g.journal(), &bookmarks, &spec, now, g.oldest_point().0)
-        .map_err(ControlError::not_found)?;
+    let r = resolve(g.journal(), &bookmarks, &spec, now, g.oldest_point().0)?;
     g.check_recoverable(Seq(r.seq))?;
     // A point asked for by time is the state at that time, which may be after the record
     // it resolves to: writes acknowledged in between must be journaled too.
@@ -417,20 +332,30 @@ async fn group_request(
                 };
                 let b = g.create_bookmark(payload, deadline)?;
                 tracing::info!(group = %g.name, name = %b.name, seq = b.seq, consistency = ?b.consistency, "bookmark created");
-                to_json(&serde_json::json!({ "group": g.name, "bookmark": b }))
+                to_json(&cdp_control::BookmarkCreated {
+                    group: g.name.clone(),
+                    bookmark: b,
+                })
             }),
         ),
         Request::BookmarkList { group } => (
             find_group(groups, group.as_deref())?,
             Box::new(|g| {
-                to_json(&serde_json::json!({ "group": g.name, "bookmarks": g.bookmarks() }))
+                to_json(&cdp_control::BookmarkListed {
+                    group: g.name.clone(),
+                    bookmarks: g.bookmarks(),
+                })
             }),
         ),
         Request::PointResolve { group, point } => (
             find_group(groups, group.as_deref())?,
             Box::new(move |g| {
                 let r = resolve_point(g, &point)?;
-                to_json(&serde_json::json!({ "group": g.name, "point": point, "resolved": r }))
+                to_json(&cdp_control::PointResolved {
+                    group: g.name.clone(),
+                    point,
+                    resolved: r,
+                })
             }),
         ),
         Request::Timeline { group } => (
@@ -451,7 +376,10 @@ async fn group_request(
             find_group(groups, group.as_deref())?,
             Box::new(|g| {
                 let report = g.consolidate()?;
-                to_json(&serde_json::json!({ "group": g.name, "consolidation": report }))
+                to_json(&cdp_control::JournalConsolidated {
+                    group: g.name.clone(),
+                    consolidation: report,
+                })
             }),
         ),
         _ => return Err("not a group request".into()),
@@ -467,38 +395,88 @@ fn to_json(v: &impl Serialize) -> Result<serde_json::Value, ControlError> {
 
 pub fn status(groups: &[Arc<Group>]) -> ApplianceStatus {
     ApplianceStatus {
-        groups: groups.iter().map(|g| g.status()).collect(),
+        groups: groups.iter().map(|g| wire_status(g.status())).collect(),
     }
 }
 
-/// Sends one request to an appliance's control socket and returns the raw JSON answer.
-pub async fn request(control: &Path, request: &Request) -> std::io::Result<serde_json::Value> {
-    let stream = UnixStream::connect(control).await.map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!(
-                "cannot reach the appliance at {}: {e} (is it running?)",
-                control.display()
-            ),
-        )
-    })?;
-    let (read, mut write) = stream.into_split();
-    let mut body = serde_json::to_vec(request).map_err(std::io::Error::other)?;
-    body.push(b'\n');
-    write.write_all(&body).await?;
-    let mut line = Vec::new();
-    BufReader::new(read)
-        .take(64 * 1024 * 1024)
-        .read_until(b'\n', &mut line)
-        .await?;
-    let value: serde_json::Value = serde_json::from_slice(&line).map_err(|e| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("bad answer from appliance: {e}"),
-        )
-    })?;
-    if let Some(error) = value.get("error").and_then(|e| e.as_str()) {
-        return Err(std::io::Error::other(format!("appliance: {error}")));
+/// A group's status as the protocol defines it. Every field is named on both sides, so a
+/// field added to or renamed in either struct is a compile error here. (The group keeps its
+/// own struct until its split into parts lands; then it can build the protocol's directly.)
+pub fn wire_status(status: crate::group::GroupStatus) -> cdp_control::GroupStatus {
+    let crate::group::GroupStatus {
+        name,
+        journal_bytes,
+        journal_segments,
+        first_seq,
+        last_seq,
+        durable_seq,
+        distributed_seq,
+        lag_records,
+        journal_capacity_bytes,
+        journal_over_capacity,
+        journal_full_policy,
+        journal_throttling,
+        journal_retention_s,
+        first_timestamp_ns,
+        journal_write_logical_bytes,
+        journal_write_stored_bytes,
+        journal_compression_ratio,
+        failure,
+        undo_bytes,
+        oldest_point_seq,
+        replica_held_at,
+        history,
+        consolidation,
+        volumes,
+        source,
+        remote,
+        replication_source,
+    } = status;
+    cdp_control::GroupStatus {
+        name,
+        journal_bytes,
+        journal_segments,
+        first_seq,
+        last_seq,
+        durable_seq,
+        distributed_seq,
+        lag_records,
+        journal_capacity_bytes,
+        journal_over_capacity,
+        journal_full_policy,
+        journal_throttling,
+        journal_retention_s,
+        first_timestamp_ns,
+        journal_write_logical_bytes,
+        journal_write_stored_bytes,
+        journal_compression_ratio,
+        failure,
+        undo_bytes,
+        oldest_point_seq,
+        replica_held_at,
+        history,
+        consolidation,
+        volumes: volumes.into_iter().map(wire_volume).collect(),
+        source,
+        remote,
+        replication_source,
     }
-    Ok(value)
+}
+
+/// A volume's status as the protocol defines it (see `wire_status`).
+pub fn wire_volume(volume: crate::group::VolumeStatus) -> cdp_control::VolumeStatus {
+    let crate::group::VolumeStatus {
+        name,
+        size,
+        replica,
+        connected,
+        last_source_seq,
+    } = volume;
+    cdp_control::VolumeStatus {
+        name,
+        size,
+        replica,
+        connected,
+        last_source_seq,
+    }
 }

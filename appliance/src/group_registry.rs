@@ -12,11 +12,10 @@ use std::time::Duration;
 
 use cdp_journal::JournalConfig;
 use cdp_types::validate_name;
-use serde::{Deserialize, Serialize};
 
 use crate::config::{ApplianceConfig, GroupConfig, VolumeConfig};
 use crate::error::ApplianceError;
-use crate::group::{Group, GroupVolume, VolumeStatus};
+use crate::group::{Group, GroupVolume};
 use crate::limits::JOURNAL_CAPACITY_SEGMENTS_MIN;
 use crate::managed_groups::{GroupVolumeName, ManagedGroups, ManagedVolume};
 
@@ -34,35 +33,8 @@ pub struct Groups {
     managed: Mutex<ManagedGroups>,
 }
 
-/// `group_create`'s settings; left out, each takes `[[group]]`'s default.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct GroupCreate {
-    pub name: String,
-    #[serde(default)]
-    pub journal_capacity_bytes: Option<u64>,
-    #[serde(default)]
-    pub journal_retention_s: Option<u64>,
-    #[serde(default)]
-    pub journal_compress: Option<bool>,
-}
-
-/// One group as `cdp group list` shows it.
-#[derive(Clone, Debug, Serialize)]
-pub struct GroupSummary {
-    pub name: String,
-    /// `appliance.toml`, or `runtime` for a group made by `cdp group create`.
-    pub origin: &'static str,
-    pub journal_capacity_bytes: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub journal_retention_s: Option<u64>,
-    pub journal_bytes: u64,
-    pub last_seq: u64,
-    /// The oldest point an image can be opened at, and the time of the oldest record kept.
-    pub oldest_point_seq: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub oldest_timestamp_ns: Option<u64>,
-    pub volumes: Vec<VolumeStatus>,
-}
+/// `group_create`'s settings, and one group as `cdp group list` shows it.
+pub use cdp_control::{GroupCreate, GroupOrigin, GroupSummary};
 
 impl Groups {
     /// Opens `appliance.toml`'s groups with the runtime changes applied over them.
@@ -299,9 +271,9 @@ impl Groups {
                 GroupSummary {
                     name: g.name.clone(),
                     origin: if self.configured.contains(&g.name) {
-                        "appliance.toml"
+                        GroupOrigin::ApplianceToml
                     } else {
-                        "runtime"
+                        GroupOrigin::Runtime
                     },
                     journal_capacity_bytes: status.journal_capacity_bytes,
                     journal_retention_s: status.journal_retention_s,
@@ -309,7 +281,11 @@ impl Groups {
                     last_seq: status.last_seq,
                     oldest_point_seq: status.oldest_point_seq,
                     oldest_timestamp_ns,
-                    volumes: status.volumes,
+                    volumes: status
+                        .volumes
+                        .into_iter()
+                        .map(crate::control::wire_volume)
+                        .collect(),
                 }
             })
             .collect()

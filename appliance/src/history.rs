@@ -199,24 +199,8 @@ pub struct History {
     volumes: HashMap<u32, VolumeIndex>,
 }
 
-/// Entry counts, for status and the memory limit's arithmetic.
-#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
-pub struct HistoryStats {
-    pub redo_records: u64,
-    pub undo_records: u64,
-    pub index_entries: u64,
-}
-
-/// For log lines: `120 redo records, 80 undo records, 200 index entries`.
-impl std::fmt::Display for HistoryStats {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} redo records, {} undo records, {} index entries",
-            self.redo_records, self.undo_records, self.index_entries
-        )
-    }
-}
+/// Entry counts, for status and the memory limit's arithmetic (part of `cdp status`).
+pub use cdp_control::HistoryStats;
 
 impl History {
     /// An empty index whose next redo record is `redo_next` and next undo record `undo_next`.

@@ -12,8 +12,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use cdp_nbd::{Export, ExportError, ExportFeatures, ExportRegistry};
 use cdp_types::{BlockFile, Seq, TimestampNs};
-use serde::Serialize;
 
+use crate::error::ApplianceError;
 use crate::group::{Group, GroupVolume};
 use crate::history::BLOCK_BYTES;
 use crate::limits::IMAGES_MAX;
@@ -23,40 +23,7 @@ use crate::point::ResolvedPoint;
 const REPLICA_EXACT_WAIT: Duration = Duration::from_secs(60);
 
 /// An image as `cdp image list` shows it.
-#[derive(Clone, Debug, Serialize)]
-pub struct ImageInfo {
-    pub id: String,
-    pub group: String,
-    pub seq: u64,
-    pub time_ns: u64,
-    pub time: String,
-    /// The point as the administrator named it.
-    pub point: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub bookmark: Option<String>,
-    pub writable: bool,
-    /// `virtual` or `logged`.
-    pub mode: &'static str,
-    /// `rolling_back` (logged, replica not there yet), `ready`, or `failed`.
-    pub state: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// Rollback progress in undo records, for logged images.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rollback: Option<(u64, u64)>,
-    pub opened_ns: u64,
-    /// Where the exports are served (`unix:PATH` or `HOST:PORT`).
-    pub nbd: String,
-    pub exports: Vec<ImageExport>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct ImageExport {
-    pub volume: String,
-    /// NBD export name.
-    pub export: String,
-    pub size: u64,
-}
+pub use cdp_control::{ImageExport, ImageInfo, ImageMode, ImageState};
 
 struct OpenImage {
     info: ImageInfo,
@@ -116,23 +83,24 @@ impl Images {
         self: &Arc<Self>,
         group: &Arc<Group>,
         request: AccessRequest,
-    ) -> Result<ImageInfo, String> {
+    ) -> Result<ImageInfo, ApplianceError> {
         let at = Seq(request.resolved.seq);
         if self.lock().len() >= IMAGES_MAX {
-            return Err(format!(
+            return Err(ApplianceError::Busy(format!(
                 "{IMAGES_MAX} images are open; release one first (cdp image release ID)"
-            ));
+            )));
         }
         if request.logged
             && self
                 .lock()
                 .values()
-                .any(|i| i.group.name == group.name && i.info.mode == "logged")
+                .any(|i| i.group.name == group.name && i.info.mode == ImageMode::Logged)
         {
-            return Err(format!(
+            // Busy, not refused: the same request succeeds once that image is released.
+            return Err(ApplianceError::Busy(format!(
                 "group {} already has a logged image; release it first",
                 group.name
-            ));
+            )));
         }
         group.wait_replica_exact(REPLICA_EXACT_WAIT)?;
         let pin = group.pin_point(at)?;
@@ -140,18 +108,21 @@ impl Images {
         let mut exports = Vec::new();
         let mut volumes = Vec::new();
         let mut scratch_files = Vec::new();
-        let build = (|| -> Result<(), String> {
+        let build = (|| -> Result<(), ApplianceError> {
             for volume in &group.volumes() {
                 let scratch = if request.writable {
                     std::fs::create_dir_all(&self.scratch_dir).map_err(|e| {
-                        format!("scratch directory {}: {e}", self.scratch_dir.display())
+                        io_context(
+                            e,
+                            &format!("scratch directory {}", self.scratch_dir.display()),
+                        )
                     })?;
                     let path = self
                         .scratch_dir
                         .join(format!("{id}-{}.scratch", volume.name));
                     let _ = std::fs::remove_file(&path);
                     let file = BlockFile::create_sparse(&path, volume.size)
-                        .map_err(|e| format!("scratch file {}: {e}", path.display()))?;
+                        .map_err(|e| io_context(e, &format!("scratch file {}", path.display())))?;
                     scratch_files.push(path);
                     Some(Scratch::new(file, volume.size))
                 } else {
@@ -189,11 +160,15 @@ impl Images {
             point: request.point,
             bookmark: request.resolved.bookmark.clone(),
             writable: request.writable,
-            mode: if request.logged { "logged" } else { "virtual" },
-            state: if request.logged {
-                "rolling_back"
+            mode: if request.logged {
+                ImageMode::Logged
             } else {
-                "ready"
+                ImageMode::Virtual
+            },
+            state: if request.logged {
+                ImageState::RollingBack
+            } else {
+                ImageState::Ready
             },
             error: None,
             rollback: None,
@@ -222,17 +197,17 @@ impl Images {
             .spawn(move || {
                 let result = group
                     .hold_replica(at)
-                    .and_then(|()| images.publish(&id, volumes));
+                    .and_then(|()| images.publish(&id, volumes).map_err(|e| e.to_string()));
                 let mut open = images.lock();
                 if let Some(image) = open.get_mut(&id) {
                     match result {
                         Ok(()) => {
-                            image.info.state = "ready";
+                            image.info.state = ImageState::Ready;
                             tracing::info!(image = %id, group = %group.name, seq = at.0, "logged image ready");
                         }
                         Err(e) => {
                             tracing::error!(image = %id, "logged access failed: {e}");
-                            image.info.state = "failed";
+                            image.info.state = ImageState::Failed;
                             image.info.error = Some(e);
                         }
                     }
@@ -243,17 +218,22 @@ impl Images {
             });
         if let Err(e) = spawned {
             self.release(&info.id).ok();
-            return Err(format!("starting the rollback: {e}"));
+            return Err(io_context(e, "starting the rollback"));
         }
         Ok(info)
     }
 
-    fn publish(&self, id: &str, volumes: Vec<(String, Arc<ImageVolume>)>) -> Result<(), String> {
+    fn publish(
+        &self,
+        id: &str,
+        volumes: Vec<(String, Arc<ImageVolume>)>,
+    ) -> Result<(), ApplianceError> {
         for (name, export) in volumes {
             let description = format!("cdp image {id}");
             self.exports
                 .add(&name, &description, export)
-                .map_err(|e| format!("exporting {name}: {e}"))?;
+                // The registry refuses a name that is taken or not a valid NBD string.
+                .map_err(|e| ApplianceError::Refused(format!("exporting {name}: {e}")))?;
         }
         Ok(())
     }
@@ -264,7 +244,7 @@ impl Images {
             .filter(|i| group.is_none_or(|g| i.info.group == g))
             .map(|i| {
                 let mut info = i.info.clone();
-                if info.mode == "logged" && info.state == "rolling_back" {
+                if info.mode == ImageMode::Logged && info.state == ImageState::RollingBack {
                     info.rollback = Some(i.group.rollback_progress());
                 }
                 info
@@ -290,7 +270,7 @@ impl Images {
         for e in &image.info.exports {
             self.exports.remove(&e.export);
         }
-        if image.info.mode == "logged" && image.info.state != "rolling_back" {
+        if image.info.mode == ImageMode::Logged && image.info.state != ImageState::RollingBack {
             image.group.release_replica();
         }
         image.group.unpin(image.pin);
@@ -504,4 +484,9 @@ fn no_open_image_message<'a>(id: &str, open: impl Iterator<Item = &'a String>) -
         ids.join(", ")
     };
     format!("no open image {id:?} (open: {listed})")
+}
+
+/// An I/O error with what was being done said first; its kind is kept.
+fn io_context(e: std::io::Error, what: &str) -> ApplianceError {
+    ApplianceError::Io(std::io::Error::new(e.kind(), format!("{what}: {e}")))
 }

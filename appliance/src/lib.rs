@@ -2,6 +2,7 @@
 
 pub mod bookmark;
 pub mod config;
+pub mod connection_progress;
 pub mod consolidation;
 pub mod control;
 pub mod distribution_state;
@@ -21,10 +22,11 @@ pub mod record_cache;
 pub mod replica_verify;
 pub mod replication;
 pub mod resync_span;
-pub mod rfc3339;
+
 pub mod state_file;
 pub mod timeline;
 pub mod volume_link;
+pub mod watermark;
 
 use std::future::Future;
 use std::sync::Arc;

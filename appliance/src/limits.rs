@@ -41,7 +41,7 @@ const _: () = assert!(APPEND_BATCH_BYTES_MAX >= 32 * 1024 * 1024 + 4096);
 
 /// Longest bookmark name, in bytes: long enough for a descriptive name with a date, short
 /// enough to show in a table. The journal's own bound (4 KiB) is far above.
-pub const BOOKMARK_NAME_BYTES_MAX: usize = 128;
+pub const BOOKMARK_NAME_BYTES_MAX: usize = cdp_control::limits::BOOKMARK_NAME_BYTES_MAX;
 
 /// Most activity buckets `cdp timeline` returns; with a longer window each bucket widens
 /// (doubling from `TIMELINE_BUCKET_NS_DEFAULT`), so the answer stays small.
@@ -54,10 +54,8 @@ pub const TIMELINE_BUCKET_NS_DEFAULT: u64 = 60_000_000_000;
 const _: () =
     assert!(BOOKMARK_NAME_BYTES_MAX as u64 + 12 <= cdp_journal::limits::BOOKMARK_NAME_BYTES_MAX);
 
-/// How long `cdp bookmark create` waits for the answer beyond its timeout. The appliance
-/// appends within the timeout or not at all; the grace covers the journal sync that follows,
-/// so a slow fsync is not mistaken for a lost bookmark.
-pub const BOOKMARK_ANSWER_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long `cdp bookmark create` waits for the answer beyond its timeout (a protocol limit).
+pub use cdp_control::limits::BOOKMARK_ANSWER_GRACE;
 
 /// How often a `bookmark create --wait` checks whether the group is recoverable again (a
 /// blocking-pool thread waits; the wait itself is bounded by the request).
@@ -93,19 +91,26 @@ pub const JOURNAL_FULL_HOLD_POLL: std::time::Duration = std::time::Duration::fro
 /// takes one link at a time, further ones are refused.
 pub const REPLICATION_LINKS_MAX: usize = 16;
 
-/// A replication link with no message for this long is dead (the shipper sends a heartbeat
-/// every `REPLICATION_HEARTBEAT_INTERVAL` when idle); it is dropped and the shipper reconnects.
-pub const REPLICATION_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Default `replication_deadline_ms`: a replication link that passes no bytes for this long
+/// (either way) is dead; it is dropped and the shipper reconnects. Longer than the split
+/// link's `link_deadline_ms` because a batch (up to 8 MiB) is acknowledged only after it
+/// crossed a possibly slow or bandwidth-limited WAN link and the remote fsynced it.
+pub const REPLICATION_DEADLINE_MS_DEFAULT: u64 = 30_000;
 
-/// How often an idle shipper proves the link alive.
-pub const REPLICATION_HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+/// The idle timeout TLS handshakes leave on a replication socket; the shipper and the receiver
+/// then set the configured deadline.
+pub const REPLICATION_IDLE_TIMEOUT: std::time::Duration =
+    std::time::Duration::from_millis(REPLICATION_DEADLINE_MS_DEFAULT);
+
+/// How often an idle shipper proves the link alive (the receiver answers each heartbeat with
+/// a `BatchAck`): a sixth of the deadline, so a few may be late or lost before it passes.
+pub fn replication_heartbeat_interval(deadline: std::time::Duration) -> std::time::Duration {
+    deadline / 6
+}
 
 /// Longest wait between two connection attempts of a shipper (it starts at 100 ms and doubles).
 pub const REPLICATION_RECONNECT_BACKOFF_MAX: std::time::Duration =
     std::time::Duration::from_secs(5);
-
-const _: () =
-    assert!(REPLICATION_HEARTBEAT_INTERVAL.as_millis() * 3 <= REPLICATION_IDLE_TIMEOUT.as_millis());
 
 /// A replication link's TLS handshake must finish within this: a peer that connects and stays
 /// silent holds one of the `REPLICATION_LINKS_MAX` link threads only this long.

@@ -26,7 +26,8 @@ use cdp_link::limits::CHECKSUM_REQUESTS_IN_FLIGHT_MAX;
 use cdp_link::{LinkError, LinkStream, Message};
 use tokio::sync::mpsc;
 
-use crate::group::{ConnectionProgress, Group, GroupVolume};
+use crate::connection_progress::ConnectionProgress;
+use crate::group::{Group, GroupVolume};
 use crate::group_registry::Groups;
 use crate::limits::{APPEND_BATCH_BYTES_MAX, APPEND_BATCH_ITEMS_MAX, JOURNAL_FULL_HOLD_POLL};
 use crate::replica_verify::{self, ChecksumAsk};
@@ -41,7 +42,7 @@ struct ConnectedGuard {
 
 impl Drop for ConnectedGuard {
     fn drop(&mut self) {
-        self.volume.connected.store(false, Ordering::Relaxed);
+        self.volume.connected.set(false);
         self.volume.link.release(self.claim, self.margin);
     }
 }
@@ -161,7 +162,7 @@ pub async fn serve_link(groups: Arc<Groups>, stream: LinkStream, deadline: Durat
             return;
         }
     };
-    volume.connected.store(true, Ordering::Relaxed);
+    volume.connected.set(true);
     let _connected = ConnectedGuard {
         volume: Arc::clone(&volume),
         claim: claim.id,
@@ -200,7 +201,7 @@ pub async fn serve_link(groups: Arc<Groups>, stream: LinkStream, deadline: Durat
             answers_tx,
         )
         .await
-        .map_err(LinkError::Protocol)?;
+        .map_err(|e| LinkError::Protocol(e.to_string()))?;
         // The receive half dropped its end: the connection is ending anyway.
         std::future::pending::<Result<(), LinkError>>().await
     };
@@ -414,8 +415,7 @@ async fn receive_changes(
         }
         for (offset, length, region_bytes) in checksum_requests.drain(..) {
             let through = group.last_seq();
-            let ask = ChecksumAsk::new(volume, offset, length, region_bytes, through)
-                .map_err(LinkError::Protocol)?;
+            let ask = ChecksumAsk::new(volume, offset, length, region_bytes, through)?;
             checksum_asks.try_send(ask).map_err(|_| {
                 LinkError::Protocol(format!(
                     "more than {CHECKSUM_REQUESTS_IN_FLIGHT_MAX} checksum requests in flight"

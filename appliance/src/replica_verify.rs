@@ -11,15 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cdp_link::checksum::{region_checksum, RegionChecksum};
-use cdp_link::Message;
+use cdp_link::{LinkError, Message};
 use cdp_types::Seq;
 use tokio::sync::mpsc;
 
+use crate::error::ApplianceError;
 use crate::group::{Group, GroupVolume};
-
-/// How often a checksum request looks whether distribution has reached its target. The
-/// group offers no notification; the wait is one replica catch-up, so polling costs nothing.
-const DISTRIBUTION_POLL_INTERVAL: Duration = Duration::from_millis(5);
 
 /// A checksum request waiting longer than this for distribution is logged once.
 const DISTRIBUTION_WAIT_WARN: Duration = Duration::from_secs(60);
@@ -44,15 +41,16 @@ impl ChecksumAsk {
         length: u64,
         region_bytes: u32,
         through: Seq,
-    ) -> Result<ChecksumAsk, String> {
+    ) -> Result<ChecksumAsk, LinkError> {
         if offset
             .checked_add(length)
             .is_none_or(|end| end > volume.size)
         {
-            return Err(format!(
+            // The splitter broke the protocol: the connection ends.
+            return Err(LinkError::Protocol(format!(
                 "checksum request for {offset}+{length} is past the end of the {} byte volume",
                 volume.size
-            ));
+            )));
         }
         Ok(ChecksumAsk {
             offset,
@@ -71,14 +69,16 @@ pub async fn answer_checksum_requests(
     volume: Arc<GroupVolume>,
     mut asks: mpsc::Receiver<ChecksumAsk>,
     answers: mpsc::Sender<Message>,
-) -> Result<(), String> {
+) -> Result<(), ApplianceError> {
     while let Some(ask) = asks.recv().await {
         let sums = loop {
             wait_for_distribution(&group, ask.through).await?;
             let (g, v, a) = (Arc::clone(&group), Arc::clone(&volume), ask.clone());
             let sums = tokio::task::spawn_blocking(move || replica_checksums(&g, &v, &a))
                 .await
-                .map_err(|e| format!("checksum task failed: {e}"))??;
+                .map_err(|e| {
+                    ApplianceError::Io(std::io::Error::other(format!("checksum task failed: {e}")))
+                })??;
             match sums {
                 Some(sums) => break sums,
                 None => tracing::info!(
@@ -101,29 +101,37 @@ pub async fn answer_checksum_requests(
 
 /// Waits until the replica holds every record up to `through`, urging distribution not to
 /// wait for a pause in host writes.
-async fn wait_for_distribution(group: &Group, through: Seq) -> Result<(), String> {
-    let failure = group.failure();
-    let started = std::time::Instant::now();
+async fn wait_for_distribution(group: &Group, through: Seq) -> Result<(), ApplianceError> {
+    let mut failure = group.failure();
+    let mut progress = group.subscribe_distribution();
+    let warn_at = tokio::time::Instant::now() + DISTRIBUTION_WAIT_WARN;
     let mut warned = false;
     loop {
-        if group.distributed_seq() >= through {
+        if progress.borrow_and_update().distributed >= through {
             return Ok(());
         }
-        if !warned && started.elapsed() >= DISTRIBUTION_WAIT_WARN {
-            warned = true;
-            tracing::warn!(
-                group = %group.name,
-                %through,
-                distributed = %group.distributed_seq(),
-                "a checksum request has waited {} s for distribution (is the replica held by a logged image?)",
-                DISTRIBUTION_WAIT_WARN.as_secs()
-            );
-        }
-        if let Some(failure) = failure.borrow().clone() {
-            return Err(format!("group {} is fenced: {failure}", group.name));
+        if let Some(failure) = failure.borrow_and_update().clone() {
+            return Err(ApplianceError::Fenced(format!(
+                "group {} is fenced: {failure}",
+                group.name
+            )));
         }
         group.urge_distribution();
-        tokio::time::sleep(DISTRIBUTION_POLL_INTERVAL).await;
+        // The group owns both senders and outlives this wait, so neither channel closes.
+        tokio::select! {
+            moved = progress.changed() => moved.map_err(|_| ApplianceError::Fenced(format!("group {} stopped", group.name)))?,
+            fenced = failure.changed() => fenced.map_err(|_| ApplianceError::Fenced(format!("group {} stopped", group.name)))?,
+            _ = tokio::time::sleep_until(warn_at), if !warned => {
+                warned = true;
+                tracing::warn!(
+                    group = %group.name,
+                    %through,
+                    distributed = %group.distributed_seq(),
+                    "a checksum request has waited {} s for distribution (is the replica held by a logged image?)",
+                    DISTRIBUTION_WAIT_WARN.as_secs()
+                );
+            }
+        }
     }
 }
 
@@ -134,7 +142,7 @@ fn replica_checksums(
     group: &Group,
     volume: &GroupVolume,
     ask: &ChecksumAsk,
-) -> Result<Option<Vec<RegionChecksum>>, String> {
+) -> Result<Option<Vec<RegionChecksum>>, ApplianceError> {
     let end = ask.offset + ask.length;
     let region_bytes = u64::from(ask.region_bytes);
     let mut buf = vec![0u8; ask.region_bytes as usize];
@@ -145,7 +153,7 @@ fn replica_checksums(
         let region = &mut buf[..length];
         group
             .read_replica(volume, offset, region)
-            .map_err(|e| format!("replica read at {offset}: {e}"))?;
+            .map_err(|e| e.context(&format!("replica read at {offset}")))?;
         if group.distributed_seq() < ask.through {
             return Ok(None);
         }

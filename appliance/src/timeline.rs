@@ -4,7 +4,6 @@
 //! rescanned on every request.
 
 use cdp_journal::Journal;
-use serde::Serialize;
 
 use crate::bookmark::Bookmark;
 use crate::consolidation::ConsolidationState;
@@ -12,66 +11,9 @@ use crate::error::ApplianceError;
 use crate::limits::{TIMELINE_BUCKETS_MAX, TIMELINE_BUCKET_NS_DEFAULT};
 use crate::point::format_time;
 
-/// Changes journaled in one time bucket.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct ActivityBucket {
-    pub start_ns: u64,
-    pub start: String,
-    /// Write, trim and zero records (bookmarks are listed separately, markers not counted).
-    pub records: u64,
-    /// Bytes those records change on the volumes (as the host wrote them).
-    pub bytes: u64,
-}
-
-/// One end of the recoverable window.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct WindowEnd {
-    pub seq: u64,
-    pub timestamp_ns: u64,
-    pub time: String,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct Timeline {
-    pub group: String,
-    /// Oldest recoverable point; `None` while the journal holds no record.
-    pub first: Option<WindowEnd>,
-    pub last: Option<WindowEnd>,
-    pub bookmarks: Vec<Bookmark>,
-    pub bucket_s: u64,
-    /// Buckets with activity, oldest first (empty buckets are left out).
-    pub activity: Vec<ActivityBucket>,
-    /// History consolidation thinned out, if any.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub consolidated: Option<Consolidated>,
-    /// Stretches of the window that are not recoverable points: a volume was marking or
-    /// resynchronising (filled in by the group, which knows the spans).
-    pub not_recoverable: Vec<NotRecoverable>,
-}
-
-/// A stretch of history that is not offered for recovery (DESIGN.md rule 7).
-#[derive(Clone, Debug, Serialize)]
-pub struct NotRecoverable {
-    pub volume: String,
-    /// `resync` (after `from_seq`), `marking` (stamped at or after `from_ns` too), or
-    /// `no_splitter` (no connection since `from_ns`; its splitter may be marking).
-    pub reason: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub from_seq: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub from_ns: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub from_time: Option<String>,
-    /// The first recoverable seq again; `None` while still going on.
-    pub until_seq: Option<u64>,
-}
-
-/// Below `below_seq` only the `kept` points can be opened.
-#[derive(Clone, Debug, Serialize)]
-pub struct Consolidated {
-    pub below_seq: u64,
-    pub kept: Vec<WindowEnd>,
-}
+pub use cdp_control::{
+    ActivityBucket, ConsolidatedHistory as Consolidated, NotRecoverable, Timeline, WindowEnd,
+};
 
 /// Scans the journal from its first record and builds the timeline. `oldest` is the group's
 /// oldest recoverable point (`Group::oldest_point`): when it is the state just before the

@@ -18,6 +18,8 @@ use std::time::Duration;
 use cdp_types::TimestampNs;
 use tokio::sync::{watch, Notify};
 
+use crate::error::ApplianceError;
+
 /// The connection holding the volume.
 struct Holder {
     id: u64,
@@ -79,7 +81,7 @@ impl VolumeLink {
         splitter_id: u64,
         session: u64,
         wait: Duration,
-    ) -> Result<LinkClaim, String> {
+    ) -> Result<LinkClaim, ApplianceError> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let released = self.released.notified();
@@ -115,24 +117,25 @@ impl VolumeLink {
                         h.fence.send_replace(true);
                     }
                     Some(h) => {
-                        return Err(if h.splitter_id == splitter_id {
+                        // Refused: a second splitter for a held volume would be split brain.
+                        return Err(ApplianceError::Refused(if h.splitter_id == splitter_id {
                             format!(
                                 "already connected by this splitter in session {} (this Hello says {session})",
                                 h.session
                             )
                         } else {
-                            "already has a connected splitter".to_string()
-                        })
+                            cdp_link::message::REFUSED_VOLUME_ALREADY_SPLIT.to_string()
+                        }));
                     }
                 }
                 // Registered before the lock is released, so a release in between is seen.
                 released.as_mut().enable();
             }
             if tokio::time::timeout_at(deadline, released).await.is_err() {
-                return Err(format!(
+                return Err(ApplianceError::Busy(format!(
                     "the stale connection it replaces did not end within {} ms",
                     wait.as_millis()
-                ));
+                )));
             }
         }
     }

@@ -171,9 +171,29 @@ impl Journal {
             .open_rw(&path)
             .map_err(|e| JournalError::io("open", &path, e))?;
         let new = Arc::new(Segment::from_file(file, &header, rewrite.bytes_after));
-        let mut segs = inner.segments.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(slot) = segs.iter_mut().find(|s| s.index == index) {
-            *slot = new;
+        {
+            let mut segs = inner.segments.write().unwrap_or_else(|e| e.into_inner());
+            if let Some(slot) = segs.iter_mut().find(|s| s.index == index) {
+                *slot = new;
+            }
+        }
+        // The records moved: so do the time marks, in memory and beside the segment.
+        let moved: Vec<(u64, u64)> = rewrite
+            .records
+            .iter()
+            .map(|(seq, location, _)| (*seq, location.offset))
+            .collect();
+        let mut times = inner.times();
+        times.relocate(index, &moved);
+        match times.segment(index) {
+            Some(marks) => crate::time_index::store(
+                &inner.dir,
+                inner.group_id,
+                header.first_seq,
+                rewrite.bytes_after,
+                marks,
+            ),
+            None => crate::time_index::remove(&inner.dir, index),
         }
         Ok(Some(rewrite))
     }

@@ -15,13 +15,14 @@ use crate::format::{RecordHeader, RECORD_FLAG_ZSTD, RECORD_HEADER_LEN, SEGMENT_H
 use crate::group_commit::{CommitError, GroupCommit};
 use crate::limits::{
     BATCH_BYTES_MAX, BATCH_RECORDS_MAX, COMPRESS_LEVEL, COMPRESS_PAYLOAD_BYTES_MIN,
-    PAYLOAD_COPY_BYTES_MAX, SCRATCH_BYTES_RETAINED_MAX,
+    PAYLOAD_COPY_BYTES_MAX, SCRATCH_BYTES_RETAINED_MAX, TAIL_CHECKPOINT_BYTES,
 };
 use crate::reader::JournalReader;
 use crate::record::RecordKind;
 use crate::record::{Record, RecordIn, RecordLocation};
 use crate::recover::{self, RecoveryReport, FIRST_SEGMENT_INDEX};
 use crate::segment::Segment;
+use crate::time_index::{self, TimeIndex};
 
 /// Name of the directory, inside the directory given to `open`, holding the segments.
 pub const JOURNAL_DIR_NAME: &str = "journal";
@@ -56,6 +57,11 @@ pub(crate) struct Inner {
     pub(crate) segments: RwLock<Vec<Arc<Segment>>>,
     /// Held by the one retention pass that may run at a time (see `retention.rs`).
     pub(crate) release: Mutex<()>,
+    /// Sampled seq/time marks of every segment (`time_index.rs`). Lock order: after
+    /// `writer` and after `segments`, never held while taking either.
+    pub(crate) times: Mutex<TimeIndex>,
+    /// Segment index and length of the last tail checkpoint written.
+    tail_checkpoint: Mutex<(u64, u64)>,
     commit: GroupCommit,
     /// Highest seq whose append has returned; readers and `sync` targets use it.
     last_seq: AtomicU64,
@@ -104,6 +110,34 @@ impl Inner {
         segs[i.saturating_sub(1)].clone()
     }
 
+    /// The marks of `active`'s first `written` bytes if a tail checkpoint is due (at least
+    /// `TAIL_CHECKPOINT_BYTES` since the last one). Called under the writer lock, so the
+    /// active segment's marks end exactly at `written`.
+    fn tail_due(&self, active: &Segment, written: u64) -> Option<(time_index::SegmentMarks, u64)> {
+        let mut last = self
+            .tail_checkpoint
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let since = if last.0 == active.index { last.1 } else { 0 };
+        if written < since + TAIL_CHECKPOINT_BYTES {
+            return None;
+        }
+        let marks = self.times().segment(active.index)?.prefix(written);
+        *last = (active.index, written);
+        Some((marks, written))
+    }
+
+    pub(crate) fn times(&self) -> MutexGuard<'_, TimeIndex> {
+        self.times.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The segment with index `index`, if it is still kept.
+    pub(crate) fn segment_by_index(&self, index: u64) -> Option<Arc<Segment>> {
+        let segs = self.segments();
+        let i = segs.partition_point(|s| s.index < index);
+        segs.get(i).filter(|s| s.index == index).cloned()
+    }
+
     /// The segment after `index`, if it exists yet.
     pub(crate) fn segment_after(&self, index: u64) -> Option<Arc<Segment>> {
         let segs = self.segments();
@@ -141,6 +175,16 @@ impl Inner {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .push(seg.clone());
+        // The sealed segment's marks go beside it, so the next open need not scan it.
+        if let Some(marks) = self.times().segment(w.active.index) {
+            time_index::store(
+                &self.dir,
+                self.group_id,
+                w.active.first_seq,
+                w.active.written(),
+                marks,
+            );
+        }
         w.active = seg;
         tracing::debug!(index, first_seq = w.next_seq, "journal segment started");
         Ok(())
@@ -202,6 +246,7 @@ impl Journal {
         }
         let active = segments[segments.len() - 1].clone();
         let last_seq = recovered.next_seq - 1;
+        let times = open_time_index(&jdir, group_id, &segments, recovered.last_marks)?;
         // The journal does not know its group; its directory (groups/NAME/journal) names it.
         // A clean open is the caller's to announce with the group's name (debug here).
         if report.tail_cut.is_some() {
@@ -223,6 +268,8 @@ impl Journal {
             }),
             segments: RwLock::new(segments),
             release: Mutex::new(()),
+            times: Mutex::new(times),
+            tail_checkpoint: Mutex::new((0, 0)),
             // Recovery fdatasynced the last segment, so all it found is durable.
             commit: GroupCommit::new(last_seq),
             last_seq: AtomicU64::new(last_seq),
@@ -427,6 +474,16 @@ impl Journal {
                 // One huge batch of small records should not pin its buffer forever.
                 w.scratch = Vec::new();
             }
+            {
+                let mut times = inner.times();
+                let mut at = start;
+                for (k, s) in stored[first..last].iter().enumerate() {
+                    let len = RECORD_HEADER_LEN as u64 + s.payload.len() as u64;
+                    let seq = w.next_seq + k as u64;
+                    times.note(seg.index, seq, timestamps.of(first + k), at, len);
+                    at += len;
+                }
+            }
             if let Some(locations) = locations.as_deref_mut() {
                 let mut at = start;
                 for s in &stored[first..last] {
@@ -464,11 +521,26 @@ impl Journal {
         let result = inner.commit.commit(target, || {
             // Snapshot under the writer lock: every seq ≤ `seq` is in `active` or in an
             // earlier, already fdatasynced segment.
-            let (active, seq) = {
+            let (active, seq, tail) = {
                 let w = inner.lock_writer();
-                (w.active.clone(), w.next_seq - 1)
+                let written = w.active.written();
+                (
+                    w.active.clone(),
+                    w.next_seq - 1,
+                    inner.tail_due(&w.active, written),
+                )
             };
             active.sync()?;
+            // Everything in `tail` is durable now: let the next open start after it.
+            if let Some(marks) = tail {
+                time_index::store(
+                    &inner.dir,
+                    inner.group_id,
+                    active.first_seq,
+                    marks.1,
+                    &marks.0,
+                );
+            }
             Ok(seq)
         });
         match result {
@@ -498,7 +570,9 @@ impl Journal {
             )));
         }
         let old: Vec<Arc<Segment>> = inner.segments().clone();
+        inner.times().clear();
         for seg in &old {
+            time_index::remove(&inner.dir, seg.index);
             inner
                 .env
                 .remove_file(seg.path())
@@ -591,6 +665,10 @@ impl Journal {
         &self.inner
     }
 
+    pub(crate) fn inner_arc(&self) -> Arc<Inner> {
+        Arc::clone(&self.inner)
+    }
+
     /// Reads records with seq ≥ `seq` in order, CRC-checked, from the segment files.
     /// The iterator yields what has been appended when `next` is called; it returns
     /// `None` when it catches up and may yield more after later appends. A reader keeps
@@ -663,6 +741,32 @@ impl Journal {
             ))),
         }
     }
+}
+
+/// The time index at open: each sealed segment's marks from its marks file (or a scan of
+/// it when the file is missing or does not match), the last segment's from recovery's scan.
+fn open_time_index(
+    dir: &Path,
+    group_id: u64,
+    segments: &[Arc<Segment>],
+    last_marks: time_index::SegmentMarks,
+) -> Result<TimeIndex, JournalError> {
+    time_index::remove_orphans(dir, segments)?;
+    let mut times = TimeIndex::default();
+    let mut scanned = 0;
+    for pair in segments.windows(2) {
+        let (marks, from_file) =
+            time_index::load_sealed(dir, group_id, &pair[0], pair[1].first_seq - 1)?;
+        scanned += usize::from(!from_file);
+        times.push(marks);
+    }
+    if scanned > 0 {
+        tracing::info!(dir = %dir.display(), scanned, "time marks rebuilt by scanning sealed segments");
+    }
+    // The active segment's marks file, if any, is its tail checkpoint (recovery checked it
+    // or ignored it); the next checkpoint or roll replaces it.
+    times.push(last_marks);
+    Ok(times)
 }
 
 /// Who numbers and stamps an append: the journal (now), or another journal (replication).

@@ -21,6 +21,8 @@ mod recover;
 mod retention;
 mod scan;
 mod segment;
+mod time_index;
+pub mod time_marks;
 
 pub use config::JournalConfig;
 pub use consolidate::SegmentRewrite;
@@ -34,6 +36,7 @@ pub use retention::{
     plan as retention_plan, Released, RetentionPlan, RetentionPolicy, SegmentInfo,
 };
 pub use segment::{parse_segment_name, segment_path};
+pub use time_index::{time_marks_path, TIME_MARKS_SUFFIX};
 
 #[cfg(test)]
 mod tests {

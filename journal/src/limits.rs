@@ -43,7 +43,8 @@ pub const SEGMENT_BYTES_MIN: u64 = MIB;
 pub const SEGMENT_BYTES_DEFAULT: u64 = 256 * MIB;
 
 /// Largest segment a config may ask for; larger values are clamped with a warning.
-/// Recovery scans the last segment fully on open, so this bounds open time.
+/// Recovery scans the last segment fully on open when it has no valid tail checkpoint
+/// (see `TAIL_CHECKPOINT_BYTES`), so this bounds open time.
 pub const SEGMENT_BYTES_MAX: u64 = 16 * 1024 * MIB;
 
 /// Most iovecs passed to one `pwritev` (Linux's `IOV_MAX`). A larger batch is written
@@ -61,6 +62,20 @@ pub const SCRATCH_BYTES_RETAINED_MAX: usize = 4 * 1024 * 1024;
 
 /// Read-ahead buffer of one reader or scanner. Costs this much memory per open reader.
 pub const READ_AHEAD_BYTES: usize = 256 * 1024;
+
+/// The time index takes a mark (24 bytes in memory and in the sealed segment's marks file)
+/// at a segment's first record and then after this many records or `TIME_MARK_BYTES`,
+/// whichever comes first; a lookup by time scans at most that much past its mark. 10^7
+/// small records cost about 40 000 marks (1 MB).
+pub const TIME_MARK_RECORDS: u64 = 256;
+/// See `TIME_MARK_RECORDS`: the bytes (headers and payloads) between two marks at most.
+pub const TIME_MARK_BYTES: u64 = MIB;
+
+/// A sync that finds at least this many bytes appended to the active segment since its
+/// last tail checkpoint writes a new one (its marks file, after the fdatasync), so `open`
+/// scans at most about this much of the last segment plus what the last sync did not
+/// cover. Costs one small file write (24 bytes per mark) per this much journal.
+pub const TAIL_CHECKPOINT_BYTES: u64 = 32 * MIB;
 
 const _: () = assert!(RECORD_PAYLOAD_BYTES_MAX <= u32::MAX as u64);
 const _: () = assert!(WRITE_PAYLOAD_BYTES_MAX <= RECORD_PAYLOAD_BYTES_MAX);

@@ -52,6 +52,22 @@ impl JournalReader {
         r
     }
 
+    /// A headers-only reader (as `new_headers_only`) starting at record `seq`, which a time
+    /// mark says begins at `offset` of `segment`: no scan from the segment's start. If the
+    /// bytes there are not record `seq`, the first `next` returns `Corruption`.
+    pub(crate) fn headers_at(
+        inner: Arc<Inner>,
+        segment: Arc<Segment>,
+        offset: u64,
+        seq: u64,
+    ) -> JournalReader {
+        let mut r = JournalReader::new_headers_only(inner, seq);
+        r.next_seq = seq;
+        r.scanner.reset(segment.index, offset);
+        r.segment = Some(segment);
+        r
+    }
+
     /// Where the record `next` last returned lies, for `Journal::read_at`.
     pub fn last_location(&self) -> Option<RecordLocation> {
         self.last_location

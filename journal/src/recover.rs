@@ -1,5 +1,6 @@
 //! Opening an existing journal: find the segments, validate their headers and chaining,
-//! scan the last segment record by record, and cut a torn tail so appends can resume.
+//! scan the last segment record by record (from its tail checkpoint, if it has a valid one:
+//! see `time_index.rs`), and cut a torn tail so appends can resume.
 //!
 //! Why only the last segment is scanned: a segment is fdatasynced before the next one is
 //! created, so only the last segment can hold a torn write. Earlier segments get header
@@ -20,6 +21,7 @@ use crate::error::JournalError;
 use crate::format::{SegmentHeader, SEGMENT_HEADER_LEN};
 use crate::scan::{Payload, ScanError, Scanner};
 use crate::segment::{parse_segment_name, Segment};
+use crate::time_index::SegmentMarks;
 
 /// Suffix of a segment's rewrite in progress (`consolidate.rs`); never a segment name,
 /// removed at open.
@@ -73,6 +75,9 @@ pub struct RecoveryReport {
     pub tail_cut: Option<TailCut>,
     /// Segment files removed because their header was never completely written.
     pub removed_segments: usize,
+    /// Bytes of the last segment that recovery read record by record: all of it, or only
+    /// what follows a valid tail checkpoint.
+    pub scanned_bytes: u64,
 }
 
 /// One line for people, e.g. `3 segments, 1200 records, last seq 1200, 8192 bytes cut at
@@ -122,6 +127,8 @@ pub struct Recovered {
     /// Timestamp of the last record found, so timestamps stay monotonic across a restart
     /// even if the wall clock went back.
     pub last_timestamp_ns: u64,
+    /// Time marks of the last segment's records, taken by the scan that checked them.
+    pub last_marks: SegmentMarks,
     pub report: RecoveryReport,
 }
 
@@ -237,6 +244,7 @@ pub fn recover(env: &Env, dir: &Path, group_id: u64) -> Result<Recovered, Journa
             segments: Vec::new(),
             next_seq: 1,
             last_timestamp_ns: 0,
+            last_marks: SegmentMarks::default(),
             report,
         });
     };
@@ -276,13 +284,25 @@ pub fn recover(env: &Env, dir: &Path, group_id: u64) -> Result<Recovered, Journa
     let len = last_file
         .size()
         .map_err(|e| JournalError::io("stat", &last_path, e))?;
-    let mut scanner = Scanner::new(
+    // A tail checkpoint (`time_index.rs`) lets the scan start where the last fdatasync
+    // before it ended: only what follows can be torn.
+    let tail = crate::time_index::load_tail(
+        dir,
         group_id,
         last_header.segment_index,
-        SEGMENT_HEADER_LEN as u64,
+        last_header.first_seq,
+        &last_file,
+        len,
     );
-    let mut next_seq = last_header.first_seq;
-    let mut last_timestamp_ns = 0;
+    let (start, mut next_seq, mut last_timestamp_ns, mut last_marks) = match tail {
+        Some(t) => (t.offset, t.next_seq, t.last_timestamp_ns, t.marks),
+        None => {
+            let mut marks = SegmentMarks::default();
+            marks.index = last_header.segment_index;
+            (SEGMENT_HEADER_LEN as u64, last_header.first_seq, 0, marks)
+        }
+    };
+    let mut scanner = Scanner::new(group_id, last_header.segment_index, start);
     let cut = loop {
         match scanner.next(&last_file, len, Payload::Skip) {
             Ok(None) => break None,
@@ -298,6 +318,12 @@ pub fn recover(env: &Env, dir: &Path, group_id: u64) -> Result<Recovered, Journa
                 }
                 next_seq += 1;
                 last_timestamp_ns = r.header.timestamp_ns;
+                last_marks.note(
+                    r.header.seq,
+                    r.header.timestamp_ns,
+                    r.offset,
+                    r.header.encoded_len(),
+                );
             }
             Err(ScanError::Corrupt { offset, what }) => break Some((offset, what)),
             Err(ScanError::Io { offset, error }) => {
@@ -324,6 +350,7 @@ pub fn recover(env: &Env, dir: &Path, group_id: u64) -> Result<Recovered, Journa
             what,
         });
     }
+    report.scanned_bytes = scanner.pos().min(len) - start;
     // The previous process may have died before syncing; make what we found durable so
     // `durable_seq` can start at `last_seq`.
     last_file
@@ -339,6 +366,7 @@ pub fn recover(env: &Env, dir: &Path, group_id: u64) -> Result<Recovered, Journa
         segments,
         next_seq,
         last_timestamp_ns,
+        last_marks,
         report,
     })
 }

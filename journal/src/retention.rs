@@ -143,6 +143,8 @@ impl Journal {
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
                 .retain(|s| s.index != seg.index);
+            inner.times().release_before(seg.index + 1);
+            crate::time_index::remove(&inner.dir, seg.index);
             done.segments += 1;
             done.bytes += seg.written();
             // Make each unlink durable before the next, so a crash never leaves a gap.

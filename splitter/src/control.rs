@@ -1,9 +1,8 @@
 //! The splitter's control socket: one JSON request per line in, one JSON response per line out.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use cdp_control::{SplitterResyncing, SplitterStatus, SplitterVolumeAdded};
 use tokio::net::UnixListener;
 
 use crate::config::SplitVolumeConfig;
@@ -13,34 +12,8 @@ use crate::split_link::{ResyncMethod, ResyncReason, SplitLink, VolumeState};
 /// Control connections served at once.
 const CONTROL_CONNECTIONS_MAX: usize = 16;
 
-/// A request to the splitter.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "command", rename_all = "snake_case")]
-pub enum Request {
-    Status,
-    /// Copy every region of a volume into the journal again; with `verify`, only the
-    /// regions whose checksum differs from the replica's.
-    Resync {
-        volume: String,
-        #[serde(default)]
-        verify: bool,
-    },
-    /// Serve a new volume (an NBD export and its split link), now and after restarts. The
-    /// appliance must know the volume already; answered once it welcomed it.
-    VolumeAdd {
-        name: String,
-        path: PathBuf,
-        #[serde(default)]
-        read_only: bool,
-    },
-    /// Stop serving a volume, now and after restarts. Refused while hosts are attached
-    /// unless `force`.
-    VolumeRemove {
-        name: String,
-        #[serde(default)]
-        force: bool,
-    },
-}
+/// The requests this socket answers, and the answers, are the control protocol's.
+pub use cdp_control::SplitterRequest as Request;
 
 /// What the control socket reports on.
 pub struct Control {
@@ -70,13 +43,13 @@ pub async fn serve_control(listener: UnixListener, control: Arc<Control>) {
                             dirty_bitmap: None,
                         };
                         let served = control.volumes.add(config).await?;
-                        Ok(serde_json::json!({
-                            "added": served.config.name,
-                            "state": control.volume_state(&served.link),
-                        }))
+                        to_json(&SplitterVolumeAdded {
+                            added: served.config.name.clone(),
+                            state: control.volume_state(&served.link),
+                        })
                     }
                     Request::VolumeRemove { name, force } => {
-                        control.volumes.remove(&name, force).await
+                        to_json(&control.volumes.remove(&name, force).await?)
                     }
                     request => answer(&control, request),
                 }
@@ -89,7 +62,7 @@ pub async fn serve_control(listener: UnixListener, control: Arc<Control>) {
 impl Control {
     fn volume_state(&self, link: &SplitLink) -> VolumeState {
         let mut state = link.state();
-        state.nbd_clients = self.volumes.registry.clients(&state.name).unwrap_or(0);
+        state.nbd_clients = Some(self.volumes.registry.clients(&state.name).unwrap_or(0));
         state
     }
 }
@@ -103,7 +76,10 @@ fn answer(control: &Control, request: Request) -> Result<serde_json::Value, Stri
                 .iter()
                 .map(|v| control.volume_state(&v.link))
                 .collect();
-            serde_json::json!({ "volumes": volumes, "nbd": control.nbd_endpoints })
+            to_json(&SplitterStatus {
+                volumes,
+                nbd: control.nbd_endpoints.clone(),
+            })?
         }
         Request::Resync { volume, verify } => {
             let served = control.volumes.get(&volume).ok_or_else(|| {
@@ -120,11 +96,16 @@ fn answer(control: &Control, request: Request) -> Result<serde_json::Value, Stri
             };
             link.request_resync(ResyncReason::Full, method);
             tracing::info!(volume = %volume, ?method, "full resync requested");
-            serde_json::json!({ "volume": volume, "state": control.volume_state(link) })
+            let state = control.volume_state(link);
+            to_json(&SplitterResyncing { volume, state })?
         }
         Request::VolumeAdd { .. } | Request::VolumeRemove { .. } => {
             return Err("volume changes are answered by serve_control".into())
         }
     };
     Ok(value)
+}
+
+fn to_json(answer: &impl serde::Serialize) -> Result<serde_json::Value, String> {
+    serde_json::to_value(answer).map_err(|e| format!("encoding the answer: {e}"))
 }

@@ -104,7 +104,7 @@ fn sample(volumes: &ServedVolumes) -> Vec<VolumeSample> {
         .iter()
         .map(|v| {
             let mut state = v.link.state();
-            state.nbd_clients = volumes.registry.clients(&state.name).unwrap_or(0);
+            state.nbd_clients = volumes.registry.clients(&state.name);
             VolumeSample {
                 state,
                 connected: v.link.is_connected(),
@@ -215,7 +215,7 @@ fn exposition(site: &str, volumes: &[VolumeSample]) -> Exposition {
             "cdp_host_clients",
             "Hosts attached over NBD.",
             &l,
-            s.nbd_clients as f64,
+            s.nbd_clients.unwrap_or(0) as f64,
         );
         for state in LINK_STATES {
             let mut ls = l.clone();

@@ -205,7 +205,11 @@ impl ServedVolumes {
     /// unless `force`; forced, attached hosts keep their connection and their writes reach
     /// production and the dirty bitmap only. Production, its bitmap and the appliance's
     /// journal and replica are all kept.
-    pub async fn remove(&self, name: &str, force: bool) -> Result<serde_json::Value, String> {
+    pub async fn remove(
+        &self,
+        name: &str,
+        force: bool,
+    ) -> Result<cdp_control::SplitterVolumeRemoved, String> {
         let Some(managed_path) = self.managed_path.clone() else {
             return Err(
                 "this splitter has no managed_volumes file (set control or managed_volumes \
@@ -253,12 +257,12 @@ impl ServedVolumes {
         }
         self.lock().remove(name);
         tracing::info!(volume = %name, hosts, journaled, "volume removed");
-        Ok(serde_json::json!({
-            "removed": name,
-            "hosts_attached": hosts,
-            "last_changes_journaled": journaled,
-            "production": served.config.path.display().to_string(),
-        }))
+        Ok(cdp_control::SplitterVolumeRemoved {
+            removed: name.to_string(),
+            hosts_attached: hosts,
+            last_changes_journaled: journaled,
+            production: served.config.path.clone(),
+        })
     }
 
     /// Undoes a `start` whose add did not complete.

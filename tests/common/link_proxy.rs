@@ -4,9 +4,11 @@
 //! Fault model, per forwarded connection pair (client = the connecting process, server = the
 //! target):
 //! - `reset`: both sockets closed at once (a cable pulled and the peers told);
-//! - `blackhole`: nothing is relayed and nothing is closed: bytes are read and dropped, as by
-//!   a dead switch port; new connections are accepted and get the same (a SYN answered, then
-//!   silence). `heal` relays again; connections the peers abandoned meanwhile stay dead;
+//! - `blackhole`: nothing is relayed and nothing is closed, as by a dead switch port: bytes
+//!   (and closes) are held, not dropped, because TCP retransmits and never leaves a gap in a
+//!   stream; new connections are accepted and then get silence (their bytes are dropped: they
+//!   have no server yet). `heal` delivers what was held, in order, so a connection that
+//!   outlived the blackhole carries on, and one a peer abandoned meanwhile is closed then;
 //! - `half_open`: the client's socket is closed, the server's stays open and silent (the
 //!   client's host lost power, or a NAT forgot the flow);
 //! - `delay`, `throttle`, `loss`: every chunk is released `delay` after it arrived, at most
@@ -176,7 +178,7 @@ impl LinkProxy {
 
 /// Copies `from` to `to`: a reader thread stamps chunks, a writer thread releases them once
 /// their delay (and throttle, and loss penalty) has passed, so delay adds latency without
-/// stop-and-wait. In a blackhole, chunks are dropped and nothing is closed.
+/// stop-and-wait. In a blackhole, chunks and closes are held until it heals.
 fn relay(mut from: TcpStream, mut to: TcpStream, shaping: Arc<Shaping>, dead: Arc<AtomicBool>) {
     let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
     let shaping_r = Arc::clone(&shaping);
@@ -189,7 +191,7 @@ fn relay(mut from: TcpStream, mut to: TcpStream, shaping: Arc<Shaping>, dead: Ar
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            if shaping_r.blackhole.load(Ordering::SeqCst) || dead_r.load(Ordering::SeqCst) {
+            if dead_r.load(Ordering::SeqCst) {
                 continue;
             }
             let mut at =
@@ -204,15 +206,22 @@ fn relay(mut from: TcpStream, mut to: TcpStream, shaping: Arc<Shaping>, dead: Ar
                 break;
             }
         }
-        // A close is relayed unless the link is silent or the test closed it on purpose
-        // (a half-open connection must stay open on the other side).
-        if !shaping_r.blackhole.load(Ordering::SeqCst) && !dead_r.load(Ordering::SeqCst) {
+        // A close is relayed (after a blackhole heals) unless the test closed the connection
+        // on purpose (a half-open connection must stay open on the other side).
+        if !dead_r.load(Ordering::SeqCst) {
             let _ = tx.send((Instant::now(), Vec::new()));
         }
     });
     std::thread::spawn(move || {
         let mut not_before = Instant::now();
         while let Ok((at, chunk)) = rx.recv() {
+            // A blackhole holds the chunk (and everything behind it) until it heals.
+            while shaping.blackhole.load(Ordering::SeqCst) && !dead.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if dead.load(Ordering::SeqCst) {
+                return;
+            }
             if chunk.is_empty() {
                 let _ = to.shutdown(Shutdown::Both);
                 return;
@@ -222,8 +231,8 @@ fn relay(mut from: TcpStream, mut to: TcpStream, shaping: Arc<Shaping>, dead: Ar
             if at > now {
                 std::thread::sleep(at - now);
             }
-            if shaping.blackhole.load(Ordering::SeqCst) || dead.load(Ordering::SeqCst) {
-                continue;
+            if dead.load(Ordering::SeqCst) {
+                return;
             }
             let rate = shaping.throttle_bytes_per_s.load(Ordering::SeqCst);
             not_before = Instant::now();
@@ -235,4 +244,38 @@ fn relay(mut from: TcpStream, mut to: TcpStream, shaping: Arc<Shaping>, dead: Ar
             }
         }
     });
+}
+
+/// A site whose split link runs over TCP through a `LinkProxy`, with `deadline_ms` as
+/// `link_deadline_ms` on both ends; started and settled. Restarts of either process keep the
+/// proxy in the path (the splitter's config names the proxy, the proxy the appliance's port).
+pub fn site_through_proxy(volumes: &[(&str, u64)], deadline_ms: u64) -> (super::Site, LinkProxy) {
+    let options = super::SiteOptions {
+        link_tcp: true,
+        nbd_tcp: false,
+    };
+    let mut site = super::Site::create(volumes, options);
+    site.add_appliance_settings(&format!("link_deadline_ms = {deadline_ms}\n"), "");
+    let text = std::fs::read_to_string(&site.splitter_config).unwrap();
+    let target = text
+        .lines()
+        .find_map(|l| l.strip_prefix("appliance = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .expect("appliance address in splitter.toml")
+        .to_string();
+    let proxy = LinkProxy::start(target.clone());
+    let text = text
+        .replace(
+            &format!("appliance = \"{target}\""),
+            &format!("appliance = \"127.0.0.1:{}\"", proxy.port),
+        )
+        .replace(
+            "handshake_timeout_s = 60\n",
+            &format!("handshake_timeout_s = 60\nlink_deadline_ms = {deadline_ms}\n"),
+        );
+    std::fs::write(&site.splitter_config, text).unwrap();
+    site.start_role(super::Role::Appliance);
+    site.start_role(super::Role::Splitter);
+    site.settle();
+    (site, proxy)
 }

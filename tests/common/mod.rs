@@ -93,6 +93,12 @@ pub fn reference_mode() -> bool {
     std::env::var("CDP_TEST_REFERENCE").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
+/// Where sites and remote appliances keep their files: `/tmp`, or `CDP_TEST_DIR` (a short
+/// path: unix socket paths must stay under 108 bytes), e.g. a tmpfs for a long campaign.
+pub fn test_dir_base() -> PathBuf {
+    std::env::var_os("CDP_TEST_DIR").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from)
+}
+
 /// Path of the product binary under test: the one cargo built, or `CDP_TEST_BIN` (to test an
 /// installed or saved binary).
 pub fn cdp_bin() -> PathBuf {
@@ -447,7 +453,7 @@ impl Site {
         // Short prefix and /tmp: unix socket paths must stay under 108 bytes.
         let dir = tempfile::Builder::new()
             .prefix("cdp-e2e-")
-            .tempdir_in("/tmp")
+            .tempdir_in(test_dir_base())
             .expect("tempdir");
         let root = dir.path().to_path_buf();
         for sub in ["production", "replica", "appliance"] {
@@ -1129,9 +1135,19 @@ impl RemoteAppliance {
 
     /// Like `start`, with the replication listener secured as `security` says.
     pub fn start_with(volumes: &[(&str, u64)], security: LinkSecurity) -> RemoteAppliance {
+        RemoteAppliance::start_configured(volumes, security, "")
+    }
+
+    /// Like `start_with`, with `top_level` (whole `key = value` lines) added to the config's
+    /// top level.
+    pub fn start_configured(
+        volumes: &[(&str, u64)],
+        security: LinkSecurity,
+        top_level: &str,
+    ) -> RemoteAppliance {
         let dir = tempfile::Builder::new()
             .prefix("cdp-remote-")
-            .tempdir_in("/tmp")
+            .tempdir_in(test_dir_base())
             .expect("tempdir");
         let root = dir.path().to_path_buf();
         std::fs::create_dir_all(root.join("replica")).unwrap();
@@ -1142,7 +1158,7 @@ impl RemoteAppliance {
             LinkSecurity::Plaintext => "replication_plaintext = true\n".to_string(),
         };
         let mut text = format!(
-            "data_dir = \"{}\"\nlink_listen = \"unix:{}\"\ncontrol = \"{}\"\nreplication_listen = \"{endpoint}\"\n{security_line}\n[[group]]\nname = \"default\"\nsource = \"remote\"\n",
+            "data_dir = \"{}\"\nlink_listen = \"unix:{}\"\ncontrol = \"{}\"\nreplication_listen = \"{endpoint}\"\n{security_line}{top_level}\n[[group]]\nname = \"default\"\nsource = \"remote\"\n",
             root.join("appliance").display(),
             root.join("link.sock").display(),
             control_sock.display()

@@ -8,48 +8,18 @@
 //! stored before any file changes, so a crash mid-pass never lets a dropped point be opened.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use cdp_journal::{RecordKind, SegmentRewrite};
 use cdp_types::{Seq, TimestampNs};
-use serde::Serialize;
 
-use super::{lock, Group};
+use super::Group;
 use crate::consolidation::{kept_points, needed_payloads, ConsolidationState, PointRecord};
-use crate::distribution_state;
 use crate::error::ApplianceError;
 
-/// What one pass did (the answer to `cdp journal consolidate`).
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct ConsolidationReport {
-    /// Points at or below this seq are recoverable only if kept.
-    pub through_seq: u64,
-    pub kept_points: usize,
-    pub segments_rewritten: usize,
-    pub payloads_dropped: u64,
-    pub bytes_before: u64,
-    pub bytes_after: u64,
-    pub bytes_freed: u64,
-    pub millis: u64,
-    /// Why nothing was consolidated, if nothing was.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub nothing_because: Option<String>,
-}
-
-/// Consolidation in `cdp status`.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct ConsolidationStatus {
-    pub keep_all_s: u64,
-    pub tiers: Vec<(u64, u64)>,
-    pub through_seq: u64,
-    pub kept_points: usize,
-    pub passes: u64,
-    pub bytes_freed_total: u64,
-    pub running: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub last: Option<ConsolidationReport>,
-}
+/// What one pass did (the answer to `cdp journal consolidate`) and consolidation in `cdp
+/// status`: defined by the control protocol.
+pub use cdp_control::{ConsolidationReport, ConsolidationStatus};
 
 /// Counters of the passes since start.
 pub(super) struct PassStats {
@@ -76,10 +46,7 @@ impl Group {
     pub(super) fn check_not_consolidated(&self, at: Seq) -> Result<(), ApplianceError> {
         // Read before the state's lock: `oldest_point` takes it too.
         let oldest = self.oldest_point().0;
-        let state = self
-            .consolidation_state
-            .read()
-            .unwrap_or_else(|p| p.into_inner());
+        let state = self.consolidation_state.read();
         if state.is_kept(at.0) {
             return Ok(());
         }
@@ -98,10 +65,7 @@ impl Group {
 
     /// The points consolidation kept so far.
     pub fn consolidation_state(&self) -> ConsolidationState {
-        self.consolidation_state
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.consolidation_state.read().clone()
     }
 
     /// Consolidation in `cdp status`, if the group has a policy.
@@ -109,11 +73,8 @@ impl Group {
         let config = self.consolidation.as_ref()?;
         // Read before the state's lock: `oldest_point` takes it too.
         let oldest = self.oldest_point().0;
-        let state = self
-            .consolidation_state
-            .read()
-            .unwrap_or_else(|p| p.into_inner());
-        let stats = lock(&self.consolidation_stats);
+        let state = self.consolidation_state.read();
+        let stats = self.consolidation_stats.lock();
         Some(ConsolidationStatus {
             keep_all_s: config.keep_all_s,
             tiers: config.tier.iter().map(|t| (t.every_s, t.for_s)).collect(),
@@ -121,7 +82,7 @@ impl Group {
             kept_points: state.kept.range(oldest..).count(),
             passes: stats.passes,
             bytes_freed_total: stats.bytes_freed_total,
-            running: self.consolidation_pass.try_lock().is_err(),
+            running: self.consolidation_pass.try_lock().is_none(),
             last: stats.last.clone(),
         })
     }
@@ -131,7 +92,9 @@ impl Group {
         let Some(config) = &self.consolidation else {
             return;
         };
-        let due = lock(&self.consolidation_stats)
+        let due = self
+            .consolidation_stats
+            .lock()
             .last_run
             .is_none_or(|t| t.elapsed().as_secs() >= config.interval_s);
         if due {
@@ -149,12 +112,12 @@ impl Group {
                 self.name
             )));
         };
-        let _pass = lock(&self.consolidation_pass);
+        let _pass = self.consolidation_pass.lock();
         let started = Instant::now();
-        lock(&self.consolidation_stats).last_run = Some(started);
+        self.consolidation_stats.lock().last_run = Some(started);
         let mut report = self.consolidate_locked(&config)?;
         report.millis = started.elapsed().as_millis() as u64;
-        let mut stats = lock(&self.consolidation_stats);
+        let mut stats = self.consolidation_stats.lock();
         stats.passes += 1;
         stats.bytes_freed_total += report.bytes_freed;
         stats.last = Some(report.clone());
@@ -180,10 +143,8 @@ impl Group {
         let mut report = ConsolidationReport::default();
         // Distribution replays from the checkpoint after a crash, so nothing above it may lose
         // a payload; open images and the remote copy read above their pins.
-        let checkpointed = distribution_state::load(&self.state_path)?
-            .0
-            .min(self.distributed.load(Ordering::Relaxed));
-        let pinned = lock(&self.pins).values().min().map_or(u64::MAX, |p| p.0);
+        let checkpointed = self.state.distributed()?.0.min(self.distributed_seq().0);
+        let pinned = self.pins.lock().values().min().map_or(u64::MAX, |p| p.0);
         let now = TimestampNs::now().0;
         let cutoff_ns = now.saturating_sub(config.keep_all_s.saturating_mul(1_000_000_000));
         let bound = checkpointed.min(pinned).min(self.journal.durable_seq().0);
@@ -214,11 +175,7 @@ impl Group {
             return Ok(report);
         };
         let oldest = self.oldest_point().0;
-        let prev = self
-            .consolidation_state
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let prev = self.consolidation_state.read().clone();
         let keep_bookmarks: BTreeSet<u64> = self
             .bookmarks()
             .into_iter()
@@ -241,11 +198,8 @@ impl Group {
         };
         state.kept.extend(kept.iter().copied());
         state.prune_below(oldest);
-        state.store(&self.dir)?;
-        *self
-            .consolidation_state
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = state.clone();
+        self.state.store_consolidation(&state)?;
+        *self.consolidation_state.write() = state.clone();
         report.through_seq = state.consolidated_below.saturating_sub(1);
         report.kept_points = state.kept.range(oldest..).count();
 
@@ -264,11 +218,13 @@ impl Group {
                 })?;
             if let Some(rewrite) = rewrite {
                 self.moved(&rewrite, false);
-                report.add(&rewrite);
+                add_rewrite(&mut report, &rewrite);
             }
         }
         for (index, last_undo) in self.undo.sealed_segments() {
-            let serves = lock(&self.history)
+            let serves = self
+                .history
+                .lock()
                 .undo_ref(last_undo.0)
                 .map(|u| u.redo_seq);
             match serves {
@@ -287,7 +243,7 @@ impl Group {
                 })?;
             if let Some(rewrite) = rewrite {
                 self.moved(&rewrite, true);
-                report.add(&rewrite);
+                add_rewrite(&mut report, &rewrite);
             }
         }
         Ok(report)
@@ -296,7 +252,6 @@ impl Group {
     fn consolidation_state_through(&self) -> u64 {
         self.consolidation_state
             .read()
-            .unwrap_or_else(|p| p.into_inner())
             .consolidated_below
             .saturating_sub(1)
     }
@@ -304,8 +259,8 @@ impl Group {
     /// Points the block index at a rewritten segment's records. Image reads hold
     /// `relocation` from plan to read, so none reads an old location in the new file.
     fn moved(&self, rewrite: &SegmentRewrite, undo: bool) {
-        let _readers_out = self.relocation.write().unwrap_or_else(|p| p.into_inner());
-        let mut history = lock(&self.history);
+        let _readers_out = self.relocation.write();
+        let mut history = self.history.lock();
         for &(seq, location, dropped) in &rewrite.records {
             if undo {
                 history.relocate_undo(seq, location, dropped);
@@ -316,12 +271,11 @@ impl Group {
     }
 }
 
-impl ConsolidationReport {
-    fn add(&mut self, rewrite: &SegmentRewrite) {
-        self.segments_rewritten += 1;
-        self.payloads_dropped += rewrite.dropped;
-        self.bytes_before += rewrite.bytes_before;
-        self.bytes_after += rewrite.bytes_after;
-        self.bytes_freed += rewrite.bytes_before.saturating_sub(rewrite.bytes_after);
-    }
+/// Counts one rewritten segment in a pass's report.
+fn add_rewrite(report: &mut ConsolidationReport, rewrite: &SegmentRewrite) {
+    report.segments_rewritten += 1;
+    report.payloads_dropped += rewrite.dropped;
+    report.bytes_before += rewrite.bytes_before;
+    report.bytes_after += rewrite.bytes_after;
+    report.bytes_freed += rewrite.bytes_before.saturating_sub(rewrite.bytes_after);
 }

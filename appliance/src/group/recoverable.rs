@@ -31,10 +31,7 @@ impl Group {
     /// it were released by retention and open nowhere).
     pub fn kept_points_recoverable(&self) -> usize {
         let oldest = self.oldest_point().0;
-        let state = self
-            .consolidation_state
-            .read()
-            .unwrap_or_else(|p| p.into_inner());
+        let state = self.consolidation_state.read();
         state.kept.range(oldest..).count()
     }
 }

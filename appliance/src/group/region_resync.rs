@@ -8,17 +8,15 @@
 //! journal not yet restarted keeps images refused, and the source, finding the same gap,
 //! resynchronises again (comparing, so only what still differs is sent).
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use cdp_types::Seq;
 
-use super::{lock, Group, ReplicaState};
+use super::{Group, GroupState, ReplicaState};
 use crate::consolidation::ConsolidationState;
-use crate::distribution_state;
 use crate::error::ApplianceError;
 use crate::history::History;
-use crate::state_file::{self, StateFileError, StateKind};
+use crate::state_file::StateFileError;
 
 /// Longest wait for this copy's distribution to apply its journal before a resync compares.
 const RESYNC_DISTRIBUTION_WAIT: Duration = Duration::from_secs(600);
@@ -26,18 +24,18 @@ const RESYNC_DISTRIBUTION_WAIT: Duration = Duration::from_secs(600);
 impl Group {
     /// At open: a resync that did not finish keeps images refused until one does.
     pub(super) fn resync_marker_at_open(
-        dir: &std::path::Path,
+        state: &GroupState,
         journal_first: Seq,
     ) -> Result<bool, StateFileError> {
-        let Some(through) = state_file::load_resync_marker(dir)? else {
+        let Some(through) = state.resync_marker()? else {
             return Ok(false);
         };
         if journal_first.0 == through + 1 {
             // Finished but for removing the marker.
-            state_file::remove(dir, StateKind::ResyncMarker)?;
+            state.remove_resync_marker()?;
             return Ok(false);
         }
-        let path = state_file::path(dir, StateKind::ResyncMarker);
+        let path = state.resync_marker_path();
         tracing::warn!(path = %path.display(), through, "a resynchronisation by regions did not finish; images stay refused until the source resynchronises this copy again");
         Ok(true)
     }
@@ -45,7 +43,7 @@ impl Group {
     /// Starts a resync to the source's point `through`: refused while images are open here;
     /// waits until the replica holds every journaled record, then marks it in progress.
     pub fn begin_region_resync(&self, through: Seq) -> Result<(), ApplianceError> {
-        if !lock(&self.pins).is_empty() {
+        if !self.pins.lock().is_empty() {
             return Err(ApplianceError::Refused(
                 "images are open at the remote copy; a resynchronisation replaces its history, \
                  release them first"
@@ -53,13 +51,11 @@ impl Group {
             ));
         }
         self.distribute_everything(RESYNC_DISTRIBUTION_WAIT)?;
-        state_file::store_resync_marker(&self.dir, through.0)?;
-        let mut state = self
-            .replica_state
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
+        self.state.store_resync_marker(through.0)?;
+        let mut state = self.replica_state.write();
         state.exact = false;
         state.exact_from = Seq(u64::MAX);
+        self.distribution.set(state.mark());
         Ok(())
     }
 
@@ -111,20 +107,20 @@ impl Group {
                 volume.size
             )));
         }
-        let _writer = lock(&self.replica_writer);
+        let _writer = self.replica_writer.lock();
         Ok(volume.replica.write_at(offset, data)?)
     }
 
     /// Ends a resync: the replica holds the source's state at `through`; journal, undo
     /// stream, index, bookmarks and kept points restart after it.
     pub fn finish_region_resync(&self, through: Seq) -> Result<(), ApplianceError> {
-        let _no_consolidation = lock(&self.consolidation_pass);
-        let _writer = lock(&self.replica_writer);
+        let _no_consolidation = self.consolidation_pass.lock();
+        let _writer = self.replica_writer.lock();
         for v in self.volumes() {
             v.replica.sync_data()?;
         }
-        distribution_state::store(&self.state_path, through)?;
-        let mut history = lock(&self.history);
+        self.state.store_distributed(through)?;
+        let mut history = self.history.lock();
         self.journal
             .restart_at(through.next())
             .inspect_err(|e| tracing::error!(group = %self.name, "restarting the journal: {e}"))?;
@@ -137,21 +133,17 @@ impl Group {
         self.bookmarks.clear();
         self.resync_spans.clear();
         let fresh = ConsolidationState::default();
-        fresh.store(&self.dir)?;
-        *self
-            .consolidation_state
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = fresh;
-        self.distributed.store(through.0, Ordering::Relaxed);
-        *self
-            .replica_state
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = ReplicaState {
+        self.state.store_consolidation(&fresh)?;
+        *self.consolidation_state.write() = fresh;
+        let mut state = self.replica_state.write();
+        *state = ReplicaState {
             seq: through,
             exact: true,
             exact_from: through,
         };
-        state_file::remove(&self.dir, StateKind::ResyncMarker)?;
+        self.distribution.set(state.mark());
+        drop(state);
+        self.state.remove_resync_marker()?;
         Ok(())
     }
 }

@@ -97,10 +97,13 @@ impl LinkReader {
     pub(crate) fn tls_pair(
         socket: TcpStream,
         conn: rustls::Connection,
-    ) -> Result<(LinkReader, LinkWriter), String> {
-        let socket_out = socket
-            .try_clone()
-            .map_err(|e| format!("cloning the socket: {e}"))?;
+    ) -> Result<(LinkReader, LinkWriter), crate::error::ApplianceError> {
+        let socket_out = socket.try_clone().map_err(|e| {
+            crate::error::ApplianceError::Io(std::io::Error::new(
+                e.kind(),
+                format!("cloning the socket: {e}"),
+            ))
+        })?;
         let shared = Arc::new(SharedTls {
             conn: Mutex::new(conn),
             socket_out: Mutex::new(socket_out),

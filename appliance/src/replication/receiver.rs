@@ -52,6 +52,7 @@ impl Receiver {
         data_dir: &Path,
         groups: Vec<Arc<Group>>,
         security: ServerSecurity,
+        deadline: Duration,
     ) -> Result<Receiver, ApplianceError> {
         let tls_on = security.is_some();
         let listener = TcpListener::bind(listen)?;
@@ -93,7 +94,7 @@ impl Receiver {
                     let spawned = std::thread::Builder::new()
                         .name("replication-link".into())
                         .spawn(move || {
-                            serve_link(stream, &peer, &security, &groups, &groups_dir);
+                            serve_link(stream, &peer, &security, &groups, &groups_dir, deadline);
                             active.fetch_sub(1, Ordering::Relaxed);
                         });
                     let mut links = all.lock().unwrap_or_else(|p| p.into_inner());
@@ -140,7 +141,8 @@ const LINK_TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 /// times out. Waits for the old session to end, so its last append precedes our Welcome.
 fn take_over_link(receiving: &crate::replication::ReceivingState) -> bool {
     let deadline = Instant::now() + LINK_TAKEOVER_WAIT;
-    while receiving.connected.swap(true, Ordering::Relaxed) {
+    let mut seen = receiving.connected.subscribe();
+    while receiving.connected.swap(true) {
         if let Some(old) = receiving
             .link
             .lock()
@@ -152,10 +154,14 @@ fn take_over_link(receiving: &crate::replication::ReceivingState) -> bool {
             );
             let _ = old.shutdown(std::net::Shutdown::Both);
         }
-        if Instant::now() >= deadline {
+        // The old session's guard sets it false when the session ends.
+        seen.borrow_and_update();
+        if !receiving.connected.get() {
+            continue;
+        }
+        if !receiving.connected.wait_changed(&mut seen, deadline) {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(10));
     }
     true
 }
@@ -171,7 +177,7 @@ impl Drop for ReceivingGuard<'_> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        receiving.connected.store(false, Ordering::Relaxed);
+        receiving.connected.set(false);
     }
 }
 
@@ -205,7 +211,7 @@ fn open_link(
             let _ = write_message(&mut &stream, &refuse);
             Err(reason.to_string())
         }
-        (None, Some(config)) => tls::accept(stream, config),
+        (None, Some(config)) => tls::accept(stream, config).map_err(|e| e.to_string()),
         (None, None) => {
             LinkReader::plain_pair(stream).map_err(|e| format!("cloning the socket: {e}"))
         }
@@ -247,13 +253,21 @@ fn serve_link(
     security: &ServerSecurity,
     groups: &[Arc<Group>],
     groups_dir: &Path,
+    deadline: Duration,
 ) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(REPLICATION_IDLE_TIMEOUT));
     let _ = stream.set_write_timeout(Some(REPLICATION_IDLE_TIMEOUT));
+    let handle = stream.try_clone();
     let Some((read_half, write_half)) = open_link(stream, peer, security) else {
         return;
     };
+    // After the handshake (which has its own timeout): a source silent for the deadline,
+    // heartbeats included, is gone. The options belong to the socket, shared by every handle.
+    if let Ok(handle) = handle {
+        let _ = handle.set_read_timeout(Some(deadline));
+        let _ = handle.set_write_timeout(Some(deadline));
+    }
     let mut reader = BufReader::with_capacity(256 * 1024, read_half);
     let mut writer = BufWriter::new(write_half);
     let outcome = match read_message(&mut reader) {
@@ -271,7 +285,7 @@ fn serve_link(
                         Some(peer.to_string());
                     *receiving.link.lock().unwrap_or_else(|p| p.into_inner()) =
                         reader.get_ref().socket().try_clone().ok();
-                    receive(&g, &volume_map, peer, &mut reader, &mut writer)
+                    receive(&g, &volume_map, peer, &mut reader, &mut writer, deadline)
                 } else {
                     Err(ApplianceError::Busy(format!(
                         "group {group:?} still has a replication link that did not end within \
@@ -391,6 +405,7 @@ fn receive(
     peer: &str,
     reader: &mut BufReader<LinkReader>,
     writer: &mut BufWriter<LinkWriter>,
+    deadline: Duration,
 ) -> Result<(), ApplianceError> {
     // Everything in the journal after a restart is on disk or in the page cache; sync so
     // the resume point we announce is durable.
@@ -412,6 +427,23 @@ fn receive(
             Err(LinkError::Closed) => {
                 tracing::info!(group = %group.name, %peer, "replication source disconnected");
                 return Ok(());
+            }
+            // The source heartbeats an idle link: silence this long is a partition or a
+            // dead source, said as such rather than as EAGAIN.
+            Err(LinkError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(ApplianceError::Link(LinkError::Io(std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "the source sent nothing for {} ms (replication_deadline_ms; it \
+                         sends a heartbeat every sixth of it): link dropped",
+                        deadline.as_millis()
+                    ),
+                ))));
             }
             Err(e) => return Err(e.into()),
         };

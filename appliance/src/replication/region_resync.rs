@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use cdp_link::checksum::region_checksum;
 use cdp_link::replication::{read_message, write_message, ReplicationMessage};
-use serde::Serialize;
 
 use crate::error::ApplianceError;
 use crate::group::Group;
@@ -28,19 +27,7 @@ pub const RESYNC_REGION_BYTES: u32 = 1024 * 1024;
 const REPLICA_EXACT_WAIT: Duration = Duration::from_secs(600);
 
 /// What the last resynchronisation by regions did, for status.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct RegionResyncReport {
-    /// The remote held the journal up to here...
-    pub remote_had_through_seq: u64,
-    /// ...but this journal had released everything before this seq.
-    pub journal_first_seq: u64,
-    /// The point both copies hold afterwards.
-    pub through_seq: u64,
-    pub regions_compared: u64,
-    pub regions_sent: u64,
-    pub bytes_sent: u64,
-    pub millis: u64,
-}
+pub use cdp_control::RegionResyncReport;
 
 /// Resynchronises the remote copy (which holds the journal up to `remote_last`) and returns
 /// the seq it holds afterwards.

@@ -31,13 +31,14 @@ use cdp_link::replication::{
     ReplicatedRecord, ReplicationMessage, BATCHES_IN_FLIGHT_MAX, BATCH_RAW_BYTES_TARGET,
     BATCH_RECORDS_MAX, RECORD_HEAD_LEN,
 };
+use cdp_link::LinkError;
 use cdp_types::{Seq, TimestampNs};
 
 use crate::config::ReplicationMode;
 use crate::error::ApplianceError;
 use crate::group::Group;
 use crate::limits::{
-    DYNAMIC_SYNC_RETURN, REPLICATION_HEARTBEAT_INTERVAL, REPLICATION_IDLE_TIMEOUT,
+    replication_heartbeat_interval, DYNAMIC_SYNC_RETURN, REPLICATION_IDLE_TIMEOUT,
     REPLICATION_RECONNECT_BACKOFF_MAX, SYNC_WAIT_WARN,
 };
 use crate::replication::bandwidth::{RateMeter, TokenBucket};
@@ -95,14 +96,18 @@ pub struct Shipper {
 impl Shipper {
     /// Starts shipping `group`, which must have `[group.remote]`, over a link secured as
     /// `security` says.
-    pub fn start(group: Arc<Group>, security: ClientSecurity) -> Result<Shipper, ApplianceError> {
+    pub fn start(
+        group: Arc<Group>,
+        security: ClientSecurity,
+        deadline: Duration,
+    ) -> Result<Shipper, ApplianceError> {
         let stop = Arc::new(StopSignal::default());
         let link: Arc<Mutex<Option<TcpStream>>> = Arc::default();
         let (s, l) = (Arc::clone(&stop), Arc::clone(&link));
         let g = Arc::clone(&group);
         let thread = std::thread::Builder::new()
             .name(format!("ship-{}", group.name))
-            .spawn(move || run(&g, &security, &s, &l))?;
+            .spawn(move || run(&g, &security, &s, &l, deadline))?;
         if let Some(state) = group.replication().shipping.as_ref() {
             // One shipper per group for the appliance's life, so this is set once.
             let _ = state.shipper_thread.set(thread.thread().clone());
@@ -132,6 +137,7 @@ fn run(
     security: &ClientSecurity,
     stop: &StopSignal,
     link: &Mutex<Option<TcpStream>>,
+    deadline: Duration,
 ) {
     let Some(state) = group.replication().shipping.as_ref() else {
         return;
@@ -141,13 +147,14 @@ fn run(
     let mut lag = LagClock::default();
     while !stop.is_set() {
         let started = Instant::now();
-        let result = ship_one_connection(group, state, security, stop, link, &mut lag);
+        let result = ship_one_connection(group, state, security, stop, link, &mut lag, deadline);
         state.connected.store(false, Ordering::Relaxed);
         *link.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        if let Err(what) = result {
+        if let Err(e) = result {
             if stop.is_set() {
                 break;
             }
+            let what = link_error_text(&e);
             // The same failure every retry would flood the log: once per distinct reason.
             if last_logged.as_deref() != Some(what.as_str()) {
                 tracing::warn!(group = %group.name, endpoint = %state.config.endpoint, "replication link: {what}; retrying");
@@ -183,7 +190,7 @@ struct InFlight {
     /// Each unacknowledged batch, oldest first (at most BATCHES_IN_FLIGHT_MAX).
     batches: VecDeque<SentBatch>,
     /// Set when the ack reader failed; the link is over.
-    broken: Option<String>,
+    broken: Option<LinkError>,
 }
 
 fn ship_one_connection(
@@ -193,31 +200,38 @@ fn ship_one_connection(
     stop: &StopSignal,
     link: &Mutex<Option<TcpStream>>,
     lag: &mut LagClock,
-) -> Result<(), String> {
+    deadline: Duration,
+) -> Result<(), ApplianceError> {
     let endpoint = &state.config.endpoint;
     let addr = endpoint
         .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {endpoint}: {e}"))?
+        .map_err(|e| io_context(e, &format!("cannot resolve {endpoint}")))?
         .next()
-        .ok_or_else(|| format!("{endpoint} resolves to no address"))?;
+        .ok_or_else(|| {
+            ApplianceError::Io(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{endpoint} resolves to no address"),
+            ))
+        })?;
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .map_err(|e| format!("cannot connect to {endpoint}: {e}"))?;
+        .map_err(|e| io_context(e, &format!("cannot connect to {endpoint}")))?;
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(REPLICATION_IDLE_TIMEOUT));
     let _ = stream.set_write_timeout(Some(REPLICATION_IDLE_TIMEOUT));
-    let io = |e: std::io::Error| e.to_string();
-    *link.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream.try_clone().map_err(io)?);
+    *link.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream.try_clone()?);
     if stop.is_set() {
         return Ok(());
     }
     let (reader, writer) = match security {
-        ClientSecurity::Plaintext => {
-            LinkReader::plain_pair(stream.try_clone().map_err(io)?).map_err(io)?
-        }
+        ClientSecurity::Plaintext => LinkReader::plain_pair(stream.try_clone()?)?,
         ClientSecurity::Tls(tls) => {
-            crate::replication::tls::connect(stream.try_clone().map_err(io)?, tls, endpoint)?
+            crate::replication::tls::connect(stream.try_clone()?, tls, endpoint)?
         }
     };
+    // After the handshake (which has its own timeout): a remote silent for the deadline (it
+    // answers every heartbeat) is gone. The options belong to the socket, shared by all handles.
+    let _ = stream.set_read_timeout(Some(deadline));
+    let _ = stream.set_write_timeout(Some(deadline));
     let mut reader = BufReader::new(reader);
     let mut writer = BufWriter::with_capacity(256 * 1024, writer);
     let volumes = group
@@ -236,20 +250,21 @@ fn ship_one_connection(
             source_group_id: group.group_id(),
             volumes,
         },
-    )
-    .map_err(|e| e.to_string())?;
-    let remote_last = match read_message(&mut reader).map_err(|e| e.to_string())? {
+    )?;
+    let remote_last = match read_message(&mut reader)? {
         ReplicationMessage::Welcome { last_seq } => last_seq,
-        ReplicationMessage::Refuse { reason } => return Err(format!("refused: {reason}")),
-        other => return Err(format!("expected Welcome, got {other:?}")),
+        ReplicationMessage::Refuse { reason } => return Err(LinkError::Refused(reason).into()),
+        other => {
+            return Err(LinkError::Protocol(format!("expected Welcome, got {other:?}")).into())
+        }
     };
     let journal = group.journal();
     let local_last = journal.last_seq().0;
     if remote_last > local_last {
-        return Err(format!(
+        return Err(ApplianceError::Refused(format!(
             "the remote copy holds seqs up to {remote_last} but this journal ends at {local_last}: \
              it has records this group never had; not shipping"
-        ));
+        )));
     }
     let remote_last = if remote_last + 1 < journal.first_seq().0 {
         crate::replication::region_resync::resync_by_regions(
@@ -278,7 +293,7 @@ fn ship_one_connection(
     ));
     let result = std::thread::scope(|scope| {
         let acks = Arc::clone(&in_flight);
-        scope.spawn(move || read_acks(group, state, reader, &acks));
+        scope.spawn(move || read_acks(group, state, reader, &acks, deadline));
         let result = send_batches(
             group,
             state,
@@ -287,6 +302,7 @@ fn ship_one_connection(
             remote_last,
             &in_flight,
             lag,
+            deadline,
         );
         // Ends the ack reader too.
         let _ = stream.shutdown(std::net::Shutdown::Both);
@@ -300,7 +316,7 @@ fn ship_one_connection(
         .take();
     match (result, broken) {
         (Err(e), _) => Err(e),
-        (Ok(()), Some(b)) if !stop.is_set() => Err(b),
+        (Ok(()), Some(b)) if !stop.is_set() => Err(b.into()),
         (Ok(()), _) => Ok(()),
     }
 }
@@ -311,21 +327,25 @@ fn read_acks(
     state: &ShippingState,
     mut reader: BufReader<LinkReader>,
     in_flight: &(Mutex<InFlight>, Condvar),
+    deadline: Duration,
 ) {
     let broken = loop {
         let through = match read_message(&mut reader) {
             Ok(ReplicationMessage::BatchAck { through_seq }) => through_seq,
-            Ok(ReplicationMessage::Refuse { reason }) => break format!("remote refused: {reason}"),
-            Ok(other) => break format!("unexpected message from the remote: {other:?}"),
-            Err(e) => break format!("link lost: {e}"),
+            Ok(ReplicationMessage::Refuse { reason }) => break LinkError::Refused(reason),
+            Ok(other) => {
+                break LinkError::Protocol(format!("unexpected message from the remote: {other:?}"))
+            }
+            Err(LinkError::Io(e)) => break link_lost(e, deadline, Direction::Read),
+            Err(e) => break e,
         };
         let shipped = state.shipped_seq.load(Ordering::Relaxed);
         let mut f = in_flight.0.lock().unwrap_or_else(|p| p.into_inner());
         let sent = f.batches.back().map_or(shipped, |b| b.last_seq);
         if through < shipped || through > sent {
-            break format!(
+            break LinkError::Protocol(format!(
                 "the remote acknowledged seq {through}, outside what was sent ({shipped}..={sent})"
-            );
+            ));
         }
         while f.batches.front().is_some_and(|b| b.last_seq <= through) {
             f.batches.pop_front();
@@ -344,6 +364,7 @@ fn read_acks(
 
 /// Reads records (durable ones, or appended ones in sync mode) from `remote_last + 1` on and
 /// sends them in bounded batches, paced by the bandwidth limit if one is set.
+#[allow(clippy::too_many_arguments)]
 fn send_batches(
     group: &Group,
     state: &ShippingState,
@@ -352,11 +373,11 @@ fn send_batches(
     remote_last: u64,
     in_flight: &(Mutex<InFlight>, Condvar),
     lag: &mut LagClock,
-) -> Result<(), String> {
+    deadline: Duration,
+) -> Result<(), ApplianceError> {
+    let heartbeat = replication_heartbeat_interval(deadline);
     let journal = group.journal();
-    let mut reader = journal
-        .read_from(Seq(remote_last + 1))
-        .map_err(|e| e.to_string())?;
+    let mut reader = journal.read_from(Seq(remote_last + 1))?;
     let mut levels = LevelChooser::new(state.config.compress_level);
     // The dedup window lives as long as this connection: the receiver starts a new one
     // with each connection too, and both follow the batches in the order sent.
@@ -406,15 +427,15 @@ fn send_batches(
             // Bounded window: wait for an ack before reading more.
             let waited_from = Instant::now();
             let f = in_flight.0.lock().unwrap_or_else(|p| p.into_inner());
-            let (f, _) = in_flight
+            let (mut f, _) = in_flight
                 .1
                 .wait_timeout_while(f, Duration::from_millis(250), |f| {
                     f.broken.is_none() && f.batches.len() >= BATCHES_IN_FLIGHT_MAX
                 })
                 .unwrap_or_else(|p| p.into_inner());
             ack_wait += waited_from.elapsed();
-            if let Some(b) = &f.broken {
-                return Err(b.clone());
+            if let Some(b) = f.broken.take() {
+                return Err(b.into());
             }
             if f.batches.len() >= BATCHES_IN_FLIGHT_MAX {
                 continue;
@@ -434,16 +455,23 @@ fn send_batches(
             let record = match pending.take() {
                 Some(r) => r,
                 None => match reader.next() {
-                    Some(r) => r.map_err(|e| format!("reading the journal at seq {next}: {e}"))?,
+                    Some(r) => r.map_err(|e| {
+                        ApplianceError::from(e)
+                            .context(&format!("reading the journal at seq {next}"))
+                    })?,
                     None => break,
                 },
             };
             // Paired check: the reader yields every seq once, in order.
             if record.seq.0 != next {
-                return Err(format!(
-                    "journal reader returned seq {} where {next} was expected",
-                    record.seq
-                ));
+                // A broken invariant of the journal's reader, reported as the journal's damage.
+                return Err(ApplianceError::Corruption {
+                    path: format!("group {} journal", group.name),
+                    what: format!(
+                        "the reader returned seq {} where {next} was expected",
+                        record.seq
+                    ),
+                });
             }
             let size = RECORD_HEAD_LEN + record.payload.len();
             if record.seq.0 > ship_through {
@@ -461,9 +489,11 @@ fn send_batches(
         }
         backlog |= records.len() == BATCH_RECORDS_MAX;
         if records.is_empty() {
-            if last_sent.elapsed() >= REPLICATION_HEARTBEAT_INTERVAL {
-                write_message(writer, &ReplicationMessage::Heartbeat)
-                    .map_err(|e| format!("link lost: {e}"))?;
+            if last_sent.elapsed() >= heartbeat {
+                write_message(writer, &ReplicationMessage::Heartbeat).map_err(|e| match e {
+                    LinkError::Io(e) => link_lost(e, deadline, Direction::Write),
+                    e => e,
+                })?;
                 last_sent = Instant::now();
             }
             if sync {
@@ -514,7 +544,7 @@ fn send_batches(
         writer
             .write_all(&encoded.bytes)
             .and_then(|()| writer.flush())
-            .map_err(|e| format!("link lost: {e}"))?;
+            .map_err(|e| link_lost(e, deadline, Direction::Write))?;
         let tried = codec != BatchCodec::Raw;
         levels.observe(BatchCost {
             compress: if tried { compress } else { Duration::ZERO },
@@ -533,6 +563,35 @@ fn send_batches(
         publish_batch(state, &encoded, counts, codec);
         last_sent = Instant::now();
     }
+}
+
+/// Which way a link failed to pass bytes.
+#[derive(Clone, Copy)]
+enum Direction {
+    Read,
+    Write,
+}
+
+/// Why a link broke, for the log and `last_error` in status: a socket timeout is the
+/// deadline passing with no bytes (a silent partition or a stalled remote), said as such
+/// rather than as EAGAIN.
+fn link_lost(e: std::io::Error, deadline: Duration, direction: Direction) -> LinkError {
+    use std::io::ErrorKind::{TimedOut, WouldBlock};
+    if !matches!(e.kind(), WouldBlock | TimedOut) {
+        return LinkError::Io(e);
+    }
+    let ms = deadline.as_millis();
+    let why = match direction {
+        Direction::Read => format!(
+            "the remote sent nothing for {ms} ms (replication_deadline_ms; it answers every \
+             heartbeat): a silent partition or a stalled remote"
+        ),
+        Direction::Write => format!(
+            "the remote took no bytes for {ms} ms (replication_deadline_ms): a silent \
+             partition or a stalled remote"
+        ),
+    };
+    LinkError::Io(std::io::Error::new(TimedOut, why))
 }
 
 /// Adds a sent batch to the byte and block counters status shows.
@@ -699,4 +758,18 @@ impl LagClock {
             tracing::info!(group = %group.name, "sync replication: the remote copy caught up; host writes flow");
         }
     }
+}
+
+/// A failed link's reason as status and the log show it: a link error's own words (the log
+/// line already says "replication link"), anything else as it displays.
+fn link_error_text(e: &ApplianceError) -> String {
+    match e {
+        ApplianceError::Link(link) => link.to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// An I/O error with what was being done said first; its kind is kept.
+fn io_context(e: std::io::Error, what: &str) -> ApplianceError {
+    ApplianceError::Io(std::io::Error::new(e.kind(), format!("{what}: {e}")))
 }

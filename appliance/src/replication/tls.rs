@@ -59,13 +59,23 @@ fn read_pem(path: &Path, key: &str) -> Result<Vec<u8>, ApplianceError> {
     std::fs::read(path).map_err(|e| config_error(format!("{key} = {}: {e}", path.display())))
 }
 
-/// Every certificate in PEM text (at least one); `Err` says what is wrong with it.
-fn parse_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+/// What is wrong with PEM text that should hold certificates; said after the file or the
+/// certificate's name ("the CA certificate holds no ...").
+#[derive(Debug, thiserror::Error)]
+enum PemError {
+    #[error("not PEM: {0}")]
+    NotPem(rustls::pki_types::pem::Error),
+    #[error("holds no \"BEGIN CERTIFICATE\" block")]
+    NoCertificate,
+}
+
+/// Every certificate in PEM text (at least one).
+fn parse_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, PemError> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("not PEM: {e}"))?;
+        .map_err(PemError::NotPem)?;
     if certs.is_empty() {
-        return Err("holds no \"BEGIN CERTIFICATE\" block".into());
+        return Err(PemError::NoCertificate);
     }
     Ok(certs)
 }
@@ -186,22 +196,23 @@ pub fn load_server(files: &TlsFilesConfig) -> Result<Arc<ServerConfig>, Applianc
 
 /// Checks that the PEM certificate `cert` passes the check a receiver makes of a source's
 /// certificate against the PEM CA `ca` (for `cdp tls issue`, which verifies what it made
-/// before writing it). `Err` says why not.
-pub fn check_issued(ca: &[u8], cert: &[u8]) -> Result<(), String> {
+/// before writing it). `Refused` says why not: a receiver would refuse the same way.
+pub fn check_issued(ca: &[u8], cert: &[u8]) -> Result<(), ApplianceError> {
+    let refused = ApplianceError::Refused;
     let mut roots = RootCertStore::empty();
-    for c in parse_certs(ca).map_err(|e| format!("the CA certificate {e}"))? {
+    for c in parse_certs(ca).map_err(|e| refused(format!("the CA certificate {e}")))? {
         roots
             .add(c)
-            .map_err(|e| format!("not a usable CA certificate: {e}"))?;
+            .map_err(|e| refused(format!("not a usable CA certificate: {e}")))?;
     }
-    let chain = parse_certs(cert).map_err(|e| format!("the certificate {e}"))?;
+    let chain = parse_certs(cert).map_err(|e| refused(format!("the certificate {e}")))?;
     let verifier =
         rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
             .build()
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| refused(e.to_string()))?;
     verifier
         .verify_client_cert(&chain[0], &chain[1..], rustls::pki_types::UnixTime::now())
-        .map_err(|e| describe_tls_error(&e))?;
+        .map_err(|e| refused(describe_tls_error(&e)))?;
     Ok(())
 }
 
@@ -268,14 +279,15 @@ fn handshake(conn: &mut rustls::Connection, io: &mut Recording) -> std::io::Resu
     Ok(())
 }
 
-/// The shipper's handshake on a connected socket. `Err` says why, for the log and status.
+/// The shipper's handshake on a connected socket. `Refused` says why, for the log and
+/// status (its message is the bare reason): trying again unchanged fails the same way.
 pub fn connect(
     socket: TcpStream,
     tls: &ClientTls,
     endpoint: &str,
-) -> Result<(LinkReader, LinkWriter), String> {
+) -> Result<(LinkReader, LinkWriter), ApplianceError> {
     let conn = ClientConnection::new(Arc::clone(&tls.config), tls.server_name.clone())
-        .map_err(|e| format!("TLS setup for {endpoint}: {e}"))?;
+        .map_err(|e| ApplianceError::Refused(format!("TLS setup for {endpoint}: {e}")))?;
     let mut conn = rustls::Connection::Client(conn);
     let mut io = Recording {
         socket: &socket,
@@ -283,50 +295,61 @@ pub fn connect(
     };
     if let Err(e) = handshake(&mut conn, &mut io) {
         if io.first.starts_with(&cdp_link::replication::MAGIC) {
-            return Err(format!(
+            return Err(ApplianceError::Refused(format!(
                 "{endpoint} answered in plaintext: its replication listener is not configured \
                  for TLS (set replication_tls there, or plaintext = true here)"
-            ));
+            )));
         }
-        return Err(format!(
+        return Err(ApplianceError::Refused(format!(
             "TLS handshake with {endpoint} failed: {}",
             describe_io_error(&e)
-        ));
+        )));
     }
     LinkReader::tls_pair(socket, conn)
 }
 
-/// The receiver's handshake on an accepted socket. `Err` says why the peer is refused.
+/// The receiver's handshake on an accepted socket. `Refused` says why the peer is refused
+/// (its message is the bare reason).
 pub fn accept(
     socket: TcpStream,
     config: &Arc<ServerConfig>,
-) -> Result<(LinkReader, LinkWriter), String> {
+) -> Result<(LinkReader, LinkWriter), ApplianceError> {
+    let refused = ApplianceError::Refused;
     let _ = socket.set_read_timeout(Some(REPLICATION_HANDSHAKE_TIMEOUT));
     let mut first = [0u8; 1];
     match socket.peek(&mut first) {
-        Ok(0) => return Err("the peer closed the connection before the TLS handshake".into()),
+        Ok(0) => {
+            return Err(refused(
+                "the peer closed the connection before the TLS handshake".into(),
+            ))
+        }
         Ok(_) if first[0] != TLS_HANDSHAKE_RECORD => {
-            return Err(format!(
+            return Err(refused(format!(
                 "not a TLS client (first byte {:#04x}); this listener requires mutual TLS",
                 first[0]
-            ))
+            )))
         }
         Ok(_) => {}
         Err(e) => {
-            return Err(format!(
+            return Err(refused(format!(
                 "before the TLS handshake: {}",
                 describe_io_error(&e)
-            ))
+            )))
         }
     }
-    let conn = ServerConnection::new(Arc::clone(config)).map_err(|e| format!("TLS setup: {e}"))?;
+    let conn = ServerConnection::new(Arc::clone(config))
+        .map_err(|e| refused(format!("TLS setup: {e}")))?;
     let mut conn = rustls::Connection::Server(conn);
     let mut io = Recording {
         socket: &socket,
         first: Vec::new(),
     };
-    handshake(&mut conn, &mut io)
-        .map_err(|e| format!("TLS authentication failed: {}", describe_io_error(&e)))?;
+    handshake(&mut conn, &mut io).map_err(|e| {
+        refused(format!(
+            "TLS authentication failed: {}",
+            describe_io_error(&e)
+        ))
+    })?;
     LinkReader::tls_pair(socket, conn)
 }
 

@@ -5,9 +5,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use cdp_appliance::bookmark::{validate_new_name, Consistency};
-use cdp_appliance::control::Request;
-use cdp_appliance::limits::BOOKMARK_ANSWER_GRACE;
+use cdp_control::limits::BOOKMARK_ANSWER_GRACE;
+use cdp_control::{
+    validate_new_bookmark_name, BookmarkCreated, BookmarkListed, Consistency, Request,
+};
 use clap::{Args, Subcommand};
 
 /// Where the appliance's control socket is (as for `cdp status`).
@@ -87,8 +88,9 @@ pub fn run(command: BookmarkCommand) -> anyhow::Result<()> {
 
 async fn create(args: CreateArgs) -> anyhow::Result<()> {
     // Refuse a bad name before freezing the application for nothing.
-    validate_new_name(&args.name)
-        .map_err(|e| crate::output::CliError::new(crate::output::ErrorKind::Usage, e))?;
+    validate_new_bookmark_name(&args.name).map_err(|e| {
+        crate::output::CliError::new(crate::output::ErrorKind::Usage, e.to_string())
+    })?;
     let timeout = Duration::from_secs(args.timeout);
     let socket = args.control.socket();
     let recoverable_wait = args.wait.map(Duration::from_secs);
@@ -108,7 +110,12 @@ async fn create(args: CreateArgs) -> anyhow::Result<()> {
         async move {
             let wait = timeout + recoverable_wait.unwrap_or_default() + BOOKMARK_ANSWER_GRACE;
             let asked = tokio::task::spawn_blocking(move || {
-                crate::control_client::request_within(&socket, "appliance", &req, wait)
+                crate::control_client::request_within::<BookmarkCreated>(
+                    &socket,
+                    "appliance",
+                    &req,
+                    wait,
+                )
             })
             .await;
             match asked {
@@ -160,26 +167,26 @@ async fn create(args: CreateArgs) -> anyhow::Result<()> {
                 (Ok(a), Err(t)) => bail!(
                     "bookmark {} was taken (seq {}), but thaw failed: {t:#}",
                     args.name,
-                    a["bookmark"]["seq"]
+                    a.bookmark.seq
                 ),
             }
         }
         _ => (ask(Consistency::Crash, 0).await?, 0),
     };
-    let b = &answer["bookmark"];
+    let b = &answer.bookmark;
     let out = serde_json::json!({
-        "group": answer["group"],
-        "name": b["name"],
-        "seq": b["seq"],
-        "timestamp_ns": b["timestamp_ns"],
-        "time": b["time"],
-        "consistency": b["consistency"],
-        "keep": b["keep"],
+        "group": answer.group,
+        "name": b.name,
+        "seq": b.seq,
+        "timestamp_ns": b.timestamp_ns,
+        "time": b.time,
+        "consistency": b.consistency,
+        "keep": b.keep,
         // Quiesce start to thaw end, as the application saw it.
         "freeze_window_ms": freeze_window_ms,
     });
     if crate::output::json() {
-        crate::out!("{}", serde_json::to_string_pretty(&out)?);
+        crate::output::print_json(&out)?;
     } else {
         let kind = if args.quiesce.is_some() {
             format!("application-consistent, freeze window {freeze_window_ms} ms")
@@ -189,9 +196,9 @@ async fn create(args: CreateArgs) -> anyhow::Result<()> {
         crate::out!(
             "bookmark {} in group {}: seq {} at {} ({kind})",
             args.name,
-            answer["group"].as_str().unwrap_or("?"),
-            b["seq"],
-            b["time"].as_str().unwrap_or("?"),
+            answer.group,
+            b.seq,
+            b.time,
         );
     }
     Ok(())
@@ -242,22 +249,18 @@ impl Drop for HookGroup {
 }
 
 fn list(args: ListArgs) -> anyhow::Result<()> {
-    let answer = crate::control_client::appliance(
+    let answer: BookmarkListed = crate::control_client::appliance(
         &args.control.socket(),
         &Request::BookmarkList { group: args.group },
     )?;
     if crate::output::json() {
-        crate::out!("{}", serde_json::to_string_pretty(&answer)?);
-        return Ok(());
+        return crate::output::print_json(&answer);
     }
-    crate::out_nonl!(
-        "{}",
-        table(&answer).context("unexpected bookmark list answer")?
-    );
+    crate::out_nonl!("{}", table(&answer));
     Ok(())
 }
 
-fn table(answer: &serde_json::Value) -> Option<String> {
+fn table(answer: &BookmarkListed) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(
@@ -265,24 +268,29 @@ fn table(answer: &serde_json::Value) -> Option<String> {
         "{:<24} {:<24} {:>10} {:<12} {:>10}  KEPT",
         "NAME", "TIME", "SEQ", "CONSISTENCY", "FREEZE_MS"
     );
-    for b in answer.get("bookmarks")?.as_array()? {
+    for b in &answer.bookmarks {
         let _ = writeln!(
             out,
             "{:<24} {:<24} {:>10} {:<12} {:>10}  {}",
-            b.get("name")?.as_str()?,
-            b.get("time")?.as_str()?,
-            b.get("seq")?.as_u64()?,
-            b.get("consistency")?.as_str()?,
-            b.get("freeze_window_ms")?.as_u64()?,
-            match (
-                b.get("consolidated").and_then(|c| c.as_bool()),
-                b.get("keep").and_then(|k| k.as_bool()),
-            ) {
-                (Some(true), _) => "consolidated away",
-                (_, Some(true)) => "keep",
+            b.name,
+            b.time,
+            b.seq,
+            consistency_word(b.consistency),
+            b.freeze_window_ms,
+            match (b.consolidated, b.keep) {
+                (true, _) => "consolidated away",
+                (_, true) => "keep",
                 _ => "",
             },
         );
     }
-    Some(out)
+    out
+}
+
+/// A consistency as the protocol spells it (`crash`, `application`).
+pub fn consistency_word(consistency: Consistency) -> &'static str {
+    match consistency {
+        Consistency::Crash => "crash",
+        Consistency::Application => "application",
+    }
 }

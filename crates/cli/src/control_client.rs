@@ -1,12 +1,16 @@
 //! A client for the JSON-lines control sockets of the appliance and the splitter. Every
 //! request has a deadline, and every failure says which process it concerns and what kind
-//! of failure it is (`CliError`), so the command exits with the documented status.
+//! of failure it is (`CliError`), so the command exits with the documented status. Requests
+//! and answers are `cdp_control`'s types: the caller names the answer it expects, and an
+//! answer that does not fit it is an error, never a silent default.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+use cdp_control::{ErrorAnswer, ErrorCode};
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::output::{CliError, ErrorKind};
@@ -29,21 +33,21 @@ pub fn default_timeout() -> Duration {
 
 /// Sends one request and returns the answer, within the default deadline; an
 /// `{"error": ...}` answer becomes an error of the answer's kind.
-pub fn request(
+pub fn request<A: DeserializeOwned>(
     socket: &Path,
     role: &str,
     request: &impl Serialize,
-) -> anyhow::Result<serde_json::Value> {
+) -> anyhow::Result<A> {
     request_within(socket, role, request, default_timeout())
 }
 
 /// `request` with its own deadline, for requests that legitimately take long.
-pub fn request_within(
+pub fn request_within<A: DeserializeOwned>(
     socket: &Path,
     role: &str,
     request: &impl Serialize,
     timeout: Duration,
-) -> anyhow::Result<serde_json::Value> {
+) -> anyhow::Result<A> {
     let mut stream = connect(socket, role)?;
     let timed_out = || {
         CliError::new(
@@ -87,22 +91,23 @@ pub fn request_within(
         )
         .into());
     }
-    let value: serde_json::Value = serde_json::from_slice(&answer).map_err(|e| {
+    // Only a failed request is answered with an `error` field.
+    if let Ok(failed) = serde_json::from_slice::<ErrorAnswer>(&answer) {
+        let kind = match failed.code {
+            ErrorCode::NotFound => ErrorKind::NotFound,
+            ErrorCode::Refused => ErrorKind::Refused,
+            ErrorCode::BadRequest => ErrorKind::Usage,
+            ErrorCode::Failed => ErrorKind::Failed,
+        };
+        return Err(CliError::new(kind, format!("{role}: {}", failed.error)).into());
+    }
+    serde_json::from_slice(&answer).map_err(|e| {
         CliError::new(
             ErrorKind::Failed,
             format!("bad answer from the {role} at {}: {e}", socket.display()),
         )
-    })?;
-    if let Some(error) = value.get("error").and_then(|e| e.as_str()) {
-        let kind = match value.get("code").and_then(|c| c.as_str()) {
-            Some("not_found") => ErrorKind::NotFound,
-            Some("refused") => ErrorKind::Refused,
-            Some("bad_request") => ErrorKind::Usage,
-            _ => ErrorKind::Failed,
-        };
-        return Err(CliError::new(kind, format!("{role}: {error}")).into());
-    }
-    Ok(value)
+        .into()
+    })
 }
 
 /// Connects, with a hint that follows from the actual error.
@@ -139,9 +144,17 @@ fn connect(socket: &Path, role: &str) -> Result<UnixStream, CliError> {
 }
 
 /// A request to the appliance, within the default deadline.
-pub fn appliance(
+pub fn appliance<A: DeserializeOwned>(
     socket: &Path,
-    request: &cdp_appliance::control::Request,
-) -> anyhow::Result<serde_json::Value> {
+    request: &cdp_control::Request,
+) -> anyhow::Result<A> {
     self::request(socket, "appliance", request)
+}
+
+/// A request to the splitter, within the default deadline.
+pub fn splitter<A: DeserializeOwned>(
+    socket: &Path,
+    request: &cdp_control::SplitterRequest,
+) -> anyhow::Result<A> {
+    self::request(socket, "splitter", request)
 }

@@ -46,7 +46,7 @@ fn parse_since(text: &str, now_ns: u64) -> anyhow::Result<u64> {
             );
         }
     }
-    cdp_appliance::rfc3339::parse_time(text).map_err(|e| {
+    cdp_types::rfc3339::parse_time(text).map_err(|e| {
         CliError::new(
             ErrorKind::Usage,
             format!("--since {text:?}: expected an RFC 3339 time or a duration such as 10m ({e})"),

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
+use cdp_control::{GroupCreate, GroupCreated, GroupListed, Request};
 use clap::{Args, Subcommand};
 
 use crate::units::{format_bytes, parse_size};
@@ -62,41 +62,31 @@ pub fn run(command: GroupCommand) -> anyhow::Result<()> {
             compress,
             control,
         } => {
-            let mut request = serde_json::json!({"command": "group_create", "name": group});
-            if let Some(bytes) = capacity {
-                request["journal_capacity_bytes"] = bytes.into();
-            }
-            if let Some(seconds) = retention {
-                request["journal_retention_s"] = seconds.into();
-            }
-            if compress {
-                request["journal_compress"] = true.into();
-            }
-            let answer = crate::control_client::request(&control.socket(), "appliance", &request)?;
-            let capacity = answer["status"]["journal_capacity_bytes"]
-                .as_u64()
-                .unwrap_or(0);
+            let request = Request::GroupCreate(GroupCreate {
+                name: group.clone(),
+                journal_capacity_bytes: capacity,
+                journal_retention_s: retention,
+                // Left out unless asked for, so the group takes `[[group]]`'s default.
+                journal_compress: compress.then_some(true),
+            });
+            let answer: GroupCreated =
+                crate::control_client::appliance(&control.socket(), &request)?;
+            let capacity = answer.status.journal_capacity_bytes;
             crate::output::report(&answer, || {
                 format!(
                     "group {group} created (journal capacity {}); add volumes with \
                      `cdp volume add {group} VOLUME --path PATH`",
                     format_bytes(capacity)
                 )
-            });
+            })?;
         }
         GroupCommand::List { control } => {
-            let answer = crate::control_client::request(
-                &control.socket(),
-                "appliance",
-                &serde_json::json!({"command": "group_list"}),
-            )?;
+            let answer: GroupListed =
+                crate::control_client::appliance(&control.socket(), &Request::GroupList)?;
             if crate::output::json() {
-                crate::out!("{}", serde_json::to_string_pretty(&answer)?);
+                crate::output::print_json(&answer)?;
             } else {
-                crate::out_nonl!(
-                    "{}",
-                    table(&answer).context("unexpected answer from the appliance")?
-                );
+                crate::out_nonl!("{}", table(&answer));
             }
         }
     }
@@ -131,52 +121,46 @@ pub fn parse_duration_s(text: &str) -> Result<u64, String> {
 }
 
 /// The human table: one block per group, one line per volume.
-fn table(answer: &serde_json::Value) -> Option<String> {
+fn table(answer: &GroupListed) -> String {
     let mut out = String::new();
-    let groups = answer["groups"].as_array()?;
-    if groups.is_empty() {
+    if answer.groups.is_empty() {
         out.push_str("no groups\n");
     }
-    for g in groups {
-        let oldest = match g["oldest_timestamp_ns"].as_u64() {
-            Some(ns) => format!(
-                "seq {} ({} ago)",
-                g["oldest_point_seq"].as_u64()?,
-                format_age(ns)
-            ),
-            None => format!("seq {}", g["oldest_point_seq"].as_u64()?),
+    for g in &answer.groups {
+        let oldest = match g.oldest_timestamp_ns {
+            Some(ns) => format!("seq {} ({} ago)", g.oldest_point_seq, format_age(ns)),
+            None => format!("seq {}", g.oldest_point_seq),
         };
-        let retention = match g["journal_retention_s"].as_u64() {
+        let retention = match g.journal_retention_s {
             Some(s) => format!(", retention {s} s"),
             None => String::new(),
         };
         out.push_str(&format!(
             "group {} ({}): journal {} of {}{retention}, last seq {}, oldest point {oldest}\n",
-            g["name"].as_str()?,
-            g["origin"].as_str()?,
-            format_bytes(g["journal_bytes"].as_u64()?),
-            format_bytes(g["journal_capacity_bytes"].as_u64()?),
-            g["last_seq"].as_u64()?,
+            g.name,
+            g.origin.as_str(),
+            format_bytes(g.journal_bytes),
+            format_bytes(g.journal_capacity_bytes),
+            g.last_seq,
         ));
-        let volumes = g["volumes"].as_array()?;
-        if volumes.is_empty() {
+        if g.volumes.is_empty() {
             out.push_str("  (no volumes)\n");
         }
-        for v in volumes {
+        for v in &g.volumes {
             out.push_str(&format!(
                 "  {:<16} {:>10}  {}  replica {}\n",
-                v["name"].as_str()?,
-                format_bytes(v["size"].as_u64()?),
-                if v["connected"].as_bool()? {
+                v.name,
+                format_bytes(v.size),
+                if v.connected {
                     "connected   "
                 } else {
                     "disconnected"
                 },
-                v["replica"].as_str()?,
+                v.replica,
             ));
         }
     }
-    Some(out)
+    out
 }
 
 fn format_age(timestamp_ns: u64) -> String {

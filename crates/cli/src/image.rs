@@ -5,9 +5,9 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use cdp_appliance::control::Request;
+use cdp_control::{ImageAccessed, ImageInfo, ImageListed, ImageReleased, ImageState, Request};
 use clap::{Args, Subcommand};
-use serde_json::Value;
+use serde::de::DeserializeOwned;
 
 use crate::bookmark::ControlArgs;
 
@@ -77,7 +77,7 @@ pub fn run(command: ImageCommand) -> anyhow::Result<()> {
     }
 }
 
-fn ask(control: &ControlArgs, req: &Request) -> anyhow::Result<Value> {
+fn ask<A: DeserializeOwned>(control: &ControlArgs, req: &Request) -> anyhow::Result<A> {
     let socket = control.socket();
     // Opening waits up to a minute for a restarted appliance's replica to be exact.
     let timeout = match req {
@@ -88,7 +88,7 @@ fn ask(control: &ControlArgs, req: &Request) -> anyhow::Result<Value> {
 }
 
 fn access(args: AccessArgs) -> anyhow::Result<()> {
-    let answer = ask(
+    let answer: ImageAccessed = ask(
         &args.control,
         &Request::ImageAccess {
             group: args.group.clone().or(args.group_positional.clone()),
@@ -97,35 +97,25 @@ fn access(args: AccessArgs) -> anyhow::Result<()> {
             logged: args.logged,
         },
     )?;
-    let mut image = answer
-        .get("image")
-        .cloned()
-        .context("the appliance's answer has no image")?;
-    if image["state"] == "rolling_back" {
+    let mut image = answer.image;
+    if image.state == ImageState::RollingBack {
         image = follow_rollback(&args.control, &image)?;
     }
     if crate::output::json() {
-        crate::out!("{}", serde_json::to_string_pretty(&image)?);
-        return Ok(());
+        return crate::output::print_json(&image);
     }
     print_image(&image);
-    let id = image["id"].as_str().unwrap_or("?");
-    let nbd = image["nbd"].as_str().unwrap_or("?");
     crate::out!("attach with, for example:");
-    for e in image["exports"].as_array().into_iter().flatten() {
-        let export = e["export"].as_str().unwrap_or("?");
-        crate::out!("  {}", nbd_uri(nbd, export));
+    for e in &image.exports {
+        crate::out!("  {}", nbd_uri(&image.nbd, &e.export));
     }
-    crate::out!("release with: cdp image release {id}");
+    crate::out!("release with: cdp image release {}", image.id);
     Ok(())
 }
 
 /// Shows the rollback of a logged image until it is ready (a bar on a terminal).
-fn follow_rollback(control: &ControlArgs, image: &Value) -> anyhow::Result<Value> {
-    let id = image["id"]
-        .as_str()
-        .context("image without id")?
-        .to_string();
+fn follow_rollback(control: &ControlArgs, image: &ImageInfo) -> anyhow::Result<ImageInfo> {
+    let id = image.id.clone();
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = indicatif::ProgressBar::new(1);
         bar.set_style(
@@ -137,32 +127,32 @@ fn follow_rollback(control: &ControlArgs, image: &Value) -> anyhow::Result<Value
         bar
     });
     loop {
-        let answer = ask(control, &Request::ImageList { group: None })?;
-        let current = answer["images"]
-            .as_array()
-            .and_then(|l| l.iter().find(|i| i["id"] == id.as_str()))
-            .cloned()
+        let answer: ImageListed = ask(control, &Request::ImageList { group: None })?;
+        let current = answer
+            .images
+            .into_iter()
+            .find(|i| i.id == id)
             .with_context(|| format!("image {id} disappeared while rolling back"))?;
-        match current["state"].as_str() {
-            Some("ready") => {
+        match current.state {
+            ImageState::Ready => {
                 if let Some(bar) = &bar {
                     bar.finish_and_clear();
                 }
                 return Ok(current);
             }
-            Some("failed") => {
+            ImageState::Failed => {
                 if let Some(bar) = &bar {
                     bar.abandon();
                 }
-                let why = current["error"].as_str().unwrap_or("unknown error");
+                let why = current.error.as_deref().unwrap_or("unknown error");
                 // The image holds nothing useful; give its pin and replica back.
-                let _ = ask(control, &Request::ImageRelease { id: id.clone() });
+                let _ = ask::<ImageReleased>(control, &Request::ImageRelease { id: id.clone() });
                 bail!("logged access to image {id} failed: {why}");
             }
-            _ => {
-                if let (Some(bar), Some(p)) = (&bar, current["rollback"].as_array()) {
-                    bar.set_length(p.get(1).and_then(Value::as_u64).unwrap_or(1).max(1));
-                    bar.set_position(p.first().and_then(Value::as_u64).unwrap_or(0));
+            ImageState::RollingBack => {
+                if let (Some(bar), Some((done, needed))) = (&bar, current.rollback) {
+                    bar.set_length(needed.max(1));
+                    bar.set_position(done);
                 }
             }
         }
@@ -177,20 +167,20 @@ fn nbd_uri(endpoint: &str, export: &str) -> String {
     }
 }
 
-fn print_image(image: &Value) {
-    let point = match image["bookmark"].as_str() {
+fn print_image(image: &ImageInfo) {
+    let point = match &image.bookmark {
         Some(b) => format!("bookmark {b}"),
-        None => image["point"].as_str().unwrap_or("?").to_string(),
+        None => image.point.clone(),
     };
     crate::out!(
         "image {} of group {}: {} (seq {}, {}), {} {}",
-        image["id"].as_str().unwrap_or("?"),
-        image["group"].as_str().unwrap_or("?"),
+        image.id,
+        image.group,
         point,
-        image["seq"],
-        image["time"].as_str().unwrap_or("?"),
-        image["mode"].as_str().unwrap_or("?"),
-        if image["writable"] == true {
+        image.seq,
+        image.time,
+        image.mode.as_str(),
+        if image.writable {
             "writable (scratch, discarded at release)"
         } else {
             "read-only"
@@ -199,13 +189,11 @@ fn print_image(image: &Value) {
 }
 
 fn list(args: ListArgs) -> anyhow::Result<()> {
-    let answer = ask(&args.control, &Request::ImageList { group: args.group })?;
+    let answer: ImageListed = ask(&args.control, &Request::ImageList { group: args.group })?;
     if crate::output::json() {
-        crate::out!("{}", serde_json::to_string_pretty(&answer["images"])?);
-        return Ok(());
+        return crate::output::print_json(&answer.images);
     }
-    let images = answer["images"].as_array().cloned().unwrap_or_default();
-    if images.is_empty() {
+    if answer.images.is_empty() {
         crate::out!("no open images");
         return Ok(());
     }
@@ -219,26 +207,17 @@ fn list(args: ListArgs) -> anyhow::Result<()> {
         "ACCESS",
         "STATE"
     );
-    for i in images {
-        let exports: Vec<&str> = i["exports"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e["export"].as_str())
-            .collect();
+    for i in &answer.images {
+        let exports: Vec<&str> = i.exports.iter().map(|e| e.export.as_str()).collect();
         crate::out!(
             "{:<8} {:<12} {:>10} {:<24} {:<8} {:<9} {:<12} {}",
-            i["id"].as_str().unwrap_or("?"),
-            i["group"].as_str().unwrap_or("?"),
-            i["seq"].as_u64().unwrap_or(0),
-            i["time"].as_str().unwrap_or("?"),
-            i["mode"].as_str().unwrap_or("?"),
-            if i["writable"] == true {
-                "writable"
-            } else {
-                "read-only"
-            },
-            i["state"].as_str().unwrap_or("?"),
+            i.id,
+            i.group,
+            i.seq,
+            i.time,
+            i.mode.as_str(),
+            if i.writable { "writable" } else { "read-only" },
+            i.state.as_str(),
             exports.join(" ")
         );
     }
@@ -246,14 +225,11 @@ fn list(args: ListArgs) -> anyhow::Result<()> {
 }
 
 fn release(args: ReleaseArgs) -> anyhow::Result<()> {
-    let answer = ask(&args.control, &Request::ImageRelease { id: args.id })?;
+    let answer: ImageReleased = ask(&args.control, &Request::ImageRelease { id: args.id })?;
     if crate::output::json() {
-        crate::out!("{}", serde_json::to_string_pretty(&answer["released"])?);
+        crate::output::print_json(&answer.released)?;
     } else {
-        crate::out!(
-            "image {} released",
-            answer["released"]["id"].as_str().unwrap_or("?")
-        );
+        crate::out!("image {} released", answer.released.id);
     }
     Ok(())
 }

@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use cdp_control::{ImageAccessed, ImageReleased, Request};
 use cdp_nbd::client::Client;
 use cdp_types::Endpoint;
 use clap::Args;
-use serde::Deserialize;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::bookmark::ControlArgs;
@@ -67,39 +67,30 @@ pub struct ExportArgs {
     force: bool,
 }
 
-/// One volume of an image, as the appliance describes it.
-#[derive(Clone, Debug, Deserialize)]
-pub(crate) struct ImageVolume {
-    pub volume: String,
-    /// The NBD export name to open on the image's endpoint.
-    pub export: String,
-    pub size: u64,
+/// One volume of an image, and an accessed image, as `image_access` answers them.
+pub(crate) use cdp_control::{ImageExport as ImageVolume, ImageInfo};
+
+/// Where the image's exports are served.
+pub(crate) fn image_endpoint(info: &ImageInfo) -> anyhow::Result<Endpoint> {
+    info.nbd
+        .parse()
+        .with_context(|| format!("the appliance gave image {} a bad NBD endpoint", info.id))
 }
 
-/// An accessed image, as `image_access` answers it.
-#[derive(Clone, Debug, Deserialize)]
-pub(crate) struct ImageInfo {
-    pub id: String,
-    pub group: String,
-    pub seq: u64,
-    /// The point as the user named it, when the appliance echoes it.
-    #[serde(default)]
-    pub point: Option<String>,
-    /// Where the image's exports are served (`unix:PATH` or `HOST:PORT`).
-    pub nbd: String,
-    pub exports: Vec<ImageVolume>,
+/// Words for an image's point in messages.
+pub(crate) trait DescribePoint {
+    /// "seq 123 (bookmark b1)".
+    fn describe_point(&self, asked: &str) -> String;
 }
 
-impl ImageInfo {
-    pub fn endpoint(&self) -> anyhow::Result<Endpoint> {
-        self.nbd
-            .parse()
-            .with_context(|| format!("the appliance gave image {} a bad NBD endpoint", self.id))
-    }
-
+impl DescribePoint for ImageInfo {
     /// "seq 123 (bookmark b1)" for messages.
-    pub fn describe_point(&self, asked: &str) -> String {
-        let point = self.point.as_deref().unwrap_or(asked);
+    fn describe_point(&self, asked: &str) -> String {
+        let point = if self.point.is_empty() {
+            asked
+        } else {
+            self.point.as_str()
+        };
         if point == format!("seq:{}", self.seq) || point == self.seq.to_string() {
             format!("seq {}", self.seq)
         } else {
@@ -119,23 +110,19 @@ pub(crate) struct OpenImage {
 
 impl OpenImage {
     pub fn open(socket: &Path, group: Option<&str>, at: &str) -> anyhow::Result<OpenImage> {
-        let answer = crate::control_client::request(
+        let answer: ImageAccessed = crate::control_client::appliance(
             socket,
-            "appliance",
-            &serde_json::json!({
-                "command": "image_access",
-                "group": group,
-                "at": at,
-                "writable": false,
-                "logged": false,
-            }),
+            &Request::ImageAccess {
+                group: group.map(str::to_string),
+                at: at.to_string(),
+                writable: false,
+                logged: false,
+            },
         )
         .with_context(|| format!("opening an image at {at:?}"))?;
-        let info: ImageInfo = serde_json::from_value(answer["image"].clone())
-            .with_context(|| format!("unexpected image_access answer: {answer}"))?;
         Ok(OpenImage {
             socket: socket.to_path_buf(),
-            info,
+            info: answer.image,
             released: false,
         })
     }
@@ -146,10 +133,11 @@ impl OpenImage {
     }
 
     fn send_release(&self) -> anyhow::Result<()> {
-        crate::control_client::request(
+        crate::control_client::appliance::<ImageReleased>(
             &self.socket,
-            "appliance",
-            &serde_json::json!({ "command": "image_release", "id": self.info.id }),
+            &Request::ImageRelease {
+                id: self.info.id.clone(),
+            },
         )
         .with_context(|| {
             format!(
@@ -284,7 +272,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         bail!("image {} of group {} has no volumes", info.id, info.group);
     }
     let plan = destinations(&args.to, &volumes, args.force)?;
-    let endpoint = info.endpoint()?;
+    let endpoint = image_endpoint(&info)?;
     let total: u64 = volumes.iter().map(|v| v.size).sum();
     let exported = interruptible.run(move |stop| {
         let bar = progress_bar(total)?;
@@ -336,8 +324,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
             })
             .collect::<Vec<_>>()
             .join("\n")
-    });
-    Ok(())
+    })
 }
 
 /// Where each volume goes: PATH itself for one volume, PATH/VOL.img for several. Existing

@@ -59,47 +59,39 @@ pub fn run(command: JournalCommand) -> ExitCode {
 }
 
 fn consolidate(args: ConsolidateArgs) -> anyhow::Result<()> {
-    use anyhow::Context;
     // A pass rewrites old segments: allow it minutes, not the default seconds.
-    let answer = crate::control_client::request_within(
+    let answer: cdp_control::JournalConsolidated = crate::control_client::request_within(
         &args.control.socket(),
         "appliance",
-        &cdp_appliance::control::Request::JournalConsolidate {
+        &cdp_control::Request::JournalConsolidate {
             group: args.group.clone().or(args.group_positional.clone()),
         },
         std::time::Duration::from_secs(600),
     )?;
-    if let Some(error) = answer.get("error").and_then(|e| e.as_str()) {
-        anyhow::bail!("{error}");
-    }
     if crate::output::json() {
-        crate::out!("{}", serde_json::to_string_pretty(&answer)?);
-        return Ok(());
+        return crate::output::print_json(&answer);
     }
-    let text = consolidate_text(&answer).context("unexpected answer from the appliance")?;
-    crate::out!("{text}");
+    crate::out!("{}", consolidate_text(&answer));
     Ok(())
 }
 
-fn consolidate_text(answer: &serde_json::Value) -> Option<String> {
-    let group = answer.get("group")?.as_str()?;
-    let c = answer.get("consolidation")?;
-    let through = c.get("through_seq")?.as_u64()?;
-    if let Some(why) = c.get("nothing_because").and_then(|w| w.as_str()) {
-        return Some(format!("group {group}: nothing to consolidate: {why}"));
+fn consolidate_text(answer: &cdp_control::JournalConsolidated) -> String {
+    let group = &answer.group;
+    let c = &answer.consolidation;
+    let through = c.through_seq;
+    if let Some(why) = &c.nothing_because {
+        return format!("group {group}: nothing to consolidate: {why}");
     }
-    let before = c.get("bytes_before")?.as_u64()?;
-    let after = c.get("bytes_after")?.as_u64()?;
-    Some(format!(
+    format!(
         "group {group}: history through seq {through} consolidated to {} kept points; {} segments rewritten, {} payloads dropped, {} freed ({} -> {}) in {} ms",
-        c.get("kept_points")?.as_u64()?,
-        c.get("segments_rewritten")?.as_u64()?,
-        c.get("payloads_dropped")?.as_u64()?,
-        format_bytes(c.get("bytes_freed")?.as_u64()?),
-        format_bytes(before),
-        format_bytes(after),
-        c.get("millis")?.as_u64()?,
-    ))
+        c.kept_points,
+        c.segments_rewritten,
+        c.payloads_dropped,
+        format_bytes(c.bytes_freed),
+        format_bytes(c.bytes_before),
+        format_bytes(c.bytes_after),
+        c.millis,
+    )
 }
 
 /// One inspected journal, as printed.

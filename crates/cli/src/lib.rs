@@ -22,6 +22,7 @@ mod tls;
 pub mod units;
 mod up;
 mod volume;
+mod witness;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -64,6 +65,9 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Run the fencing witness: a third process, at a third location, that holds each
+    /// group's primary lease (`fencing = "witness"`).
+    Witness(witness::WitnessArgs),
     /// Show volumes, journal size, last sequence number and distribution lag.
     Status(status::StatusArgs),
     /// State changes recorded by the appliance and the splitter (marking, resync, RPO,
@@ -139,6 +143,10 @@ pub fn main() -> ExitCode {
         Command::Appliance { config } | Command::Splitter { config } => {
             logging::format_of_config(config)
         }
+        Command::Witness(witness::WitnessArgs {
+            config: Some(config),
+            ..
+        }) => logging::format_of_config(config),
         _ => cdp_types::LogFormat::Text,
     });
     match run(cli) {
@@ -183,6 +191,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 stop_signal_notified(),
                 || service_notify::notify_logged(service_notify::READY),
             ))?;
+        }
+        Command::Witness(args) => {
+            restrict_new_files();
+            witness::run(args)?
         }
         Command::Status(args) => status::run(args)?,
         Command::Events(args) => events::run(args)?,

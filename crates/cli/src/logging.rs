@@ -14,10 +14,15 @@ pub fn format_of_config(path: &Path) -> LogFormat {
     let Ok(text) = std::fs::read_to_string(path) else {
         return LogFormat::Text;
     };
-    let Ok(table) = text.parse::<toml::Table>() else {
+    /// The one key read early; every other key is left to the config's own loading.
+    #[derive(serde::Deserialize)]
+    struct LogFormatOnly {
+        log_format: Option<String>,
+    }
+    let Ok(config) = toml::from_str::<LogFormatOnly>(&text) else {
         return LogFormat::Text;
     };
-    match table.get("log_format").and_then(|v| v.as_str()) {
+    match config.log_format.as_deref() {
         Some("json") => LogFormat::Json,
         // Anything else but "text" is refused when the config is loaded.
         _ => LogFormat::Text,

@@ -45,13 +45,22 @@ pub fn set_json(on: bool) {
 }
 
 /// Prints a report: `value` as JSON under `--json`, else `text` (one or more lines).
-pub fn report(value: &serde_json::Value, text: impl FnOnce() -> String) {
+pub fn report(value: &impl serde::Serialize, text: impl FnOnce() -> String) -> anyhow::Result<()> {
     if json() {
-        let pretty = serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string());
-        write_stdout(format_args!("{pretty}\n"));
+        print_json(value)
     } else {
         write_stdout(format_args!("{}\n", text()));
+        Ok(())
     }
+}
+
+/// Prints `value` as pretty JSON with its keys sorted, as every `--json` output is.
+pub fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    // Through a JSON value, whose maps are sorted: the order of a struct's fields is not
+    // part of the output.
+    let sorted = serde_json::to_value(value)?;
+    write_stdout(format_args!("{}\n", serde_json::to_string_pretty(&sorted)?));
+    Ok(())
 }
 
 /// What kind of failure a command reports; each has its own exit status.

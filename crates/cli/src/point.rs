@@ -1,7 +1,6 @@
 //! `cdp point resolve GROUP POINT`: which journal seq a point name stands for.
 
-use anyhow::Context;
-use cdp_appliance::control::Request;
+use cdp_control::{PointResolved, Request};
 use clap::{Args, Subcommand};
 
 use crate::bookmark::ControlArgs;
@@ -40,7 +39,7 @@ pub fn run(command: PointCommand) -> anyhow::Result<()> {
             "give the group once: cdp point resolve --group GROUP POINT"
         )),
     };
-    let answer = crate::control_client::appliance(
+    let answer: PointResolved = crate::control_client::appliance(
         &args.control.socket(),
         &Request::PointResolve {
             group,
@@ -48,12 +47,9 @@ pub fn run(command: PointCommand) -> anyhow::Result<()> {
         },
     )?;
     if crate::output::json() {
-        crate::out!("{}", serde_json::to_string_pretty(&answer)?);
-        return Ok(());
+        return crate::output::print_json(&answer);
     }
-    let r = &answer["resolved"];
-    let seq = r["seq"].as_u64().context("unexpected answer: no seq")?;
-    let time = r["time"].as_str().context("unexpected answer: no time")?;
-    crate::out!("{} -> seq {seq} at {time}", point);
+    let r = &answer.resolved;
+    crate::out!("{} -> seq {} at {}", point, r.seq, r.time);
     Ok(())
 }

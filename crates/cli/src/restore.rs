@@ -11,14 +11,18 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
+use cdp_control::{
+    validate_bookmark_name, ApplianceStatus, Bookmark, BookmarkCreated, BookmarkListed,
+    Consistency, Request, SplitterRequest, SplitterStatus,
+};
 use cdp_nbd::client::Client;
 use cdp_types::Endpoint;
 use clap::Args;
 
 use crate::bookmark::ControlArgs;
 use crate::image_export::{
-    check_stop, connect, is_zero, progress_bar, ImageVolume, Interruptible, OpenImage, BLOCK_BYTES,
-    CHUNK_BYTES,
+    check_stop, connect, image_endpoint, is_zero, progress_bar, DescribePoint, ImageVolume,
+    Interruptible, OpenImage, BLOCK_BYTES, CHUNK_BYTES,
 };
 use crate::units::format_bytes;
 
@@ -85,7 +89,7 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
     }
     let point = info.describe_point(&args.at);
     let image_volumes: Vec<ImageVolume> = info.exports.clone();
-    let image_endpoint = info.endpoint()?;
+    let image_endpoint = image_endpoint(&info)?;
     let total: u64 = image_volumes.iter().map(|v| v.size).sum();
     let restored = interruptible.run(move |stop| {
         let bar = progress_bar(total)?;
@@ -120,14 +124,14 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
             "seconds": seconds,
             "bookmark": bookmark,
         });
-        crate::out!("{}", serde_json::to_string_pretty(&out)?);
+        crate::output::print_json(&out)?;
     } else {
         crate::out!(
             "restored group {group} to {point}: compared {}, wrote {} in {seconds:.1} s; bookmark {} at seq {}",
             format_bytes(restored.compared_bytes),
             format_bytes(restored.written_bytes),
-            bookmark["name"].as_str().unwrap_or("?"),
-            bookmark["seq"],
+            bookmark.name,
+            bookmark.seq,
         );
     }
     Ok(())
@@ -138,17 +142,11 @@ fn group_volumes(
     appliance: &std::path::Path,
     group: Option<&str>,
 ) -> anyhow::Result<(String, Vec<String>)> {
-    let status = crate::control_client::request(
-        appliance,
-        "appliance",
-        &serde_json::json!({"command": "status"}),
-    )?;
-    let groups = status["groups"]
-        .as_array()
-        .context("the appliance's status lists no groups")?;
-    let names: Vec<&str> = groups.iter().filter_map(|g| g["name"].as_str()).collect();
+    let status: ApplianceStatus = crate::control_client::appliance(appliance, &Request::Status)?;
+    let groups = status.groups;
+    let names: Vec<&str> = groups.iter().map(|g| g.name.as_str()).collect();
     let found = match group {
-        Some(name) => groups.iter().find(|g| g["name"] == name),
+        Some(name) => groups.iter().find(|g| g.name == name),
         None if groups.len() == 1 => groups.first(),
         None => bail!(
             "the appliance has {} groups; say which with --group ({})",
@@ -163,43 +161,27 @@ fn group_volumes(
             names.join(", ")
         );
     };
-    let volumes = found["volumes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|v| v["name"].as_str().map(str::to_owned))
-        .collect();
-    let name = found["name"].as_str().unwrap_or_default().to_owned();
-    Ok((name, volumes))
+    let volumes = found.volumes.iter().map(|v| v.name.clone()).collect();
+    Ok((found.name.clone(), volumes))
 }
 
 /// The splitter's volumes and its NBD endpoints.
 fn splitter_state(
     splitter: &std::path::Path,
 ) -> anyhow::Result<(Vec<SplitterVolume>, Vec<String>)> {
-    let status = crate::control_client::request(
-        splitter,
-        "splitter",
-        &serde_json::json!({"command": "status"}),
-    )
-    .context("restore writes through the splitter, so it must be running")?;
-    let volumes = status["volumes"]
-        .as_array()
+    let status: SplitterStatus =
+        crate::control_client::splitter(splitter, &SplitterRequest::Status)
+            .context("restore writes through the splitter, so it must be running")?;
+    let volumes = status
+        .volumes
         .into_iter()
-        .flatten()
         .map(|v| SplitterVolume {
-            name: v["name"].as_str().unwrap_or_default().to_owned(),
-            state: v["state"].as_str().unwrap_or("?").to_owned(),
-            nbd_clients: v["nbd_clients"].as_u64().unwrap_or(0),
+            name: v.name,
+            state: v.state,
+            nbd_clients: v.nbd_clients.unwrap_or(0) as u64,
         })
         .collect();
-    let endpoints = status["nbd"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.as_str().map(str::to_owned))
-        .collect();
-    Ok((volumes, endpoints))
+    Ok((volumes, status.nbd))
 }
 
 /// Refuses unless the splitter protects every volume of the group and (without `force`) no
@@ -376,22 +358,14 @@ fn write_range(production: &mut Client, offset: u64, data: &[u8]) -> anyhow::Res
 
 /// Takes the `restore-to-seq-N` bookmark (with a `-2`, `-3`, ... suffix when restoring to
 /// the same point again) so the timeline shows where the restore ended.
-fn create_bookmark(
-    appliance: &std::path::Path,
-    group: &str,
-    seq: u64,
-) -> anyhow::Result<serde_json::Value> {
-    let listed = crate::control_client::request(
+fn create_bookmark(appliance: &std::path::Path, group: &str, seq: u64) -> anyhow::Result<Bookmark> {
+    let listed: BookmarkListed = crate::control_client::appliance(
         appliance,
-        "appliance",
-        &serde_json::json!({"command": "bookmark_list", "group": group}),
+        &Request::BookmarkList {
+            group: Some(group.to_string()),
+        },
     )?;
-    let taken: BTreeSet<&str> = listed["bookmarks"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|b| b["name"].as_str())
-        .collect();
+    let taken: BTreeSet<&str> = listed.bookmarks.iter().map(|b| b.name.as_str()).collect();
     let base = format!("restore-to-seq-{seq}");
     let name = (1..=BOOKMARK_NAME_ATTEMPTS_MAX)
         .map(|n| {
@@ -403,19 +377,21 @@ fn create_bookmark(
         })
         .find(|name| !taken.contains(name.as_str()))
         .with_context(|| format!("{BOOKMARK_NAME_ATTEMPTS_MAX} bookmarks named {base}* exist"))?;
-    cdp_appliance::bookmark::validate_name(&name).map_err(anyhow::Error::msg)?;
-    let answer = crate::control_client::request(
+    validate_bookmark_name(&name)?;
+    let answer: BookmarkCreated = crate::control_client::appliance(
         appliance,
-        "appliance",
-        &serde_json::json!({
-            "command": "bookmark_create",
-            "group": group,
-            "name": name,
-            "consistency": cdp_appliance::bookmark::Consistency::Crash,
-        }),
+        &Request::BookmarkCreate {
+            group: Some(group.to_string()),
+            name,
+            consistency: Consistency::Crash,
+            freeze_window_ms: 0,
+            deadline_ms: None,
+            keep: false,
+            wait_recoverable_ms: None,
+        },
     )
     .context("production is restored, but the bookmark marking it failed")?;
-    Ok(answer["bookmark"].clone())
+    Ok(answer.bookmark)
 }
 
 #[cfg(test)]

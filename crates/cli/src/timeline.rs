@@ -1,7 +1,6 @@
 //! `cdp timeline [GROUP]`: the recoverable window, the bookmarks in it, and write activity.
 
-use anyhow::Context;
-use cdp_appliance::control::Request;
+use cdp_control::{Request, Timeline};
 use clap::Args;
 
 use crate::bookmark::ControlArgs;
@@ -20,46 +19,41 @@ pub struct TimelineArgs {
 }
 
 pub fn run(args: TimelineArgs) -> anyhow::Result<()> {
-    let answer = crate::control_client::appliance(
+    let answer: Timeline = crate::control_client::appliance(
         &args.control.socket(),
         &Request::Timeline {
             group: args.group.or(args.group_positional),
         },
     )?;
     if crate::output::json() {
-        crate::out!("{}", serde_json::to_string_pretty(&answer)?);
-        return Ok(());
+        return crate::output::print_json(&answer);
     }
-    crate::out_nonl!("{}", text(&answer).context("unexpected timeline answer")?);
+    crate::out_nonl!("{}", text(&answer));
     Ok(())
 }
 
 /// Kept points of consolidated history listed in the text output (all are in `--json`).
 const TIMELINE_KEPT_SHOWN: usize = 24;
 
-fn text(t: &serde_json::Value) -> Option<String> {
+fn text(t: &Timeline) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    let _ = writeln!(out, "group {}", t.get("group")?.as_str()?);
-    let (first, last) = (t.get("first")?, t.get("last")?);
-    if first.is_null() || last.is_null() {
+    let _ = writeln!(out, "group {}", t.group);
+    let (Some(first), Some(last)) = (&t.first, &t.last) else {
         let _ = writeln!(out, "  no records yet");
-        return Some(out);
-    }
+        return out;
+    };
     let _ = writeln!(
         out,
         "  recoverable: seq {} ({}) .. seq {} ({})",
-        first.get("seq")?.as_u64()?,
-        first.get("time")?.as_str()?,
-        last.get("seq")?.as_u64()?,
-        last.get("time")?.as_str()?,
+        first.seq, first.time, last.seq, last.time,
     );
-    if let Some(c) = t.get("consolidated").filter(|c| c.is_object()) {
-        let kept = c.get("kept")?.as_array()?;
+    if let Some(c) = &t.consolidated {
+        let kept = &c.kept;
         let _ = writeln!(
             out,
             "  consolidated below seq {}: only these {} kept points open there{}",
-            c.get("below_seq")?.as_u64()?,
+            c.below_seq,
             kept.len(),
             if kept.len() > TIMELINE_KEPT_SHOWN {
                 format!(" (newest {TIMELINE_KEPT_SHOWN} shown)")
@@ -68,68 +62,50 @@ fn text(t: &serde_json::Value) -> Option<String> {
             }
         );
         for k in kept.iter().rev().take(TIMELINE_KEPT_SHOWN).rev() {
-            let _ = writeln!(
-                out,
-                "    {} seq {}",
-                k.get("time")?.as_str()?,
-                k.get("seq")?.as_u64()?
-            );
+            let _ = writeln!(out, "    {} seq {}", k.time, k.seq);
         }
     }
     // Stretches refused as points: a volume was marking (link down) or resynchronising.
-    for n in t
-        .get("not_recoverable")
-        .and_then(|n| n.as_array())
-        .into_iter()
-        .flatten()
-    {
-        let from = match (
-            n.get("from_time").and_then(|f| f.as_str()),
-            n.get("from_seq"),
-        ) {
-            (Some(time), _) => time.to_string(),
+    for n in &t.not_recoverable {
+        let from = match (&n.from_time, n.from_seq) {
+            (Some(time), _) => time.clone(),
             (None, Some(seq)) => format!("after seq {seq}"),
             (None, None) => "?".into(),
         };
-        let until = match n.get("until_seq").and_then(|u| u.as_u64()) {
+        let until = match n.until_seq {
             Some(seq) => format!("seq {seq}"),
             None => "now (still going on)".into(),
         };
         let _ = writeln!(
             out,
             "  not recoverable: volume {} {} from {from} until {until}",
-            n.get("volume")?.as_str()?,
-            n.get("reason")?.as_str()?,
+            n.volume, n.reason,
         );
     }
-    let bookmarks = t.get("bookmarks")?.as_array()?;
-    let _ = writeln!(out, "  bookmarks: {}", bookmarks.len());
-    for b in bookmarks {
+    let _ = writeln!(out, "  bookmarks: {}", t.bookmarks.len());
+    for b in &t.bookmarks {
         let _ = writeln!(
             out,
             "    {} seq {} {} {}",
-            b.get("time")?.as_str()?,
-            b.get("seq")?.as_u64()?,
-            b.get("consistency")?.as_str()?,
-            b.get("name")?.as_str()?,
+            b.time,
+            b.seq,
+            crate::bookmark::consistency_word(b.consistency),
+            b.name,
         );
     }
     let _ = writeln!(
         out,
         "  activity per {} s: {:<24} {:>10} {:>10}",
-        t.get("bucket_s")?.as_u64()?,
-        "START",
-        "RECORDS",
-        "BYTES"
+        t.bucket_s, "START", "RECORDS", "BYTES"
     );
-    for a in t.get("activity")?.as_array()? {
+    for a in &t.activity {
         let _ = writeln!(
             out,
             "    {:<24} {:>10} {:>10}",
-            a.get("start")?.as_str()?,
-            a.get("records")?.as_u64()?,
-            format_bytes(a.get("bytes")?.as_u64()?),
+            a.start,
+            a.records,
+            format_bytes(a.bytes),
         );
     }
-    Some(out)
+    out
 }

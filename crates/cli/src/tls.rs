@@ -171,8 +171,7 @@ fn make_ca(args: &CaArgs) -> anyhow::Result<()> {
                 key_path.display()
             )
         },
-    );
-    Ok(())
+    )
 }
 
 /// The certificate's names: each `--dns` and `--ip`, plus `--name` when it is a DNS name
@@ -328,8 +327,7 @@ fn issue(args: &IssueArgs) -> anyhow::Result<()> {
                 args.out.display()
             )
         },
-    );
-    Ok(())
+    )
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {

@@ -3,6 +3,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use cdp_control::{
+    Request, SplitterRequest, SplitterResyncing, SplitterStatus, SplitterVolumeAdded,
+    SplitterVolumeRemoved, VolumeAdded, VolumeRemoved,
+};
 use clap::Subcommand;
 
 use crate::group::ApplianceControlArgs;
@@ -118,12 +122,14 @@ pub fn run(command: VolumeCommand) -> anyhow::Result<()> {
         } => {
             let socket = splitter_control.unwrap_or_else(|| dir.join("splitter.ctl"));
             let requested_ns = cdp_types::TimestampNs::now().0;
-            let answer = crate::control_client::request(
+            let answer: SplitterResyncing = crate::control_client::splitter(
                 &socket,
-                "splitter",
-                &serde_json::json!({"command": "resync", "volume": volume, "verify": verify}),
+                &SplitterRequest::Resync {
+                    volume: volume.clone(),
+                    verify,
+                },
             )?;
-            let dirty = answer["state"]["dirty_bytes"].as_u64().unwrap_or(0);
+            let dirty = answer.state.dirty_bytes;
             if crate::output::json() {
                 if no_wait {
                     crate::output::report(
@@ -134,7 +140,7 @@ pub fn run(command: VolumeCommand) -> anyhow::Result<()> {
                             "dirty_bytes": dirty,
                         }),
                         String::new,
-                    );
+                    )?;
                 }
             } else if verify {
                 crate::out!(
@@ -184,27 +190,31 @@ fn add(
         );
     }
     let replica = replica.map(|r| std::path::absolute(&r).unwrap_or(r));
-    let mut request = serde_json::json!({
-        "command": "volume_add", "group": group, "name": volume, "size": size,
-    });
-    if let Some(r) = &replica {
-        request["replica"] = r.display().to_string().into();
-    }
-    let added = crate::control_client::request(appliance, "appliance", &request)?;
-    let served = crate::control_client::request(
+    let added: VolumeAdded = crate::control_client::appliance(
+        appliance,
+        &Request::VolumeAdd {
+            group: group.to_string(),
+            name: volume.to_string(),
+            size,
+            replica,
+        },
+    )?;
+    let served = crate::control_client::splitter::<SplitterVolumeAdded>(
         splitter,
-        "splitter",
-        &serde_json::json!({
-            "command": "volume_add", "name": volume, "path": path, "read_only": read_only,
-        }),
+        &SplitterRequest::VolumeAdd {
+            name: volume.to_string(),
+            path: path.clone(),
+            read_only,
+        },
     );
     if let Err(e) = served {
-        let undo = crate::control_client::request(
+        let undo = crate::control_client::appliance::<VolumeRemoved>(
             appliance,
-            "appliance",
-            &serde_json::json!({
-                "command": "volume_remove", "group": group, "name": volume, "force": true,
-            }),
+            &Request::VolumeRemove {
+                group: group.to_string(),
+                name: volume.to_string(),
+                force: true,
+            },
         );
         return match undo {
             Ok(_) => Err(e.context(format!(
@@ -221,8 +231,8 @@ fn add(
         "added": volume,
         "size": size,
         "production": path,
-        "replica": added["replica"],
-        "volume_id": added["volume_id"],
+        "replica": added.replica,
+        "volume_id": added.volume_id,
         "export": volume,
     });
     crate::output::report(&report, || {
@@ -231,9 +241,9 @@ fn add(
              export {volume}, first copied in the background (see cdp status)",
             format_bytes(size),
             path.display(),
-            added["replica"].as_str().unwrap_or("?"),
+            added.replica.display(),
         )
-    });
+    })?;
     Ok(())
 }
 
@@ -247,26 +257,23 @@ fn remove(
     force: bool,
 ) -> anyhow::Result<()> {
     let served_here = if splitter.exists() {
-        let status = crate::control_client::request(
-            splitter,
-            "splitter",
-            &serde_json::json!({"command": "status"}),
-        )?;
-        status["volumes"]
-            .as_array()
-            .is_some_and(|vols| vols.iter().any(|v| v["name"] == volume))
+        let status: SplitterStatus =
+            crate::control_client::splitter(splitter, &SplitterRequest::Status)?;
+        status.volumes.iter().any(|v| v.name == volume)
     } else {
         false
     };
     let mut production = None;
     if served_here {
-        let answer = crate::control_client::request(
+        let answer: SplitterVolumeRemoved = crate::control_client::splitter(
             splitter,
-            "splitter",
-            &serde_json::json!({"command": "volume_remove", "name": volume, "force": force}),
+            &SplitterRequest::VolumeRemove {
+                name: volume.to_string(),
+                force,
+            },
         )?;
-        production = answer["production"].as_str().map(str::to_string);
-        if answer["last_changes_journaled"] == false {
+        production = Some(answer.production);
+        if !answer.last_changes_journaled {
             eprintln!(
                 "cdp: warning: the appliance did not confirm {volume}'s last changes; they \
                  stay marked in the splitter's dirty bitmap"
@@ -279,12 +286,13 @@ fn remove(
             splitter.display()
         );
     }
-    let removed = crate::control_client::request(
+    let removed = crate::control_client::appliance::<VolumeRemoved>(
         appliance,
-        "appliance",
-        &serde_json::json!({
-            "command": "volume_remove", "group": group, "name": volume, "force": force,
-        }),
+        &Request::VolumeRemove {
+            group: group.to_string(),
+            name: volume.to_string(),
+            force,
+        },
     );
     let removed = match removed {
         Ok(answer) => answer,
@@ -292,10 +300,13 @@ fn remove(
             let Some(path) = production else {
                 return Err(e);
             };
-            let again = crate::control_client::request(
+            let again = crate::control_client::splitter::<SplitterVolumeAdded>(
                 splitter,
-                "splitter",
-                &serde_json::json!({"command": "volume_add", "name": volume, "path": path}),
+                &SplitterRequest::VolumeAdd {
+                    name: volume.to_string(),
+                    path,
+                    read_only: false,
+                },
             );
             return Err(match again {
                 Ok(_) => e.context(format!(
@@ -312,9 +323,9 @@ fn remove(
         format!(
             "volume {volume} removed from group {group}; its history stays in the journal \
              until retention releases it; replica kept at {}",
-            removed["replica_kept"].as_str().unwrap_or("?")
+            removed.replica_kept.display()
         )
-    });
+    })?;
     Ok(())
 }
 
@@ -336,28 +347,25 @@ fn follow(
     let started = std::time::Instant::now();
     let (mut last_verified, mut last_copied) = (0, 0);
     loop {
-        let status = crate::control_client::request(
-            socket,
-            "splitter",
-            &serde_json::json!({"command": "status"}),
-        )?;
-        let state = status["volumes"]
-            .as_array()
-            .and_then(|vols| vols.iter().find(|v| v["name"] == volume))
-            .cloned()
+        let status: SplitterStatus =
+            crate::control_client::splitter(socket, &SplitterRequest::Status)?;
+        let state = status
+            .volumes
+            .into_iter()
+            .find(|v| v.name == volume)
             .ok_or_else(|| anyhow::anyhow!("the splitter no longer reports {volume}"))?;
-        let mode = state["state"].as_str().unwrap_or("?").to_string();
+        let mode = state.state.clone();
         if mode == "protecting" {
             bar.finish_and_clear();
             // The totals of the finished operation, when the splitter reports them (a
             // progress sample lags the end by up to one poll).
-            let last = &state["last_resync"];
-            let completed_after_start = last["completed_ns"]
-                .as_u64()
-                .is_some_and(|ns| ns >= started_ns);
-            if completed_after_start {
-                last_verified = last["verified_bytes"].as_u64().unwrap_or(last_verified);
-                last_copied = last["copied_bytes"].as_u64().unwrap_or(last_copied);
+            if let Some(last) = state
+                .last_resync
+                .as_ref()
+                .filter(|last| last.completed_ns >= started_ns)
+            {
+                last_verified = last.verified_bytes;
+                last_copied = last.copied_bytes;
             }
             let seconds = started.elapsed().as_secs_f64();
             let report = serde_json::json!({
@@ -374,18 +382,14 @@ fn follow(
                     format_bytes(last_verified),
                     format_bytes(last_copied),
                 )
-            });
+            })?;
             return Ok(());
         }
-        if let Some(done) = state["resync"]["done_bytes"].as_u64() {
-            bar.set_position(done.min(total));
-        }
-        // The last numbers seen while it ran: the splitter drops them once it is done.
-        if let Some(verified) = state["resync"]["verified_bytes"].as_u64() {
-            last_verified = verified;
-        }
-        if let Some(copied) = state["resync"]["copied_bytes"].as_u64() {
-            last_copied = copied;
+        if let Some(resync) = &state.resync {
+            bar.set_position(resync.done_bytes.min(total));
+            // The last numbers seen while it ran: the splitter drops them once it is done.
+            last_verified = resync.verified_bytes;
+            last_copied = resync.copied_bytes;
         }
         bar.set_message(mode);
         std::thread::sleep(std::time::Duration::from_millis(200));

@@ -13,32 +13,8 @@ use tokio::sync::Semaphore;
 /// Longest request line; longer ones are refused without being parsed.
 pub const REQUEST_BYTES_MAX: usize = 64 * 1024;
 
-/// What kind of failure an answer reports, so a client can act on it (the `cdp` command maps
-/// each to its own exit status) without reading the message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    /// The request was understood but failed.
-    Failed,
-    /// The request names a group, volume, bookmark, image or point that does not exist.
-    NotFound,
-    /// The request was refused because doing it would be unsafe (a point that is not
-    /// recoverable, a volume still connected, ...).
-    Refused,
-    /// The request could not be parsed.
-    BadRequest,
-}
-
-impl ErrorCode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::Failed => "failed",
-            ErrorCode::NotFound => "not_found",
-            ErrorCode::Refused => "refused",
-            ErrorCode::BadRequest => "bad_request",
-        }
-    }
-}
+/// What kind of failure an answer reports: defined with the rest of the protocol.
+pub use cdp_control::ErrorCode;
 
 /// A failed request: its code and the message for people.
 #[derive(Debug, Clone)]
@@ -148,10 +124,14 @@ where
             }
         };
         let failed = answer.is_err();
-        let value = answer.unwrap_or_else(
-            |error| serde_json::json!({ "error": error.message, "code": error.code.as_str() }),
-        );
-        let mut out = serde_json::to_vec(&value).map_err(std::io::Error::other)?;
+        let mut out = match answer {
+            Ok(value) => serde_json::to_vec(&value),
+            Err(error) => serde_json::to_vec(&cdp_control::ErrorAnswer {
+                error: error.message,
+                code: error.code,
+            }),
+        }
+        .map_err(std::io::Error::other)?;
         out.push(b'\n');
         write.write_all(&out).await?;
         if failed {

@@ -50,6 +50,12 @@ use crate::limits::{
 /// changes of the volume), so a first initialization verifies instead of copying everything.
 const WELCOME_FLAG_REPLICA_HOLDS_DATA: u32 = 1;
 
+/// In a `Refuse`: the volume is held by another connection, of another splitter process.
+/// A splitter restarted at once after a crash can meet its own old connection still open at
+/// the appliance (its last changes still draining, or its close not yet seen); the appliance
+/// drops that within its link deadline, so a starting splitter asks again until then.
+pub const REFUSED_VOLUME_ALREADY_SPLIT: &str = "already has a connected splitter";
+
 /// One message on the split link.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {

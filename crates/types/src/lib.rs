@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 pub mod block_file;
 pub use block_file::BlockFile;
 pub mod log_format;
+pub mod rfc3339;
 pub use log_format::LogFormat;
 
 /// Errors from parsing user-supplied vocabulary (names, endpoints).

@@ -3,6 +3,11 @@
 
 const NS_PER_S: u64 = 1_000_000_000;
 
+/// A time that is not RFC 3339 or out of range; the message says which part is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BadTime(pub String);
+
 /// A Unix timestamp in ns as `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC).
 pub fn format_time(ns: u64) -> String {
     let secs = ns / NS_PER_S;
@@ -39,13 +44,17 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 
 /// Parses `YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)` (RFC 3339; `t` and a space also
 /// separate date and time) to ns since the Unix epoch. Times before 1970 are refused.
-pub fn parse_time(s: &str) -> Result<u64, String> {
-    let bad = |why: &str| format!("bad time {s:?}: {why} (expected e.g. 2026-11-23T00:10:00.123Z)");
+pub fn parse_time(s: &str) -> Result<u64, BadTime> {
+    let bad = |why: &str| {
+        BadTime(format!(
+            "bad time {s:?}: {why} (expected e.g. 2026-11-23T00:10:00.123Z)"
+        ))
+    };
     let b = s.as_bytes();
     if b.len() < 20 {
         return Err(bad("too short"));
     }
-    let num = |from: usize, len: usize| -> Result<i64, String> {
+    let num = |from: usize, len: usize| -> Result<i64, BadTime> {
         let part = s.get(from..from + len).ok_or_else(|| bad("truncated"))?;
         if !part.bytes().all(|c| c.is_ascii_digit()) {
             return Err(bad("digits expected"));

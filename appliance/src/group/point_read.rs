@@ -1,0 +1,211 @@
+//! Reads of a volume as it was at a point: each block from the replica, the undo stream or
+//! journal records, as the block index plans it.
+
+use cdp_journal::{RecordKind, RecordLocation};
+use cdp_types::Seq;
+
+use super::{Group, GroupVolume};
+use crate::error::ApplianceError;
+use crate::history::{BlockPlan, BLOCK_BYTES};
+use crate::limits::PARALLEL_ASSEMBLY_BLOCKS_MIN;
+use crate::record_cache::Stream;
+
+impl Group {
+    /// Reads `buf.len()` bytes of `volume` at `offset` as they were at point `at`, which
+    /// the caller has pinned. Blocks on disk reads: call from a blocking thread.
+    pub fn read_at_point(
+        &self,
+        volume: &GroupVolume,
+        at: Seq,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), ApplianceError> {
+        let _locations_stay = self.relocation.read();
+        let state = self.replica_state.read();
+        if !state.exact {
+            return Err(ApplianceError::Busy(
+                "the replica is catching up after a restart; images are readable once it has"
+                    .into(),
+            ));
+        }
+        let distributed = state.seq.0;
+        let end = offset + buf.len() as u64;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let first_block = offset / BLOCK_BYTES;
+        let plans: Vec<BlockPlan> = {
+            let history = self.history.lock();
+            (first_block..=(end - 1) / BLOCK_BYTES)
+                .map(|b| history.plan(volume.id, b, at.0, distributed))
+                .collect()
+        };
+        // Blocks assembled from journal or undo records cost a record read each; a request
+        // with many of them is split in two halves read in parallel.
+        let assembled = plans.iter().filter(|p| !p.is_replica_only()).count();
+        if assembled >= PARALLEL_ASSEMBLY_BLOCKS_MIN {
+            let mid_block = first_block + plans.len() as u64 / 2;
+            let split = (mid_block * BLOCK_BYTES - offset) as usize;
+            let (head, tail) = buf.split_at_mut(split);
+            let (head_plans, tail_plans) = plans.split_at(plans.len() / 2);
+            return std::thread::scope(|scope| {
+                let tail_done = scope.spawn(|| {
+                    self.fill_from_plans(volume, tail_plans, mid_block * BLOCK_BYTES, tail)
+                });
+                let head_done = self.fill_from_plans(volume, head_plans, offset, head);
+                let tail_done = tail_done.join().unwrap_or_else(|_| {
+                    Err(ApplianceError::Io(std::io::Error::other(
+                        "an image read thread panicked",
+                    )))
+                });
+                head_done.and(tail_done)
+            });
+        }
+        self.fill_from_plans(volume, &plans, offset, buf)
+    }
+
+    /// Fills `buf` (volume bytes from `offset`) following `plans`, one per block from the
+    /// block holding `offset`.
+    pub(super) fn fill_from_plans(
+        &self,
+        volume: &GroupVolume,
+        plans: &[BlockPlan],
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), ApplianceError> {
+        let first_block = offset / BLOCK_BYTES;
+        let end = offset + buf.len() as u64;
+        let plan_of = |pos: u64| &plans[(pos / BLOCK_BYTES - first_block) as usize];
+        let mut pos = offset;
+        let mut block_buf = vec![0u8; BLOCK_BYTES as usize];
+        while pos < end {
+            let block = pos / BLOCK_BYTES;
+            let plan = plan_of(pos);
+            if plan.is_replica_only() {
+                // Read a run of blocks the replica alone holds in one go.
+                let mut run_end = ((block + 1) * BLOCK_BYTES).min(end);
+                while run_end < end && plan_of(run_end).is_replica_only() {
+                    run_end = (run_end + BLOCK_BYTES).min(end);
+                }
+                volume.replica.read_into(
+                    pos,
+                    &mut buf[(pos - offset) as usize..(run_end - offset) as usize],
+                )?;
+                pos = run_end;
+                continue;
+            }
+            let block_start = block * BLOCK_BYTES;
+            let block_len = BLOCK_BYTES.min(volume.size - block_start) as usize;
+            let block_buf = &mut block_buf[..block_len];
+            self.assemble_block(volume, block_start, plan, block_buf)?;
+            let to = ((block + 1) * BLOCK_BYTES).min(end);
+            buf[(pos - offset) as usize..(to - offset) as usize].copy_from_slice(
+                &block_buf[(pos - block_start) as usize..(to - block_start) as usize],
+            );
+            pos = to;
+        }
+        Ok(())
+    }
+
+    pub(super) fn assemble_block(
+        &self,
+        volume: &GroupVolume,
+        start: u64,
+        plan: &BlockPlan,
+        buf: &mut [u8],
+    ) -> Result<(), ApplianceError> {
+        match plan {
+            BlockPlan::Undo { undo_seq, undo } => {
+                if undo.zero {
+                    buf.fill(0);
+                } else {
+                    let from = (start - undo.offset) as usize;
+                    self.copy_payload(
+                        Stream::Undo,
+                        *undo_seq,
+                        undo.location,
+                        undo.length,
+                        from,
+                        buf,
+                    )?;
+                }
+            }
+            BlockPlan::Layers {
+                from_replica,
+                layers,
+            } => {
+                if *from_replica {
+                    volume.replica.read_into(start, buf)?;
+                } else {
+                    buf.fill(0);
+                }
+                for (seq, r) in layers {
+                    let end = start + buf.len() as u64;
+                    let from = r.offset.max(start);
+                    let to = (r.offset + r.length).min(end);
+                    if from >= to {
+                        continue;
+                    }
+                    let dst = &mut buf[(from - start) as usize..(to - start) as usize];
+                    if r.kind == RecordKind::Write {
+                        let at = (from - r.offset) as usize;
+                        self.copy_payload(Stream::Redo, *seq, r.location, r.length, at, dst)?;
+                    } else {
+                        // Trims and zeroes read as zeroes.
+                        dst.fill(0);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies `dst.len()` bytes of a record's payload from byte `from`. A record no bigger
+    /// than a block is read straight into `dst` (from the segment's map when sealed); a
+    /// bigger one is read whole, once, and kept in the cache for its other blocks.
+    pub(super) fn copy_payload(
+        &self,
+        stream: Stream,
+        seq: u64,
+        location: RecordLocation,
+        length: u64,
+        from: usize,
+        dst: &mut [u8],
+    ) -> Result<(), ApplianceError> {
+        if length <= BLOCK_BYTES {
+            let journal = match stream {
+                Stream::Redo => &self.journal,
+                Stream::Undo => &self.undo,
+            };
+            return Ok(journal.read_payload_into(location, Seq(seq), from, dst)?);
+        }
+        let payload = self.payload(stream, seq, location)?;
+        let src = payload.get(from..from + dst.len()).ok_or_else(|| {
+            ApplianceError::Io(std::io::Error::other(format!(
+                "record {seq} holds {} payload bytes, {} wanted from {from}",
+                payload.len(),
+                dst.len()
+            )))
+        })?;
+        dst.copy_from_slice(src);
+        Ok(())
+    }
+
+    pub(super) fn payload(
+        &self,
+        stream: Stream,
+        seq: u64,
+        location: RecordLocation,
+    ) -> Result<bytes::Bytes, ApplianceError> {
+        if let Some(p) = self.record_cache.get(stream, seq) {
+            return Ok(p);
+        }
+        let journal = match stream {
+            Stream::Redo => &self.journal,
+            Stream::Undo => &self.undo,
+        };
+        let payload = journal.read_at(location, Seq(seq))?.payload;
+        self.record_cache.insert(stream, seq, payload.clone());
+        Ok(payload)
+    }
+}
