@@ -39,8 +39,11 @@ impl Group {
     }
 
     /// Makes distribution run now rather than wait for a pause in host writes.
+    /// It stays urgent until the replica holds everything appended now, even when that
+    /// takes several passes (a journal sync between them): a waiter urges once.
     pub fn urge_distribution(&self) {
-        self.urgent.store(true, Ordering::Relaxed);
+        self.urgent_through
+            .fetch_max(self.journal.last_seq().0, Ordering::Relaxed);
         let _ = self.distribution_wake.try_send(());
     }
 
@@ -53,6 +56,14 @@ impl Group {
             // `distributed` is always checkpointed here (distribute_through ends with one).
             self.retain(distributed);
             let stopping = self.stop_distribution.load(Ordering::Relaxed);
+            let urgent_through = self.urgent_through.load(Ordering::Relaxed);
+            if urgent_through > distributed.0 && self.journal.durable_seq().0 < urgent_through {
+                // A waiter needs records not yet durable: sync now rather than at the sync
+                // thread's next interval. A failure fences the group (never retry an fsync).
+                if self.sync_replicated().is_err() {
+                    return;
+                }
+            }
             let mut target = self.journal.durable_seq();
             if let Some(hold) = *self.hold.lock() {
                 target = target.min(hold);
@@ -64,7 +75,7 @@ impl Group {
                 let since = *behind_since.get_or_insert_with(Instant::now);
                 let urgent = stopping
                     || since.elapsed() >= self.distribution_delay_max
-                    || self.urgent.load(Ordering::Relaxed);
+                    || urgent_through > distributed.0;
                 if !urgent && !self.host_quiet() {
                     let _ = wake.recv_timeout(DISTRIBUTION_HOST_QUIET);
                     continue;
@@ -75,12 +86,10 @@ impl Group {
                 }
                 if self.distributed_seq() >= target {
                     behind_since = None;
-                    self.urgent.store(false, Ordering::Relaxed);
                 }
                 continue;
             }
             behind_since = None;
-            self.urgent.store(false, Ordering::Relaxed);
             if stopping {
                 return;
             }

@@ -113,8 +113,9 @@ pub struct Group {
     next_pin: AtomicU64,
     /// While a logged image holds the replica, distribution stops at this seq.
     hold: RankedMutex<Option<Seq>>,
-    /// Images wait for the replica: distribution runs without waiting for a host pause.
-    urgent: AtomicBool,
+    /// Distribution runs without waiting for a pause in host writes until the replica
+    /// reaches this seq (someone waits for the replica: a checksum, an image, a full journal).
+    urgent_through: AtomicU64,
     /// Held by whoever writes the replica in bulk: a distribution pass or a rollback.
     replica_writer: RankedMutex<()>,
     /// Undo records applied by the rollback running now, and how many it needs.
@@ -249,7 +250,7 @@ impl Group {
             pins: RankedMutex::new(Rank::Pins, Group::replication_pins(config)),
             next_pin: AtomicU64::new(1),
             hold: RankedMutex::new(Rank::Hold, None),
-            urgent: AtomicBool::new(false),
+            urgent_through: AtomicU64::new(0),
             replica_writer: RankedMutex::new(Rank::ReplicaWriter, ()),
             rollback_progress: (AtomicU64::new(0), AtomicU64::new(0)),
             record_cache: RecordCache::default(),

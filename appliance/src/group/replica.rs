@@ -82,8 +82,7 @@ impl Group {
     /// Lets distribution carry the replica forward again after logged access.
     pub fn release_replica(&self) {
         *self.hold.lock() = None;
-        self.urgent.store(true, Ordering::Relaxed);
-        let _ = self.distribution_wake.try_send(());
+        self.urge_distribution();
     }
 
     /// Undo records applied by the running rollback, of how many.
