@@ -262,6 +262,87 @@ fn bookmark_while_marking_is_refused_and_points_then_are_not_resolvable() {
 }
 
 #[test]
+fn no_bookmark_is_taken_between_a_marking_splitters_reconnect_and_its_resync_start() {
+    // Goal: the reconnect of a splitter that was marking opens no window for a false point.
+    // Before the fix, the appliance offered points again at the splitter's claim, and the
+    // ResyncStart that makes them refused arrived a round trip later: a bookmark taken in
+    // between was accepted and later refused (campaign seed 1796304538651052938, fault 177).
+    // Method: marking writes, then a 150 ms one-way delay on the link widens that window to a
+    // few hundred ms while bookmarks are asked for back to back until the volume protects.
+    // Oracle: every bookmark the appliance accepted resolves once resynced, and the first
+    // one's exported image holds every write acknowledged before it (the model).
+    if reference_mode() || !requires("qemu-io") {
+        return;
+    }
+    let (site, proxy) = site_through_proxy(&[("vol0", 8 * MIB)], 2000);
+    let mut model = Model::zeroed(8 * MIB);
+    write_blocks(&site, &mut model, 10, Duration::from_secs(30));
+    site.flush_all();
+    proxy.cut();
+    assert!(poll_until(Duration::from_secs(10), || splitter_state(
+        &site
+    ) == "marking"));
+    write_blocks(&site, &mut model, 60, Duration::from_secs(30));
+    proxy.delay(Duration::from_millis(150));
+    proxy.restore();
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for n in 0.. {
+        assert!(
+            Instant::now() < deadline,
+            "not protecting within 60 s\n{}",
+            site.logs()
+        );
+        let name = format!("r{n}");
+        let answer = control_try(
+            &site.control_sock,
+            &serde_json::json!({"command": "bookmark_create", "name": name, "consistency": "crash"}),
+        );
+        match answer.get("error") {
+            None => accepted.push(name),
+            Some(_) => refused += 1,
+        }
+        if accepted.len() >= 3 && splitter_state(&site) == "protecting" {
+            break;
+        }
+    }
+    assert!(refused > 0, "the reconnect was never caught refusing");
+    site.settle();
+    for name in &accepted {
+        let answer = control_try(
+            &site.control_sock,
+            &serde_json::json!({"command": "point_resolve", "point": name}),
+        );
+        assert!(
+            answer.get("error").is_none(),
+            "bookmark {name} was accepted but is not a recovery point: {answer}\n{}",
+            site.logs()
+        );
+    }
+    let out = site.root().join("first-accepted");
+    let mut cmd = Command::new(cdp_bin());
+    cmd.args(["image", "export", "--at", &accepted[0], "--to"])
+        .arg(&out)
+        .arg("--control")
+        .arg(&site.control_sock);
+    let result = run(&mut cmd, Duration::from_secs(60));
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    // One volume exports to the file itself; several to a directory of VOLUME.img.
+    let image = if out.is_dir() {
+        out.join("vol0.img")
+    } else {
+        out
+    };
+    model.check_file(&format!("image at {}", accepted[0]), &image);
+    site.assert_replica_equals_production("vol0");
+}
+
+#[test]
 fn status_says_protecting_only_once_resync_end_is_journaled() {
     // Goal: `protecting` means the journal holds the resync's end, not that it was queued.
     // Method: a slow link (300 ms each way), a cut and writes, then after the restore poll the

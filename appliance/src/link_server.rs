@@ -31,6 +31,7 @@ use crate::group::{Group, GroupVolume};
 use crate::group_registry::Groups;
 use crate::limits::{APPEND_BATCH_BYTES_MAX, APPEND_BATCH_ITEMS_MAX, JOURNAL_FULL_HOLD_POLL};
 use crate::replica_verify::{self, ChecksumAsk};
+use crate::volume_link::LinkClaim;
 
 /// Releases a volume's claim and "connected" mark when its connection ends, however it ends.
 struct ConnectedGuard {
@@ -61,13 +62,14 @@ pub async fn serve_link(groups: Arc<Groups>, stream: LinkStream, deadline: Durat
     } = stream;
     // A connection that never says Hello holds a link slot only this long.
     reader.set_idle_timeout(Some(deadline));
-    let (volume_name, size, splitter_id, session) = match reader.read().await {
+    let (volume_name, size, splitter_id, session, resync_follows) = match reader.read().await {
         Ok(Message::Hello {
             volume,
             size,
             splitter_id,
             session,
-        }) => (volume, size, splitter_id, session),
+            resync_follows,
+        }) => (volume, size, splitter_id, session, resync_follows),
         Ok(other) => {
             tracing::warn!("split link: expected Hello, got {other:?}; closing");
             return;
@@ -150,7 +152,11 @@ pub async fn serve_link(groups: Arc<Groups>, stream: LinkStream, deadline: Durat
     }
     // The old connection, if this replaces one, has released the volume once this returns:
     // its appends are over, so `last_source_seq` below is final.
-    let claim = match volume.link.claim(splitter_id, session, deadline).await {
+    let claim = match volume
+        .link
+        .claim(splitter_id, session, resync_follows, deadline)
+        .await
+    {
         Ok(claim) => claim,
         Err(why) => {
             refuse(
@@ -212,7 +218,7 @@ pub async fn serve_link(groups: Arc<Groups>, stream: LinkStream, deadline: Durat
         &mut reader,
         last_journaled,
         &asks_tx,
-        claim.lost_since_ns,
+        &claim,
     );
     // Subscribe before either future runs: a change appended by `receive` before `send` is
     // first polled must still be seen as new, or its Ack would never be sent.
@@ -327,11 +333,12 @@ async fn receive_changes(
     reader: &mut cdp_link::FrameReader,
     last_journaled: u64,
     checksum_asks: &mpsc::Sender<ChecksumAsk>,
-    lost_since_ns: Option<u64>,
+    claim: &LinkClaim,
 ) -> Result<(), LinkError> {
+    let claim_id = claim.id;
     // Set until this connection's first ResyncStart: a splitter that cannot say when it
     // began marking (it restarted meanwhile) gets the moment this side lost the volume.
-    let mut lost_since_ns = lost_since_ns;
+    let mut lost_since_ns = claim.lost_since_ns;
     let sync = group
         .replication()
         .shipping
@@ -348,6 +355,7 @@ async fn receive_changes(
         let mut next = Some(reader.read().await?);
         let mut batch_bytes = 0usize;
         let mut flush_through = None;
+        let mut resync_started = false;
         while let Some(message) = next.take() {
             match message {
                 Message::Flush { source_seq } => {
@@ -387,6 +395,7 @@ async fn receive_changes(
                         if let Some(since) = since {
                             group.note_marking_since(volume.id, since);
                         }
+                        resync_started = true;
                     }
                     let record = check_change(change, volume, last_received)?;
                     last_received = record.source_seq;
@@ -408,6 +417,11 @@ async fn receive_changes(
                 .append(volume, &batch)
                 .map_err(|e| LinkError::Refused(format!("group {} is fenced: {e}", group.name)))?;
             batch.clear();
+            if resync_started {
+                // The span opened by that append refuses the points the Hello's
+                // announcement held back until now.
+                volume.link.resync_journaled(claim_id);
+            }
             if sync {
                 progress.note_remote_pending(journal_last.0, last_received);
             }

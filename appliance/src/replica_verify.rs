@@ -101,11 +101,21 @@ pub async fn answer_checksum_requests(
 
 /// Waits until the replica holds every record up to `through`, urging distribution not to
 /// wait for a pause in host writes.
-async fn wait_for_distribution(group: &Group, through: Seq) -> Result<(), ApplianceError> {
+async fn wait_for_distribution(group: &Arc<Group>, through: Seq) -> Result<(), ApplianceError> {
     let mut failure = group.failure();
     let mut progress = group.subscribe_distribution();
     let warn_at = tokio::time::Instant::now() + DISTRIBUTION_WAIT_WARN;
     let mut warned = false;
+    if group.journal().durable_seq() < through {
+        // Distribution applies only durable records: sync now rather than wait for the sync
+        // thread's next interval (a verify asks hundreds of times). A failure fences.
+        let g = Arc::clone(group);
+        tokio::task::spawn_blocking(move || g.sync_replicated())
+            .await
+            .map_err(|e| {
+                ApplianceError::Io(std::io::Error::other(format!("sync task failed: {e}")))
+            })??;
+    }
     loop {
         if progress.borrow_and_update().distributed >= through {
             return Ok(());

@@ -57,13 +57,6 @@ impl Group {
             self.retain(distributed);
             let stopping = self.stop_distribution.load(Ordering::Relaxed);
             let urgent_through = self.urgent_through.load(Ordering::Relaxed);
-            if urgent_through > distributed.0 && self.journal.durable_seq().0 < urgent_through {
-                // A waiter needs records not yet durable: sync now rather than at the sync
-                // thread's next interval. A failure fences the group (never retry an fsync).
-                if self.sync_replicated().is_err() {
-                    return;
-                }
-            }
             let mut target = self.journal.durable_seq();
             if let Some(hold) = *self.hold.lock() {
                 target = target.min(hold);

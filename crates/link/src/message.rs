@@ -23,7 +23,10 @@
 //!                  session counts this splitter process's connections for the volume, so
 //!                  the appliance can tell a reconnect of the same splitter (replace the old,
 //!                  half-open connection) from a second splitter (refuse). A Hello without it
-//!                  decodes with session 0 (never replaces).
+//!                  decodes with session 0 (never replaces). Then flags u32 (bit 0: a resync
+//!                  follows, because this splitter acknowledged host writes the journal may
+//!                  lack; other bits must be 0) and marking_since_ns u64 (when it began
+//!                  marking; 0: it cannot say). A Hello without them: no resync announced.
 //! ResyncStart      source_seq u64, marking_since_ns u64: when this splitter began marking
 //!                  the regions this resync copies (ns since the Unix epoch; 0: not after
 //!                  marking, e.g. an initial copy). An 8-byte body decodes with 0.
@@ -67,6 +70,10 @@ pub enum Message {
         /// This connection's number among the splitter process's connections for the volume
         /// (1, 2, ...): a higher session of the same `splitter_id` replaces a stale one.
         session: u64,
+        /// The splitter acknowledged host writes the journal may lack (it was marking, or
+        /// restarted with dirty regions): its `ResyncStart` follows, and until the journal
+        /// has it no point is recoverable. Some(when marking began, 0 if unknown).
+        resync_follows: Option<u64>,
     },
     Write {
         source_seq: u64,
@@ -187,9 +194,13 @@ impl Message {
                 size,
                 splitter_id,
                 session,
+                resync_follows,
             } => {
                 let mut fixed = put_text(&put_u64s(&[*size, *splitter_id]), volume);
                 fixed.extend_from_slice(&session.to_le_bytes());
+                let flags: u32 = u32::from(resync_follows.is_some());
+                fixed.extend_from_slice(&flags.to_le_bytes());
+                fixed.extend_from_slice(&resync_follows.unwrap_or(0).to_le_bytes());
                 (kind::HELLO, fixed, None)
             }
             Message::Write {
@@ -289,11 +300,24 @@ impl Message {
                 let splitter_id = r.u64()?;
                 let volume = r.text()?;
                 let session = if r.remaining() == 0 { 0 } else { r.u64()? };
+                let resync_follows = if r.remaining() == 0 {
+                    None
+                } else {
+                    let flags = r.u32()?;
+                    let since = r.u64()?;
+                    if flags & !1 != 0 {
+                        return Err(LinkError::Protocol(format!(
+                            "Hello with unknown flags {flags:#x}"
+                        )));
+                    }
+                    (flags & 1 != 0).then_some(since)
+                };
                 Message::Hello {
                     volume,
                     size,
                     splitter_id,
                     session,
+                    resync_follows,
                 }
             }
             kind::WRITE => {
@@ -517,14 +541,20 @@ mod tests {
 
     fn any_message() -> impl Strategy<Value = Message> {
         prop_oneof![
-            ("[a-z0-9]{1,20}", any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
-                |(v, s, i, n)| Message::Hello {
+            (
+                "[a-z0-9]{1,20}",
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<Option<u64>>()
+            )
+                .prop_map(|(v, s, i, n, r)| Message::Hello {
                     volume: v,
                     size: s,
                     splitter_id: i,
-                    session: n
-                }
-            ),
+                    session: n,
+                    resync_follows: r,
+                }),
             (
                 any::<u64>(),
                 any::<u64>(),
@@ -659,7 +689,8 @@ mod tests {
                 volume: "v".into(),
                 size: 8,
                 splitter_id: 9,
-                session: 0
+                session: 0,
+                resync_follows: None,
             }
         );
     }

@@ -83,12 +83,14 @@ impl SplitLink {
             })??;
         reader.set_idle_timeout(Some(self.deadline));
         let session = self.sessions.fetch_add(1, Ordering::Relaxed) + 1;
+        let resync_follows = self.lock_queue().announce_resync();
         writer
             .send(&Message::Hello {
                 volume: self.volume.clone(),
                 size: self.size,
                 splitter_id: self.splitter_id,
                 session,
+                resync_follows,
             })
             .await?;
         writer.flush().await?;

@@ -184,6 +184,22 @@ impl Queue {
         }
     }
 
+    /// Whether the next connection owes the appliance a resync (Some(when marking began, 0
+    /// if unknown)): host writes were acknowledged that the journal may lack. The appliance
+    /// refuses points from the Hello until that resync's `ResyncStart` is journaled, so the
+    /// resync then runs even with no region pending, to send one.
+    pub(super) fn announce_resync(&mut self) -> Option<u64> {
+        let owed = self.marking
+            || self.resync_incomplete
+            || self.resync_end_unacked.is_some()
+            || !self.resync_pending.is_empty();
+        if !owed {
+            return None;
+        }
+        self.resync_incomplete = true;
+        Some(self.marking_since_ns.or(self.link_lost_ns).unwrap_or(0))
+    }
+
     /// The journal acknowledged a resync's `ResyncEnd`: it holds everything marked since
     /// marking began, unless marking began again meanwhile.
     pub(super) fn resync_ended(&mut self) {
