@@ -315,3 +315,228 @@ fn a_second_appliance_on_the_prefix_is_refused_and_damage_is_found() {
     ));
     assert!(matches!(err, Err(ArchiveError::Damaged { .. })), "{err:?}");
 }
+
+/// A single-node Garage on loopback (ports from `base`), set up as
+/// `../shared/tools/garage/README.md` says; killed on drop.
+struct Garage {
+    bin: std::path::PathBuf,
+    conf: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl Garage {
+    fn garage(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new(&self.bin)
+            .arg("-c")
+            .arg(&self.conf)
+            .args(args)
+            .output()
+            .expect("run garage");
+        assert!(
+            out.status.success(),
+            "garage {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::File::create(self.conf.with_extension("log")).expect("log");
+        self.child = Some(
+            std::process::Command::new(&self.bin)
+                .arg("-c")
+                .arg(&self.conf)
+                .arg("server")
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log)
+                .spawn()
+                .expect("start garage"),
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let ok = std::process::Command::new(&self.bin)
+                .arg("-c")
+                .arg(&self.conf)
+                .arg("status")
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "garage did not answer status"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Garage {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn garage_bin() -> Option<std::path::PathBuf> {
+    if let Ok(p) = std::env::var("CDP_GARAGE") {
+        return Some(p.into());
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("garage"))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Real S3: archive to a single-node Garage, kill Garage during a pass (the pass fails after
+/// its retries, the archive stays whole), restart it, resume, verify, and restore from
+/// Garage alone at bookmarks and times with the journal deleted.
+#[test]
+fn garage_archive_survives_a_restart_and_restores() {
+    let Some(bin) = garage_bin() else {
+        eprintln!(
+            "SKIP: no garage binary (set CDP_GARAGE or put garage on PATH; .ci/run installs it)"
+        );
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tmp");
+    let base = 14900 + (std::process::id() % 50) as u16 * 4;
+    let dir = tmp.path().join("garage");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let secret: String = (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
+    let conf = dir.join("g.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\nreplication_factor = 1\n\
+             rpc_bind_addr = \"127.0.0.1:{rpc}\"\nrpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{secret}\"\n\
+             [s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"127.0.0.1:{s3}\"\nroot_domain = \".s3.garage.localhost\"\n\
+             [admin]\napi_bind_addr = \"127.0.0.1:{admin}\"\n",
+            d = dir.display(),
+            rpc = base,
+            s3 = base + 1,
+            admin = base + 2
+        ),
+    )
+    .expect("conf");
+    let mut g = Garage {
+        bin,
+        conf,
+        child: None,
+    };
+    g.start();
+    let node = g.garage(&["node", "id", "-q"]);
+    let node = node.trim().split('@').next().expect("node id").to_string();
+    g.garage(&["layout", "assign", "-z", "dc1", "-c", "1G", &node]);
+    g.garage(&["layout", "apply", "--version", "1"]);
+    let key = g.garage(&["key", "create", "cdp"]);
+    let field = |name: &str| {
+        key.lines()
+            .find(|l| l.trim_start().starts_with(name))
+            .and_then(|l| l.split(':').nth(1))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| panic!("no {name} in {key}"))
+    };
+    let (key_id, secret_key) = (field("Key ID"), field("Secret key"));
+    g.garage(&["bucket", "create", "archive"]);
+    g.garage(&[
+        "bucket", "allow", "--read", "--write", "--owner", "archive", "--key", "cdp",
+    ]);
+    let s3 = S3Settings {
+        endpoint: Some(format!("http://127.0.0.1:{}", base + 1)),
+        region: Some("garage".into()),
+        access_key_id: Some(key_id),
+        secret_access_key: Some(secret_key),
+    };
+    let open = || ArchiveTarget::open("s3://archive/cdp", &s3).expect("s3 target");
+
+    let jdir = tmp.path().join("group");
+    let run = write_history(&jdir, 3, 400);
+    let sealed: Vec<u64> = run.journal.sealed_segments().iter().map(|s| s.0).collect();
+    let rt = rt();
+    let limits = UploadLimits {
+        retries: 2,
+        backoff: std::time::Duration::from_millis(50),
+        ..Default::default()
+    };
+    let archiver = Archiver {
+        target: open(),
+        group: group(),
+        limits,
+    };
+    let jd = jdir.join("journal");
+    let first = rt
+        .block_on(archiver.archive_sealed(&jd, &sealed[..2]))
+        .expect("pass 1");
+    assert_eq!(first.generation, 1);
+    // Garage down: the pass fails (after its retries), writing no manifest.
+    g.kill();
+    let err = rt.block_on(archiver.archive_sealed(&jd, &sealed));
+    assert!(err.is_err(), "a pass with the store down cannot succeed");
+    g.start();
+    // The store may need a moment after its restart: retry the pass until it succeeds.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let second = loop {
+        match rt.block_on(archiver.archive_sealed(&jd, &sealed)) {
+            Ok(r) => break r,
+            Err(e) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no resume after restart: {e}"
+                );
+            }
+        }
+    };
+    assert_eq!(second.generation, 2, "the failed pass took no generation");
+    assert_eq!(
+        second.archived_seq,
+        run.journal.sealed_segments().last().expect("seg").1 .0
+    );
+    drop(run.journal);
+    std::fs::remove_dir_all(&jdir).expect("delete journal");
+    let t = open();
+    let report = rt.block_on(verify(&t)).expect("verify");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.segments, sealed.len() as u64);
+    let mut bookmarks = 0;
+    for (name, want) in &run.at_bookmark {
+        if bookmarks == 3 {
+            break;
+        }
+        let out = tmp.path().join(format!("r-{name}"));
+        if rt
+            .block_on(restore(&t, "g1", &Point::parse(name), &out, |_, _| {}))
+            .is_ok()
+        {
+            check_restored(&out, want, name);
+            bookmarks += 1;
+        }
+    }
+    assert_eq!(bookmarks, 3, "three bookmarks restored from Garage");
+    let mut times = 0;
+    for (seq, ts, want) in run
+        .at_seq
+        .iter()
+        .filter(|s| s.0 <= second.archived_seq)
+        .take(2)
+    {
+        let out = tmp.path().join(format!("r-t-{seq}"));
+        let r = rt
+            .block_on(restore(&t, "g1", &Point::Time(*ts), &out, |_, _| {}))
+            .expect("restore at time");
+        assert_eq!(r.seq, *seq);
+        check_restored(&out, want, &format!("time {ts}"));
+        times += 1;
+    }
+    assert_eq!(times, 2, "two times restored from Garage");
+}
