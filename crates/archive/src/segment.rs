@@ -99,7 +99,7 @@ pub fn scan_segment(
         summary.last_ns = h.timestamp_ns;
         summary.records += 1;
         if h.kind == RecordKind::Bookmark {
-            let name = String::from_utf8_lossy(payload).into_owned();
+            let name = bookmark_name(payload);
             summary.bookmarks.push((name, h.seq, h.timestamp_ns));
         }
         let payload = if h.kind == RecordKind::Write && h.flags & RECORD_FLAG_ZSTD != 0 {
@@ -130,4 +130,17 @@ pub fn verify_segment(
     expect_group: Option<u64>,
 ) -> Result<SegmentSummary, SegmentDamage> {
     scan_segment(bytes, expect_group, |_| Ok(()))
+}
+
+/// The name in a Bookmark record's payload: the appliance's `CDPB` payload (versions 1 and
+/// 2, see appliance/src/bookmark.rs) or, for journals written without it, the bytes as is.
+fn bookmark_name(payload: &[u8]) -> String {
+    if payload.len() >= 12 && payload[..4] == *b"CDPB" {
+        let len = u16::from_le_bytes([payload[6], payload[7]]) as usize;
+        let at = if payload[4] == 2 { 16 } else { 12 };
+        if let Some(name) = payload.get(at..at + len) {
+            return String::from_utf8_lossy(name).into_owned();
+        }
+    }
+    String::from_utf8_lossy(payload).into_owned()
 }

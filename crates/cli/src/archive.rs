@@ -139,7 +139,9 @@ async fn push(args: PushArgs) -> anyhow::Result<()> {
             ..Default::default()
         },
     };
-    let journal_dir = dir.join(cdp_journal::JOURNAL_DIR_NAME);
+    // The appliance opens its journal at `GROUP_DIR/journal`, which keeps segments in its own
+    // `journal/` subdirectory.
+    let journal_dir = dir.join("journal").join(cdp_journal::JOURNAL_DIR_NAME);
     let sealed = cdp_archive::sealed_in_dir(&journal_dir)?;
     let report = archiver.archive_sealed(&journal_dir, &sealed).await?;
     crate::output::report(
