@@ -2,6 +2,7 @@
 
 #[macro_use]
 pub mod output;
+mod archive;
 mod bookmark;
 mod control_client;
 mod dir_lock;
@@ -115,6 +116,12 @@ enum Command {
         #[command(subcommand)]
         command: journal::JournalCommand,
     },
+    /// The journal on object storage: `push`, `list`, `verify`, `restore` (from the archive
+    /// alone, no appliance).
+    Archive {
+        #[command(subcommand)]
+        command: archive::ArchiveCommand,
+    },
     /// Print a shell completion script (bash, zsh, fish, ...).
     Completions(packaging::CompletionsArgs),
     /// Write man pages: one per command and subcommand (`cdp.1`, `cdp-image.1`, ...).
@@ -167,6 +174,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         // Inspection has its own exit statuses (clean, damaged, usage).
         Command::Journal { command } => return Ok(journal::run(command)),
         Command::Up(args) => up::run(args)?,
+        Command::Archive { command } => archive::run(command)?,
         Command::Appliance { config } => {
             restrict_new_files();
             let text = std::fs::read_to_string(&config)
