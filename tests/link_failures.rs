@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::link_proxy::site_through_proxy;
+use common::link_proxy::{site_through_proxy, LinkProxy};
 use common::*;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
@@ -60,6 +60,26 @@ fn write_blocks(site: &Site, model: &mut Model, base: u64, timeout: Duration) {
     }
     commands.push("flush".into());
     qemu_io(&site.nbd_uri("vol0"), &commands, timeout);
+}
+
+/// A volume of `size` bytes behind a proxy (link deadline `deadline_ms`) with journaled,
+/// flushed writes at region 10, then the link cut and, once the splitter is marking, writes
+/// at region `marking_base` that only production and the dirty bitmap hold.
+fn marking_after_protected_writes(
+    size: u64,
+    deadline_ms: u64,
+    marking_base: u64,
+) -> (Site, LinkProxy, Model) {
+    let (site, proxy) = site_through_proxy(&[("vol0", size)], deadline_ms);
+    let mut model = Model::zeroed(size);
+    write_blocks(&site, &mut model, 10, Duration::from_secs(30));
+    site.flush_all();
+    proxy.cut();
+    assert!(poll_until(Duration::from_secs(10), || splitter_state(
+        &site
+    ) == "marking"));
+    write_blocks(&site, &mut model, marking_base, Duration::from_secs(30));
+    (site, proxy, model)
 }
 
 #[test]
@@ -185,15 +205,7 @@ fn bookmark_while_marking_is_refused_and_points_then_are_not_resolvable() {
     if reference_mode() || !requires("qemu-io") {
         return;
     }
-    let (site, proxy) = site_through_proxy(&[("vol0", 32 * MIB)], 1000);
-    let mut model = Model::zeroed(32 * MIB);
-    write_blocks(&site, &mut model, 10, Duration::from_secs(30));
-    site.flush_all();
-    proxy.cut();
-    assert!(poll_until(Duration::from_secs(10), || splitter_state(
-        &site
-    ) == "marking"));
-    write_blocks(&site, &mut model, 100, Duration::from_secs(30));
+    let (site, proxy, model) = marking_after_protected_writes(32 * MIB, 1000, 100);
     let during = cdp_types_now_ns();
     let refused = control_try(
         &site.control_sock,
@@ -274,15 +286,7 @@ fn no_bookmark_is_taken_between_a_marking_splitters_reconnect_and_its_resync_sta
     if reference_mode() || !requires("qemu-io") {
         return;
     }
-    let (site, proxy) = site_through_proxy(&[("vol0", 8 * MIB)], 2000);
-    let mut model = Model::zeroed(8 * MIB);
-    write_blocks(&site, &mut model, 10, Duration::from_secs(30));
-    site.flush_all();
-    proxy.cut();
-    assert!(poll_until(Duration::from_secs(10), || splitter_state(
-        &site
-    ) == "marking"));
-    write_blocks(&site, &mut model, 60, Duration::from_secs(30));
+    let (site, proxy, model) = marking_after_protected_writes(8 * MIB, 2000, 60);
     proxy.delay(Duration::from_millis(150));
     proxy.restore();
     let mut accepted = Vec::new();

@@ -335,7 +335,6 @@ async fn receive_changes(
     checksum_asks: &mpsc::Sender<ChecksumAsk>,
     claim: &LinkClaim,
 ) -> Result<(), LinkError> {
-    let claim_id = claim.id;
     // Set until this connection's first ResyncStart: a splitter that cannot say when it
     // began marking (it restarted meanwhile) gets the moment this side lost the volume.
     let mut lost_since_ns = claim.lost_since_ns;
@@ -420,7 +419,7 @@ async fn receive_changes(
             if resync_started {
                 // The span opened by that append refuses the points the Hello's
                 // announcement held back until now.
-                volume.link.resync_journaled(claim_id);
+                volume.link.resync_journaled(claim.id);
             }
             if sync {
                 progress.note_remote_pending(journal_last.0, last_received);

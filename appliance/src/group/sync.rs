@@ -75,8 +75,9 @@ impl Group {
         }
     }
 
-    /// Makes every replicated record durable (group commit) and lets distribution apply
-    /// them. A failure fences the group (never retry an fsync). Blocks: call from a thread.
+    /// Makes every appended record durable now (replicated records, or what a checksum
+    /// request waits for) and lets distribution apply them. A failure fences the group
+    /// (never retry an fsync). Blocks: call from a thread.
     pub fn sync_replicated(&self) -> Result<Seq, ApplianceError> {
         match self.journal.sync() {
             Ok(seq) => {
