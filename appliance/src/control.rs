@@ -26,26 +26,32 @@ pub async fn serve_control(listener: UnixListener, registry: Arc<Groups>, images
         CONTROL_CONNECTIONS_MAX,
         move |request: Request| {
             let registry = Arc::clone(&registry);
-            let groups = registry.list();
             let images = Arc::clone(&images);
-            async move {
-                match request {
-                    request @ (Request::GroupCreate(_)
-                    | Request::GroupList
-                    | Request::VolumeAdd { .. }
-                    | Request::VolumeRemove { .. }) => manage_request(registry, request).await,
-                    Request::Status => to_json(&status(&groups)),
-                    request @ (Request::ImageAccess { .. }
-                    | Request::ImageList { .. }
-                    | Request::ImageRelease { .. }) => {
-                        image_request(&groups, &images, request).await
-                    }
-                    request => group_request(&groups, request).await,
-                }
-            }
+            async move { answer(&registry, &images, request).await }
         },
     )
     .await
+}
+
+/// One control request's answer; the control socket and the web timeline (`crate::web`)
+/// share it, so both say the same thing and refuse the same points.
+pub async fn answer(
+    registry: &Arc<Groups>,
+    images: &Arc<Images>,
+    request: Request,
+) -> Result<serde_json::Value, ControlError> {
+    let groups = registry.list();
+    match request {
+        request @ (Request::GroupCreate(_)
+        | Request::GroupList
+        | Request::VolumeAdd { .. }
+        | Request::VolumeRemove { .. }) => manage_request(Arc::clone(registry), request).await,
+        Request::Status => to_json(&status(&groups)),
+        request @ (Request::ImageAccess { .. }
+        | Request::ImageList { .. }
+        | Request::ImageRelease { .. }) => image_request(&groups, images, request).await,
+        request => group_request(&groups, request).await,
+    }
 }
 
 /// Image requests, on the blocking pool (they create files, roll replicas, wait).

@@ -27,6 +27,7 @@ pub mod state_file;
 pub mod timeline;
 pub mod volume_link;
 pub mod watermark;
+pub mod web;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -145,6 +146,23 @@ pub async fn run_with_ready(
         .await
         .map_err(|e| ApplianceError::Config(format!("metrics_listen: {e}")))?,
     );
+    // --- the web timeline: off unless web_listen is set (loopback only, see config).
+    let _web = match config.web_listen {
+        Some(listen) => Some(AbortOnDrop(
+            web::start(
+                listen,
+                web::WebSettings {
+                    admin: config.web_admin,
+                    token: config.web_token.clone(),
+                },
+                Arc::clone(&groups),
+                Arc::clone(&images),
+            )
+            .await
+            .map_err(|e| ApplianceError::Config(format!("web_listen {listen}: {e}")))?,
+        )),
+        None => None,
+    };
     let link_deadline = std::time::Duration::from_millis(config.link_deadline_ms);
     let mut links = tokio::task::JoinSet::new();
     let limit = Arc::new(Semaphore::new(LINK_CONNECTIONS_MAX));
