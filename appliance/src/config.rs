@@ -503,7 +503,10 @@ impl ApplianceConfig {
         let bad = |m: String| Err(ApplianceError::Config(m));
         self.alert = std::mem::take(&mut self.alert)
             .into_iter()
-            .map(|a| a.sanitize().map_err(ApplianceError::Config))
+            .map(|a| {
+                a.sanitize()
+                    .map_err(|e| ApplianceError::Config(e.to_string()))
+            })
             .collect::<Result<_, _>>()?;
         let deadline = self.link_deadline_ms.clamp(
             cdp_link::limits::LINK_DEADLINE_MS_MIN,

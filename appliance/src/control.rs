@@ -337,7 +337,7 @@ async fn group_request(
                     keep,
                 };
                 let b = g.create_bookmark(payload, deadline)?;
-                tracing::info!(group = %g.name, name = %b.name, seq = b.seq, consistency = ?b.consistency, "bookmark created");
+                tracing::info!(group = %g.name, name = %b.name, seq = b.seq, consistency = %b.consistency, "bookmark created");
                 to_json(&cdp_control::BookmarkCreated {
                     group: g.name.clone(),
                     bookmark: b,

@@ -82,9 +82,6 @@ pub const IMAGE_RECORD_CACHE_ENTRIES_MAX: usize = 4096;
 /// Images open at once on an appliance.
 pub const IMAGES_MAX: usize = 64;
 
-/// How often a split link held by a full journal (policy `throttle`) looks again.
-pub const JOURNAL_FULL_HOLD_POLL: std::time::Duration = std::time::Duration::from_millis(20);
-
 // --- remote replication ---
 /// Replication links a remote appliance serves at once (each is one thread and up to
 /// `cdp_link::replication::BATCHES_IN_FLIGHT_MAX` batches of buffered socket data); a group

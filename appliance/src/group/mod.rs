@@ -78,8 +78,9 @@ pub struct Group {
     /// Open images or the remote copy keep the journal over capacity (logged once per
     /// episode; the host is not throttled for them).
     held_by_images: AtomicBool,
-    /// Set by the last retention pass; a warning is logged once per episode.
-    over_capacity: AtomicBool,
+    /// Set by the last retention pass; a warning is logged once per episode. A watch, so
+    /// split links holding host writes under `throttle` wake when it clears.
+    over_capacity: watch::Sender<bool>,
     /// Per volume id, the highest source_seq among distributed (hence durable) records.
     /// Written to `source_seqs.state` before segments are released, so a reconnecting
     /// splitter is told the right resume point even when its last change was released.
@@ -228,7 +229,7 @@ impl Group {
             retention,
             journal_full_policy: config.journal_full_policy,
             held_by_images: AtomicBool::new(false),
-            over_capacity: AtomicBool::new(false),
+            over_capacity: watch::Sender::new(false),
             distributed_source_seqs: RankedMutex::new(
                 Rank::DistributedSourceSeqs,
                 distributed_source_seqs,

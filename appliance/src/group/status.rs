@@ -46,9 +46,9 @@ impl Group {
             distributed_seq: distributed,
             lag_records: last.saturating_sub(distributed),
             journal_capacity_bytes: self.retention.capacity_bytes,
-            journal_over_capacity: self.over_capacity.load(Ordering::Relaxed),
+            journal_over_capacity: *self.over_capacity.borrow(),
             journal_full_policy: self.journal_full_policy,
-            journal_throttling: self.over_capacity.load(Ordering::Relaxed)
+            journal_throttling: *self.over_capacity.borrow()
                 && self.journal_full_policy == JournalFullPolicy::Throttle,
             journal_retention_s: self.retention.window_ns.map(|w| w / 1_000_000_000),
             first_timestamp_ns,
