@@ -25,7 +25,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use bytes::Bytes;
-use cdp_journal::{Journal, JournalError, RecordIn, RecordKind};
+use cdp_journal::{Journal, JournalError, Record, RecordIn, RecordKind};
 use cdp_types::Seq;
 
 use crate::error::ApplianceError;
@@ -162,12 +162,28 @@ impl BookmarkIndex {
     /// Scans the journal for bookmark records (headers only: write payloads are CRC-checked
     /// but never decompressed or kept).
     pub fn rebuild(journal: &Journal) -> Result<BookmarkIndex, JournalError> {
-        let mut list = Vec::new();
+        let mut index = BookmarkIndex::empty();
         for record in journal.read_headers_from(journal.first_seq())? {
-            let record = record?;
-            if record.kind != RecordKind::Bookmark {
-                continue;
-            }
+            index.note_rebuilt(&record?);
+        }
+        Ok(index)
+    }
+
+    /// No bookmarks yet: filled by `note_rebuilt` from a header pass over the journal.
+    pub fn empty() -> BookmarkIndex {
+        BookmarkIndex {
+            list: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Adds `record` if it is a bookmark, read back at open in seq order (by `rebuild`, or
+    /// by the one header pass `Group::open` shares among its start-up indexes).
+    pub fn note_rebuilt(&mut self, record: &Record) {
+        if record.kind != RecordKind::Bookmark {
+            return;
+        }
+        let list = self.list.get_mut().unwrap_or_else(|p| p.into_inner());
+        {
             match BookmarkPayload::decode(&record.payload) {
                 Ok(p) => list.push(Bookmark {
                     name: p.name,
@@ -184,9 +200,6 @@ impl BookmarkIndex {
                 Err(e) => tracing::warn!(seq = %record.seq, "bookmark record skipped: {e}"),
             }
         }
-        Ok(BookmarkIndex {
-            list: Mutex::new(list),
-        })
     }
 
     /// Forgets every bookmark (the history was restarted after a resynchronisation).
