@@ -254,18 +254,22 @@ impl BookmarkIndex {
         payload: BookmarkPayload,
         append_deadline: Option<Instant>,
         on_journal_failure: impl Fn(String),
-    ) -> Result<Bookmark, String> {
-        validate_new_name(&payload.name).map_err(|e| e.to_string())?;
+    ) -> Result<Bookmark, ApplianceError> {
+        validate_new_name(&payload.name).map_err(|e| ApplianceError::Refused(e.to_string()))?;
         let mut list = self.list.lock().unwrap_or_else(|p| p.into_inner());
         if append_deadline.is_some_and(|d| Instant::now() > d) {
-            return Err("the request's deadline passed before the bookmark could be appended; no bookmark was taken".into());
+            return Err(ApplianceError::Busy(
+                "the request's deadline passed before the bookmark could be appended; no \
+                 bookmark was taken"
+                    .into(),
+            ));
         }
         prune(&mut list, journal.first_seq());
         if list.iter().any(|b| b.name == payload.name) {
-            return Err(format!(
+            return Err(ApplianceError::Refused(format!(
                 "a bookmark named {:?} already exists in this group",
                 payload.name
-            ));
+            )));
         }
         let record = RecordIn {
             kind: RecordKind::Bookmark,
@@ -278,13 +282,13 @@ impl BookmarkIndex {
         let seq = journal.append(&[record]).map_err(|e| {
             let what = format!("journal append failed: {e}");
             on_journal_failure(what.clone());
-            what
+            ApplianceError::Fenced(what)
         })?;
         journal.sync().map_err(|e| {
             // Never retry a failed fsync: the caller fences the group.
             let what = format!("journal sync failed: {e}");
             on_journal_failure(what.clone());
-            what
+            ApplianceError::Fenced(what)
         })?;
         let timestamp_ns = record_timestamp(journal, seq)?;
         let bookmark = Bookmark {
@@ -452,9 +456,11 @@ mod tests {
                 taken.push(b);
             }
             let dup = index.create(&journal, payload("b"), None, |_| {});
-            assert!(dup.expect_err("duplicate").contains("already exists"));
+            let dup = dup.expect_err("duplicate");
+            assert!(matches!(&dup, ApplianceError::Refused(m) if m.contains("already exists")));
             let late = index.create(&journal, payload("d"), Some(Instant::now()), |_| {});
-            assert!(late.expect_err("deadline").contains("deadline"));
+            let late = late.expect_err("deadline");
+            assert!(matches!(&late, ApplianceError::Busy(m) if m.contains("deadline")));
             assert_eq!(
                 journal.last_seq().0,
                 6,

@@ -197,6 +197,7 @@ impl Images {
             .spawn(move || {
                 let result = group
                     .hold_replica(at)
+                    .map_err(String::from)
                     .and_then(|()| images.publish(&id, volumes).map_err(|e| e.to_string()));
                 let mut open = images.lock();
                 if let Some(image) = open.get_mut(&id) {

@@ -102,7 +102,7 @@ pub async fn serve_link(groups: Arc<Groups>, stream: LinkStream, deadline: Durat
     }
     // Remote replication: a remote copy is written only by its replication link (rule 6).
     if let Err(reason) = group.refuse_local_changes_at_remote_copy() {
-        refuse(&mut writer, &volume_name, reason).await;
+        refuse(&mut writer, &volume_name, reason.to_string()).await;
         return;
     }
     let fenced = group.failure().borrow().clone();
@@ -438,7 +438,7 @@ async fn receive_changes(
         if let Some(source_seq) = flush_through {
             group
                 .request_sync(source_seq, progress)
-                .map_err(LinkError::Protocol)?;
+                .map_err(|e| LinkError::Protocol(e.to_string()))?;
         }
     }
 }

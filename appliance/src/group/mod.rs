@@ -356,13 +356,13 @@ impl Group {
     }
 
     /// A remote copy takes records only from its replication link (rule 6: one writable copy).
-    pub fn refuse_local_changes_at_remote_copy(&self) -> Result<(), String> {
+    pub fn refuse_local_changes_at_remote_copy(&self) -> Result<(), ApplianceError> {
         if self.replication.source == crate::config::GroupSource::Remote {
-            return Err(format!(
+            return Err(ApplianceError::Refused(format!(
                 "group {} is the remote copy of another appliance's group (source = \"remote\"); \
                  it takes changes only from its replication link",
                 self.name
-            ));
+            )));
         }
         Ok(())
     }
