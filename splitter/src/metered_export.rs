@@ -8,7 +8,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use bytes::Bytes;
 use cdp_metrics::LatencyHistogram;
-use cdp_nbd::export::{Export, ExportError, ExportFeatures};
+use cdp_nbd::export::{Export, ExportError, ExportFeatures, Extent, MetaContext};
 
 /// One volume's host I/O since the splitter started.
 #[derive(Debug, Default)]
@@ -68,6 +68,18 @@ impl<E: Export> Export for MeteredExport<E> {
         }
         self.io.count(&result);
         result
+    }
+
+    async fn allocation(
+        &self,
+        offset: u64,
+        length: u32,
+    ) -> Result<Option<Vec<Extent>>, ExportError> {
+        self.inner.allocation(offset, length).await
+    }
+
+    fn meta_context(&self, query: &str) -> Option<Arc<dyn MetaContext>> {
+        self.inner.meta_context(query)
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ExportError> {

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 use cdp_link::Message;
-use cdp_nbd::export::{Export, ExportError, ExportFeatures};
+use cdp_nbd::export::{Export, ExportError, ExportFeatures, Extent};
+use cdp_nbd::limits::BLOCK_STATUS_EXTENTS_MAX;
+use cdp_nbd::protocol::{NBD_STATE_HOLE, NBD_STATE_ZERO};
 use cdp_types::BlockFile;
 
 use crate::split_link::{DurableBy, SplitLink, Submitted};
@@ -103,6 +105,32 @@ impl Export for SplitExport {
         self.production
             .read_at(offset, length as usize)
             .map_err(production_error)
+    }
+
+    async fn allocation(
+        &self,
+        offset: u64,
+        length: u32,
+    ) -> Result<Option<Vec<Extent>>, ExportError> {
+        // Holes of the production file (SEEK_DATA/SEEK_HOLE): what trims punched and what
+        // was never written. A few lseeks, cheap enough to run on the reactor like reads.
+        let runs = self
+            .production
+            .allocation(offset, u64::from(length), BLOCK_STATUS_EXTENTS_MAX)
+            .map_err(production_error)?;
+        Ok(runs.map(|runs| {
+            runs.into_iter()
+                .map(|(len, hole)| Extent {
+                    // Runs lie inside the request, so they fit its u32 length.
+                    length: len as u32,
+                    flags: if hole {
+                        NBD_STATE_HOLE | NBD_STATE_ZERO
+                    } else {
+                        0
+                    },
+                })
+                .collect()
+        }))
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ExportError> {

@@ -1,5 +1,7 @@
 //! The backend seam: what an NBD export provides to the protocol core.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 
@@ -40,6 +42,25 @@ pub enum ExportError {
     Shutdown,
 }
 
+/// A run of bytes with one status, as a metadata context reports it. For `base:allocation`
+/// `flags` holds `NBD_STATE_HOLE` and `NBD_STATE_ZERO`; other contexts define their own bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub length: u32,
+    pub flags: u32,
+}
+
+/// A metadata context an export offers besides `base:allocation` (for instance the
+/// extents that changed since a point). Resolved once, during the handshake.
+#[async_trait]
+pub trait MetaContext: Send + Sync + 'static {
+    /// The context's full name, as sent back in `NBD_REP_META_CONTEXT`.
+    fn name(&self) -> &str;
+    /// Consecutive extents from `offset`, covering at most `length` bytes and at least one
+    /// byte. The core validates bounds first, as for `Export`.
+    async fn extents(&self, offset: u64, length: u32) -> Result<Vec<Extent>, ExportError>;
+}
+
 /// A block device served over NBD. The protocol core validates every request
 /// (bounds, flags, read-only) before calling these, so an implementation may assume
 /// `offset + length <= size()` and that writes are only called when `!read_only`.
@@ -60,4 +81,24 @@ pub trait Export: Send + Sync + 'static {
         fua: bool,
         may_trim: bool,
     ) -> Result<(), ExportError>;
+
+    /// `base:allocation` of `[offset, offset + length)`: consecutive extents from `offset`,
+    /// covering at least one byte and at most `length`. `None` means the export cannot
+    /// tell cheaply; the core then reports data and reads without holes. An extent flagged
+    /// `NBD_STATE_ZERO` must read as zeroes: sparse reads send it as a hole unread.
+    async fn allocation(
+        &self,
+        offset: u64,
+        length: u32,
+    ) -> Result<Option<Vec<Extent>>, ExportError> {
+        let _ = (offset, length);
+        Ok(None)
+    }
+
+    /// Resolves a metadata context query other than `base:`; `None` if this export has no
+    /// such context. Called during the handshake, so it must not block for long.
+    fn meta_context(&self, query: &str) -> Option<Arc<dyn MetaContext>> {
+        let _ = query;
+        None
+    }
 }

@@ -8,10 +8,10 @@ use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::debug;
 
 use crate::error::NbdError;
-use crate::export::{Export, ExportFeatures};
+use crate::export::{Export, ExportFeatures, MetaContext};
 use crate::limits::{
-    BLOCK_BYTES_MIN, BLOCK_BYTES_PREFERRED, OPTIONS_PER_HANDSHAKE_MAX, OPTION_BYTES_MAX,
-    OPTION_DISCARD_BYTES_MAX, REQUEST_BYTES_MAX,
+    BLOCK_BYTES_MIN, BLOCK_BYTES_PREFERRED, META_CONTEXTS_SELECTED_MAX, META_CONTEXT_QUERIES_MAX,
+    OPTIONS_PER_HANDSHAKE_MAX, OPTION_BYTES_MAX, OPTION_DISCARD_BYTES_MAX, REQUEST_BYTES_MAX,
 };
 use crate::protocol::*;
 use crate::registry::{ExportRegistry, Found};
@@ -25,6 +25,47 @@ pub(crate) struct Session {
     pub features: ExportFeatures,
     /// The export's count of connections in the transmission phase.
     pub clients: Arc<AtomicUsize>,
+    /// The client negotiated structured replies: READ answers in chunks, DF is offered.
+    pub structured: bool,
+    /// The metadata contexts BLOCK_STATUS answers, in the order they were selected.
+    pub contexts: Vec<SelectedContext>,
+}
+
+/// What a metadata context reports from.
+#[derive(Clone)]
+pub(crate) enum ContextSource {
+    /// `base:allocation`, from `Export::allocation`.
+    Allocation,
+    Export(Arc<dyn MetaContext>),
+}
+
+/// A metadata context chosen with `NBD_OPT_SET_META_CONTEXT`.
+#[derive(Clone)]
+pub(crate) struct SelectedContext {
+    pub id: u32,
+    pub source: ContextSource,
+}
+
+/// What option haggling has agreed so far, carried into the session at GO.
+#[derive(Default)]
+struct Agreed {
+    structured: bool,
+    /// The export the contexts were selected for, and the contexts; they apply only if
+    /// the client then opens that same export.
+    contexts: Option<(Vec<u8>, Vec<SelectedContext>)>,
+}
+
+impl Agreed {
+    fn into_session(self, found: Found, name: &[u8]) -> Session {
+        let mut session = open(found);
+        session.structured = self.structured;
+        if let Some((export, contexts)) = self.contexts {
+            if export == name {
+                session.contexts = contexts;
+            }
+        }
+        session
+    }
 }
 
 /// How option haggling ended.
@@ -57,6 +98,7 @@ where
     // Fixed newstyle is honoured even for clients that did not set the bit (the spec allows
     // it): our replies are only sent for options such clients would not send anyway.
     let no_zeroes = client_flags & NBD_FLAG_C_NO_ZEROES != 0;
+    let mut agreed = Agreed::default();
 
     for _ in 0..OPTIONS_PER_HANDSHAKE_MAX {
         out.clear();
@@ -94,8 +136,8 @@ where
                         String::from_utf8_lossy(&data).into_owned(),
                     ));
                 };
-                let session = open(found);
-                let flags = transmission_flags(&session.features);
+                let session = agreed.into_session(found, &data);
+                let flags = transmission_flags(&session.features, session.structured);
                 encode_export_name_reply(&mut out, session.size, flags, no_zeroes);
                 writer.write_all(&out).await?;
                 return Ok(Outcome::Transmission(session));
@@ -126,19 +168,39 @@ where
                     );
                 }
             }
-            NBD_OPT_INFO | NBD_OPT_GO => match answer_info(&mut out, option, &data, registry) {
-                Some(session) if option == NBD_OPT_GO => {
-                    writer.write_all(&out).await?;
-                    return Ok(Outcome::Transmission(session));
+            NBD_OPT_INFO | NBD_OPT_GO => {
+                match answer_info(&mut out, option, &data, registry, agreed.structured) {
+                    Some((found, name)) if option == NBD_OPT_GO => {
+                        writer.write_all(&out).await?;
+                        return Ok(Outcome::Transmission(agreed.into_session(found, &name)));
+                    }
+                    _ => {}
                 }
-                _ => {}
-            },
+            }
             NBD_OPT_STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    encode_option_reply(
+                        &mut out,
+                        option,
+                        NBD_REP_ERR_INVALID,
+                        b"STRUCTURED_REPLY takes no data",
+                    );
+                } else {
+                    agreed.structured = true;
+                    encode_option_reply(&mut out, option, NBD_REP_ACK, &[]);
+                }
+            }
+            NBD_OPT_LIST_META_CONTEXT | NBD_OPT_SET_META_CONTEXT => {
+                answer_meta_context(&mut out, option, &data, registry, &mut agreed);
+            }
+            NBD_OPT_EXTENDED_HEADERS => {
+                // Neither libnbd 1.14 nor qemu 10.0 on the reference machine negotiates
+                // them, so 64-bit requests stay unimplemented; the spec lets us refuse.
                 encode_option_reply(
                     &mut out,
                     option,
                     NBD_REP_ERR_UNSUP,
-                    b"this server sends simple replies only",
+                    b"extended headers are not supported; use compact headers",
                 );
             }
             _ => {
@@ -153,13 +215,96 @@ where
     )))
 }
 
-/// Encodes the reply to INFO or GO; returns the session when the reply ends in ACK.
+/// Encodes the reply to LIST_META_CONTEXT or SET_META_CONTEXT; SET replaces `agreed`'s
+/// contexts (even with none) when it succeeds.
+fn answer_meta_context(
+    out: &mut BytesMut,
+    option: u32,
+    data: &[u8],
+    registry: &ExportRegistry,
+    agreed: &mut Agreed,
+) {
+    if !agreed.structured {
+        encode_option_reply(
+            out,
+            option,
+            NBD_REP_ERR_INVALID,
+            b"negotiate NBD_OPT_STRUCTURED_REPLY first",
+        );
+        return;
+    }
+    let request = match decode_meta_context_request(data, META_CONTEXT_QUERIES_MAX) {
+        Ok(request) => request,
+        Err(err) => {
+            encode_option_reply(out, option, NBD_REP_ERR_INVALID, err.to_string().as_bytes());
+            return;
+        }
+    };
+    let Some(found) = registry.find(&request.export) else {
+        encode_option_reply(out, option, NBD_REP_ERR_UNKNOWN, b"no such export");
+        return;
+    };
+    let listing = option == NBD_OPT_LIST_META_CONTEXT;
+    let mut contexts: Vec<(String, ContextSource)> = Vec::new();
+    if listing && request.queries.is_empty() {
+        // Parametric contexts (a point in time in the name) cannot be enumerated.
+        contexts.push((BASE_ALLOCATION.to_owned(), ContextSource::Allocation));
+    }
+    for query in &request.queries {
+        let resolved = if query == "base:" || query == BASE_ALLOCATION {
+            Some((BASE_ALLOCATION.to_owned(), ContextSource::Allocation))
+        } else if query.starts_with("base:") {
+            None
+        } else {
+            found
+                .export
+                .meta_context(query)
+                .map(|context| (context.name().to_owned(), ContextSource::Export(context)))
+        };
+        match resolved {
+            Some((name, source)) if !contexts.iter().any(|(n, _)| *n == name) => {
+                contexts.push((name, source))
+            }
+            Some(_) => {}
+            None => debug!(query, "no such NBD metadata context"),
+        }
+    }
+    if !listing && contexts.len() > META_CONTEXTS_SELECTED_MAX {
+        encode_option_reply(
+            out,
+            option,
+            NBD_REP_ERR_TOO_BIG,
+            format!("at most {META_CONTEXTS_SELECTED_MAX} metadata contexts at once").as_bytes(),
+        );
+        return;
+    }
+    let mut selected = Vec::with_capacity(contexts.len());
+    for (index, (name, source)) in contexts.into_iter().enumerate() {
+        // LIST's ids are reserved and sent as zero; SET's are 1, 2, ...
+        let id = if listing { 0 } else { index as u32 + 1 };
+        encode_option_reply(
+            out,
+            option,
+            NBD_REP_META_CONTEXT,
+            &encode_meta_context(id, &name),
+        );
+        selected.push(SelectedContext { id, source });
+    }
+    encode_option_reply(out, option, NBD_REP_ACK, &[]);
+    if !listing {
+        agreed.contexts = Some((request.export, selected));
+    }
+}
+
+/// Encodes the reply to INFO or GO; returns the export and its name when the reply ends
+/// in ACK.
 fn answer_info(
     out: &mut BytesMut,
     option: u32,
     data: &[u8],
     registry: &ExportRegistry,
-) -> Option<Session> {
+    structured: bool,
+) -> Option<(Found, Vec<u8>)> {
     let request = match decode_info_request(data) {
         Ok(request) => request,
         Err(err) => {
@@ -172,14 +317,9 @@ fn answer_info(
         return None;
     };
     let description = found.description.clone();
-    let session = open(found);
-    let flags = transmission_flags(&session.features);
-    encode_option_reply(
-        out,
-        option,
-        NBD_REP_INFO,
-        &encode_info_export(session.size, flags),
-    );
+    let size = found.export.size();
+    let flags = transmission_flags(&found.export.features(), structured);
+    encode_option_reply(out, option, NBD_REP_INFO, &encode_info_export(size, flags));
     // Sent whether asked or not: clients that did not ask must ignore it, and those that did
     // learn the 32 MiB request limit.
     encode_option_reply(
@@ -193,7 +333,7 @@ fn answer_info(
             out,
             option,
             NBD_REP_INFO,
-            &encode_info_string(NBD_INFO_NAME, &session.name),
+            &encode_info_string(NBD_INFO_NAME, &found.name),
         );
     }
     if request.info_types.contains(&NBD_INFO_DESCRIPTION) && !description.is_empty() {
@@ -205,7 +345,7 @@ fn answer_info(
         );
     }
     encode_option_reply(out, option, NBD_REP_ACK, &[]);
-    Some(session)
+    Some((found, request.name))
 }
 
 fn open(found: Found) -> Session {
@@ -217,6 +357,8 @@ fn open(found: Found) -> Session {
         size,
         features,
         clients: found.clients,
+        structured: false,
+        contexts: Vec::new(),
     }
 }
 

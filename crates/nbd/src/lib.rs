@@ -1,4 +1,4 @@
-//! An NBD server (fixed newstyle, simple replies) on tokio, serving pluggable `Export` backends.
+//! An NBD server (fixed newstyle, simple and structured replies, block status) on tokio, serving pluggable `Export` backends.
 //!
 //! The crate knows nothing of journals or splitting: callers register exports in an
 //! [`ExportRegistry`] and run a [`Server`] on TCP or unix listeners. See README.md for the
@@ -16,6 +16,6 @@ mod shutdown;
 mod transmission;
 
 pub use error::NbdError;
-pub use export::{Export, ExportError, ExportFeatures};
+pub use export::{Export, ExportError, ExportFeatures, Extent, MetaContext};
 pub use registry::ExportRegistry;
 pub use server::{Server, ServerConfig};

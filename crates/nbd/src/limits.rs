@@ -63,6 +63,22 @@ pub const REPLY_BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Buffers handed to one vectored write (well under the kernel's IOV_MAX of 1024).
 pub const REPLY_IOVECS_MAX: usize = 128;
 
+/// Queries one `NBD_OPT_{LIST,SET}_META_CONTEXT` may carry (each is resolved by the
+/// export, which may cost a lookup of a point in time).
+pub const META_CONTEXT_QUERIES_MAX: usize = 16;
+
+/// Metadata contexts one connection may select; each BLOCK_STATUS answers all of them.
+pub const META_CONTEXTS_SELECTED_MAX: usize = 4;
+
+/// Extents in one BLOCK_STATUS chunk (8 bytes each on the wire). The spec lets a server
+/// answer less than the requested range; clients ask again from where the reply ended.
+pub const BLOCK_STATUS_EXTENTS_MAX: usize = 16 * 1024;
+
+/// READs at least this long are answered sparsely (holes sent as OFFSET_HOLE chunks
+/// without reading them) when the export can report allocation; shorter ones are not
+/// worth the extra allocation lookup.
+pub const SPARSE_READ_BYTES_MIN: u32 = 64 * 1024;
+
 /// Consecutive accept() failures (EMFILE and the like) tolerated, with doubling backoff,
 /// before the accept loop gives up.
 pub const ACCEPT_RETRIES_MAX: u32 = 8;
@@ -83,4 +99,7 @@ const _: () = assert!(REQUESTS_IN_FLIGHT_MAX_DEFAULT <= REQUESTS_IN_FLIGHT_LIMIT
 const _: () = assert!(CONNECTIONS_MAX_DEFAULT <= CONNECTIONS_LIMIT);
 const _: () = assert!(REPLY_BATCH_BYTES_MAX >= 1024 * 1024);
 const _: () = assert!(REPLY_IOVECS_MAX >= 2);
+const _: () = assert!(BLOCK_STATUS_EXTENTS_MAX >= 16);
+const _: () = assert!(META_CONTEXTS_SELECTED_MAX >= 2);
+const _: () = assert!(SPARSE_READ_BYTES_MIN <= REQUEST_BYTES_MAX);
 const _: () = assert!(REPLY_IOVECS_MAX <= 1024);

@@ -12,6 +12,13 @@
 //! request      C: u32 0x25609513 | u16 flags | u16 type | u64 handle | u64 offset | u32 length
 //!                 (+ length bytes of payload for NBD_CMD_WRITE only)
 //! simple reply S: u32 0x67446698 | u32 error | u64 handle (+ data for a successful READ)
+//! META_CONTEXT C: u32 export name length | name | u32 n | n x (u32 query length | query)
+//! REP_META_CTX S: u32 context id | name
+//! chunk        S: u32 0x668e33ef | u16 flags | u16 type | u64 handle | u32 length | payload
+//!   OFFSET_DATA    u64 offset | data
+//!   OFFSET_HOLE    u64 offset | u32 hole length
+//!   BLOCK_STATUS   u32 context id | n x (u32 extent length | u32 status flags)
+//!   ERROR          u32 error | u16 message length | message
 //! ```
 //!
 //! Decoders take complete, already-read byte slices and return `NbdError::Protocol` for
@@ -27,11 +34,13 @@ pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054; // "IHAVEOPT"
 pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
 pub const GREETING_BYTES: usize = 18;
 pub const OPTION_HEADER_BYTES: usize = 16;
 pub const REQUEST_HEADER_BYTES: usize = 28;
 pub const SIMPLE_REPLY_BYTES: usize = 16;
+pub const CHUNK_HEADER_BYTES: usize = 20;
 pub const EXPORT_NAME_ZEROES_BYTES: usize = 124;
 
 // Handshake flags (server) and client flags.
@@ -47,7 +56,9 @@ pub const NBD_FLAG_SEND_FLUSH: u16 = 1 << 2;
 pub const NBD_FLAG_SEND_FUA: u16 = 1 << 3;
 pub const NBD_FLAG_SEND_TRIM: u16 = 1 << 5;
 pub const NBD_FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+pub const NBD_FLAG_SEND_DF: u16 = 1 << 7;
 pub const NBD_FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+pub const NBD_FLAG_SEND_CACHE: u16 = 1 << 10;
 
 // Options.
 pub const NBD_OPT_EXPORT_NAME: u32 = 1;
@@ -57,11 +68,15 @@ pub const NBD_OPT_STARTTLS: u32 = 5;
 pub const NBD_OPT_INFO: u32 = 6;
 pub const NBD_OPT_GO: u32 = 7;
 pub const NBD_OPT_STRUCTURED_REPLY: u32 = 8;
+pub const NBD_OPT_LIST_META_CONTEXT: u32 = 9;
+pub const NBD_OPT_SET_META_CONTEXT: u32 = 10;
+pub const NBD_OPT_EXTENDED_HEADERS: u32 = 11;
 
 // Option reply types.
 pub const NBD_REP_ACK: u32 = 1;
 pub const NBD_REP_SERVER: u32 = 2;
 pub const NBD_REP_INFO: u32 = 3;
+pub const NBD_REP_META_CONTEXT: u32 = 4;
 pub const NBD_REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 pub const NBD_REP_ERR_POLICY: u32 = (1 << 31) + 2;
 pub const NBD_REP_ERR_INVALID: u32 = (1 << 31) + 3;
@@ -81,11 +96,30 @@ pub const NBD_CMD_WRITE: u16 = 1;
 pub const NBD_CMD_DISC: u16 = 2;
 pub const NBD_CMD_FLUSH: u16 = 3;
 pub const NBD_CMD_TRIM: u16 = 4;
+pub const NBD_CMD_CACHE: u16 = 5;
 pub const NBD_CMD_WRITE_ZEROES: u16 = 6;
+pub const NBD_CMD_BLOCK_STATUS: u16 = 7;
 
 // Command flags.
 pub const NBD_CMD_FLAG_FUA: u16 = 1 << 0;
 pub const NBD_CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+pub const NBD_CMD_FLAG_DF: u16 = 1 << 2;
+pub const NBD_CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+
+// Structured reply flags and chunk types.
+pub const NBD_REPLY_FLAG_DONE: u16 = 1 << 0;
+pub const NBD_REPLY_TYPE_NONE: u16 = 0;
+pub const NBD_REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const NBD_REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+pub const NBD_REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub const NBD_REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+
+// `base:allocation` status flags.
+pub const NBD_STATE_HOLE: u32 = 1 << 0;
+pub const NBD_STATE_ZERO: u32 = 1 << 1;
+
+/// The one metadata context the protocol defines.
+pub const BASE_ALLOCATION: &str = "base:allocation";
 
 // Error values for simple replies.
 pub const NBD_OK: u32 = 0;
@@ -93,6 +127,7 @@ pub const NBD_EPERM: u32 = 1;
 pub const NBD_EIO: u32 = 5;
 pub const NBD_EINVAL: u32 = 22;
 pub const NBD_ENOSPC: u32 = 28;
+pub const NBD_EOVERFLOW: u32 = 75;
 pub const NBD_ESHUTDOWN: u32 = 108;
 
 /// Handshake flags this server offers.
@@ -101,9 +136,14 @@ pub const HANDSHAKE_FLAGS: u16 = NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES;
 /// Client flags this server understands; any other bit ends the connection (spec: MUST).
 pub const CLIENT_FLAGS_KNOWN: u32 = NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES;
 
-/// The transmission flags for an export with these features.
-pub fn transmission_flags(features: &ExportFeatures) -> u16 {
-    let mut flags = NBD_FLAG_HAS_FLAGS;
+/// The transmission flags for an export with these features; `structured` says whether
+/// the client negotiated structured replies (DF is only offered then, as the spec says).
+pub fn transmission_flags(features: &ExportFeatures, structured: bool) -> u16 {
+    // CACHE is a hint every export can take: it is answered at once, without reading.
+    let mut flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_CACHE;
+    if structured {
+        flags |= NBD_FLAG_SEND_DF;
+    }
     if features.read_only {
         flags |= NBD_FLAG_READ_ONLY;
     }
@@ -267,6 +307,129 @@ pub fn encode_simple_reply(out: &mut BytesMut, error: u32, handle: u64) {
     out.put_u64(handle);
 }
 
+/// Data of `NBD_OPT_LIST_META_CONTEXT` and `NBD_OPT_SET_META_CONTEXT`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetaContextRequest {
+    pub export: Vec<u8>,
+    pub queries: Vec<String>,
+}
+
+/// Decodes a metadata context option; at most `queries_max` queries, each valid UTF-8.
+pub fn decode_meta_context_request(
+    data: &[u8],
+    queries_max: usize,
+) -> Result<MetaContextRequest, NbdError> {
+    let bad = |why: &str| NbdError::Protocol(format!("META_CONTEXT option: {why}"));
+    let mut rest = data;
+    let mut take = |n: usize| -> Result<&[u8], NbdError> {
+        if rest.len() < n {
+            return Err(bad("runs past the option's length"));
+        }
+        let (head, tail) = rest.split_at(n);
+        rest = tail;
+        Ok(head)
+    };
+    let name_len = u32::from_be_bytes(field(take(4)?, 0)) as usize;
+    let export = take(name_len)?.to_vec();
+    let count = u32::from_be_bytes(field(take(4)?, 0)) as usize;
+    if count > queries_max {
+        return Err(bad("too many queries"));
+    }
+    let mut queries = Vec::with_capacity(count);
+    for _ in 0..count {
+        let len = u32::from_be_bytes(field(take(4)?, 0)) as usize;
+        let query = std::str::from_utf8(take(len)?).map_err(|_| bad("query is not UTF-8"))?;
+        queries.push(query.to_owned());
+    }
+    if !rest.is_empty() {
+        return Err(bad("bytes left after the last query"));
+    }
+    Ok(MetaContextRequest { export, queries })
+}
+
+/// `NBD_REP_META_CONTEXT` payload.
+pub fn encode_meta_context(id: u32, name: &str) -> Vec<u8> {
+    let mut b = Vec::with_capacity(4 + name.len());
+    b.extend_from_slice(&id.to_be_bytes());
+    b.extend_from_slice(name.as_bytes());
+    b
+}
+
+/// A structured reply chunk header; `length` payload bytes follow.
+pub fn encode_chunk_header(out: &mut BytesMut, flags: u16, kind: u16, handle: u64, length: u32) {
+    out.put_u32(STRUCTURED_REPLY_MAGIC);
+    out.put_u16(flags);
+    out.put_u16(kind);
+    out.put_u64(handle);
+    out.put_u32(length);
+}
+
+/// The header and offset of an `OFFSET_DATA` chunk; the `data_len` data bytes follow.
+pub fn encode_data_chunk_header(
+    out: &mut BytesMut,
+    flags: u16,
+    handle: u64,
+    offset: u64,
+    data_len: u32,
+) {
+    encode_chunk_header(
+        out,
+        flags,
+        NBD_REPLY_TYPE_OFFSET_DATA,
+        handle,
+        data_len.saturating_add(8),
+    );
+    out.put_u64(offset);
+}
+
+pub fn encode_hole_chunk(out: &mut BytesMut, flags: u16, handle: u64, offset: u64, length: u32) {
+    encode_chunk_header(out, flags, NBD_REPLY_TYPE_OFFSET_HOLE, handle, 12);
+    out.put_u64(offset);
+    out.put_u32(length);
+}
+
+/// A `BLOCK_STATUS` chunk: `extents` are (length, status flags), at least one.
+pub fn encode_block_status_chunk(
+    out: &mut BytesMut,
+    flags: u16,
+    handle: u64,
+    context_id: u32,
+    extents: &[(u32, u32)],
+) {
+    // Callers cap extents at BLOCK_STATUS_EXTENTS_MAX, far below what overflows u32.
+    let length = u32::try_from(4 + 8 * extents.len()).unwrap_or(u32::MAX);
+    encode_chunk_header(out, flags, NBD_REPLY_TYPE_BLOCK_STATUS, handle, length);
+    out.put_u32(context_id);
+    for &(extent_len, status) in extents {
+        out.put_u32(extent_len);
+        out.put_u32(status);
+    }
+}
+
+/// An `ERROR` chunk, always the last of its reply; the message is cut to fit a u16.
+pub fn encode_error_chunk(out: &mut BytesMut, handle: u64, error: u32, message: &str) {
+    let mut cut = message.len().min(u16::MAX as usize - 6);
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let message = &message.as_bytes()[..cut];
+    encode_chunk_header(
+        out,
+        NBD_REPLY_FLAG_DONE,
+        NBD_REPLY_TYPE_ERROR,
+        handle,
+        6 + cut as u32,
+    );
+    out.put_u32(error);
+    out.put_u16(cut as u16);
+    out.put_slice(message);
+}
+
+/// The `NONE` chunk that ends a reply whose other chunks did not carry DONE.
+pub fn encode_none_chunk(out: &mut BytesMut, handle: u64) {
+    encode_chunk_header(out, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, handle, 0);
+}
+
 /// Copies `N` bytes at `at`. Callers pass slices whose length they checked (or fixed-size
 /// arrays), so the zero fill for a short slice is unreachable rather than a silent default.
 fn field<const N: usize>(buf: &[u8], at: usize) -> [u8; N] {
@@ -380,7 +543,14 @@ mod tests {
             can_write_zeroes: false,
             can_multi_conn: false,
         };
-        assert_eq!(transmission_flags(&none), NBD_FLAG_HAS_FLAGS);
+        assert_eq!(
+            transmission_flags(&none, false),
+            NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_CACHE
+        );
+        assert_eq!(
+            transmission_flags(&none, true),
+            NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_CACHE | NBD_FLAG_SEND_DF
+        );
         let all = ExportFeatures {
             read_only: true,
             can_flush: true,
@@ -389,7 +559,51 @@ mod tests {
             can_write_zeroes: true,
             can_multi_conn: true,
         };
-        assert_eq!(transmission_flags(&all), 0b1_0110_1111);
+        assert_eq!(transmission_flags(&all, false), 0b101_0110_1111);
+    }
+
+    #[test]
+    fn meta_context_request_decodes_and_rejects_bad_lengths() {
+        let mut data = vec![0, 0, 0, 2];
+        data.extend_from_slice(b"v0");
+        data.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 15]);
+        data.extend_from_slice(b"base:allocation");
+        let req = decode_meta_context_request(&data, 4).unwrap();
+        assert_eq!(req.export, b"v0");
+        assert_eq!(req.queries, vec![BASE_ALLOCATION.to_string()]);
+        assert!(decode_meta_context_request(&data[..data.len() - 1], 4).is_err());
+        let mut long = data.clone();
+        long.push(0);
+        assert!(decode_meta_context_request(&long, 4).is_err());
+        assert!(decode_meta_context_request(&data, 0).is_err());
+        assert!(decode_meta_context_request(&[0xff, 0xff, 0xff, 0xff], 4).is_err());
+        assert!(decode_meta_context_request(&[], 4).is_err());
+    }
+
+    #[test]
+    fn chunk_golden_bytes() {
+        let mut out = BytesMut::new();
+        encode_hole_chunk(&mut out, NBD_REPLY_FLAG_DONE, 7, 4096, 512);
+        assert_eq!(
+            &out[..],
+            &[
+                0x66, 0x8e, 0x33, 0xef, 0, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 12, 0, 0, 0,
+                0, 0, 0, 0x10, 0, 0, 0, 2, 0
+            ]
+        );
+        out.clear();
+        encode_error_chunk(&mut out, 1, NBD_EIO, "x");
+        assert_eq!(
+            &out[..],
+            &[
+                0x66, 0x8e, 0x33, 0xef, 0, 1, 0x80, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 7, 0, 0, 0,
+                5, 0, 1, b'x'
+            ]
+        );
+        out.clear();
+        encode_block_status_chunk(&mut out, 0, 2, 1, &[(4096, NBD_STATE_HOLE)]);
+        assert_eq!(out.len(), CHUNK_HEADER_BYTES + 12);
+        assert_eq!(&out[16..20], &[0, 0, 0, 12]);
     }
 
     #[test]

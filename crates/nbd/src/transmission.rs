@@ -4,6 +4,11 @@
 //! per-connection request semaphore and a payload-byte semaphore. Replies may complete out of
 //! order; a single writer task owns the socket's write half and sends them in batches with
 //! vectored writes, so a READ reply's header and data go out in one syscall with no copy.
+//!
+//! With structured replies negotiated, READ answers in chunks (holes the export reports as
+//! zero go out as OFFSET_HOLE without being read, unless the client set DF), errors of any
+//! request go in an ERROR chunk, and BLOCK_STATUS answers every selected metadata context.
+//! Other successful replies stay simple, as the spec allows.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -15,10 +20,11 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
 use crate::error::NbdError;
-use crate::export::{Export, ExportError, ExportFeatures};
-use crate::handshake::Session;
+use crate::export::{Export, ExportError, ExportFeatures, Extent};
+use crate::handshake::{ContextSource, SelectedContext, Session};
 use crate::limits::{
-    CONNECTION_PAYLOAD_BYTES_MAX, REPLY_BATCH_BYTES_MAX, REPLY_IOVECS_MAX, REQUEST_BYTES_MAX,
+    BLOCK_STATUS_EXTENTS_MAX, CONNECTION_PAYLOAD_BYTES_MAX, REPLY_BATCH_BYTES_MAX,
+    REPLY_IOVECS_MAX, REQUEST_BYTES_MAX, SPARSE_READ_BYTES_MIN,
 };
 use crate::protocol::*;
 use crate::registry::ClientCount;
@@ -27,9 +33,18 @@ use crate::shutdown::Shutdown;
 /// A request that passed validation, in the export's terms.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Command {
+    /// Length 0 is answered without calling the export (simple or NONE chunk).
     Read {
         offset: u64,
         length: u32,
+        /// NBD_CMD_FLAG_DF: at most one content chunk.
+        df: bool,
+    },
+    BlockStatus {
+        offset: u64,
+        length: u32,
+        /// NBD_CMD_FLAG_REQ_ONE: one extent per context.
+        req_one: bool,
     },
     Write {
         offset: u64,
@@ -48,8 +63,9 @@ pub(crate) enum Command {
         fua: bool,
         may_trim: bool,
     },
-    /// A zero-length READ, WRITE, TRIM or WRITE_ZEROES inside the export. The spec leaves
-    /// the result open but says not to disconnect; we succeed without calling the export.
+    /// A zero-length WRITE, TRIM or WRITE_ZEROES inside the export, or a CACHE (a hint we
+    /// take without acting on it). The spec leaves zero lengths open but says not to
+    /// disconnect; we succeed without calling the export.
     Nothing,
 }
 
@@ -69,8 +85,21 @@ pub(crate) enum Verdict {
     Drop(String),
 }
 
+/// What the handshake agreed that changes which requests are valid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Negotiated {
+    pub structured: bool,
+    /// Metadata contexts selected; BLOCK_STATUS needs at least one.
+    pub contexts: usize,
+}
+
 /// The one place a request is judged. Nothing reaches the export unless this says `Run`.
-pub(crate) fn validate(request: &RequestHeader, size: u64, features: &ExportFeatures) -> Verdict {
+pub(crate) fn validate(
+    request: &RequestHeader,
+    size: u64,
+    features: &ExportFeatures,
+    negotiated: Negotiated,
+) -> Verdict {
     let RequestHeader {
         flags,
         command,
@@ -94,8 +123,16 @@ pub(crate) fn validate(request: &RequestHeader, size: u64, features: &ExportFeat
         discard: payload,
     };
 
+    let df_flag = if negotiated.structured {
+        NBD_CMD_FLAG_DF
+    } else {
+        0
+    };
     let (command_flags, advertised) = match command {
-        NBD_CMD_READ | NBD_CMD_WRITE => (0, true),
+        NBD_CMD_READ => (df_flag, true),
+        NBD_CMD_WRITE => (0, true),
+        NBD_CMD_CACHE => (0, true),
+        NBD_CMD_BLOCK_STATUS => (NBD_CMD_FLAG_REQ_ONE, negotiated.contexts > 0),
         NBD_CMD_FLUSH => (0, features.can_flush),
         NBD_CMD_TRIM => (0, features.can_trim),
         NBD_CMD_WRITE_ZEROES => (NBD_CMD_FLAG_NO_HOLE, features.can_write_zeroes),
@@ -117,7 +154,7 @@ pub(crate) fn validate(request: &RequestHeader, size: u64, features: &ExportFeat
         return Verdict::Run(Command::Flush);
     }
 
-    let writes = command != NBD_CMD_READ;
+    let writes = !matches!(command, NBD_CMD_READ | NBD_CMD_CACHE | NBD_CMD_BLOCK_STATUS);
     if writes && features.read_only {
         return refuse(NBD_EPERM);
     }
@@ -138,11 +175,29 @@ pub(crate) fn validate(request: &RequestHeader, size: u64, features: &ExportFeat
         };
         return refuse(error);
     }
-    if length == 0 {
+    match command {
+        NBD_CMD_READ => {
+            return Verdict::Run(Command::Read {
+                offset,
+                length,
+                df: flags & NBD_CMD_FLAG_DF != 0,
+            })
+        }
+        // A status of nothing has no descriptor to carry it.
+        NBD_CMD_BLOCK_STATUS if length == 0 => return refuse(NBD_EINVAL),
+        NBD_CMD_BLOCK_STATUS => {
+            return Verdict::Run(Command::BlockStatus {
+                offset,
+                length,
+                req_one: flags & NBD_CMD_FLAG_REQ_ONE != 0,
+            })
+        }
+        _ => {}
+    }
+    if length == 0 || command == NBD_CMD_CACHE {
         return Verdict::Run(Command::Nothing);
     }
     Verdict::Run(match command {
-        NBD_CMD_READ => Command::Read { offset, length },
         NBD_CMD_WRITE => Command::Write {
             offset,
             length,
@@ -200,10 +255,38 @@ fn io_error_value(err: &io::Error) -> u32 {
 /// slots are released only once the bytes have been written.
 struct Reply {
     handle: u64,
-    error: u32,
-    data: Option<Bytes>,
+    body: Body,
     _request: OwnedSemaphorePermit,
     _payload: Option<OwnedSemaphorePermit>,
+}
+
+/// What a reply carries.
+enum Body {
+    /// A simple reply, with READ data when it succeeded.
+    Simple { error: u32, data: Option<Bytes> },
+    /// Structured reply chunks already encoded: headers and data buffers in wire order,
+    /// the last chunk carrying NBD_REPLY_FLAG_DONE.
+    Chunks(Vec<Bytes>),
+}
+
+impl Body {
+    fn error(structured: bool, handle: u64, error: u32, message: &str) -> Body {
+        if !structured {
+            return Body::Simple { error, data: None };
+        }
+        let mut out = BytesMut::with_capacity(CHUNK_HEADER_BYTES + 6 + message.len());
+        encode_error_chunk(&mut out, handle, error, message);
+        Body::Chunks(vec![out.freeze()])
+    }
+}
+
+/// Error text for an ERROR chunk refusing a request.
+fn refusal_message(error: u32) -> &'static str {
+    match error {
+        NBD_EPERM => "the export is read-only",
+        NBD_ENOSPC => "request runs past the end of the export",
+        _ => "invalid request",
+    }
 }
 
 /// Serves requests until the client disconnects, breaks the protocol, or the server shuts
@@ -253,8 +336,15 @@ where
         export,
         size,
         features,
+        structured,
+        contexts,
         ..
     } = session;
+    let negotiated = Negotiated {
+        structured,
+        contexts: contexts.len(),
+    };
+    let contexts = Arc::new(contexts);
     loop {
         let mut raw = [0u8; REQUEST_HEADER_BYTES];
         tokio::select! {
@@ -268,7 +358,7 @@ where
         let request = decode_request(&raw)?;
         let request_permit = acquire(&requests, 1).await?;
 
-        let command = match validate(&request, size, &features) {
+        let command = match validate(&request, size, &features, negotiated) {
             Verdict::Run(command) => command,
             Verdict::Disconnect => return Ok(()),
             Verdict::Drop(why) => return Err(NbdError::Protocol(why)),
@@ -277,8 +367,7 @@ where
                 skip(&mut reader, discard).await?;
                 let reply = Reply {
                     handle: request.handle,
-                    error,
-                    data: None,
+                    body: Body::error(structured, request.handle, error, refusal_message(error)),
                     _request: request_permit,
                     _payload: None,
                 };
@@ -301,13 +390,21 @@ where
         };
         let export = export.clone();
         let reply_tx = reply_tx.clone();
+        let contexts = Arc::clone(&contexts);
         let handle = request.handle;
         tokio::spawn(async move {
-            let (error, data) = execute(export.as_ref(), command, payload).await;
+            let body = match command {
+                Command::Read { .. } | Command::BlockStatus { .. } if structured => {
+                    execute_structured(export.as_ref(), &contexts, command, handle).await
+                }
+                _ => {
+                    let (error, data) = execute(export.as_ref(), command, payload).await;
+                    Body::Simple { error, data }
+                }
+            };
             let reply = Reply {
                 handle,
-                error,
-                data,
+                body,
                 _request: request_permit,
                 _payload: payload_permit,
             };
@@ -319,7 +416,8 @@ where
 
 async fn execute(export: &dyn Export, command: Command, payload: Bytes) -> (u32, Option<Bytes>) {
     let result = match command {
-        Command::Read { offset, length } => {
+        Command::Read { length: 0, .. } => Ok(()),
+        Command::Read { offset, length, .. } => {
             return match export.read(offset, length).await {
                 Ok(data) if data.len() == length as usize => (NBD_OK, Some(data)),
                 Ok(data) => {
@@ -349,6 +447,10 @@ async fn execute(export: &dyn Export, command: Command, payload: Bytes) -> (u32,
             may_trim,
         } => export.write_zeroes(offset, length, fua, may_trim).await,
         Command::Nothing => Ok(()),
+        // Only valid once structured replies are negotiated, so never answered here.
+        Command::BlockStatus { .. } => Err(ExportError::Invalid(
+            "BLOCK_STATUS without structured replies".into(),
+        )),
     };
     match result {
         Ok(()) => (NBD_OK, None),
@@ -357,6 +459,204 @@ async fn execute(export: &dyn Export, command: Command, payload: Bytes) -> (u32,
             (error_value(&err), None)
         }
     }
+}
+
+/// Answers a READ or BLOCK_STATUS in structured reply chunks.
+async fn execute_structured(
+    export: &dyn Export,
+    contexts: &[SelectedContext],
+    command: Command,
+    handle: u64,
+) -> Body {
+    let result = match command {
+        Command::Read { offset, length, df } => {
+            read_chunks(export, handle, offset, length, df).await
+        }
+        Command::BlockStatus {
+            offset,
+            length,
+            req_one,
+        } => block_status_chunks(export, contexts, handle, offset, length, req_one).await,
+        _ => Err(ExportError::Invalid("not a structured command".into())),
+    };
+    match result {
+        Ok(chunks) => Body::Chunks(chunks),
+        Err(err) => {
+            debug!(?command, %err, "export failed a request");
+            Body::error(true, handle, error_value(&err), &err.to_string())
+        }
+    }
+}
+
+/// The chunks of a READ: holes the export reports as zero are sent as OFFSET_HOLE without
+/// reading them, the rest as OFFSET_DATA. An error part-way ends the reply with an ERROR
+/// chunk after the content chunks already encoded (the client may trust none of them).
+async fn read_chunks(
+    export: &dyn Export,
+    handle: u64,
+    offset: u64,
+    length: u32,
+    df: bool,
+) -> Result<Vec<Bytes>, ExportError> {
+    let mut out = BytesMut::with_capacity(CHUNK_HEADER_BYTES * 4);
+    if length == 0 {
+        encode_none_chunk(&mut out, handle);
+        return Ok(vec![out.freeze()]);
+    }
+    let plan = if df || length < SPARSE_READ_BYTES_MIN {
+        None
+    } else {
+        sparse_plan(export, offset, length).await?
+    };
+    let plan = plan.unwrap_or_else(|| vec![(offset, length, false)]);
+    let mut chunks = Vec::with_capacity(plan.len() * 2);
+    let last = plan.len() - 1;
+    for (index, &(at, len, zero)) in plan.iter().enumerate() {
+        let flags = if index == last {
+            NBD_REPLY_FLAG_DONE
+        } else {
+            0
+        };
+        if zero {
+            encode_hole_chunk(&mut out, flags, handle, at, len);
+            continue;
+        }
+        let data = match export.read(at, len).await {
+            Ok(data) if data.len() == len as usize => data,
+            Ok(data) => {
+                warn!(
+                    offset = at,
+                    length = len,
+                    returned = data.len(),
+                    "export returned the wrong number of bytes"
+                );
+                encode_error_chunk(&mut out, handle, NBD_EIO, "short read");
+                chunks.push(out.split().freeze());
+                return Ok(chunks);
+            }
+            Err(err) => {
+                encode_error_chunk(&mut out, handle, error_value(&err), &err.to_string());
+                chunks.push(out.split().freeze());
+                return Ok(chunks);
+            }
+        };
+        encode_data_chunk_header(&mut out, flags, handle, at, len);
+        chunks.push(out.split().freeze());
+        chunks.push(data);
+    }
+    if !out.is_empty() {
+        chunks.push(out.split().freeze());
+    }
+    Ok(chunks)
+}
+
+/// Splits a read into (offset, length, reads-as-zero) runs covering all of it, from the
+/// export's allocation; `None` if the export cannot tell or reports no zero run.
+async fn sparse_plan(
+    export: &dyn Export,
+    offset: u64,
+    length: u32,
+) -> Result<Option<Vec<(u64, u32, bool)>>, ExportError> {
+    let end = offset + u64::from(length);
+    let mut pos = offset;
+    let mut plan: Vec<(u64, u32, bool)> = Vec::new();
+    // Each call covers at least one byte; the bound only guards against an export that
+    // answers in tiny pieces.
+    for _ in 0..BLOCK_STATUS_EXTENTS_MAX {
+        if pos >= end {
+            break;
+        }
+        let left = (end - pos) as u32;
+        let Some(extents) = export.allocation(pos, left).await? else {
+            return Ok(None);
+        };
+        let extents = clip_extents(extents, left, BLOCK_STATUS_EXTENTS_MAX);
+        if extents.is_empty() {
+            break;
+        }
+        for extent in extents {
+            let zero = extent.flags & NBD_STATE_ZERO != 0;
+            match plan.last_mut() {
+                Some((_, len, z)) if *z == zero => *len += extent.length,
+                _ => plan.push((pos, extent.length, zero)),
+            }
+            pos += u64::from(extent.length);
+        }
+    }
+    if pos < end {
+        match plan.last_mut() {
+            Some((_, len, false)) => *len += (end - pos) as u32,
+            _ => plan.push((pos, (end - pos) as u32, false)),
+        }
+    }
+    if !plan.iter().any(|&(_, _, zero)| zero) {
+        return Ok(None);
+    }
+    Ok(Some(plan))
+}
+
+/// Drops empty extents, cuts the list where it would pass `length` bytes or `count_max`
+/// extents, and merges neighbours with equal flags.
+fn clip_extents(extents: Vec<Extent>, length: u32, count_max: usize) -> Vec<Extent> {
+    let mut left = length;
+    let mut clipped: Vec<Extent> = Vec::with_capacity(extents.len().min(count_max));
+    for extent in extents {
+        if left == 0 {
+            break;
+        }
+        let len = extent.length.min(left);
+        if len == 0 {
+            continue;
+        }
+        let full = clipped.len() == count_max;
+        match clipped.last_mut() {
+            Some(prev) if prev.flags == extent.flags => prev.length += len,
+            _ if full => break,
+            _ => clipped.push(Extent {
+                length: len,
+                flags: extent.flags,
+            }),
+        }
+        left -= len;
+    }
+    clipped
+}
+
+/// One BLOCK_STATUS chunk per selected context, the last carrying DONE.
+async fn block_status_chunks(
+    export: &dyn Export,
+    contexts: &[SelectedContext],
+    handle: u64,
+    offset: u64,
+    length: u32,
+    req_one: bool,
+) -> Result<Vec<Bytes>, ExportError> {
+    let mut out = BytesMut::new();
+    let count_max = if req_one { 1 } else { BLOCK_STATUS_EXTENTS_MAX };
+    for (index, context) in contexts.iter().enumerate() {
+        let extents = match &context.source {
+            ContextSource::Allocation => export
+                .allocation(offset, length)
+                .await?
+                // Status 0 (allocated, contents unknown) is always a safe answer.
+                .unwrap_or_else(|| vec![Extent { length, flags: 0 }]),
+            ContextSource::Export(meta) => meta.extents(offset, length).await?,
+        };
+        let extents = clip_extents(extents, length, count_max);
+        if extents.is_empty() {
+            return Err(ExportError::Io(io::Error::other(
+                "metadata context reported no extent",
+            )));
+        }
+        let pairs: Vec<(u32, u32)> = extents.iter().map(|e| (e.length, e.flags)).collect();
+        let flags = if index + 1 == contexts.len() {
+            NBD_REPLY_FLAG_DONE
+        } else {
+            0
+        };
+        encode_block_status_chunk(&mut out, flags, handle, context.id, &pairs);
+    }
+    Ok(vec![out.freeze()])
 }
 
 async fn acquire(
@@ -427,12 +727,25 @@ async fn write_replies<W: AsyncWrite + Unpin>(
         let mut batch_bytes = 0usize;
         let mut next = Some(first);
         while let Some(reply) = next.take() {
-            encode_simple_reply(&mut headers, reply.error, reply.handle);
-            batch_bytes += SIMPLE_REPLY_BYTES;
-            if let Some(data) = reply.data.as_ref().filter(|data| !data.is_empty()) {
-                chunks.push_back(headers.split().freeze());
-                chunks.push_back(data.clone());
-                batch_bytes += data.len();
+            match &reply.body {
+                Body::Simple { error, data } => {
+                    encode_simple_reply(&mut headers, *error, reply.handle);
+                    batch_bytes += SIMPLE_REPLY_BYTES;
+                    if let Some(data) = data.as_ref().filter(|data| !data.is_empty()) {
+                        chunks.push_back(headers.split().freeze());
+                        chunks.push_back(data.clone());
+                        batch_bytes += data.len();
+                    }
+                }
+                Body::Chunks(parts) => {
+                    if !headers.is_empty() {
+                        chunks.push_back(headers.split().freeze());
+                    }
+                    for part in parts {
+                        batch_bytes += part.len();
+                        chunks.push_back(part.clone());
+                    }
+                }
             }
             sent.push(reply);
             if batch_bytes < REPLY_BATCH_BYTES_MAX {
@@ -509,12 +822,79 @@ mod tests {
         }
     }
 
+    const SIMPLE: Negotiated = Negotiated {
+        structured: false,
+        contexts: 0,
+    };
+    const STRUCTURED: Negotiated = Negotiated {
+        structured: true,
+        contexts: 1,
+    };
+
     fn judge(command: u16, flags: u16, offset: u64, length: u32) -> Verdict {
         validate(
             &request(command, flags, offset, length),
             SIZE,
             &features(false),
+            SIMPLE,
         )
+    }
+
+    fn judge_structured(command: u16, flags: u16, offset: u64, length: u32) -> Verdict {
+        validate(
+            &request(command, flags, offset, length),
+            SIZE,
+            &features(false),
+            STRUCTURED,
+        )
+    }
+
+    #[test]
+    fn structured_only_requests_need_their_negotiation() {
+        let einval = Verdict::Refuse {
+            error: NBD_EINVAL,
+            discard: 0,
+        };
+        assert_eq!(judge(NBD_CMD_READ, NBD_CMD_FLAG_DF, 0, 512), einval);
+        assert_eq!(
+            judge_structured(NBD_CMD_READ, NBD_CMD_FLAG_DF, 0, 512),
+            Verdict::Run(Command::Read {
+                offset: 0,
+                length: 512,
+                df: true
+            })
+        );
+        assert_eq!(judge(NBD_CMD_BLOCK_STATUS, 0, 0, 512), einval);
+        assert_eq!(
+            judge_structured(NBD_CMD_BLOCK_STATUS, NBD_CMD_FLAG_REQ_ONE, 0, 512),
+            Verdict::Run(Command::BlockStatus {
+                offset: 0,
+                length: 512,
+                req_one: true
+            })
+        );
+        assert_eq!(judge_structured(NBD_CMD_BLOCK_STATUS, 0, 0, 0), einval);
+        assert_eq!(judge_structured(NBD_CMD_BLOCK_STATUS, 0, SIZE, 1), einval);
+        assert_eq!(
+            judge_structured(NBD_CMD_BLOCK_STATUS, NBD_CMD_FLAG_DF, 0, 1),
+            einval
+        );
+        assert_eq!(
+            judge(NBD_CMD_CACHE, 0, 0, 512),
+            Verdict::Run(Command::Nothing)
+        );
+        assert_eq!(judge(NBD_CMD_CACHE, 0, SIZE, 1), einval);
+    }
+
+    #[test]
+    fn extents_are_clipped_merged_and_capped() {
+        let e = |length, flags| Extent { length, flags };
+        assert_eq!(
+            clip_extents(vec![e(10, 0), e(0, 3), e(5, 0), e(20, 3)], 30, 16),
+            vec![e(15, 0), e(15, 3)]
+        );
+        assert_eq!(clip_extents(vec![e(10, 0), e(5, 3)], 30, 1), vec![e(10, 0)]);
+        assert!(clip_extents(vec![e(0, 0)], 30, 16).is_empty());
     }
 
     #[test]
@@ -523,7 +903,8 @@ mod tests {
             judge(NBD_CMD_READ, 0, 0, 4096),
             Verdict::Run(Command::Read {
                 offset: 0,
-                length: 4096
+                length: 4096,
+                df: false
             })
         );
         assert_eq!(
@@ -546,7 +927,11 @@ mod tests {
         assert_eq!(judge(NBD_CMD_FLUSH, 0, 0, 0), Verdict::Run(Command::Flush));
         assert_eq!(
             judge(NBD_CMD_READ, 0, SIZE, 0),
-            Verdict::Run(Command::Nothing)
+            Verdict::Run(Command::Read {
+                offset: SIZE,
+                length: 0,
+                df: false
+            })
         );
         assert_eq!(judge(NBD_CMD_DISC, 0, 0, 0), Verdict::Disconnect);
     }
@@ -618,14 +1003,14 @@ mod tests {
         no_fua.can_flush = false;
         let write_fua = request(NBD_CMD_WRITE, NBD_CMD_FLAG_FUA, 0, 512);
         assert_eq!(
-            validate(&write_fua, SIZE, &no_fua),
+            validate(&write_fua, SIZE, &no_fua, SIMPLE),
             Verdict::Refuse {
                 error: NBD_EINVAL,
                 discard: 512
             }
         );
         assert_eq!(
-            validate(&request(NBD_CMD_FLUSH, 0, 0, 0), SIZE, &no_fua),
+            validate(&request(NBD_CMD_FLUSH, 0, 0, 0), SIZE, &no_fua, SIMPLE),
             Verdict::Refuse {
                 error: NBD_EINVAL,
                 discard: 0
@@ -660,31 +1045,32 @@ mod tests {
     fn read_only_refuses_every_write_kind() {
         let ro = features(true);
         assert_eq!(
-            validate(&request(NBD_CMD_WRITE, 0, 0, 512), SIZE, &ro),
+            validate(&request(NBD_CMD_WRITE, 0, 0, 512), SIZE, &ro, SIMPLE),
             Verdict::Refuse {
                 error: NBD_EPERM,
                 discard: 512
             }
         );
         assert_eq!(
-            validate(&request(NBD_CMD_TRIM, 0, 0, 512), SIZE, &ro),
+            validate(&request(NBD_CMD_TRIM, 0, 0, 512), SIZE, &ro, SIMPLE),
             Verdict::Refuse {
                 error: NBD_EPERM,
                 discard: 0
             }
         );
         assert_eq!(
-            validate(&request(NBD_CMD_WRITE_ZEROES, 0, 0, 512), SIZE, &ro),
+            validate(&request(NBD_CMD_WRITE_ZEROES, 0, 0, 512), SIZE, &ro, SIMPLE),
             Verdict::Refuse {
                 error: NBD_EPERM,
                 discard: 0
             }
         );
         assert_eq!(
-            validate(&request(NBD_CMD_READ, 0, 0, 512), SIZE, &ro),
+            validate(&request(NBD_CMD_READ, 0, 0, 512), SIZE, &ro, SIMPLE),
             Verdict::Run(Command::Read {
                 offset: 0,
-                length: 512
+                length: 512,
+                df: false
             })
         );
     }

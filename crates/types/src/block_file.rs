@@ -152,6 +152,69 @@ impl BlockFile {
         }
     }
 
+    /// Where the hole after `offset` starts (the volume's size if data runs to the end);
+    /// None where the file system or device cannot tell.
+    pub fn next_hole(&self, offset: u64) -> io::Result<Option<u64>> {
+        if self.is_block_device || offset >= self.size {
+            return Ok(None);
+        }
+        // SAFETY: as in `next_data`: lseek moves only the unused file position.
+        let at = unsafe {
+            libc::lseek(
+                self.file.as_raw_fd(),
+                offset as libc::off_t,
+                libc::SEEK_HOLE,
+            )
+        };
+        if at >= 0 {
+            return Ok(Some((at as u64).min(self.size)));
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            // Past the end of a file shorter than the volume: all hole from here.
+            Some(libc::ENXIO) => Ok(Some(offset)),
+            Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(None),
+            _ => Err(err),
+        }
+    }
+
+    /// The allocation of `[offset, offset + length)` as consecutive runs of
+    /// (length, is_hole), from SEEK_DATA/SEEK_HOLE: at most `runs_max` runs, so the runs may
+    /// end before `offset + length`. None where the file system or device cannot tell.
+    /// A hole reads as zeroes; data may hold anything, zeroes included.
+    pub fn allocation(
+        &self,
+        offset: u64,
+        length: u64,
+        runs_max: usize,
+    ) -> io::Result<Option<Vec<(u64, bool)>>> {
+        let end = offset.saturating_add(length).min(self.size);
+        let mut runs: Vec<(u64, bool)> = Vec::new();
+        let mut pos = offset;
+        while pos < end && runs.len() < runs_max {
+            let Some(data) = self.next_data(pos)? else {
+                return Ok(if runs.is_empty() {
+                    None
+                } else {
+                    runs.push((end - pos, false));
+                    Some(runs)
+                });
+            };
+            let (run_end, hole) = if data > pos {
+                (data.min(end), true)
+            } else {
+                match self.next_hole(pos)? {
+                    Some(hole) if hole > pos => (hole.min(end), false),
+                    // A file changing under us (or an odd file system): call it data.
+                    _ => (end, false),
+                }
+            };
+            runs.push((run_end - pos, hole));
+            pos = run_end;
+        }
+        Ok(Some(runs))
+    }
+
     /// Makes every completed write durable (fdatasync).
     pub fn sync_data(&self) -> io::Result<()> {
         self.file.sync_data()
@@ -234,6 +297,34 @@ fn block_device_size(file: &File) -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allocation_reports_holes_and_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sparse");
+        let f = BlockFile::create_sparse(&path, 16 << 20).unwrap();
+        f.write_at(4 << 20, &[7u8; 1 << 20]).unwrap();
+        let Some(runs) = f.allocation(0, 16 << 20, 16).unwrap() else {
+            return; // a file system without SEEK_DATA
+        };
+        assert_eq!(
+            runs,
+            vec![(4 << 20, true), (1 << 20, false), (11 << 20, true)]
+        );
+        assert_eq!(
+            f.allocation(4 << 20, 4096, 16).unwrap(),
+            Some(vec![(4096, false)])
+        );
+        assert_eq!(
+            f.allocation(0, 16 << 20, 1).unwrap(),
+            Some(vec![(4 << 20, true)])
+        );
+        f.trim(4 << 20, 1 << 20).unwrap();
+        assert_eq!(
+            f.allocation(0, 16 << 20, 16).unwrap(),
+            Some(vec![(16 << 20, true)])
+        );
+    }
 
     #[test]
     fn write_read_trim_zero_match_a_model() {

@@ -87,7 +87,12 @@ async fn unknown_command() {
     assert_eq!(client.command(42, 0, 0, 4096).await, NBD_EINVAL);
     assert_eq!(
         client
-            .command(5 /* CACHE, not advertised */, 0, 0, 4096)
+            .command(
+                NBD_CMD_BLOCK_STATUS, /* no context selected */
+                0,
+                0,
+                4096
+            )
             .await,
         NBD_EINVAL
     );
@@ -145,7 +150,7 @@ async fn commands_and_flags_not_advertised() {
     let server = TestServer::start(single(export.clone()), ServerConfig::default()).await;
     let mut client = server.client().await;
     let (_, flags) = client.go("disk").await;
-    assert_eq!(flags, NBD_FLAG_HAS_FLAGS);
+    assert_eq!(flags, NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_CACHE);
     assert_eq!(client.command(NBD_CMD_FLUSH, 0, 0, 0).await, NBD_EINVAL);
     assert_eq!(client.command(NBD_CMD_TRIM, 0, 0, 512).await, NBD_EINVAL);
     assert_eq!(
