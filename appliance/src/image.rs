@@ -10,6 +10,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use cdp_nbd::export::Extent;
+use cdp_nbd::limits::BLOCK_STATUS_EXTENTS_MAX;
+use cdp_nbd::protocol::{NBD_STATE_HOLE, NBD_STATE_ZERO};
 use cdp_nbd::{Export, ExportError, ExportFeatures, ExportRegistry};
 use cdp_types::{BlockFile, Seq, TimestampNs};
 
@@ -360,6 +363,58 @@ impl VolumeAtPoint {
         Ok(())
     }
 
+    /// `base:allocation`: the point's runs, with blocks written to the scratch file as data.
+    fn allocation_blocking(&self, offset: u64, length: u32) -> Result<Vec<Extent>, ExportError> {
+        let runs = self
+            .group
+            .allocation_at_point(
+                &self.volume,
+                self.at,
+                offset,
+                u64::from(length),
+                BLOCK_STATUS_EXTENTS_MAX,
+            )
+            .map_err(|e| ExportError::Io(std::io::Error::other(e.to_string())))?;
+        let written = self
+            .scratch
+            .as_ref()
+            .map(|s| s.written.lock().unwrap_or_else(|p| p.into_inner()).clone());
+        let mut extents: Vec<Extent> = Vec::new();
+        let mut push = |len: u64, zero: bool| {
+            let flags = if zero {
+                NBD_STATE_HOLE | NBD_STATE_ZERO
+            } else {
+                0
+            };
+            match extents.last_mut() {
+                Some(last) if last.flags == flags => last.length += len as u32,
+                // Runs lie inside the request, so they fit its u32 length.
+                _ => extents.push(Extent {
+                    length: len as u32,
+                    flags,
+                }),
+            }
+        };
+        let mut pos = offset;
+        for (len, zero) in runs {
+            let run_end = pos + len;
+            match (&written, zero) {
+                (Some(bits), true) => {
+                    // A zero run may hold blocks the image's user wrote since.
+                    while pos < run_end {
+                        let block = pos / BLOCK_BYTES;
+                        let to = ((block + 1) * BLOCK_BYTES).min(run_end);
+                        push(to - pos, !bit(bits, block));
+                        pos = to;
+                    }
+                }
+                _ => push(len, zero),
+            }
+            pos = run_end;
+        }
+        Ok(extents)
+    }
+
     fn read_point(&self, offset: u64, buf: &mut [u8]) -> Result<(), ExportError> {
         self.group
             .read_at_point(&self.volume, self.at, offset, buf)
@@ -447,6 +502,15 @@ impl Export for ImageVolume {
             Ok(Bytes::from(buf))
         })
         .await
+    }
+
+    async fn allocation(
+        &self,
+        offset: u64,
+        length: u32,
+    ) -> Result<Option<Vec<Extent>>, ExportError> {
+        let this = Arc::clone(&self.0);
+        blocking(move || this.allocation_blocking(offset, length).map(Some)).await
     }
 
     async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> Result<(), ExportError> {

@@ -79,6 +79,10 @@ pub const IMAGE_RECORD_CACHE_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Payloads image reads keep cached, whatever their size.
 pub const IMAGE_RECORD_CACHE_ENTRIES_MAX: usize = 4096;
 
+/// Blocks one image block-status request classifies (under the history lock, so bounded;
+/// 64 MiB of volume, and the client asks again for the rest).
+pub const ALLOCATION_BLOCKS_MAX: u64 = 16 * 1024;
+
 /// Images open at once on an appliance.
 pub const IMAGES_MAX: usize = 64;
 

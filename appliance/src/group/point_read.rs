@@ -7,7 +7,7 @@ use cdp_types::Seq;
 use super::{Group, GroupVolume};
 use crate::error::ApplianceError;
 use crate::history::{BlockPlan, BLOCK_BYTES};
-use crate::limits::PARALLEL_ASSEMBLY_BLOCKS_MIN;
+use crate::limits::{ALLOCATION_BLOCKS_MAX, PARALLEL_ASSEMBLY_BLOCKS_MIN};
 use crate::record_cache::Stream;
 
 impl Group {
@@ -62,6 +62,109 @@ impl Group {
             });
         }
         self.fill_from_plans(volume, &plans, offset, buf)
+    }
+
+    /// How `length` bytes of `volume` from `offset` are allocated at point `at`, as
+    /// consecutive runs of (bytes, reads as zeroes), for NBD's `base:allocation`. Zero where
+    /// the index alone shows it (a before-image of zeroes, zero or trim records covering the
+    /// block, a replica hole under no later write); data elsewhere, zeroes included. Reads
+    /// no payload. At most `runs_max` runs and `ALLOCATION_BLOCKS_MAX` blocks: the runs may
+    /// end early, and the caller asks again from there.
+    pub fn allocation_at_point(
+        &self,
+        volume: &GroupVolume,
+        at: Seq,
+        offset: u64,
+        length: u64,
+        runs_max: usize,
+    ) -> Result<Vec<(u64, bool)>, ApplianceError> {
+        #[derive(Clone, Copy, PartialEq, Eq)]
+        enum Source {
+            Zero,
+            Data,
+            /// The replica's bytes as they are: its holes are zero.
+            Replica,
+        }
+        let end = offset.saturating_add(length).min(volume.size);
+        if end <= offset {
+            return Ok(Vec::new());
+        }
+        let _locations_stay = self.relocation.read();
+        let state = self.replica_state.read();
+        if !state.exact {
+            return Err(ApplianceError::Busy(
+                "the replica is catching up after a restart; images are readable once it has"
+                    .into(),
+            ));
+        }
+        let distributed = state.seq.0;
+        let first_block = offset / BLOCK_BYTES;
+        let last_block = ((end - 1) / BLOCK_BYTES).min(first_block + ALLOCATION_BLOCKS_MAX - 1);
+        let end = end.min((last_block + 1) * BLOCK_BYTES);
+        let sources: Vec<Source> = {
+            let history = self.history.lock();
+            (first_block..=last_block)
+                .map(|b| match history.plan(volume.id, b, at.0, distributed) {
+                    BlockPlan::Undo { undo, .. } if undo.zero => Source::Zero,
+                    BlockPlan::Undo { .. } => Source::Data,
+                    BlockPlan::Layers { layers, .. }
+                        if layers.iter().any(|(_, r)| r.kind == RecordKind::Write) =>
+                    {
+                        Source::Data
+                    }
+                    // Only zero and trim layers: zeroes over zeroes, or over the replica.
+                    BlockPlan::Layers {
+                        from_replica: false,
+                        ..
+                    } => Source::Zero,
+                    BlockPlan::Layers { layers, .. } if layers.is_empty() => Source::Replica,
+                    // Zeroes over part of the replica's block: data unless it is a hole.
+                    BlockPlan::Layers { .. } => Source::Replica,
+                })
+                .collect()
+        };
+        let mut runs: Vec<(u64, bool)> = Vec::new();
+        let push = |runs: &mut Vec<(u64, bool)>, len: u64, zero: bool| match runs.last_mut() {
+            Some(last) if last.1 == zero => last.0 += len,
+            _ => runs.push((len, zero)),
+        };
+        let mut pos = offset;
+        let mut i = 0;
+        while pos < end && runs.len() < runs_max {
+            let source = sources[i];
+            let mut j = i + 1;
+            while j < sources.len() && sources[j] == source {
+                j += 1;
+            }
+            let run_end = ((first_block + j as u64) * BLOCK_BYTES).min(end);
+            match source {
+                Source::Zero => push(&mut runs, run_end - pos, true),
+                Source::Data => push(&mut runs, run_end - pos, false),
+                Source::Replica => {
+                    match volume.replica.allocation(
+                        pos,
+                        run_end - pos,
+                        runs_max.saturating_sub(runs.len()).max(1),
+                    )? {
+                        Some(found) => {
+                            let mut covered = 0;
+                            for (len, hole) in found {
+                                push(&mut runs, len, hole);
+                                covered += len;
+                            }
+                            if covered < run_end - pos {
+                                // The replica's runs stopped early: so do ours.
+                                return Ok(runs);
+                            }
+                        }
+                        None => push(&mut runs, run_end - pos, false),
+                    }
+                }
+            }
+            pos = run_end;
+            i = j;
+        }
+        Ok(runs)
     }
 
     /// Fills `buf` (volume bytes from `offset`) following `plans`, one per block from the
