@@ -462,27 +462,12 @@ pub fn wire_status(status: crate::group::GroupStatus) -> cdp_control::GroupStatu
         replica_held_at,
         history,
         consolidation,
-        volumes: volumes.into_iter().map(wire_volume).collect(),
+        volumes: volumes
+            .into_iter()
+            .map(cdp_control::VolumeStatus::from)
+            .collect(),
         source,
         remote,
         replication_source,
-    }
-}
-
-/// A volume's status as the protocol defines it (see `wire_status`).
-pub fn wire_volume(volume: crate::group::VolumeStatus) -> cdp_control::VolumeStatus {
-    let crate::group::VolumeStatus {
-        name,
-        size,
-        replica,
-        connected,
-        last_source_seq,
-    } = volume;
-    cdp_control::VolumeStatus {
-        name,
-        size,
-        replica,
-        connected,
-        last_source_seq,
     }
 }

@@ -146,3 +146,23 @@ pub struct VolumeStatus {
     pub connected: bool,
     pub last_source_seq: u64,
 }
+
+/// A volume's status as the control protocol defines it.
+impl From<VolumeStatus> for cdp_control::VolumeStatus {
+    fn from(volume: VolumeStatus) -> Self {
+        let VolumeStatus {
+            name,
+            size,
+            replica,
+            connected,
+            last_source_seq,
+        } = volume;
+        cdp_control::VolumeStatus {
+            name,
+            size,
+            replica,
+            connected,
+            last_source_seq,
+        }
+    }
+}

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::event_log::Event;
+use crate::event::Event;
 
 /// Events waiting per target before new ones are dropped for it.
 pub const ALERT_QUEUE_MAX: usize = 1024;
