@@ -188,7 +188,8 @@ fn remote_copy_follows_writes_and_bookmarks() {
         "a bookmark was taken at the remote copy"
     );
 
-    // Rule 6: a splitter attaching to the remote copy's volumes is refused and exits.
+    // Rule 6: a splitter attaching to the remote copy's volumes serves reads but refuses
+    // every host write (EPERM): the copy is secondary.
     let root = remote.root();
     let production = root.join("other-production.img");
     std::fs::File::create(&production)
@@ -196,30 +197,57 @@ fn remote_copy_follows_writes_and_bookmarks() {
         .set_len(VOLUME_BYTES)
         .unwrap();
     let splitter_config = root.join("splitter.toml");
+    let nbd_sock = root.join("nbd.sock");
     std::fs::write(
         &splitter_config,
         format!(
             "appliance = \"unix:{}\"\nnbd_unix = \"{}\"\ncontrol = \"{}\"\nhandshake_timeout_s = 10\n\n[[volume]]\nname = \"vol0\"\npath = \"{}\"\n",
             root.join("link.sock").display(),
-            root.join("nbd.sock").display(),
+            nbd_sock.display(),
             root.join("splitter.ctl").display(),
             production.display()
         ),
     )
     .unwrap();
-    let splitter = run(
-        Command::new(cdp_bin())
-            .args(["splitter", "--config"])
-            .arg(&splitter_config),
+    let log = std::fs::File::create(root.join("demoted-splitter.log")).unwrap();
+    let mut splitter = Command::new(cdp_bin())
+        .args(["splitter", "--config"])
+        .arg(&splitter_config)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    assert!(
+        poll_until(T, || unix_accepts(&nbd_sock)),
+        "the splitter at the secondary copy never served NBD"
+    );
+    let uri = format!("nbd+unix:///vol0?socket={}", nbd_sock.display());
+    let write = run(
+        Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 9 0 4096", &uri]),
         T,
     );
-    let said = String::from_utf8_lossy(&splitter.stderr).to_string()
-        + &String::from_utf8_lossy(&splitter.stdout);
-    assert!(
-        !splitter.status.success(),
-        "a splitter attached to the remote copy: {said}"
+    let said = String::from_utf8_lossy(&write.stdout).to_string()
+        + &String::from_utf8_lossy(&write.stderr);
+    let read = run(
+        Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0 0 4096", &uri]),
+        T,
     );
-    assert!(said.contains("remote copy"), "{said}");
+    let _ = splitter.kill();
+    let _ = splitter.wait();
+    assert!(
+        said.contains("Operation not permitted"),
+        "a host write at the secondary copy was not refused: {said}"
+    );
+    let read_said = String::from_utf8_lossy(&read.stdout).to_string();
+    assert!(
+        read_said.contains("read 4096/4096") && !read_said.contains("Pattern verification failed"),
+        "reads at the secondary copy's splitter: {read_said}"
+    );
+    let production_bytes = std::fs::read(&production).unwrap();
+    assert!(
+        production_bytes[..4096].iter().all(|&b| b == 0),
+        "the refused write reached the production file"
+    );
 }
 
 /// Writes in a background thread (qemu-io runs of 20 writes) until stopped.

@@ -181,9 +181,15 @@ pub struct GroupConfig {
     /// replication link; splitters are refused (no two writable copies).
     #[serde(default)]
     pub source: GroupSource,
-    /// Ship this group's journal to a remote appliance (`[group.remote]`).
+    /// Ship this group's journal to a remote appliance (`[group.remote]`). On a remote
+    /// copy (`source = "remote"`) it names the peer to ship to once this copy is promoted
+    /// (`cdp failover`), so replication reverses without a config change.
     #[serde(default)]
     pub remote: Option<RemoteConfig>,
+    /// This site's name in the group's generation history (`cdp status` shows who was
+    /// primary when). Default: the appliance's `site`, else the group's id in hex.
+    #[serde(default)]
+    pub site: Option<String>,
     // --- end remote replication ---
     #[serde(default)]
     pub volume: Vec<VolumeConfig>,
@@ -325,19 +331,11 @@ pub const DEDUP_WINDOW_BYTES_MIN: u64 = 1024 * 1024;
 impl GroupConfig {
     /// Checks the group's replication settings, clamping soft mistakes with a warning.
     fn sanitize_replication(&mut self, replication_listen: bool) -> Result<(), ApplianceError> {
-        if self.source == GroupSource::Remote {
-            if self.remote.is_some() {
-                return Err(ApplianceError::Config(format!(
-                    "group {:?} is a remote copy (source = \"remote\") and cannot ship to another remote yet",
-                    self.name
-                )));
-            }
-            if !replication_listen {
-                return Err(ApplianceError::Config(format!(
-                    "group {:?} is a remote copy but replication_listen is not set",
-                    self.name
-                )));
-            }
+        if self.source == GroupSource::Remote && !replication_listen {
+            return Err(ApplianceError::Config(format!(
+                "group {:?} is a remote copy but replication_listen is not set",
+                self.name
+            )));
         }
         if let Some(r) = &mut self.remote {
             if r.endpoint.trim().is_empty() {
@@ -471,6 +469,13 @@ pub struct VolumeConfig {
     pub size: u64,
     /// The local replica copy: a file (created sparse if missing) or a block device.
     pub replica: PathBuf,
+    /// The production volume this site's splitter serves when this copy is promoted
+    /// (`cdp failover`): the promotion writes the copy's current bytes there (holes stay
+    /// holes) and a clean dirty bitmap beside it, so a splitter started on it resumes
+    /// protection without a resync. Default: none (a promoted copy without it must be given
+    /// production volumes by hand, and its splitters then copy them in full once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub production: Option<PathBuf>,
 }
 
 impl ApplianceConfig {

@@ -378,6 +378,29 @@ async fn group_request(
                 to_json(&t)
             }),
         ),
+        Request::Failover {
+            group,
+            planned,
+            force,
+            timeout_ms,
+        } => (
+            find_group(groups, group.as_deref())?,
+            Box::new(move |g| {
+                let answer = if planned {
+                    let timeout = timeout_ms
+                        .map(Duration::from_millis)
+                        .unwrap_or(crate::failover::PLANNED_TIMEOUT_DEFAULT);
+                    crate::failover::planned(g, timeout)?
+                } else {
+                    crate::failover::promote_unplanned(g, force)?
+                };
+                to_json(&answer)
+            }),
+        ),
+        Request::Reprotect { group, force } => (
+            find_group(groups, group.as_deref())?,
+            Box::new(move |g| to_json(&crate::failover::reprotect(g, force)?)),
+        ),
         Request::JournalConsolidate { group } => (
             find_group(groups, group.as_deref())?,
             Box::new(|g| {
@@ -437,6 +460,7 @@ pub fn wire_status(status: crate::group::GroupStatus) -> cdp_control::GroupStatu
         source,
         remote,
         replication_source,
+        role,
     } = status;
     cdp_control::GroupStatus {
         name,
@@ -469,5 +493,6 @@ pub fn wire_status(status: crate::group::GroupStatus) -> cdp_control::GroupStatu
         source,
         remote,
         replication_source,
+        role,
     }
 }

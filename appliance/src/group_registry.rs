@@ -186,6 +186,7 @@ impl Groups {
             name: name.to_string(),
             size,
             replica,
+            production: None,
         };
         let volume = target.add_volume(&config)?;
         let mut changed = managed.clone();
@@ -243,6 +244,7 @@ impl Groups {
                 name: name.to_string(),
                 size: volume.size,
                 replica: volume.replica_path.clone(),
+                production: None,
             };
             if let Err(undo) = target.add_volume(&config) {
                 tracing::error!(

@@ -8,6 +8,7 @@ pub mod control;
 pub mod distribution_state;
 pub mod error;
 pub mod events;
+pub mod failover;
 pub mod group;
 pub mod group_meta;
 pub mod group_registry;
@@ -22,6 +23,7 @@ pub mod record_cache;
 pub mod replica_verify;
 pub mod replication;
 pub mod resync_span;
+pub mod role;
 
 pub mod state_file;
 pub mod timeline;

@@ -55,6 +55,16 @@ async fn refuse(writer: &mut cdp_link::FrameWriter, volume: &str, reason: String
 }
 
 /// Serves one split-link connection until it closes or breaks the protocol.
+/// Tells a splitter its copy is not primary (it refuses host writes) and closes.
+async fn demote(writer: &mut cdp_link::FrameWriter, volume: &str, reason: String) {
+    tracing::info!(
+        volume,
+        "split link: this copy is not primary; the splitter refuses host writes: {reason}"
+    );
+    let _ = writer.send(&Message::Demoted { reason }).await;
+    let _ = writer.flush().await;
+}
+
 pub async fn serve_link(groups: Arc<Groups>, stream: LinkStream, deadline: Duration) {
     let LinkStream {
         mut reader,
@@ -100,9 +110,10 @@ pub async fn serve_link(groups: Arc<Groups>, stream: LinkStream, deadline: Durat
         .await;
         return;
     }
-    // Remote replication: a remote copy is written only by its replication link (rule 6).
+    // A secondary copy is written only by its replication link (rule 6): its splitters
+    // serve reads and refuse host writes (EPERM) until a failover promotes it.
     if let Err(reason) = group.refuse_local_changes_at_remote_copy() {
-        refuse(&mut writer, &volume_name, reason.to_string()).await;
+        demote(&mut writer, &volume_name, reason.to_string()).await;
         return;
     }
     let fenced = group.failure().borrow().clone();
@@ -225,6 +236,7 @@ pub async fn serve_link(groups: Arc<Groups>, stream: LinkStream, deadline: Durat
     let mut acked = progress.acked.subscribe();
     let mut durable = progress.durable.subscribe();
     let mut failure = group.failure();
+    let mut role = group.role().subscribe();
     // Sync and dynamic mode: the remote copy's acknowledged journal seq gates Acks and
     // Durables (in dynamic mode only while `sync_active`).
     let shipping = group
@@ -269,6 +281,13 @@ pub async fn serve_link(groups: Arc<Groups>, stream: LinkStream, deadline: Durat
                 Some(answer) = answers_rx.recv() => {
                     writer.send(&answer).await?;
                     writer.flush().await?;
+                    continue;
+                }
+                r = role.changed() => {
+                    if r.is_err() { return Ok(()); }
+                    if *role.borrow_and_update() != cdp_control::CopyRole::Primary {
+                        return Err(LinkError::Refused(DEMOTED.into()));
+                    }
                     continue;
                 }
                 _ = failure.changed() => {
@@ -318,6 +337,15 @@ pub async fn serve_link(groups: Arc<Groups>, stream: LinkStream, deadline: Durat
         r = checksums => r,
         r = fenced => r,
     };
+    if !group.role().is_primary() {
+        let reason = group
+            .refuse_local_changes_at_remote_copy()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        demote(&mut writer, &volume_name, reason).await;
+        return;
+    }
     match result {
         Ok(()) | Err(LinkError::Closed) => {
             tracing::info!(volume = %volume_name, "splitter disconnected")
@@ -412,9 +440,27 @@ async fn receive_changes(
             if group.journal_full_hold() {
                 group.wait_journal_full_hold().await;
             }
+            // A planned failover drains the group: changes wait here (the host sees a
+            // pause, not an error) until the peer is promoted, then they are refused.
+            let role = group.role();
+            let gate = loop {
+                if role.is_draining() && !role.wait_not_draining().await {
+                    return Err(LinkError::Refused(DEMOTED.into()));
+                }
+                // Held across the append only (no await): the failover takes it exclusively
+                // to know no change is being journaled when it demotes this copy.
+                let gate = role.append_gate();
+                if !role.is_primary() {
+                    return Err(LinkError::Refused(DEMOTED.into()));
+                }
+                if !role.is_draining() {
+                    break gate;
+                }
+            };
             let journal_last = group
                 .append(volume, &batch)
                 .map_err(|e| LinkError::Refused(format!("group {} is fenced: {e}", group.name)))?;
+            drop(gate);
             batch.clear();
             if resync_started {
                 // The span opened by that append refuses the points the Hello's
@@ -442,6 +488,10 @@ async fn receive_changes(
         }
     }
 }
+
+/// Why a connection ended when its copy stopped being primary (the splitter is then sent
+/// `Demoted`).
+const DEMOTED: &str = "this copy of the group is no longer primary";
 
 /// How often each end sends a heartbeat for a given deadline.
 fn heartbeat_interval(deadline: Duration) -> Duration {

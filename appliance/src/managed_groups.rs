@@ -53,6 +53,7 @@ impl ManagedVolume {
             name: self.name.clone(),
             size: self.size,
             replica: self.replica.clone(),
+            production: None,
         }
     }
 }

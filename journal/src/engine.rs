@@ -560,10 +560,25 @@ impl Journal {
     /// of the old segments, or none (a fresh journal): either way the history reads shorter,
     /// never wrong, and the caller redoes the resync.
     pub fn restart_at(&self, next_seq: Seq) -> Result<(), JournalError> {
+        self.restart(next_seq, false)
+    }
+
+    /// `restart_at` that may also go back below the next seq: for a copy that diverged from
+    /// its new primary and is resynchronised to the primary's `next_seq - 1` (reprotect).
+    /// Its own records past that are deliberately dropped (the caller kept them as an
+    /// image first); no reader may still hold any (the caller checked no image is open).
+    pub fn restart_discarding(&self, next_seq: Seq) -> Result<(), JournalError> {
+        self.restart(next_seq, true)
+    }
+
+    fn restart(&self, next_seq: Seq, discarding: bool) -> Result<(), JournalError> {
+        if next_seq.0 == 0 {
+            return Err(JournalError::InvalidArgument("restart at seq 0".into()));
+        }
         let inner = &*self.inner;
         let _no_release = inner.release.lock().unwrap_or_else(|e| e.into_inner());
         let mut w = inner.lock_writer();
-        if next_seq.0 < w.next_seq {
+        if next_seq.0 < w.next_seq && !discarding {
             return Err(JournalError::InvalidArgument(format!(
                 "restart at seq {next_seq} would reuse seqs (next is {})",
                 w.next_seq
@@ -599,7 +614,7 @@ impl Journal {
         w.active = seg;
         w.next_seq = next_seq.0;
         inner.last_seq.store(next_seq.0 - 1, Ordering::Release);
-        inner.commit.raise_durable(next_seq.0 - 1);
+        inner.commit.reset_durable(next_seq.0 - 1);
         Ok(())
     }
 

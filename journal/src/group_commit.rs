@@ -63,6 +63,12 @@ impl GroupCommit {
         s.durable = s.durable.max(to);
     }
 
+    /// Sets the durable mark to exactly `to`, for a journal restarted below its old end
+    /// (`Journal::restart_discarding`), whose old records are gone.
+    pub fn reset_durable(&self, to: u64) {
+        self.lock().durable = to;
+    }
+
     pub fn is_fenced(&self) -> bool {
         self.lock().fenced
     }

@@ -2,7 +2,9 @@
 
 pub mod config;
 pub mod control;
-pub mod dirty_bitmap;
+/// The persistent dirty bitmap lives in `cdp-link`: a promoted appliance writes a clean one
+/// beside the production volume it materialises.
+pub use cdp_link::dirty_bitmap;
 pub mod error;
 pub mod events;
 pub mod limits;

@@ -39,6 +39,9 @@ impl SplitExport {
         message: impl FnOnce(u64) -> Message,
         fua: bool,
     ) -> Result<(), ExportError> {
+        if let Some(reason) = self.link.demoted() {
+            return Err(ExportError::NotPermitted(reason));
+        }
         let _permit = self.link.reserve(payload_bytes).await;
         let submitted = self
             .link
@@ -46,7 +49,11 @@ impl SplitExport {
             .map_err(production_error)?;
         let through = match submitted {
             Submitted::Queued { source_seq, acked } => {
-                self.link.wait_acked(acked).await;
+                if !self.link.wait_acked(acked).await {
+                    if let Some(reason) = self.link.demoted() {
+                        return Err(ExportError::NotPermitted(reason));
+                    }
+                }
                 source_seq
             }
             Submitted::Marked => self.link.last_seq(),

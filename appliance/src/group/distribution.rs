@@ -20,7 +20,7 @@ use crate::limits::{
 
 impl Group {
     /// Makes everything appended so far durable and waits until distribution applied it.
-    pub(super) fn distribute_everything(&self, timeout: Duration) -> Result<(), ApplianceError> {
+    pub(crate) fn distribute_everything(&self, timeout: Duration) -> Result<(), ApplianceError> {
         let target = self.journal.last_seq();
         if self.journal.durable_seq() < target {
             self.journal.sync()?;

@@ -86,6 +86,15 @@ impl Group {
         if let Some(failure) = self.failure.borrow().clone() {
             return Err(ApplianceError::Fenced(failure));
         }
+        // Bookmarks are journal records: none may slip in while a planned failover drains.
+        let _gate = self.role.append_gate();
+        if self.role.is_draining() {
+            return Err(ApplianceError::Busy(format!(
+                "group {} is draining for a planned failover; take the bookmark at the new \
+                 primary",
+                self.name
+            )));
+        }
         self.refuse_local_changes_at_remote_copy()?;
         self.bookmarks
             .create(&self.journal, payload, append_deadline, |what| {

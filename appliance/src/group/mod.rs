@@ -124,6 +124,10 @@ pub struct Group {
     record_cache: RecordCache,
     /// Remote replication role and progress (`replication/`).
     replication: crate::replication::state::GroupReplication,
+    /// Primary or secondary, the generation history, a planned failover's drain.
+    role: crate::role::GroupRole,
+    /// `[[group.volume]] production` of each volume that has one.
+    production_paths: std::collections::BTreeMap<String, std::path::PathBuf>,
     /// `[group.consolidation]`, if the group has a policy (`consolidate.rs`).
     consolidation: Option<crate::consolidation::ConsolidationConfig>,
     /// Points consolidation kept: at or below its `through`, other points are refused.
@@ -217,6 +221,16 @@ impl Group {
             exact: distributed >= exact_from,
             exact_from,
         };
+        let site = config
+            .site
+            .clone()
+            .unwrap_or_else(|| format!("{:016x}", meta.group_id));
+        let role = crate::role::GroupRole::open(
+            dir,
+            config.source == crate::config::GroupSource::Local,
+            &site,
+            "none",
+        )?;
         let (sync_tx, sync_rx) = mpsc::sync_channel(SYNC_REQUESTS_MAX);
         let (wake_tx, wake_rx) = mpsc::sync_channel(1);
         let group = Arc::new(Group {
@@ -255,6 +269,12 @@ impl Group {
             record_cache: RecordCache::default(),
             state,
             replication: crate::replication::state::GroupReplication::new(config),
+            role,
+            production_paths: config
+                .volume
+                .iter()
+                .filter_map(|v| v.production.clone().map(|p| (v.name.clone(), p)))
+                .collect(),
             consolidation: config.consolidation.clone(),
             consolidation_state: RankedRwLock::new(Rank::ConsolidationState, consolidation_state),
             consolidation_pass: RankedMutex::new(Rank::ConsolidationPass, ()),
@@ -357,14 +377,49 @@ impl Group {
 
     /// A remote copy takes records only from its replication link (rule 6: one writable copy).
     pub fn refuse_local_changes_at_remote_copy(&self) -> Result<(), ApplianceError> {
-        if self.replication.source == crate::config::GroupSource::Remote {
+        if !self.role.is_primary() {
+            let facts = self.role.facts();
+            let primary = facts
+                .history
+                .last()
+                .map(|e| {
+                    format!(
+                        " (generation {} is primary at site {:?})",
+                        e.generation, e.site
+                    )
+                })
+                .unwrap_or_default();
             return Err(ApplianceError::Refused(format!(
-                "group {} is the remote copy of another appliance's group (source = \"remote\"); \
-                 it takes changes only from its replication link",
+                "group {} is a secondary copy here{primary}; it takes changes only from its \
+                 replication link (cdp failover makes it primary)",
                 self.name
             )));
         }
         Ok(())
+    }
+
+    /// This copy's role, generation history and planned failover drain.
+    pub fn role(&self) -> &crate::role::GroupRole {
+        &self.role
+    }
+
+    /// The production volume this site's splitter serves for `volume` once this copy is
+    /// promoted (`[[group.volume]] production`).
+    pub fn production_path(&self, volume: &str) -> Option<std::path::PathBuf> {
+        self.production_paths.get(volume).cloned()
+    }
+
+    /// The timestamp of record `seq`, if the journal still holds it.
+    pub fn timestamp_of(&self, seq: u64) -> Option<u64> {
+        if seq == 0 || seq < self.journal.first_seq().0 {
+            return None;
+        }
+        crate::bookmark::record_timestamp(&self.journal, Seq(seq)).ok()
+    }
+
+    /// The group's directory (`DATA_DIR/groups/NAME`).
+    pub fn dir(&self) -> &Path {
+        self.state.dir()
     }
 }
 

@@ -121,8 +121,14 @@ impl Group {
         }
         self.state.store_distributed(through)?;
         let mut history = self.history.lock();
-        self.journal
-            .restart_at(through.next())
+        // A reprotected copy restarts below its own end: its records past the primary's
+        // point diverged (they were kept as an image first).
+        let restarted = if through < self.journal.last_seq() {
+            self.journal.restart_discarding(through.next())
+        } else {
+            self.journal.restart_at(through.next())
+        };
+        restarted
             .inspect_err(|e| tracing::error!(group = %self.name, "restarting the journal: {e}"))?;
         let undo_next = self.undo.last_seq().next();
         self.undo.restart_at(undo_next).inspect_err(

@@ -37,7 +37,7 @@ impl GroupState {
     }
 
     /// The group directory (the journal and the undo stream live below it).
-    pub(super) fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 

@@ -72,12 +72,12 @@ impl Group {
                 .shipping
                 .as_ref()
                 .map(|shipping| shipping.status(last)),
-            replication_source: (self.replication.source == crate::config::GroupSource::Remote)
-                .then(|| {
-                    self.replication
-                        .receiving
-                        .status(self.journal.durable_seq().0)
-                }),
+            replication_source: (!self.role.is_primary()).then(|| {
+                self.replication
+                    .receiving
+                    .status(self.journal.durable_seq().0)
+            }),
+            role: Some(self.role.status()),
         }
     }
 }
@@ -136,6 +136,7 @@ pub struct GroupStatus {
     /// Receiving from the source, for a remote copy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replication_source: Option<crate::replication::state::ReceivingStatus>,
+    pub role: Option<cdp_control::RoleStatus>,
 }
 
 #[derive(Clone, Debug, Serialize)]

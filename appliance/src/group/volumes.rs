@@ -144,6 +144,19 @@ pub struct GroupVolume {
     pub link: crate::volume_link::VolumeLink,
 }
 
+impl GroupVolume {
+    /// Allocation runs of the replica file (`BlockFile::allocation`), for copies that skip
+    /// its holes.
+    pub fn replica_allocation(
+        &self,
+        offset: u64,
+        length: u64,
+        runs_max: usize,
+    ) -> std::io::Result<Option<Vec<(u64, bool)>>> {
+        self.replica.allocation(offset, length, runs_max)
+    }
+}
+
 pub(super) fn open_volume(v: &VolumeConfig, id: u32) -> Result<GroupVolume, ApplianceError> {
     let replica = BlockFile::create_sparse(&v.replica, v.size).map_err(|e| {
         ApplianceError::Config(format!(

@@ -25,7 +25,6 @@ use cdp_link::replication::{
 use cdp_link::LinkError;
 use cdp_types::Seq;
 
-use crate::config::GroupSource;
 use crate::error::ApplianceError;
 use crate::group::Group;
 use crate::limits::{REPLICATION_IDLE_TIMEOUT, REPLICATION_LINKS_MAX};
@@ -290,12 +289,41 @@ fn serve_link(
     let mut reader = BufReader::with_capacity(256 * 1024, read_half);
     let mut writer = BufWriter::new(write_half);
     let outcome = match read_message(&mut reader) {
+        Ok(ReplicationMessage::Promote { group, lineage }) => {
+            match groups.iter().find(|g| g.name == group) {
+                None => Err(ApplianceError::NotFound(format!(
+                    "no group {group:?} is configured on this appliance"
+                ))),
+                Some(g) => {
+                    let history = crate::role::from_wire(&lineage.history);
+                    let generation = history.last().map_or(1, |e| e.generation + 1);
+                    crate::failover::promote_planned(g, history, lineage.last_seq, generation)
+                        .and_then(|generation| {
+                            write_message(&mut writer, &ReplicationMessage::Promoted { generation })
+                                .map_err(ApplianceError::from)
+                        })
+                }
+            }
+        }
         Ok(ReplicationMessage::Hello {
             group,
             source_group_id,
             volumes,
-        }) => match admit(groups, groups_dir, &group, source_group_id, &volumes) {
-            Ok((g, volume_map)) => {
+            lineage,
+        }) => match admit(
+            groups,
+            groups_dir,
+            &group,
+            source_group_id,
+            &volumes,
+            &lineage,
+        ) {
+            Ok(Admitted::Demote(lineage, reason)) => {
+                tracing::warn!(%peer, group = %group, "a stale primary connected: it is told to step down: {reason}");
+                write_message(&mut writer, &ReplicationMessage::Demote { lineage, reason })
+                    .map_err(ApplianceError::from)
+            }
+            Ok(Admitted::Follow(g, volume_map, resync)) => {
                 let g = Arc::clone(g);
                 let receiving = &g.replication().receiving;
                 if take_over_link(receiving) {
@@ -304,7 +332,15 @@ fn serve_link(
                         Some(peer.to_string());
                     *receiving.link.lock().unwrap_or_else(|p| p.into_inner()) =
                         reader.get_ref().socket().try_clone().ok();
-                    receive(&g, &volume_map, peer, &mut reader, &mut writer, deadline)
+                    receive(
+                        &g,
+                        &volume_map,
+                        peer,
+                        &mut reader,
+                        &mut writer,
+                        deadline,
+                        resync.then(|| crate::role::from_wire(&lineage.history)),
+                    )
                 } else {
                     Err(ApplianceError::Busy(format!(
                         "group {group:?} still has a replication link that did not end within \
@@ -327,22 +363,90 @@ fn serve_link(
     }
 }
 
-/// Checks the Hello: a configured remote copy of that name whose volumes match, copying
-/// this source group (or nothing yet). Returns the group and source volume id -> local id.
+/// What a Hello leads to.
+enum Admitted<'a> {
+    /// Receive into this secondary (source volume id -> local id); `true`: reprotect
+    /// asked for a resynchronisation by regions.
+    Follow(&'a Arc<Group>, BTreeMap<u32, u32>, bool),
+    /// This copy is primary in a newer generation: the source must step down.
+    Demote(cdp_link::replication::Lineage, String),
+}
+
+/// Checks the Hello: a configured secondary copy of that name whose volumes match and
+/// whose history the source's extends (or a source to demote), copying this source group
+/// or its lineage. Returns what to do.
 fn admit<'a>(
     groups: &'a [Arc<Group>],
     groups_dir: &Path,
     name: &str,
     source_group_id: u64,
     volumes: &[HelloVolume],
-) -> Result<(&'a Arc<Group>, BTreeMap<u32, u32>), ApplianceError> {
+    lineage: &cdp_link::replication::Lineage,
+) -> Result<Admitted<'a>, ApplianceError> {
     let group = groups.iter().find(|g| g.name == name).ok_or_else(|| {
         ApplianceError::NotFound(format!("no group {name:?} is configured on this appliance"))
     })?;
-    if group.replication().source != GroupSource::Remote {
+    let role = group.role();
+    let ours = role.history();
+    let theirs = crate::role::from_wire(&lineage.history);
+    let our_last = group.last_seq().0;
+    let comparison = crate::role::compare(&ours, our_last, &theirs, lineage.last_seq);
+    if role.is_primary() {
+        // A primary whose history the source's is a strict prefix of: the source is the
+        // old primary of an earlier generation, back after a failover.
+        let newer_here =
+            !theirs.is_empty() && ours.len() > theirs.len() && ours[..theirs.len()] == theirs[..];
+        role.note_peer(crate::role::PeerView {
+            role: Some(cdp_control::CopyRole::Primary),
+            generation: theirs.last().map(|g| g.generation),
+            comparison: Some(comparison.clone()),
+        });
+        if newer_here {
+            let reason = format!(
+                "group {name:?} is primary at site {:?} in generation {} since seq {}",
+                role.site(),
+                ours.last().map_or(0, |e| e.generation),
+                ours.last().map_or(0, |e| e.first_seq)
+            );
+            return Ok(Admitted::Demote(role.lineage(our_last), reason));
+        }
         return Err(ApplianceError::Refused(format!(
-            "group {name:?} here is not a remote copy (set source = \"remote\" in its [[group]])"
+            "group {name:?} is primary here too: split brain ({comparison:?}); neither copy \
+             is demoted automatically: demote one with cdp failover at the other and cdp \
+             reprotect here"
         )));
+    }
+    role.note_peer(crate::role::PeerView {
+        role: Some(cdp_control::CopyRole::Primary),
+        generation: theirs.last().map(|g| g.generation),
+        comparison: Some(comparison.clone()),
+    });
+    let resync = role.facts().resync_pending;
+    // Another lineage altogether (another group of the same name): refused as such.
+    let same_lineage = !ours.is_empty() && theirs.first() == ours.first();
+    if !same_lineage && !ours.is_empty() && !theirs.is_empty() {
+        check_source_identity(&groups_dir.join(name), group, source_group_id)?;
+    }
+    match &comparison {
+        cdp_control::HistoryComparison::Diverged { seq, reason } if !resync => {
+            let seq = *seq;
+            if role.facts().divergence_seq != Some(seq) {
+                role.update(|f| f.divergence_seq = Some(seq))?;
+                tracing::error!(group = %name, divergence_seq = seq, "this copy diverged from the primary at seq {seq} (split brain, not resolved automatically): {reason}; run cdp reprotect here");
+            }
+            return Err(ApplianceError::Refused(format!(
+                "group {name:?} here diverged from the primary at seq {seq}: {reason}; run \
+                 cdp reprotect {name} at this copy to keep its writes as an image and follow"
+            )));
+        }
+        cdp_control::HistoryComparison::Ahead if !resync => {
+            return Err(ApplianceError::Refused(format!(
+                "group {name:?} here holds seqs up to {our_last}, past the primary's {}: \
+                 it diverged; run cdp reprotect {name} at this copy",
+                lineage.last_seq
+            )));
+        }
+        _ => {}
     }
     if let Some(failure) = group.failure().borrow().clone() {
         return Err(ApplianceError::Fenced(format!(
@@ -365,8 +469,19 @@ fn admit<'a>(
         }
         map.insert(v.id, local.id);
     }
-    check_source_identity(&groups_dir.join(name), group, source_group_id)?;
-    Ok((group, map))
+    // One lineage: the copies of a group that failed over between sites share the first
+    // generation, whichever appliance's group id ships now.
+    if same_lineage {
+        state_file::store_replication_source(&groups_dir.join(name), source_group_id)?;
+    } else {
+        check_source_identity(&groups_dir.join(name), group, source_group_id)?;
+    }
+    // The source's history extends ours (or ours is empty): adopt it, so a later
+    // promotion here continues it.
+    if !resync && theirs.len() > ours.len() && theirs[..ours.len()] == ours[..] {
+        role.update(|f| f.history = theirs.clone())?;
+    }
+    Ok(Admitted::Follow(group, map, resync))
 }
 
 /// A remote copy belongs to one source group for good: the first link records the source's
@@ -413,6 +528,9 @@ fn message_name(m: &ReplicationMessage) -> &'static str {
         ReplicationMessage::ResyncSums { .. } => "ResyncSums",
         ReplicationMessage::ResyncData { .. } => "ResyncData",
         ReplicationMessage::ResyncEnd { .. } => "ResyncEnd",
+        ReplicationMessage::Promote { .. } => "Promote",
+        ReplicationMessage::Promoted { .. } => "Promoted",
+        ReplicationMessage::Demote { .. } => "Demote",
     }
 }
 
@@ -425,6 +543,7 @@ fn receive(
     reader: &mut BufReader<LinkReader>,
     writer: &mut BufWriter<LinkWriter>,
     deadline: Duration,
+    reprotect_to: Option<Vec<cdp_control::GenerationEntry>>,
 ) -> Result<(), ApplianceError> {
     // Everything in the journal after a restart is on disk or in the page cache; sync so
     // the resume point we announce is durable.
@@ -433,6 +552,8 @@ fn receive(
         writer,
         &ReplicationMessage::Welcome {
             last_seq: durable.0,
+            history: crate::role::to_wire(&group.role().history()),
+            resync: reprotect_to.is_some(),
         },
     )?;
     tracing::info!(group = %group.name, %peer, last_seq = %durable, "replication source connected");
@@ -476,7 +597,8 @@ fn receive(
                 through_seq,
                 region_bytes,
             } => {
-                if through_seq <= durable.0 || resync.is_some() {
+                // A reprotected copy is resynchronised to a point below its own end.
+                if (through_seq <= durable.0 && reprotect_to.is_none()) || resync.is_some() {
                     return Err(ApplianceError::Refused(format!(
                         "resync to seq {through_seq} while this copy holds seqs up to {durable}"
                     )));
@@ -549,6 +671,14 @@ fn receive(
                 }
                 group.finish_region_resync(through)?;
                 durable = through;
+                if let Some(history) = &reprotect_to {
+                    group.role().update(|f| {
+                        f.history = history.clone();
+                        f.divergence_seq = None;
+                        f.resync_pending = false;
+                    })?;
+                    tracing::warn!(group = %group.name, %peer, through = %through, "reprotected: this copy follows the primary from seq {through} on");
+                }
                 tracing::info!(
                     group = %group.name,
                     %peer,

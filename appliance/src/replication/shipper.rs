@@ -146,6 +146,19 @@ fn run(
     let mut last_logged: Option<String> = None;
     let mut lag = LagClock::default();
     while !stop.is_set() {
+        // A secondary ships nothing; a planned failover that just demoted this copy asks
+        // the peer, over this thread's secured link, to promote itself.
+        if !group.role().is_primary() {
+            state.set_connected(false);
+            if let Some(reply) = state.take_handover() {
+                let outcome = hand_over(group, state, security, link, deadline);
+                *link.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                let _ = reply.send(outcome);
+            }
+            // Woken at once by a handover request or a stop (both unpark).
+            std::thread::park_timeout(Duration::from_millis(250));
+            continue;
+        }
         let started = Instant::now();
         let result = ship_one_connection(group, state, security, stop, link, &mut lag, deadline);
         state.set_connected(false);
@@ -161,6 +174,10 @@ fn run(
                 last_logged = Some(what.clone());
             }
             *state.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(what);
+        }
+        // Just demoted by a planned failover: hand over at once, no backoff.
+        if !group.role().is_primary() {
+            continue;
         }
         // A link that worked for a while starts the backoff over.
         if started.elapsed() > REPLICATION_RECONNECT_BACKOFF_MAX {
@@ -202,38 +219,11 @@ fn ship_one_connection(
     lag: &mut LagClock,
     deadline: Duration,
 ) -> Result<(), ApplianceError> {
-    let endpoint = &state.config.endpoint;
-    let addr = endpoint
-        .to_socket_addrs()
-        .map_err(|e| io_context(e, &format!("cannot resolve {endpoint}")))?
-        .next()
-        .ok_or_else(|| {
-            ApplianceError::Io(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("{endpoint} resolves to no address"),
-            ))
-        })?;
-    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .map_err(|e| io_context(e, &format!("cannot connect to {endpoint}")))?;
-    let _ = stream.set_nodelay(true);
-    let _ = stream.set_read_timeout(Some(REPLICATION_IDLE_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(REPLICATION_IDLE_TIMEOUT));
-    *link.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream.try_clone()?);
-    if stop.is_set() {
+    let Some((stream, mut reader, mut writer)) = open_link(state, security, stop, link, deadline)?
+    else {
         return Ok(());
-    }
-    let (reader, writer) = match security {
-        ClientSecurity::Plaintext => LinkReader::plain_pair(stream.try_clone()?)?,
-        ClientSecurity::Tls(tls) => {
-            crate::replication::tls::connect(stream.try_clone()?, tls, endpoint)?
-        }
     };
-    // After the handshake (which has its own timeout): a remote silent for the deadline (it
-    // answers every heartbeat) is gone. The options belong to the socket, shared by all handles.
-    let _ = stream.set_read_timeout(Some(deadline));
-    let _ = stream.set_write_timeout(Some(deadline));
-    let mut reader = BufReader::new(reader);
-    let mut writer = BufWriter::with_capacity(256 * 1024, writer);
+    let endpoint = &state.config.endpoint;
     let volumes = group
         .volumes()
         .iter()
@@ -249,10 +239,50 @@ fn ship_one_connection(
             group: group.name.clone(),
             source_group_id: group.group_id(),
             volumes,
+            lineage: group.role().lineage(group.journal().last_seq().0),
         },
     )?;
-    let remote_last = match read_message(&mut reader)? {
-        ReplicationMessage::Welcome { last_seq } => last_seq,
+    let (remote_last, resync_asked) = match read_message(&mut reader)? {
+        ReplicationMessage::Welcome {
+            last_seq,
+            history,
+            resync,
+        } => {
+            group.role().note_peer(crate::role::PeerView {
+                role: Some(cdp_control::CopyRole::Secondary),
+                generation: history.last().map(|g| g.generation),
+                comparison: Some(crate::role::compare(
+                    &group.role().history(),
+                    group.journal().last_seq().0,
+                    &crate::role::from_wire(&history),
+                    last_seq,
+                )),
+            });
+            (last_seq, resync)
+        }
+        ReplicationMessage::Demote { lineage, reason } => {
+            // The peer is primary in a newer generation: this copy steps down at once.
+            let theirs = crate::role::from_wire(&lineage.history);
+            let comparison = crate::role::compare(
+                &group.role().history(),
+                group.journal().last_seq().0,
+                &theirs,
+                lineage.last_seq,
+            );
+            let divergence = match &comparison {
+                cdp_control::HistoryComparison::Diverged { seq, .. } => Some(*seq),
+                _ => None,
+            };
+            group.role().note_peer(crate::role::PeerView {
+                role: Some(cdp_control::CopyRole::Primary),
+                generation: theirs.last().map(|g| g.generation),
+                comparison: Some(comparison),
+            });
+            crate::failover::demote_by_peer(group, divergence, &reason)?;
+            return Err(ApplianceError::Refused(format!(
+                "demoted by the peer, primary in a newer generation: {reason}"
+            )));
+        }
         ReplicationMessage::Refuse { reason } => return Err(LinkError::Refused(reason).into()),
         other => {
             return Err(LinkError::Protocol(format!("expected Welcome, got {other:?}")).into())
@@ -260,13 +290,13 @@ fn ship_one_connection(
     };
     let journal = group.journal();
     let local_last = journal.last_seq().0;
-    if remote_last > local_last {
+    if remote_last > local_last && !resync_asked {
         return Err(ApplianceError::Refused(format!(
             "the remote copy holds seqs up to {remote_last} but this journal ends at {local_last}: \
              it has records this group never had; not shipping"
         )));
     }
-    let remote_last = if remote_last + 1 < journal.first_seq().0 {
+    let remote_last = if remote_last + 1 < journal.first_seq().0 || resync_asked {
         crate::replication::region_resync::resync_by_regions(
             group,
             state,
@@ -318,6 +348,85 @@ fn ship_one_connection(
         (Err(e), _) => Err(e),
         (Ok(()), Some(b)) if !stop.is_set() => Err(b.into()),
         (Ok(()), _) => Ok(()),
+    }
+}
+
+/// An open, secured link to the peer: the socket and its buffered halves.
+type OpenLink = (TcpStream, BufReader<LinkReader>, BufWriter<LinkWriter>);
+
+/// Connects to the peer and secures the link; `None` if stopped meanwhile.
+fn open_link(
+    state: &ShippingState,
+    security: &ClientSecurity,
+    stop: &StopSignal,
+    link: &Mutex<Option<TcpStream>>,
+    deadline: Duration,
+) -> Result<Option<OpenLink>, ApplianceError> {
+    let endpoint = &state.config.endpoint;
+    let addr = endpoint
+        .to_socket_addrs()
+        .map_err(|e| io_context(e, &format!("cannot resolve {endpoint}")))?
+        .next()
+        .ok_or_else(|| {
+            ApplianceError::Io(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{endpoint} resolves to no address"),
+            ))
+        })?;
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| io_context(e, &format!("cannot connect to {endpoint}")))?;
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(REPLICATION_IDLE_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(REPLICATION_IDLE_TIMEOUT));
+    *link.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream.try_clone()?);
+    if stop.is_set() {
+        return Ok(None);
+    }
+    let (reader, writer) = match security {
+        ClientSecurity::Plaintext => LinkReader::plain_pair(stream.try_clone()?)?,
+        ClientSecurity::Tls(tls) => {
+            crate::replication::tls::connect(stream.try_clone()?, tls, endpoint)?
+        }
+    };
+    // After the handshake (which has its own timeout): a remote silent for the deadline (it
+    // answers every heartbeat) is gone. The options belong to the socket, shared by all handles.
+    let _ = stream.set_read_timeout(Some(deadline));
+    let _ = stream.set_write_timeout(Some(deadline));
+    let reader = BufReader::new(reader);
+    let writer = BufWriter::with_capacity(256 * 1024, writer);
+    Ok(Some((stream, reader, writer)))
+}
+
+/// Planned failover, the shipper's part: asks the peer (which holds everything this copy
+/// journaled) to promote itself; the generation it began.
+fn hand_over(
+    group: &Group,
+    state: &ShippingState,
+    security: &ClientSecurity,
+    link: &Mutex<Option<TcpStream>>,
+    deadline: Duration,
+) -> Result<u64, ApplianceError> {
+    let never = StopSignal::default();
+    let Some((_stream, mut reader, mut writer)) =
+        open_link(state, security, &never, link, deadline)?
+    else {
+        return Err(ApplianceError::Busy("stopped".into()));
+    };
+    let lineage = group.role().lineage(group.journal().last_seq().0);
+    write_message(
+        &mut writer,
+        &ReplicationMessage::Promote {
+            group: group.name.clone(),
+            lineage,
+        },
+    )?;
+    std::io::Write::flush(&mut writer)?;
+    match read_message(&mut reader)? {
+        ReplicationMessage::Promoted { generation } => Ok(generation),
+        ReplicationMessage::Refuse { reason } => Err(ApplianceError::Refused(format!(
+            "the peer refused to promote itself: {reason}"
+        ))),
+        other => Err(LinkError::Protocol(format!("expected Promoted, got {other:?}")).into()),
     }
 }
 
@@ -404,7 +513,8 @@ fn send_batches(
     let mut last_sent = Instant::now();
     let mut last_lag_update = Instant::now();
     loop {
-        if stop.is_set() {
+        // Demoted (a planned failover drained and handed over): the link ends here.
+        if stop.is_set() || !group.role().is_primary() {
             return Ok(());
         }
         if last_lag_update.elapsed() >= Duration::from_secs(1) {

@@ -78,9 +78,36 @@ pub struct ShippingState {
     /// The shipper thread, unparked on each append in sync mode so records leave at once.
     /// Set once when the shipper starts (one shipper per group for the appliance's life).
     pub shipper_thread: std::sync::OnceLock<std::thread::Thread>,
+    /// A planned failover's request that the shipper ask the peer to promote itself
+    /// (`crate::failover`), with where to send the outcome (the generation it began).
+    handover: Mutex<Option<std::sync::mpsc::SyncSender<crate::failover::HandoverResult>>>,
 }
 
 impl ShippingState {
+    /// Asks the shipper thread (which holds the link's security) to send `Promote`; the
+    /// answer arrives on the returned channel.
+    pub fn request_handover(
+        &self,
+        _generation: u64,
+    ) -> std::sync::mpsc::Receiver<crate::failover::HandoverResult> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        *self.handover.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        if let Some(t) = self.shipper_thread.get() {
+            t.unpark();
+        }
+        rx
+    }
+
+    /// The pending handover request, if any (taken by the shipper thread).
+    pub fn take_handover(
+        &self,
+    ) -> Option<std::sync::mpsc::SyncSender<crate::failover::HandoverResult>> {
+        self.handover
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
     fn new(config: RemoteConfig) -> ShippingState {
         let sync_active = config.mode != ReplicationMode::Async;
         ShippingState {
@@ -106,6 +133,7 @@ impl ShippingState {
             sync_active: AtomicBool::new(sync_active),
             wire_rate_bytes_per_s: AtomicU64::new(0),
             shipper_thread: std::sync::OnceLock::new(),
+            handover: Mutex::new(None),
         }
     }
 

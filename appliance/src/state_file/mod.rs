@@ -30,6 +30,7 @@
 //! RSRC  replication_source.state   source_group_id u64
 //! UNDF  undo_floor.state           the seq the undo stream started at, u64
 //! RSYN  resync_marker.state        the point P of the unfinished resync, u64
+//! ROLE  role.state                 role, generation history, last failover (`role.rs`)
 //! ```
 //! Never change a released version: add the next and keep reading the old.
 //!
@@ -96,6 +97,7 @@ pub enum StateKind {
     ReplicationSource,
     UndoFloor,
     ResyncMarker,
+    Role,
 }
 
 impl StateKind {
@@ -107,6 +109,7 @@ impl StateKind {
             StateKind::ReplicationSource => *b"RSRC",
             StateKind::UndoFloor => *b"UNDF",
             StateKind::ResyncMarker => *b"RSYN",
+            StateKind::Role => *b"ROLE",
         }
     }
 
@@ -119,6 +122,7 @@ impl StateKind {
             StateKind::ReplicationSource => "replication_source.state",
             StateKind::UndoFloor => "undo_floor.state",
             StateKind::ResyncMarker => "resync_marker.state",
+            StateKind::Role => "role.state",
         }
     }
 
@@ -131,6 +135,8 @@ impl StateKind {
             StateKind::ReplicationSource => "replication_source.json",
             StateKind::UndoFloor => "undo.floor",
             StateKind::ResyncMarker => "resync.marker",
+            // Never existed before this format: nothing to upgrade.
+            StateKind::Role => "role.none",
         }
     }
 }
@@ -292,6 +298,21 @@ fn load<T>(
     remove_file(&legacy)?;
     tracing::info!(from = %legacy.display(), to = %path.display(), "state file upgraded");
     Ok(Some(value))
+}
+
+/// Loads a kind whose body another module decodes (`role.rs`); `None` when absent.
+pub fn load_body(dir: &Path, kind: StateKind) -> Result<Option<Vec<u8>>, StateFileError> {
+    let path = dir.join(kind.file_name());
+    let Some(bytes) = read_optional(&path)? else {
+        return Ok(None);
+    };
+    let (_version, body) = decode(kind, &bytes).map_err(|what| corrupt(&path, what))?;
+    Ok(Some(body.to_vec()))
+}
+
+/// Stores a body another module encoded, atomically.
+pub fn store_raw_body(dir: &Path, kind: StateKind, body: &[u8]) -> Result<(), StateFileError> {
+    store_body(dir, kind, body)
 }
 
 /// Deletes `kind`'s file (and a pre-format one), durably; absent is fine.

@@ -7,6 +7,7 @@ mod bookmark;
 mod control_client;
 mod dir_lock;
 mod events;
+mod failover;
 mod group;
 mod image;
 mod image_export;
@@ -105,6 +106,12 @@ enum Command {
     /// Bring production back to a point in time, writing the differences through the
     /// splitter (journaled; ends with a `restore-to-seq-N` bookmark).
     Restore(restore::RestoreArgs),
+    /// Make a copy of a group primary: `--planned` at the primary hands over to the peer
+    /// with no write lost; without it, at a secondary whose primary is lost, promotes it.
+    Failover(failover::FailoverArgs),
+    /// Make a demoted, diverged old primary follow the new one: keep its writes since the
+    /// divergence as image files, then let the primary resynchronise it by regions.
+    Reprotect(failover::ReprotectArgs),
     /// Certificates for replication links (mutual TLS): `ca` makes a certificate
     /// authority, `issue` signs an appliance's certificate with it.
     Tls {
@@ -213,6 +220,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Restore(args) => restore::run(args)?,
         Command::Volume { command } => volume::run(command)?,
         Command::Group { command } => group::run(command)?,
+        Command::Failover(args) => failover::failover(args)?,
+        Command::Reprotect(args) => failover::reprotect(args)?,
         Command::Tls { command } => tls::run(command)?,
         Command::Completions(args) => packaging::completions(args, Cli::command())?,
         Command::Man(args) => packaging::man(args, Cli::command())?,

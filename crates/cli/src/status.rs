@@ -261,6 +261,45 @@ fn group_lines(out: &mut String, g: &GroupStatus) {
     if let Some(f) = &g.failure {
         let _ = writeln!(out, "  FENCED: {f}");
     }
+    if let Some(r) = &g.role {
+        let peer = match (r.peer_role, r.peer_generation) {
+            (Some(role), Some(generation)) => format!(", peer {role} in generation {generation}"),
+            (Some(role), None) => format!(", peer {role}"),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "  role {} at site {}, generation {}{peer}, fencing {}{}",
+            r.role,
+            r.site,
+            r.generation,
+            r.fencing,
+            if r.draining {
+                " (DRAINING for a planned failover: host writes wait)"
+            } else {
+                ""
+            }
+        );
+        if let Some(seq) = r.divergence_seq {
+            let _ = writeln!(
+                out,
+                "  DIVERGED from the primary at seq {seq}: this copy's later writes are not the primary's (run cdp reprotect here)"
+            );
+        }
+        if let Some(f) = &r.last_failover {
+            let _ = writeln!(
+                out,
+                "  last failover: {} to generation {} from seq {} at {}{}",
+                f.kind,
+                f.generation,
+                f.first_seq,
+                cdp_types::rfc3339::format_time(f.at_ns),
+                f.pause_ms
+                    .map(|p| format!(", host writes waited {:.3} s", p as f64 / 1000.0))
+                    .unwrap_or_default()
+            );
+        }
+    }
     // --- remote replication ---
     if let Some(r) = &g.remote {
         let _ = writeln!(
@@ -337,7 +376,7 @@ fn group_lines(out: &mut String, g: &GroupStatus) {
     if let Some(r) = &g.replication_source {
         let _ = writeln!(
             out,
-            "  remote copy (source = remote) fed by {} ({}), last received seq {}",
+            "  secondary copy fed by {} ({}), last received seq {}",
             r.peer.as_deref().unwrap_or("-"),
             if r.connected {
                 "connected"

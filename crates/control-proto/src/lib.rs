@@ -23,6 +23,8 @@
 //! | `Request::GroupList` | `GroupListed` |
 //! | `Request::VolumeAdd` | `VolumeAdded` |
 //! | `Request::VolumeRemove` | `VolumeRemoved` |
+//! | `Request::Failover` | `FailedOver` |
+//! | `Request::Reprotect` | `Reprotected` |
 //! | `SplitterRequest::Status` | `SplitterStatus` |
 //! | `SplitterRequest::Resync` | `SplitterResyncing` |
 //! | `SplitterRequest::VolumeAdd` | `SplitterVolumeAdded` |
@@ -33,6 +35,7 @@ mod error;
 pub mod limits;
 mod names;
 mod request;
+mod role;
 mod splitter;
 mod status;
 
@@ -40,6 +43,7 @@ pub use answer::*;
 pub use error::{ErrorAnswer, ErrorCode};
 pub use names::{validate_bookmark_name, validate_new_bookmark_name, BadBookmarkName};
 pub use request::{Consistency, GroupCreate, Request, SplitterRequest};
+pub use role::*;
 pub use splitter::*;
 pub use status::*;
 

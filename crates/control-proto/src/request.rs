@@ -120,6 +120,31 @@ pub enum Request {
         #[serde(default)]
         force: bool,
     },
+    /// Make the peer copy (planned, asked at the primary) or this copy (unplanned, asked at
+    /// a secondary) the group's primary. Answered with `FailedOver`.
+    Failover {
+        #[serde(default)]
+        group: Option<String>,
+        /// Drain, ship everything, demote here, promote the peer: no write lost.
+        #[serde(default)]
+        planned: bool,
+        /// Unplanned: promote although the old primary is still connected.
+        #[serde(default)]
+        force: bool,
+        /// Planned: how long host writes may wait for the drain and the peer, ms.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_ms: Option<u64>,
+    },
+    /// Make a diverged old primary a secondary of the new one: its own writes since the
+    /// divergence are kept as an image file, and the new primary resynchronises it.
+    /// Answered with `Reprotected`.
+    Reprotect {
+        #[serde(default)]
+        group: Option<String>,
+        /// Discard what it would keep (no diverged image is written).
+        #[serde(default)]
+        force: bool,
+    },
 }
 
 /// A request to the splitter.

@@ -63,6 +63,9 @@ pub struct GroupStatus {
     /// Receiving from the source, for a remote copy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replication_source: Option<ReceivingStatus>,
+    /// This copy's role, generation history and what it knows of its peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<crate::RoleStatus>,
 }
 
 /// One volume of a group.

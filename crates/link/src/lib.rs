@@ -4,6 +4,7 @@ pub mod checksum;
 pub mod codec;
 pub mod control_socket;
 pub mod dedup_window;
+pub mod dirty_bitmap;
 pub mod error;
 pub mod frame;
 pub mod limits;

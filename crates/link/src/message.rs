@@ -132,6 +132,12 @@ pub enum Message {
     Refuse {
         reason: String,
     },
+    /// Appliance -> splitter: this copy of the group is not primary (a failover made another
+    /// site primary), so host writes must fail (EPERM), never be marked and acknowledged.
+    /// Unacknowledged changes are dropped; reads go on. The link is closed after it.
+    Demoted {
+        reason: String,
+    },
     /// Nothing else to send: proves the sender and the path alive (either direction).
     Heartbeat,
 }
@@ -153,6 +159,7 @@ impl Message {
             Message::Ack { .. } => "Ack",
             Message::Durable { .. } => "Durable",
             Message::Refuse { .. } => "Refuse",
+            Message::Demoted { .. } => "Demoted",
             Message::Heartbeat => "Heartbeat",
         }
     }
@@ -173,6 +180,7 @@ mod kind {
     pub const DURABLE: u8 = 18;
     pub const REFUSE: u8 = 19;
     pub const CHECKSUMS: u8 = 20;
+    pub const DEMOTED: u8 = 21;
 }
 
 /// A message ready for the socket: header, fixed fields, and the write payload kept zero-copy.
@@ -297,6 +305,7 @@ impl Message {
             Message::Ack { source_seq } => (kind::ACK, put_u64s(&[*source_seq]), None),
             Message::Durable { source_seq } => (kind::DURABLE, put_u64s(&[*source_seq]), None),
             Message::Refuse { reason } => (kind::REFUSE, put_text(&[], reason), None),
+            Message::Demoted { reason } => (kind::DEMOTED, put_text(&[], reason), None),
         };
         let header = match &data {
             Some(d) => encode_header(kind, &[&fixed, d]),
@@ -455,6 +464,7 @@ impl Message {
                 source_seq: r.u64()?,
             },
             kind::REFUSE => Message::Refuse { reason: r.text()? },
+            kind::DEMOTED => Message::Demoted { reason: r.text()? },
             other => return Err(LinkError::Protocol(format!("unknown message kind {other}"))),
         };
         r.finish()?;
@@ -630,6 +640,7 @@ mod tests {
             any::<u64>().prop_map(|s| Message::Ack { source_seq: s }),
             any::<u64>().prop_map(|s| Message::Durable { source_seq: s }),
             ".{0,40}".prop_map(|r| Message::Refuse { reason: r }),
+            ".{0,40}".prop_map(|r| Message::Demoted { reason: r }),
         ]
     }
 

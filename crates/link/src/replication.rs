@@ -117,8 +117,12 @@ const BATCH_V2_FIELDS_LEN: usize = 36;
 
 const _: () = assert!(BATCH_RAW_BYTES_TARGET <= BATCH_RAW_BYTES_MAX);
 const _: () = assert!(WRITE_PAYLOAD_MAX + RECORD_HEAD_LEN <= BATCH_RAW_BYTES_MAX);
-const _: () =
-    assert!(HELLO_VOLUMES_MAX * (12 + 2 + TEXT_LEN_MAX) + 64 <= REPLICATION_FRAME_BODY_MAX);
+const _: () = assert!(
+    HELLO_VOLUMES_MAX * (12 + 2 + TEXT_LEN_MAX)
+        + LINEAGE_GENERATIONS_MAX * (16 + 2 + TEXT_LEN_MAX)
+        + 64
+        <= REPLICATION_FRAME_BODY_MAX
+);
 const _: () = assert!(REPLICATION_FRAME_BODY_MAX <= u32::MAX as usize);
 const _: () = assert!(REPLICATION_FRAME_BODY_MAX <= REPLICATION_FRAME_BODY_MAX_V2);
 const _: () =
@@ -174,6 +178,25 @@ pub struct HelloVolume {
     pub name: String,
 }
 
+/// One generation of a copy's history: the copy at `site` was primary from `first_seq` on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WireGeneration {
+    pub generation: u64,
+    pub first_seq: u64,
+    pub site: String,
+}
+
+/// What a copy says of itself when a link opens: its generation history and its journal's
+/// last seq, from which the two sides decide up to date, behind, or diverged.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Lineage {
+    pub history: Vec<WireGeneration>,
+    pub last_seq: u64,
+}
+
+/// Generations in one lineage on the wire.
+pub const LINEAGE_GENERATIONS_MAX: usize = 256;
+
 /// One message on the replication link.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReplicationMessage {
@@ -181,6 +204,8 @@ pub enum ReplicationMessage {
         group: String,
         source_group_id: u64,
         volumes: Vec<HelloVolume>,
+        /// The source's lineage (empty from a source older than roles).
+        lineage: Lineage,
     },
     Batch {
         records: Vec<ReplicatedRecord>,
@@ -188,6 +213,28 @@ pub enum ReplicationMessage {
     Heartbeat,
     Welcome {
         last_seq: u64,
+        /// The remote copy's generation history.
+        history: Vec<WireGeneration>,
+        /// The remote copy is being reprotected: the source resynchronises it by regions
+        /// (`ResyncBegin`) instead of sending batches.
+        resync: bool,
+    },
+    /// Old primary -> secondary, the first message of a handover connection (planned
+    /// failover): `lineage` is the history with the new generation the secondary is to
+    /// begin, and the journal end both copies hold. Answered `Promoted` or `Refuse`.
+    Promote {
+        group: String,
+        lineage: Lineage,
+    },
+    /// Secondary -> old primary: the promotion is durable here.
+    Promoted {
+        generation: u64,
+    },
+    /// Remote -> source, instead of `Welcome`: the copy here is primary in a newer
+    /// generation, so the source's copy is no longer primary (it demotes itself).
+    Demote {
+        lineage: Lineage,
+        reason: String,
     },
     BatchAck {
         through_seq: u64,
@@ -233,10 +280,13 @@ mod kind {
     pub const RESYNC_BEGIN: u8 = 4;
     pub const RESYNC_DATA: u8 = 5;
     pub const RESYNC_END: u8 = 6;
+    pub const PROMOTE: u8 = 7;
     pub const WELCOME: u8 = 16;
     pub const BATCH_ACK: u8 = 17;
     pub const REFUSE: u8 = 18;
     pub const RESYNC_SUMS: u8 = 19;
+    pub const PROMOTED: u8 = 20;
+    pub const DEMOTE: u8 = 21;
 }
 
 const CODEC_RAW: u8 = 0;
@@ -455,6 +505,22 @@ fn corrupt(what: impl Into<String>) -> LinkError {
     LinkError::Corrupt(what.into())
 }
 
+fn put_history(out: &mut Vec<u8>, history: &[WireGeneration]) {
+    // Longer histories are cut to their newest entries: comparisons need the recent ones.
+    let skip = history.len().saturating_sub(LINEAGE_GENERATIONS_MAX);
+    out.extend_from_slice(&((history.len() - skip) as u16).to_le_bytes());
+    for g in &history[skip..] {
+        out.extend_from_slice(&g.generation.to_le_bytes());
+        out.extend_from_slice(&g.first_seq.to_le_bytes());
+        put_text(out, &g.site);
+    }
+}
+
+fn put_lineage(out: &mut Vec<u8>, lineage: &Lineage) {
+    put_history(out, &lineage.history);
+    out.extend_from_slice(&lineage.last_seq.to_le_bytes());
+}
+
 fn put_text(out: &mut Vec<u8>, text: &str) {
     // Texts we send are short; cut (on a char boundary) rather than fail.
     let mut end = text.len().min(TEXT_LEN_MAX);
@@ -502,6 +568,7 @@ impl ReplicationMessage {
                 group,
                 source_group_id,
                 volumes,
+                lineage,
             } => {
                 put_text(&mut body, group);
                 body.extend_from_slice(&source_group_id.to_le_bytes());
@@ -511,14 +578,35 @@ impl ReplicationMessage {
                     body.extend_from_slice(&v.size.to_le_bytes());
                     put_text(&mut body, &v.name);
                 }
+                put_lineage(&mut body, lineage);
                 kind::HELLO
+            }
+            ReplicationMessage::Promote { group, lineage } => {
+                put_text(&mut body, group);
+                put_lineage(&mut body, lineage);
+                kind::PROMOTE
+            }
+            ReplicationMessage::Promoted { generation } => {
+                body.extend_from_slice(&generation.to_le_bytes());
+                kind::PROMOTED
+            }
+            ReplicationMessage::Demote { lineage, reason } => {
+                put_lineage(&mut body, lineage);
+                put_text(&mut body, reason);
+                kind::DEMOTE
             }
             ReplicationMessage::Batch { records } => {
                 return BatchStream::plain(records).encode(codec);
             }
             ReplicationMessage::Heartbeat => kind::HEARTBEAT,
-            ReplicationMessage::Welcome { last_seq } => {
+            ReplicationMessage::Welcome {
+                last_seq,
+                history,
+                resync,
+            } => {
                 body.extend_from_slice(&last_seq.to_le_bytes());
+                put_history(&mut body, history);
+                body.push(u8::from(*resync));
                 kind::WELCOME
             }
             ReplicationMessage::BatchAck { through_seq } => {
@@ -592,15 +680,51 @@ impl ReplicationMessage {
                     let name = c.text()?;
                     volumes.push(HelloVolume { id, size, name });
                 }
+                // A source older than roles sends no lineage.
+                let lineage = if c.at < body.len() {
+                    c.lineage()?
+                } else {
+                    Lineage::default()
+                };
                 ReplicationMessage::Hello {
                     group,
                     source_group_id,
                     volumes,
+                    lineage,
                 }
             }
+            kind::PROMOTE => ReplicationMessage::Promote {
+                group: c.text()?,
+                lineage: c.lineage()?,
+            },
+            kind::PROMOTED => ReplicationMessage::Promoted {
+                generation: c.u64()?,
+            },
+            kind::DEMOTE => ReplicationMessage::Demote {
+                lineage: c.lineage()?,
+                reason: c.text()?,
+            },
             kind::BATCH => decode_batch(&mut c)?,
             kind::HEARTBEAT => ReplicationMessage::Heartbeat,
-            kind::WELCOME => ReplicationMessage::Welcome { last_seq: c.u64()? },
+            kind::WELCOME => {
+                let last_seq = c.u64()?;
+                let (history, resync) = if c.at < body.len() {
+                    let history = c.history()?;
+                    let resync = match c.u8()? {
+                        0 => false,
+                        1 => true,
+                        other => return Err(corrupt(format!("Welcome resync flag {other}"))),
+                    };
+                    (history, resync)
+                } else {
+                    (Vec::new(), false)
+                };
+                ReplicationMessage::Welcome {
+                    last_seq,
+                    history,
+                    resync,
+                }
+            }
             kind::BATCH_ACK => ReplicationMessage::BatchAck {
                 through_seq: c.u64()?,
             },
@@ -996,6 +1120,38 @@ impl<'a> Cursor<'a> {
         a.copy_from_slice(self.take(8)?);
         Ok(u64::from_le_bytes(a))
     }
+    fn history(&mut self) -> Result<Vec<WireGeneration>, LinkError> {
+        let count = self.u16()? as usize;
+        if count > LINEAGE_GENERATIONS_MAX {
+            return Err(corrupt(format!("a history of {count} generations")));
+        }
+        let mut history: Vec<WireGeneration> = Vec::with_capacity(count);
+        for _ in 0..count {
+            let generation = self.u64()?;
+            let first_seq = self.u64()?;
+            let site = self.text()?;
+            if let Some(prev) = history.last() {
+                if generation <= prev.generation || first_seq < prev.first_seq {
+                    return Err(corrupt(format!(
+                        "generation {generation} from seq {first_seq} does not follow generation {} from seq {}",
+                        prev.generation, prev.first_seq
+                    )));
+                }
+            }
+            history.push(WireGeneration {
+                generation,
+                first_seq,
+                site,
+            });
+        }
+        Ok(history)
+    }
+    fn lineage(&mut self) -> Result<Lineage, LinkError> {
+        Ok(Lineage {
+            history: self.history()?,
+            last_seq: self.u64()?,
+        })
+    }
     fn text(&mut self) -> Result<String, LinkError> {
         let len = self.u16()? as usize;
         if len > TEXT_LEN_MAX {
@@ -1242,6 +1398,7 @@ mod tests {
                 size: 4096,
                 name: "v".into(),
             }],
+            lineage: Lineage::default(),
         }
         .encode(BatchCodec::Raw)
         .bytes;
@@ -1252,6 +1409,8 @@ mod tests {
             &1u32.to_le_bytes(),
             &4096u64.to_le_bytes(),
             &[1, 0, b'v'],
+            &[0, 0],
+            &0u64.to_le_bytes(),
         ]
         .concat();
         assert_eq!(&hello[16..], &body[..]);
@@ -1276,6 +1435,46 @@ mod tests {
                         name: "vol1".into(),
                     },
                 ],
+                lineage: Lineage {
+                    history: vec![
+                        WireGeneration {
+                            generation: 1,
+                            first_seq: 1,
+                            site: "a".into(),
+                        },
+                        WireGeneration {
+                            generation: 2,
+                            first_seq: 77,
+                            site: "b".into(),
+                        },
+                    ],
+                    last_seq: 90,
+                },
+            },
+            ReplicationMessage::Promote {
+                group: "default".into(),
+                lineage: Lineage {
+                    history: vec![WireGeneration {
+                        generation: 3,
+                        first_seq: 91,
+                        site: "b".into(),
+                    }],
+                    last_seq: 90,
+                },
+            },
+            ReplicationMessage::Promoted { generation: 3 },
+            ReplicationMessage::Demote {
+                lineage: Lineage::default(),
+                reason: "newer".into(),
+            },
+            ReplicationMessage::Welcome {
+                last_seq: 42,
+                history: vec![WireGeneration {
+                    generation: 1,
+                    first_seq: 1,
+                    site: "a".into(),
+                }],
+                resync: true,
             },
             ReplicationMessage::Batch {
                 records: vec![
@@ -1290,7 +1489,11 @@ mod tests {
                 ],
             },
             ReplicationMessage::Heartbeat,
-            ReplicationMessage::Welcome { last_seq: 42 },
+            ReplicationMessage::Welcome {
+                last_seq: 42,
+                history: Vec::new(),
+                resync: false,
+            },
             ReplicationMessage::BatchAck { through_seq: 43 },
             ReplicationMessage::Refuse {
                 reason: "no such group".into(),
@@ -1316,7 +1519,11 @@ mod tests {
             assert_eq!(&roundtrip(m, BatchCodec::Zstd(3)), m);
         }
         // Compressible batches shrink on the wire.
-        let encoded = messages[1].encode(BatchCodec::Zstd(3));
+        let batch = messages
+            .iter()
+            .find(|m| matches!(m, ReplicationMessage::Batch { .. }))
+            .expect("a batch among the messages");
+        let encoded = batch.encode(BatchCodec::Zstd(3));
         assert!(encoded.bytes.len() < encoded.raw_len / 10);
     }
 

@@ -50,7 +50,7 @@ impl SplitLink {
                     if self.connected.swap(false, Ordering::Relaxed) {
                         tracing::warn!(volume = %self.volume, "split link lost: {e}; reconnecting");
                         backoff_ms = 50;
-                        if self.policy == OnApplianceLoss::Mark {
+                        if self.policy == OnApplianceLoss::Mark && self.demoted().is_none() {
                             self.start_marking();
                         }
                     } else if let LinkError::Refused(reason) = &e {
@@ -111,6 +111,10 @@ impl SplitLink {
             }
             // Logged by the caller, which knows whether it asks again.
             Message::Refuse { reason } => return Err(LinkError::Refused(reason)),
+            Message::Demoted { reason } => {
+                self.on_demoted(&reason);
+                return Err(LinkError::Refused(reason));
+            }
             other => {
                 return Err(LinkError::Protocol(format!(
                     "expected Welcome, got {}",
@@ -118,6 +122,9 @@ impl SplitLink {
                 )))
             }
         };
+        if self.demoted.send_replace(None).is_some() {
+            tracing::info!(volume = %self.volume, "this copy of the group is primary again: host writes are accepted");
+        }
         self.on_welcome(last_journaled);
         self.connected.store(true, Ordering::Relaxed);
         self.ready.send_replace(Readiness::Ready);
@@ -138,6 +145,10 @@ impl SplitLink {
                         watermark::raise(&self.durable, source_seq);
                     }
                     Message::Refuse { reason } => return Err(LinkError::Refused(reason)),
+                    Message::Demoted { reason } => {
+                        self.on_demoted(&reason);
+                        return Err(LinkError::Refused(reason));
+                    }
                     answer @ Message::Checksums { .. } => {
                         // The verify keeps at most CHECKSUM_REQUESTS_IN_FLIGHT_MAX requests
                         // unanswered, so a full channel means answers nobody asked for.
@@ -226,6 +237,25 @@ impl SplitLink {
         watermark::raise(&self.acked, last_journaled);
         // Resend whatever is still queued, and any flush still waited on.
         self.wake_sender.notify_one();
+    }
+
+    /// The appliance's copy is not primary: refuse host changes from now on, drop the
+    /// unacknowledged ones (their hosts get EPERM; they are not marked, since no journal
+    /// may take them) and serve reads. Stays so until a Welcome (this copy promoted again).
+    fn on_demoted(&self, reason: &str) {
+        let newly = self
+            .demoted
+            .send_replace(Some(reason.to_string()))
+            .is_none();
+        let dropped = std::mem::take(&mut self.lock_queue().unacked).len();
+        self.marking.send_replace(false);
+        // A splitter that starts at a demoted copy serves reads; it is not a start error.
+        if *self.ready.borrow() == Readiness::Waiting {
+            self.ready.send_replace(Readiness::Ready);
+        }
+        if newly {
+            tracing::warn!(volume = %self.volume, refused_changes = dropped, "this copy of the group is not primary: host writes are refused (EPERM) until it is promoted again: {reason}");
+        }
     }
 
     fn on_ack(&self, source_seq: u64) {

@@ -77,6 +77,9 @@ pub struct SplitLink {
     /// Connections this process made for the volume; sent in Hello so the appliance can
     /// replace a stale (half-open) connection of ours at once.
     sessions: AtomicU64,
+    /// The appliance said its copy of the group is not primary (a failover moved production
+    /// elsewhere): host changes fail with EPERM until a Welcome comes again (rule 6).
+    demoted: watch::Sender<Option<String>>,
 }
 
 /// How a FLUSH's changes were made safe.
@@ -130,6 +133,7 @@ impl SplitLink {
             stopped: watch::Sender::new(false),
             deadline,
             sessions: AtomicU64::new(0),
+            demoted: watch::Sender::new(None),
         });
         tokio::spawn(Arc::clone(&link).run_connections());
         link
@@ -212,14 +216,25 @@ impl SplitLink {
     }
 
     /// Waits until the appliance has the change in its journal.
-    pub async fn wait_acked(&self, wait: AckWait) {
-        // The sender is only dropped after firing, or when the link itself is dropped.
-        let _ = wait.0.await;
+    pub async fn wait_acked(&self, wait: AckWait) -> bool {
+        // The sender is only dropped after firing, when the link itself is dropped, or when
+        // the appliance demoted its copy (the change is then refused, never acknowledged).
+        wait.0.await.is_ok()
+    }
+
+    /// Why host changes are refused now, if they are: this copy of the group was demoted.
+    pub fn demoted(&self) -> Option<String> {
+        self.demoted.borrow().clone()
     }
 
     /// Asks the appliance to make every change up to `source_seq` durable, and waits for it.
     pub async fn wait_durable(&self, source_seq: u64) -> DurableBy {
         if *self.durable.borrow() >= source_seq {
+            return DurableBy::Journal;
+        }
+        // Demoted: every change acknowledged before was journaled and shipped by the drain;
+        // the rest were refused, so there is nothing more to make durable.
+        if self.demoted().is_some() {
             return DurableBy::Journal;
         }
         if self.is_marking() {
