@@ -251,3 +251,137 @@ fn planned_failover_and_failback_lose_nothing_and_reverse_replication() {
     a.kill(Role::Splitter);
     b.kill(Role::Splitter);
 }
+
+/// One 4 KiB write of `byte` at each offset through `site`'s splitter, in one qemu-io run
+/// (each acknowledged before the next); the model follows.
+fn write_blocks(site: &Site, model: &mut Model, blocks: &[(u64, u8)]) {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for &(offset, byte) in blocks {
+        cmd.arg("-c").arg(format!("write -P {byte} {offset} 4096"));
+        model.fill(offset, 4096, byte);
+    }
+    cmd.arg(site.nbd_uri("vol0"));
+    run_ok(&mut cmd, T);
+}
+
+#[test]
+fn unplanned_failover_demotes_the_old_primary_and_reprotect_sends_only_what_changed() {
+    if !requirements() {
+        return;
+    }
+    let (mut a, mut b) = start_sites("async");
+    let mut shared = Model::zeroed(VOLUME_BYTES);
+    let mut rng = SplitMix64(seed("unplanned_failover"));
+    write_random_patterns(&a, &mut shared, &mut rng, 100, 16);
+    let b_last = wait_converged(&a, &b, &a, &b);
+
+    // Site B loses the link; A's host goes on writing (async: acknowledged, never shipped),
+    // then all of site A dies.
+    b.kill(Role::Appliance);
+    let mut model_a = shared.clone();
+    write_blocks(
+        &a,
+        &mut model_a,
+        &[(3 * MIB, 0xA1), (10 * MIB, 0xA2), (20 * MIB + 8192, 0xA3)],
+    );
+    let a_last = group(&a)["last_seq"].as_u64().unwrap();
+    assert!(a_last > b_last);
+    a.kill(Role::Splitter);
+    a.kill(Role::Appliance);
+
+    // Unplanned failover at B: primary at what it holds; the loss is named.
+    b.start_role(Role::Appliance);
+    let answer = failover(&b, &[]);
+    assert_eq!(answer["planned"], false);
+    assert_eq!(answer["generation"], 2);
+    assert_eq!(answer["first_seq"].as_u64(), Some(b_last + 1));
+    assert_eq!(
+        answer["lost"]["first_seq"].as_u64(),
+        Some(b_last + 1),
+        "{answer}"
+    );
+    assert_eq!(role_of(&b), "primary");
+    check(
+        &shared,
+        "B production after the unplanned failover",
+        &b.volume("vol0").production,
+    );
+
+    // Hosts write at B.
+    b.start_role(Role::Splitter);
+    let mut model_b = shared.clone();
+    write_blocks(
+        &b,
+        &mut model_b,
+        &[(10 * MIB + 4096, 0xB1), (40 * MIB, 0xB2), (41 * MIB, 0xB3)],
+    );
+
+    // A comes back: it meets the newer primary, steps down and reports the divergence at
+    // the first seq B's generation replaced; its splitter refuses writes.
+    a.start_role(Role::Appliance);
+    let demoted = poll_until(CONVERGE, || {
+        let g = group(&a);
+        g["role"]["role"] == "secondary" && g["role"]["divergence_seq"].as_u64() == Some(b_last + 1)
+    });
+    assert!(
+        demoted,
+        "A did not step down with a divergence: {}\n{}",
+        group(&a),
+        logs(&a, &b)
+    );
+    // A still holds the records B never got: exactly the seqs the failover called lost.
+    assert_eq!(group(&a)["last_seq"].as_u64(), Some(a_last));
+    a.start_role(Role::Splitter);
+    assert_refused(&a, "A back after the unplanned failover");
+
+    // Reprotect: A's writes since the divergence are kept as an image; then B resyncs A.
+    let out = run_ok(
+        Command::new(cdp_bin())
+            .args(["--json", "reprotect", "--control"])
+            .arg(&a.control_sock),
+        T,
+    );
+    let reprotected: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(reprotected["divergence_seq"].as_u64(), Some(b_last + 1));
+    let kept = Path::new(reprotected["kept_image_dir"].as_str().unwrap()).join("vol0.img");
+    check(&model_a, "A's diverged writes kept as an image", &kept);
+    wait_converged(&b, &a, &a, &b);
+    check(
+        &model_b,
+        "A replica after reprotect",
+        &a.volume("vol0").replica,
+    );
+    let g = group(&a);
+    assert!(g["role"]["divergence_seq"].is_null(), "{g}");
+    // Only the regions either side wrote since the divergence crossed the link: A's at 3,
+    // 10 and 20 MiB, B's at 10, 40 and 41 MiB: five 1 MiB regions.
+    let report = group(&b)["remote"]["last_region_resync"].clone();
+    assert_eq!(report["regions_sent"].as_u64(), Some(5), "{report}");
+    assert_eq!(report["bytes_sent"].as_u64(), Some(5 * MIB), "{report}");
+    eprintln!(
+        "reprotect: {} of {} regions sent ({} bytes; a full copy is {} bytes)",
+        report["regions_sent"], report["regions_compared"], report["bytes_sent"], VOLUME_BYTES
+    );
+
+    // Failback, planned: A is primary again with B's writes, and protection goes on.
+    failover(&b, &["--planned"]);
+    assert_eq!(role_of(&a), "primary", "{}", logs(&a, &b));
+    check(
+        &model_b,
+        "A production after the failback",
+        &a.volume("vol0").production,
+    );
+    assert_refused(&b, "B after the failback");
+    let resumed = poll_until(CONVERGE, || try_write(&a, 30 * MIB, 0x77).is_ok());
+    assert!(
+        resumed,
+        "A's splitter never accepted writes again\n{}",
+        logs(&a, &b)
+    );
+    model_b.fill(30 * MIB, 4096, 0x77);
+    wait_converged(&a, &b, &a, &b);
+    check(&model_b, "B replica at the end", &b.volume("vol0").replica);
+    a.kill(Role::Splitter);
+    b.kill(Role::Splitter);
+}

@@ -43,7 +43,13 @@ impl Group {
     /// Starts a resync to the source's point `through`: refused while images are open here;
     /// waits until the replica holds every journaled record, then marks it in progress.
     pub fn begin_region_resync(&self, through: Seq) -> Result<(), ApplianceError> {
-        if !self.pins.lock().is_empty() {
+        // The remote-copy pin (this copy ships once promoted) is no image.
+        if self
+            .pins
+            .lock()
+            .keys()
+            .any(|&id| id != super::retention::REMOTE_COPY_PIN)
+        {
             return Err(ApplianceError::Refused(
                 "images are open at the remote copy; a resynchronisation replaces its history, \
                  release them first"
