@@ -10,7 +10,100 @@ use crate::history::{BlockPlan, BLOCK_BYTES};
 use crate::limits::PARALLEL_ASSEMBLY_BLOCKS_MIN;
 use crate::record_cache::Stream;
 
+/// Blocks one allocation or change query examines at most (256 MiB at 4 KiB); a client
+/// asks again from where the answer ended, as NBD lets a server answer short.
+pub const EXTENT_QUERY_BLOCKS_MAX: u64 = 64 * 1024;
+
 impl Group {
+    /// Which blocks of `[offset, offset + length)` read as zeroes at point `at`, as
+    /// consecutive runs of (length, zero), from the block index and the replica's holes
+    /// without reading data: a block is zero when its plan is a zero before-image, or only
+    /// trims and zeroes laid over zeroes or over a replica hole. Anything else is reported
+    /// as data (which may still hold zeroes). Covers at most `EXTENT_QUERY_BLOCKS_MAX`
+    /// blocks, at least one byte.
+    pub fn allocation_at_point(
+        &self,
+        volume: &GroupVolume,
+        at: Seq,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<(u64, bool)>, ApplianceError> {
+        let _locations_stay = self.relocation.read();
+        let state = self.replica_state.read();
+        if !state.exact {
+            return Err(ApplianceError::Busy(
+                "the replica is catching up after a restart; images are readable once it has"
+                    .into(),
+            ));
+        }
+        let distributed = state.seq.0;
+        let (first_block, end) = query_blocks(offset, length, volume.size);
+        let span_start = first_block * BLOCK_BYTES;
+        // The replica's holes over the whole span, found before the index lock is taken.
+        let replica_holes: Vec<(u64, u64)> = volume
+            .replica
+            .allocation(span_start, end - span_start, usize::MAX)?
+            .map(|runs| {
+                let mut pos = span_start;
+                runs.into_iter()
+                    .filter_map(|(len, hole)| {
+                        let run = (pos, pos + len);
+                        pos += len;
+                        hole.then_some(run)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let in_replica_hole = |start: u64| {
+            let block_end = (start + BLOCK_BYTES).min(volume.size);
+            replica_holes
+                .iter()
+                .any(|&(from, to)| from <= start && block_end <= to)
+        };
+        let history = self.history.lock();
+        let zero_of = |block: u64| -> bool {
+            match history.plan(volume.id, block, at.0, distributed) {
+                BlockPlan::Undo { undo, .. } => undo.zero,
+                BlockPlan::Layers {
+                    from_replica,
+                    layers,
+                } => {
+                    !layers.iter().any(|(_, r)| r.kind == RecordKind::Write)
+                        && (!from_replica || in_replica_hole(block * BLOCK_BYTES))
+                }
+            }
+        };
+        Ok(block_runs(offset, end, zero_of))
+    }
+
+    /// Which blocks of `[offset, offset + length)` of `volume` differ between points `a`
+    /// and `b` (either order), as runs of (length, changed): a block changed when a record
+    /// between the two touched it, from the block index alone. Refused when the index no
+    /// longer holds every record after the earlier point. Same bounds as
+    /// `allocation_at_point`.
+    pub fn changed_between(
+        &self,
+        volume: &GroupVolume,
+        a: Seq,
+        b: Seq,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<(u64, bool)>, ApplianceError> {
+        let (after, through) = (a.0.min(b.0), a.0.max(b.0));
+        let (_, end) = query_blocks(offset, length, volume.size);
+        let history = self.history.lock();
+        if after.saturating_add(1) < history.redo_first() {
+            return Err(ApplianceError::NotFound(format!(
+                "seq {after} is older than the journal's index (first seq {}); its changes \
+                 are gone",
+                history.redo_first()
+            )));
+        }
+        Ok(block_runs(offset, end, |block| {
+            history.changed(volume.id, block, after, through)
+        }))
+    }
+
     /// Reads `buf.len()` bytes of `volume` at `offset` as they were at point `at`, which
     /// the caller has pinned. Blocks on disk reads: call from a blocking thread.
     pub fn read_at_point(
@@ -208,4 +301,32 @@ impl Group {
         self.record_cache.insert(stream, seq, payload.clone());
         Ok(payload)
     }
+}
+
+/// The first block of a query and where the query ends, cut to `EXTENT_QUERY_BLOCKS_MAX`
+/// blocks and the volume's size.
+fn query_blocks(offset: u64, length: u64, size: u64) -> (u64, u64) {
+    let first_block = offset / BLOCK_BYTES;
+    let cap = (first_block + EXTENT_QUERY_BLOCKS_MAX) * BLOCK_BYTES;
+    (
+        first_block,
+        offset.saturating_add(length).min(size).min(cap),
+    )
+}
+
+/// Runs of (length, flag) over `[offset, end)`, one flag per block from `flag_of(block)`.
+fn block_runs(offset: u64, end: u64, mut flag_of: impl FnMut(u64) -> bool) -> Vec<(u64, bool)> {
+    let mut runs: Vec<(u64, bool)> = Vec::new();
+    let mut pos = offset;
+    while pos < end {
+        let block = pos / BLOCK_BYTES;
+        let to = ((block + 1) * BLOCK_BYTES).min(end);
+        let flag = flag_of(block);
+        match runs.last_mut() {
+            Some((len, f)) if *f == flag => *len += to - pos,
+            _ => runs.push((to - pos, flag)),
+        }
+        pos = to;
+    }
+    runs
 }
