@@ -3,7 +3,7 @@
 # serving a plain raw file and against cdp (appliance + splitter protecting a raw file of the same
 # size in the same directory), and prints a table of both results and their ratio.
 #
-# usage: benches/compare-qemu-nbd.sh [--short] [--heartbeats] [--rounds N] [--dir DIR] [--cdp PATH] [--keep]
+# usage: benches/compare-qemu-nbd.sh [--short] [--heartbeats | --metrics] [--rounds N] [--dir DIR] [--cdp PATH] [--keep]
 #   --short   small sizes and runtimes (CI): 256 MiB volume, 5 s random-write jobs, 1 round
 #   --heartbeats  instead of qemu-nbd: what the split link's heartbeats cost the host. Three
 #             cdp sites side by side with link_deadline_ms (at both ends) 5000 (the default: a
@@ -11,6 +11,10 @@
 #             maximum: every 150 s, effectively off), each job on all three at once; write
 #             jobs only, ratios against "off" (goal: >= 0.99); 256 MiB volume, 8 s runs (3 with
 #             --short), 7 rounds (2 with --short)
+#   --metrics instead of qemu-nbd: what metrics cost the host. Two cdp sites side by side, one
+#             with metrics_listen on both processes, each scraped once a second (as Prometheus
+#             would), one without; write jobs on both at once, ratio on/off (goal: >= 0.98);
+#             sizes and rounds as --heartbeats
 #   --rounds  run every job N times per server (default 3; 1 with --short); the median counts
 #   --dir     where the raw files live (default: a new directory under /tmp); both servers use
 #             the same directory, so the same filesystem
@@ -30,16 +34,17 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-SHORT=0 HEARTBEATS=0 ROUNDS_GIVEN= DIR= CDP="${CARGO_TARGET_DIR:-$REPO/target}/release/cdp" KEEP=0 ROUNDS=
+SHORT=0 HEARTBEATS=0 METRICS=0 ROUNDS_GIVEN= DIR= CDP="${CARGO_TARGET_DIR:-$REPO/target}/release/cdp" KEEP=0 ROUNDS=
 while [ $# -gt 0 ]; do
     case "$1" in
         --short) SHORT=1 ;;
         --heartbeats) HEARTBEATS=1 ;;
+        --metrics) METRICS=1 ;;
         --rounds) ROUNDS=$2 ROUNDS_GIVEN=1; shift ;;
         --dir) DIR=$2; shift ;;
         --cdp) CDP=$2; shift ;;
         --keep) KEEP=1 ;;
-        -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
     shift
@@ -50,7 +55,7 @@ if [ "$SHORT" = 1 ]; then
 else
     VOL_SIZE=$((2 << 30)) RUNTIME=30 ROUNDS=${ROUNDS:-3}
 fi
-if [ "$HEARTBEATS" = 1 ]; then
+if [ "$HEARTBEATS" = 1 ] || [ "$METRICS" = 1 ]; then
     # Many short paired runs: the ratio sought (1 %) is far below a shared machine's
     # run-to-run noise, so what counts is the median of ratios of runs next to each other.
     # A small volume: three sites' data must fit a shared disk.
@@ -62,7 +67,7 @@ if [ "$HEARTBEATS" = 1 ]; then
 fi
 
 TOOLS="fio python3"
-[ "$HEARTBEATS" = 1 ] || TOOLS="$TOOLS qemu-nbd"
+[ "$HEARTBEATS" = 1 ] || [ "$METRICS" = 1 ] || TOOLS="$TOOLS qemu-nbd"
 for tool in $TOOLS; do
     command -v "$tool" >/dev/null || { echo "compare-qemu-nbd: $tool is not installed" >&2; exit 1; }
 done
@@ -175,19 +180,19 @@ sys.exit(0 if g["distributed_seq"] == g["last_seq"] else 1)' || rc=$?
     done
 }
 
-echo "compare-qemu-nbd: $( [ "$SHORT" = 1 ] && echo short || echo full )$( [ "$HEARTBEATS" = 1 ] && echo ' heartbeats' || true ) run in $DIR, volume $((VOL_SIZE >> 20)) MiB, $ROUNDS round(s)"
+echo "compare-qemu-nbd: $( [ "$SHORT" = 1 ] && echo short || echo full )$( [ "$HEARTBEATS" = 1 ] && echo ' heartbeats' || true )$( [ "$METRICS" = 1 ] && echo ' metrics' || true ) run in $DIR, volume $((VOL_SIZE >> 20)) MiB, $ROUNDS round(s)"
 echo "fio: $(fio --version)"
 [ "$HEARTBEATS" = 1 ] || echo "qemu-nbd: $(qemu-nbd --version | head -n 1)"
 echo "cdp: $CDP ($("$CDP" --version 2>/dev/null | head -n 1 || true))"
 echo "host: $(nproc) cores, $(uname -r)"
 
 # --- cdp --------------------------------------------------------------------------------------
-# start_cdp DIR [TOP_LEVEL [GROUP_KEYS [APPLIANCE_TOP]]]: appliance + splitter protecting
-# DIR/production/vol0.img, with TOP_LEVEL (whole `key = value` lines) at the top of both configs,
-# GROUP_KEYS in the appliance's group and APPLIANCE_TOP at the top of the appliance's; sets APID
-# and SPID.
+# start_cdp DIR [TOP_LEVEL [GROUP_KEYS [APPLIANCE_TOP [SPLITTER_TOP]]]]: appliance + splitter
+# protecting DIR/production/vol0.img, with TOP_LEVEL (whole `key = value` lines) at the top of
+# both configs, GROUP_KEYS in the appliance's group, APPLIANCE_TOP at the top of the
+# appliance's and SPLITTER_TOP at the top of the splitter's; sets APID and SPID.
 start_cdp() {
-    local C=$1 top=${2:-} group_keys=${3:-} appliance_top=${4:-}
+    local C=$1 top=${2:-} group_keys=${3:-} appliance_top=${4:-} splitter_top=${5:-}
     mkdir -p "$C/production" "$C/replica" "$C/appliance"
     truncate -s "$VOL_SIZE" "$C/production/vol0.img"
     cat >"$C/appliance.toml" <<EOF
@@ -208,6 +213,7 @@ replica = "$C/replica/vol0.img"
 EOF
     cat >"$C/splitter.toml" <<EOF
 $top
+$splitter_top
 appliance = "unix:$C/link.sock"
 nbd_unix = "$C/nbd.sock"
 control = "$C/splitter.ctl"
@@ -332,6 +338,79 @@ for s, name in (("hb-off", "off"), ("hb-default", "default"), ("hb-min", "min"))
     # their share of the host's throughput.
     print("%-11s %10.1f %12.1f %16.2f %14.5f" % (name, idle_us_per_s(s), extra, writes, 1 - max(writes, 0) / iops))
 print("(a 4 KiB write costs %.1f µs of cdp CPU; median randwrite-4k %.0f IOPS)" % (w, iops))
+PY
+    exit 0
+fi
+
+# --- metrics cost (--metrics) -----------------------------------------------------------------
+if [ "$METRICS" = 1 ]; then
+    JOBS=(seqwrite-1M-timed randwrite-4k randwrite-4k-fsync)
+    SERVERS=(metrics-off metrics-on)
+    SMALL_JOURNAL=("journal_capacity_bytes = $((128 << 20))" "journal_segment_bytes = $((64 << 20))")
+    start_cdp "$DIR/metrics-off" "" "${SMALL_JOURNAL[0]}
+${SMALL_JOURNAL[1]}"
+    M_PIDS=("$SPID" "$APID")
+    APORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    SPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    start_cdp "$DIR/metrics-on" "" "${SMALL_JOURNAL[0]}
+${SMALL_JOURNAL[1]}" "metrics_listen = \"127.0.0.1:$APORT\"" "metrics_listen = \"127.0.0.1:$SPORT\""
+    M_PIDS+=("$SPID" "$APID")
+    # The scraper: both endpoints once a second, each answer checked to be an exposition.
+    python3 - "$APORT" "$SPORT" "$DIR/scrapes" <<'PY' &
+import sys, time, urllib.request
+ports, out = sys.argv[1:3], sys.argv[3]
+n = 0
+while True:
+    for port in ports:
+        try:
+            body = urllib.request.urlopen("http://127.0.0.1:%s/metrics" % port, timeout=5).read()
+            if b"cdp_build_info" in body:
+                n += 1
+        except OSError:
+            pass
+    open(out, "w").write(str(n))
+    time.sleep(1)
+PY
+    SCRAPER=$!
+    PIDS+=("$SCRAPER")
+    mkdir -p "$DIR/results"
+    for round in $(seq 1 "$ROUNDS"); do
+        for job in "${JOBS[@]}"; do
+            sync
+            lags=""
+            for s in "${SERVERS[@]}"; do lags="$lags $s: $(cdp_settle "$DIR/$s");"; done
+            echo "  round $round $job on both at once (${lags% ;})"
+            FIO_PIDS=()
+            for server in "${SERVERS[@]}"; do
+                run_job "$server" "nbd+unix:///vol0?socket=$DIR/$server/nbd.sock" "$job" "$round" &
+                FIO_PIDS+=("$!")
+            done
+            for pid in "${FIO_PIDS[@]}"; do wait "$pid"; done
+        done
+    done
+    stop "$SCRAPER"
+    for pid in "${M_PIDS[@]}"; do stop "$pid"; done
+    echo "  scrapes answered: $(cat "$DIR/scrapes" 2>/dev/null || echo 0)"
+    python3 - "$DIR/results" "$ROUNDS" "${JOBS[@]}" <<'PY'
+import json, os, statistics, sys
+results, rounds, jobs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+
+def one(server, job, r):
+    with open(os.path.join(results, "%s-%s-%d.json" % (server, job, r))) as f:
+        d = json.load(f)["jobs"][0]["write"]
+    return d["iops"] if "randwrite" in job else d["bw"] / 1024.0
+
+print()
+print("metrics cost: host write throughput with metrics served and scraped every second against")
+print("metrics off; median of %d round(s) and of the per-round ratios; goal >= 0.98" % rounds)
+print("%-20s %-6s %10s %10s %9s  %s" % ("job", "unit", "off", "on", "on/off", "on/off by round"))
+for job in jobs:
+    off = [one("metrics-off", job, r) for r in range(1, rounds + 1)]
+    on = [one("metrics-on", job, r) for r in range(1, rounds + 1)]
+    ratios = [x / o for x, o in zip(on, off) if o]
+    print("%-20s %-6s %10.1f %10.1f %9.3f  [%s]" % (
+        job, "IOPS" if "randwrite" in job else "MiB/s", statistics.median(off),
+        statistics.median(on), statistics.median(ratios), " ".join("%.3f" % x for x in ratios)))
 PY
     exit 0
 fi

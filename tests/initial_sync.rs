@@ -85,7 +85,7 @@ fn one_gib_volume_initializes_while_fio_writes() {
     site.settle();
     site.assert_replica_equals_production("vol0");
     let log = std::fs::read_to_string(site.root().join("splitter.log")).unwrap();
-    assert!(log.contains("reason=Initial"), "{log}");
+    assert!(log.contains("reason=initial"), "{log}");
     let copied = site.resync_copied_bytes().unwrap_or(0);
     // Every data MiB is copied once; fio's writes into holes before the copier reached them
     // may add at most the 64 KiB regions they touched inside its 64 MiB range.

@@ -34,14 +34,28 @@ fn merged(mut runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     out
 }
 
-/// The written regions widened to the 4 KiB blocks a file system allocates.
-fn expected_data() -> Vec<(u64, u64)> {
+/// After the bookmark: a fourth region is written and the first one zeroed.
+const LATER_REGION: (u64, u64, u8) = (900 * MIB, MIB, 0x77);
+
+/// Regions widened to the 4 KiB blocks a file system (or the block index) allocates.
+fn blocks_of(regions: &[(u64, u64, u8)]) -> Vec<(u64, u64)> {
     merged(
-        REGIONS
+        regions
             .iter()
             .map(|&(o, l, _)| (o / 4096 * 4096, (o + l).div_ceil(4096) * 4096))
             .collect(),
     )
+}
+
+fn expected_data() -> Vec<(u64, u64)> {
+    blocks_of(&REGIONS)
+}
+
+fn qemu_io(uri: &str, command: &str) {
+    run_ok(
+        Command::new("qemu-io").args(["-f", "raw", "-c", command, uri]),
+        Duration::from_secs(60),
+    );
 }
 
 /// `base:allocation` data extents from `nbdinfo --map --json` (type bit 0 = hole).
@@ -136,16 +150,7 @@ fn block_status_maps_written_regions_and_copies_read_only_data() {
     site.wait_connected(Duration::from_secs(60));
     let uri = site.nbd_uri("vol0");
     for (offset, length, pattern) in REGIONS {
-        run_ok(
-            Command::new("qemu-io").args([
-                "-f",
-                "raw",
-                "-c",
-                &format!("write -P {pattern:#x} {offset} {length}"),
-                &uri,
-            ]),
-            Duration::from_secs(60),
-        );
+        qemu_io(&uri, &format!("write -P {pattern:#x} {offset} {length}"));
     }
     site.flush("vol0");
 
@@ -191,6 +196,70 @@ fn block_status_maps_written_regions_and_copies_read_only_data() {
         data / 1024,
         read as f64 * 100.0 / VOLUME_BYTES as f64
     );
+
+    // Images: the map of a point is that point's, from the block index (no data read).
+    // b1 holds the three regions; then a fourth is written and the first zeroed, so the
+    // image at the latest point holds regions 2, 3 and 4. Once distributed, b1 is served
+    // from the undo stream's before-images (the first region's data, the fourth's zeroes).
+    site.cdp_json(&["bookmark", "create", "b1", "--json"]);
+    let (o, l, p) = LATER_REGION;
+    qemu_io(&uri, &format!("write -P {p:#x} {o} {l}"));
+    let (o, l, _) = REGIONS[0];
+    qemu_io(&uri, &format!("write -z {o} {l}"));
+    site.flush("vol0");
+    site.cdp_json(&["bookmark", "create", "b2", "--json"]);
+    let later = blocks_of(&[REGIONS[1], REGIONS[2], LATER_REGION]);
+    for (point, want) in [("b1", expected_data()), ("b2", later.clone())] {
+        let image = site.cdp_json(&["image", "access", "--at", point, "--json"]);
+        let image_uri = site.image_uri(&image, "vol0");
+        assert_eq!(
+            nbdinfo_data(&image_uri),
+            want,
+            "nbdinfo --map of the image at {point}"
+        );
+        assert_eq!(
+            qemu_img_data(&image_uri),
+            want,
+            "qemu-img map of the image at {point}"
+        );
+        site.cdp_json(&[
+            "image",
+            "release",
+            image["id"].as_str().expect("id"),
+            "--json",
+        ]);
+    }
+    site.settle();
+    let image = site.cdp_json(&["image", "access", "--at", "b1", "--json"]);
+    let image_uri = site.image_uri(&image, "vol0");
+    assert_eq!(
+        nbdinfo_data(&image_uri),
+        expected_data(),
+        "nbdinfo --map of the image at b1 after distribution (from before-images)"
+    );
+    // And its bytes: a sparse copy of the image equals b1's content.
+    let at_b1 = site.root().join("at-b1.img");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw", &image_uri])
+            .arg(&at_b1),
+        Duration::from_secs(300),
+    );
+    let same = Command::new("cmp")
+        .arg(&copy)
+        .arg(&at_b1)
+        .status()
+        .expect("cmp");
+    assert!(
+        same.success(),
+        "the image at b1 differs from production as it was at b1"
+    );
+    site.cdp_json(&[
+        "image",
+        "release",
+        image["id"].as_str().expect("id"),
+        "--json",
+    ]);
 }
 
 /// `nbdinfo --map=CONTEXT --json` as (start, end) ranges whose type has bit 0 set.

@@ -218,6 +218,37 @@ fn a_source_with_a_certificate_of_another_ca_is_refused_until_fixed() {
             >= 2
     });
     assert!(retried, "no second attempt\n{}", remote.logs());
+    // The refusal is in the remote's event log too (durable, alerted), naming peer and cause.
+    let remote_events = remote.dir.path().join("appliance").join("events.jsonl");
+    let mut refusal = None;
+    let recorded = poll_until(T, || {
+        let out = run_ok(
+            Command::new(cdp_bin())
+                .args(["--json", "events", "--dir"])
+                .arg(remote.dir.path())
+                .arg("--appliance-log")
+                .arg(&remote_events),
+            T,
+        );
+        refusal = out
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|e| e["class"] == "tls_refused");
+        refusal.is_some()
+    });
+    assert!(
+        recorded,
+        "no tls_refused event at the remote\n{}",
+        remote.logs()
+    );
+    let detail = refusal
+        .as_ref()
+        .and_then(|e| e["detail"].as_str())
+        .unwrap_or("");
+    assert!(
+        detail.contains("127.0.0.1:") && detail.contains("not signed by a CA"),
+        "tls_refused event without peer or cause: {refusal:?}"
+    );
     assert_eq!(
         remote_last_seq(&remote),
         0,

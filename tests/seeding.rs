@@ -191,7 +191,7 @@ fn seeded_replica_initializes_by_copying_only_differing_regions() {
             .collect::<Vec<_>>()
             .join("\n")
     );
-    assert!(log.contains("method=Verify"), "{log}");
+    assert!(log.contains("method=verify"), "{log}");
     // NBD is served only once the link is up, and the verification starts then: a batch seen
     // finished while the volume still initialized wrote during the verification.
     assert!(
@@ -335,7 +335,7 @@ fn appliance_killed_during_verification_verifies_again_and_copies_only_the_diffe
         // before the kill and exactly the altered regions are sent after it.
         let verifying_starts: Vec<&str> = log
             .lines()
-            .filter(|l| l.contains("resync started") && l.contains("method=Verify"))
+            .filter(|l| l.contains("resync started") && l.contains("method=verify"))
             .collect();
         assert_eq!(verifying_starts.len(), 2, "{log}");
         // The second pass starts with fewer regions: those found equal before the kill

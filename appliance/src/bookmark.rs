@@ -25,7 +25,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use bytes::Bytes;
-use cdp_journal::{Journal, JournalError, RecordIn, RecordKind};
+use cdp_journal::{Journal, JournalError, Record, RecordIn, RecordKind};
 use cdp_types::Seq;
 
 use crate::error::ApplianceError;
@@ -162,12 +162,28 @@ impl BookmarkIndex {
     /// Scans the journal for bookmark records (headers only: write payloads are CRC-checked
     /// but never decompressed or kept).
     pub fn rebuild(journal: &Journal) -> Result<BookmarkIndex, JournalError> {
-        let mut list = Vec::new();
+        let mut index = BookmarkIndex::empty();
         for record in journal.read_headers_from(journal.first_seq())? {
-            let record = record?;
-            if record.kind != RecordKind::Bookmark {
-                continue;
-            }
+            index.note_rebuilt(&record?);
+        }
+        Ok(index)
+    }
+
+    /// No bookmarks yet: filled by `note_rebuilt` from a header pass over the journal.
+    pub fn empty() -> BookmarkIndex {
+        BookmarkIndex {
+            list: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Adds `record` if it is a bookmark, read back at open in seq order (by `rebuild`, or
+    /// by the one header pass `Group::open` shares among its start-up indexes).
+    pub fn note_rebuilt(&mut self, record: &Record) {
+        if record.kind != RecordKind::Bookmark {
+            return;
+        }
+        let list = self.list.get_mut().unwrap_or_else(|p| p.into_inner());
+        {
             match BookmarkPayload::decode(&record.payload) {
                 Ok(p) => list.push(Bookmark {
                     name: p.name,
@@ -184,9 +200,6 @@ impl BookmarkIndex {
                 Err(e) => tracing::warn!(seq = %record.seq, "bookmark record skipped: {e}"),
             }
         }
-        Ok(BookmarkIndex {
-            list: Mutex::new(list),
-        })
     }
 
     /// Forgets every bookmark (the history was restarted after a resynchronisation).
@@ -241,18 +254,22 @@ impl BookmarkIndex {
         payload: BookmarkPayload,
         append_deadline: Option<Instant>,
         on_journal_failure: impl Fn(String),
-    ) -> Result<Bookmark, String> {
-        validate_new_name(&payload.name).map_err(|e| e.to_string())?;
+    ) -> Result<Bookmark, ApplianceError> {
+        validate_new_name(&payload.name).map_err(|e| ApplianceError::Refused(e.to_string()))?;
         let mut list = self.list.lock().unwrap_or_else(|p| p.into_inner());
         if append_deadline.is_some_and(|d| Instant::now() > d) {
-            return Err("the request's deadline passed before the bookmark could be appended; no bookmark was taken".into());
+            return Err(ApplianceError::Busy(
+                "the request's deadline passed before the bookmark could be appended; no \
+                 bookmark was taken"
+                    .into(),
+            ));
         }
         prune(&mut list, journal.first_seq());
         if list.iter().any(|b| b.name == payload.name) {
-            return Err(format!(
+            return Err(ApplianceError::Refused(format!(
                 "a bookmark named {:?} already exists in this group",
                 payload.name
-            ));
+            )));
         }
         let record = RecordIn {
             kind: RecordKind::Bookmark,
@@ -265,13 +282,13 @@ impl BookmarkIndex {
         let seq = journal.append(&[record]).map_err(|e| {
             let what = format!("journal append failed: {e}");
             on_journal_failure(what.clone());
-            what
+            ApplianceError::Fenced(what)
         })?;
         journal.sync().map_err(|e| {
             // Never retry a failed fsync: the caller fences the group.
             let what = format!("journal sync failed: {e}");
             on_journal_failure(what.clone());
-            what
+            ApplianceError::Fenced(what)
         })?;
         let timestamp_ns = record_timestamp(journal, seq)?;
         let bookmark = Bookmark {
@@ -439,9 +456,11 @@ mod tests {
                 taken.push(b);
             }
             let dup = index.create(&journal, payload("b"), None, |_| {});
-            assert!(dup.expect_err("duplicate").contains("already exists"));
+            let dup = dup.expect_err("duplicate");
+            assert!(matches!(&dup, ApplianceError::Refused(m) if m.contains("already exists")));
             let late = index.create(&journal, payload("d"), Some(Instant::now()), |_| {});
-            assert!(late.expect_err("deadline").contains("deadline"));
+            let late = late.expect_err("deadline");
+            assert!(matches!(&late, ApplianceError::Busy(m) if m.contains("deadline")));
             assert_eq!(
                 journal.last_seq().0,
                 6,

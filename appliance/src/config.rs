@@ -88,6 +88,20 @@ pub struct ApplianceConfig {
     /// twice this). Default 4 MiB, minimum 64 KiB.
     #[serde(default = "events_log_bytes_default")]
     pub events_log_bytes_max: u64,
+    /// Serve the web timeline (`http://ADDR/`) of every group, for example `127.0.0.1:9722`.
+    /// Default: none (off). Only a loopback address is accepted: the page carries no TLS,
+    /// so off loopback it refuses to start (reach it through an SSH tunnel or a TLS proxy).
+    #[serde(default)]
+    pub web_listen: Option<std::net::SocketAddr>,
+    /// Let the web page take bookmarks and open and release images. Default false
+    /// (read-only). Requires `web_token`; every changing request must carry it as
+    /// `Authorization: Bearer TOKEN`.
+    #[serde(default)]
+    pub web_admin: bool,
+    /// The bearer token `web_admin` requests must present. Default none; at least 16
+    /// characters.
+    #[serde(default)]
+    pub web_token: Option<String>,
     #[serde(default)]
     pub group: Vec<GroupConfig>,
     /// Alert targets: each `[[alert]]` names event classes and a command or webhook.
@@ -395,6 +409,31 @@ impl ApplianceConfig {
     /// `replication_listen` accepts either mutual TLS or, explicitly, plaintext.
     fn check_listener_security(&self) -> Result<(), ApplianceError> {
         let bad = |m: String| Err(ApplianceError::Config(m));
+        if let Some(listen) = self.web_listen {
+            if !listen.ip().is_loopback() {
+                return bad(format!(
+                    "web_listen = {listen} is off loopback: the web timeline serves no TLS, so it \
+                     only listens on loopback (reach it through an SSH tunnel or a TLS proxy)"
+                ));
+            }
+        }
+        if self.web_admin {
+            match self.web_token.as_deref().map(str::trim) {
+                None | Some("") => {
+                    return bad("web_admin = true needs web_token: changing requests are \
+                                only accepted with a bearer token, never without one"
+                        .into())
+                }
+                Some(t) if t.len() < crate::limits::WEB_TOKEN_CHARS_MIN => {
+                    return bad(format!(
+                        "web_token has {} characters; at least {} are needed",
+                        t.len(),
+                        crate::limits::WEB_TOKEN_CHARS_MIN
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
         match (
             self.replication_listen,
             &self.replication_tls,
@@ -464,7 +503,10 @@ impl ApplianceConfig {
         let bad = |m: String| Err(ApplianceError::Config(m));
         self.alert = std::mem::take(&mut self.alert)
             .into_iter()
-            .map(|a| a.sanitize().map_err(ApplianceError::Config))
+            .map(|a| {
+                a.sanitize()
+                    .map_err(|e| ApplianceError::Config(e.to_string()))
+            })
             .collect::<Result<_, _>>()?;
         let deadline = self.link_deadline_ms.clamp(
             cdp_link::limits::LINK_DEADLINE_MS_MIN,

@@ -26,26 +26,32 @@ pub async fn serve_control(listener: UnixListener, registry: Arc<Groups>, images
         CONTROL_CONNECTIONS_MAX,
         move |request: Request| {
             let registry = Arc::clone(&registry);
-            let groups = registry.list();
             let images = Arc::clone(&images);
-            async move {
-                match request {
-                    request @ (Request::GroupCreate(_)
-                    | Request::GroupList
-                    | Request::VolumeAdd { .. }
-                    | Request::VolumeRemove { .. }) => manage_request(registry, request).await,
-                    Request::Status => to_json(&status(&groups)),
-                    request @ (Request::ImageAccess { .. }
-                    | Request::ImageList { .. }
-                    | Request::ImageRelease { .. }) => {
-                        image_request(&groups, &images, request).await
-                    }
-                    request => group_request(&groups, request).await,
-                }
-            }
+            async move { answer(&registry, &images, request).await }
         },
     )
     .await
+}
+
+/// One control request's answer; the control socket and the web timeline (`crate::web`)
+/// share it, so both say the same thing and refuse the same points.
+pub async fn answer(
+    registry: &Arc<Groups>,
+    images: &Arc<Images>,
+    request: Request,
+) -> Result<serde_json::Value, ControlError> {
+    let groups = registry.list();
+    match request {
+        request @ (Request::GroupCreate(_)
+        | Request::GroupList
+        | Request::VolumeAdd { .. }
+        | Request::VolumeRemove { .. }) => manage_request(Arc::clone(registry), request).await,
+        Request::Status => to_json(&status(&groups)),
+        request @ (Request::ImageAccess { .. }
+        | Request::ImageList { .. }
+        | Request::ImageRelease { .. }) => image_request(&groups, images, request).await,
+        request => group_request(&groups, request).await,
+    }
 }
 
 /// Image requests, on the blocking pool (they create files, roll replicas, wait).
@@ -331,7 +337,7 @@ async fn group_request(
                     keep,
                 };
                 let b = g.create_bookmark(payload, deadline)?;
-                tracing::info!(group = %g.name, name = %b.name, seq = b.seq, consistency = ?b.consistency, "bookmark created");
+                tracing::info!(group = %g.name, name = %b.name, seq = b.seq, consistency = %b.consistency, "bookmark created");
                 to_json(&cdp_control::BookmarkCreated {
                     group: g.name.clone(),
                     bookmark: b,
@@ -456,27 +462,12 @@ pub fn wire_status(status: crate::group::GroupStatus) -> cdp_control::GroupStatu
         replica_held_at,
         history,
         consolidation,
-        volumes: volumes.into_iter().map(wire_volume).collect(),
+        volumes: volumes
+            .into_iter()
+            .map(cdp_control::VolumeStatus::from)
+            .collect(),
         source,
         remote,
         replication_source,
-    }
-}
-
-/// A volume's status as the protocol defines it (see `wire_status`).
-pub fn wire_volume(volume: crate::group::VolumeStatus) -> cdp_control::VolumeStatus {
-    let crate::group::VolumeStatus {
-        name,
-        size,
-        replica,
-        connected,
-        last_source_seq,
-    } = volume;
-    cdp_control::VolumeStatus {
-        name,
-        size,
-        replica,
-        connected,
-        last_source_seq,
     }
 }

@@ -284,7 +284,7 @@ impl Groups {
                     volumes: status
                         .volumes
                         .into_iter()
-                        .map(crate::control::wire_volume)
+                        .map(cdp_control::VolumeStatus::from)
                         .collect(),
                 }
             })

@@ -10,6 +10,7 @@
 //! journal's length.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use cdp_journal::{RecordKind, RecordLocation};
 
@@ -114,18 +115,44 @@ impl BlockPlan {
     }
 }
 
+/// Hashes a block or chunk number with one 128-bit multiply folded to 64 bits. The keys are
+/// our own (not a peer's), so SipHash's flood resistance buys nothing, and it was most of
+/// the index's rebuild time at open (measured by `benches/restart.rs`).
+#[derive(Default)]
+struct BlockHasher(u64);
+
+impl Hasher for BlockHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, key: u64) {
+        let product =
+            u128::from(key ^ self.0).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835);
+        self.0 = (product as u64) ^ ((product >> 64) as u64);
+    }
+}
+
+type BlockMap = HashMap<u64, Vec<u64>, BuildHasherDefault<BlockHasher>>;
+
 /// Seqs of the records touching each block (fine) or chunk (coarse), ascending.
 #[derive(Default)]
 struct Levels {
-    fine: HashMap<u64, Vec<u64>>,
-    coarse: HashMap<u64, Vec<u64>>,
+    fine: BlockMap,
+    coarse: BlockMap,
     /// Seqs held in both maps, kept as they change: status must not walk the index.
     entries: usize,
 }
 
 impl Levels {
     /// The level a record of `length` bytes is indexed in, and that level's unit.
-    fn level(&mut self, length: u64) -> (&mut HashMap<u64, Vec<u64>>, u64, &mut usize) {
+    fn level(&mut self, length: u64) -> (&mut BlockMap, u64, &mut usize) {
         if length <= FINE_RECORD_BYTES_MAX {
             (&mut self.fine, BLOCK_BYTES, &mut self.entries)
         } else {

@@ -10,8 +10,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use cdp_nbd::export::Extent;
+use cdp_nbd::limits::BLOCK_STATUS_EXTENTS_MAX;
 use cdp_nbd::protocol::{NBD_STATE_HOLE, NBD_STATE_ZERO};
-use cdp_nbd::{Export, ExportError, ExportFeatures, ExportRegistry, Extent, MetaContext};
+use cdp_nbd::{Export, ExportError, ExportFeatures, ExportRegistry, MetaContext};
 use cdp_types::{BlockFile, Seq, TimestampNs};
 
 use crate::error::ApplianceError;
@@ -198,6 +200,7 @@ impl Images {
             .spawn(move || {
                 let result = group
                     .hold_replica(at)
+                    .map_err(String::from)
                     .and_then(|()| images.publish(&id, volumes).map_err(|e| e.to_string()));
                 let mut open = images.lock();
                 if let Some(image) = open.get_mut(&id) {
@@ -358,6 +361,58 @@ impl VolumeAtPoint {
             pos = run_end;
         }
         Ok(())
+    }
+
+    /// `base:allocation`: the point's runs, with blocks written to the scratch file as data.
+    fn allocation_blocking(&self, offset: u64, length: u32) -> Result<Vec<Extent>, ExportError> {
+        let runs = self
+            .group
+            .allocation_at_point(
+                &self.volume,
+                self.at,
+                offset,
+                u64::from(length),
+                BLOCK_STATUS_EXTENTS_MAX,
+            )
+            .map_err(|e| ExportError::Io(std::io::Error::other(e.to_string())))?;
+        let written = self
+            .scratch
+            .as_ref()
+            .map(|s| s.written.lock().unwrap_or_else(|p| p.into_inner()).clone());
+        let mut extents: Vec<Extent> = Vec::new();
+        let mut push = |len: u64, zero: bool| {
+            let flags = if zero {
+                NBD_STATE_HOLE | NBD_STATE_ZERO
+            } else {
+                0
+            };
+            match extents.last_mut() {
+                Some(last) if last.flags == flags => last.length += len as u32,
+                // Runs lie inside the request, so they fit its u32 length.
+                _ => extents.push(Extent {
+                    length: len as u32,
+                    flags,
+                }),
+            }
+        };
+        let mut pos = offset;
+        for (len, zero) in runs {
+            let run_end = pos + len;
+            match (&written, zero) {
+                (Some(bits), true) => {
+                    // A zero run may hold blocks the image's user wrote since.
+                    while pos < run_end {
+                        let block = pos / BLOCK_BYTES;
+                        let to = ((block + 1) * BLOCK_BYTES).min(run_end);
+                        push(to - pos, !bit(bits, block));
+                        pos = to;
+                    }
+                }
+                _ => push(len, zero),
+            }
+            pos = run_end;
+        }
+        Ok(extents)
     }
 
     fn read_point(&self, offset: u64, buf: &mut [u8]) -> Result<(), ExportError> {
@@ -546,16 +601,7 @@ impl Export for ImageVolume {
         length: u32,
     ) -> Result<Option<Vec<Extent>>, ExportError> {
         let this = Arc::clone(&self.0);
-        blocking(move || {
-            let runs = this
-                .group
-                .allocation_at_point(&this.volume, this.at, offset, u64::from(length))
-                .map_err(point_error)?;
-            // A block written to the scratch area is data, whatever the point held.
-            let runs = this.with_scratch_blocks(offset, runs, false);
-            Ok(Some(to_extents(runs, NBD_STATE_HOLE | NBD_STATE_ZERO)))
-        })
-        .await
+        blocking(move || this.allocation_blocking(offset, length).map(Some)).await
     }
 
     fn meta_context(&self, query: &str) -> Option<Arc<dyn MetaContext>> {

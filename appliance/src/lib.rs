@@ -27,6 +27,7 @@ pub mod state_file;
 pub mod timeline;
 pub mod volume_link;
 pub mod watermark;
+pub mod web;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -59,8 +60,35 @@ pub async fn run_with_ready(
     std::fs::create_dir_all(&config.data_dir)?;
     // appliance.toml's groups with the ones created and changed at runtime (managed.toml).
     let groups = Arc::new(Groups::open(&config)?);
+    // The event log first: replication records its refusals in it.
+    let site = config
+        .site
+        .clone()
+        .unwrap_or_else(cdp_metrics::default_site);
+    let events_path = config.events_log_path();
+    let event_log = Arc::new(
+        cdp_metrics::event_log::EventLog::open(
+            &events_path,
+            "appliance",
+            &site,
+            config.events_log_bytes_max,
+            cdp_metrics::alert::Alerts::start(&config.alert),
+        )
+        .map_err(|e| {
+            ApplianceError::Io(std::io::Error::new(
+                e.kind(),
+                format!("event log {}: {e}", events_path.display()),
+            ))
+        })?,
+    );
+    event_log.record(
+        "started",
+        Default::default(),
+        format!("appliance {} started", env!("CARGO_PKG_VERSION")),
+    );
     // --- remote replication: groups opened at start only; runtime-created ones do not ship yet.
-    let replication = replication::Replication::start(&config, &groups.list())?;
+    let replication =
+        replication::Replication::start(&config, &groups.list(), Arc::clone(&event_log))?;
 
     let control_path = config.control_path();
     let control = bind_unix(&control_path)?;
@@ -111,31 +139,6 @@ pub async fn run_with_ready(
     if let Some(listen) = config.metrics_listen.filter(|l| !l.ip().is_loopback()) {
         tracing::warn!(metrics = %listen, "metrics served off loopback, without authentication");
     }
-    let site = config
-        .site
-        .clone()
-        .unwrap_or_else(cdp_metrics::default_site);
-    let events_path = config.events_log_path();
-    let event_log = Arc::new(
-        cdp_metrics::event_log::EventLog::open(
-            &events_path,
-            "appliance",
-            &site,
-            config.events_log_bytes_max,
-            cdp_metrics::alert::Alerts::start(&config.alert),
-        )
-        .map_err(|e| {
-            ApplianceError::Io(std::io::Error::new(
-                e.kind(),
-                format!("event log {}: {e}", events_path.display()),
-            ))
-        })?,
-    );
-    event_log.record(
-        "started",
-        Default::default(),
-        format!("appliance {} started", env!("CARGO_PKG_VERSION")),
-    );
     let mut detector = events::Detector::new(Arc::clone(&event_log));
     let sampler = metrics::Sampler::new(Arc::clone(&groups), Arc::clone(&images));
     let _metrics = AbortOnDrop(
@@ -145,6 +148,23 @@ pub async fn run_with_ready(
         .await
         .map_err(|e| ApplianceError::Config(format!("metrics_listen: {e}")))?,
     );
+    // --- the web timeline: off unless web_listen is set (loopback only, see config).
+    let _web = match config.web_listen {
+        Some(listen) => Some(AbortOnDrop(
+            web::start(
+                listen,
+                web::WebSettings {
+                    admin: config.web_admin,
+                    token: config.web_token.clone(),
+                },
+                Arc::clone(&groups),
+                Arc::clone(&images),
+            )
+            .await
+            .map_err(|e| ApplianceError::Config(format!("web_listen {listen}: {e}")))?,
+        )),
+        None => None,
+    };
     let link_deadline = std::time::Duration::from_millis(config.link_deadline_ms);
     let mut links = tokio::task::JoinSet::new();
     let limit = Arc::new(Semaphore::new(LINK_CONNECTIONS_MAX));

@@ -79,11 +79,12 @@ pub const IMAGE_RECORD_CACHE_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Payloads image reads keep cached, whatever their size.
 pub const IMAGE_RECORD_CACHE_ENTRIES_MAX: usize = 4096;
 
+/// Blocks one image block-status request classifies (under the history lock, so bounded;
+/// 64 MiB of volume, and the client asks again for the rest).
+pub const ALLOCATION_BLOCKS_MAX: u64 = 16 * 1024;
+
 /// Images open at once on an appliance.
 pub const IMAGES_MAX: usize = 64;
-
-/// How often a split link held by a full journal (policy `throttle`) looks again.
-pub const JOURNAL_FULL_HOLD_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 // --- remote replication ---
 /// Replication links a remote appliance serves at once (each is one thread and up to
@@ -142,3 +143,18 @@ pub const PARALLEL_ASSEMBLY_BLOCKS_MIN: usize = 128;
 /// set, 8 bytes per kept point: 16 MiB is two million points, years of hourly points, and
 /// bounds what a damaged length field can make the appliance allocate.
 pub const STATE_BODY_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+// --- web timeline (`web.rs`) ---
+/// Characters a `web_token` needs at least: a short token is guessable over loopback.
+pub const WEB_TOKEN_CHARS_MIN: usize = 16;
+/// Bytes of one web request's head; more is answered 431.
+pub const WEB_HEAD_BYTES_MAX: usize = 8 * 1024;
+/// Bytes of one web request's body (a bookmark or image request is a few hundred).
+pub const WEB_BODY_BYTES_MAX: usize = 16 * 1024;
+/// Web connections served at once; more wait in the listen backlog.
+pub const WEB_CONNECTIONS_MAX: usize = 16;
+/// A web client must send its request, and take the answer, within this (image access may
+/// roll a logged replica, so the answer may take a while).
+pub const WEB_IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Samples of lag, write rate and journal fill the page charts: one a second, an hour.
+pub const WEB_HISTORY_SAMPLES_MAX: usize = 3600;

@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use crate::connection_progress::ConnectionProgress;
 use crate::group::{Group, GroupVolume};
 use crate::group_registry::Groups;
-use crate::limits::{APPEND_BATCH_BYTES_MAX, APPEND_BATCH_ITEMS_MAX, JOURNAL_FULL_HOLD_POLL};
+use crate::limits::{APPEND_BATCH_BYTES_MAX, APPEND_BATCH_ITEMS_MAX};
 use crate::replica_verify::{self, ChecksumAsk};
 use crate::volume_link::LinkClaim;
 
@@ -71,7 +71,7 @@ pub async fn serve_link(groups: Arc<Groups>, stream: LinkStream, deadline: Durat
             resync_follows,
         }) => (volume, size, splitter_id, session, resync_follows),
         Ok(other) => {
-            tracing::warn!("split link: expected Hello, got {other:?}; closing");
+            tracing::warn!(got = other.name(), "split link: expected Hello; closing");
             return;
         }
         Err(e) => {
@@ -102,7 +102,7 @@ pub async fn serve_link(groups: Arc<Groups>, stream: LinkStream, deadline: Durat
     }
     // Remote replication: a remote copy is written only by its replication link (rule 6).
     if let Err(reason) = group.refuse_local_changes_at_remote_copy() {
-        refuse(&mut writer, &volume_name, reason).await;
+        refuse(&mut writer, &volume_name, reason.to_string()).await;
         return;
     }
     let fenced = group.failure().borrow().clone();
@@ -409,8 +409,8 @@ async fn receive_changes(
         if !batch.is_empty() {
             // Backpressure: while held, this volume's Acks stop, the splitter's window of
             // unacknowledged changes fills and the host's writes wait.
-            while group.journal_full_hold() {
-                tokio::time::sleep(JOURNAL_FULL_HOLD_POLL).await;
+            if group.journal_full_hold() {
+                group.wait_journal_full_hold().await;
             }
             let journal_last = group
                 .append(volume, &batch)
@@ -438,7 +438,7 @@ async fn receive_changes(
         if let Some(source_seq) = flush_through {
             group
                 .request_sync(source_seq, progress)
-                .map_err(LinkError::Protocol)?;
+                .map_err(|e| LinkError::Protocol(e.to_string()))?;
         }
     }
 }
@@ -484,7 +484,8 @@ fn check_change(
         }
         other => {
             return Err(LinkError::Protocol(format!(
-                "unexpected message from splitter: {other:?}"
+                "unexpected message from splitter: {}",
+                other.name()
             )))
         }
     };

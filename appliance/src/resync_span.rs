@@ -82,7 +82,7 @@ impl ResyncSpans {
         }
     }
 
-    fn note(&self, kind: RecordKind, volume: u32, seq: u64) {
+    pub(crate) fn note(&self, kind: RecordKind, volume: u32, seq: u64) {
         let mut spans = self.spans.lock().unwrap_or_else(|p| p.into_inner());
         match kind {
             RecordKind::ResyncStart => {

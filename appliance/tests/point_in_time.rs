@@ -258,7 +258,7 @@ fn run(ops: Vec<Op>, points: Vec<f64>, compress: bool) -> Result<(), TestCaseErr
                         },
                         None,
                     )
-                    .map_err(TestCaseError::fail)?;
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 bookmarks.push(b.seq);
                 if keep {
                     kept_bookmarks.push(b.seq);
@@ -299,7 +299,9 @@ fn run(ops: Vec<Op>, points: Vec<f64>, compress: bool) -> Result<(), TestCaseErr
                     continue;
                 };
                 group.unpin(pin);
-                group.hold_replica(Seq(at)).map_err(TestCaseError::fail)?;
+                group
+                    .hold_replica(Seq(at))
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 check_replicas(dir, &model, at, "logged access")?;
                 check_image(&group, &model, at)?;
                 // Later points now lay journal records over the rolled-back replica; in

@@ -7,7 +7,9 @@ use cdp_types::{Seq, TimestampNs};
 
 use crate::engine::Inner;
 use crate::error::JournalError;
-use crate::format::{RecordHeader, RECORD_FLAG_ZSTD, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
+use crate::format::{
+    Corrupt, RecordHeader, RECORD_FLAG_ZSTD, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN,
+};
 use crate::record::{Record, RecordKind, RecordLocation};
 use crate::scan::{Payload, ScanError, Scanner};
 use crate::segment::Segment;
@@ -157,7 +159,7 @@ impl Iterator for JournalReader {
                                 return self.fail(JournalError::corruption(
                                     seg.path(),
                                     r.offset,
-                                    what,
+                                    what.0,
                                 ));
                             }
                         }
@@ -248,7 +250,7 @@ pub(crate) fn read_one(
     h.verify(&head, group_id, segment.index, &payload)
         .map_err(|c| corrupt(c.0))?;
     let payload = if h.flags & RECORD_FLAG_ZSTD != 0 {
-        decompress(&payload, h.length).map_err(corrupt)?
+        decompress(&payload, h.length).map_err(|c| corrupt(c.0))?
     } else {
         payload
     };
@@ -266,7 +268,7 @@ fn read_mapped(
     let (h, payload) = checked_in_map(segment, bytes, group_id, offset, seq)?;
     let payload = if h.flags & RECORD_FLAG_ZSTD != 0 {
         decompress(payload, h.length)
-            .map_err(|what| JournalError::corruption(segment.path(), offset, what))?
+            .map_err(|what| JournalError::corruption(segment.path(), offset, what.0))?
     } else {
         bytes::Bytes::copy_from_slice(payload)
     };
@@ -371,13 +373,15 @@ fn read_exact_at(segment: &Segment, buf: &mut [u8], at: u64) -> Result<(), Journ
 
 /// Decompresses a zstd write payload that must come out at exactly `length` bytes (≤ the
 /// write limit, checked when the header was decoded, so this allocation is bounded).
-fn decompress(payload: &[u8], length: u64) -> Result<bytes::Bytes, String> {
+fn decompress(payload: &[u8], length: u64) -> Result<bytes::Bytes, Corrupt> {
     match zstd::bulk::decompress(payload, length as usize) {
         Ok(v) if v.len() as u64 == length => Ok(bytes::Bytes::from(v)),
-        Ok(v) => Err(format!(
+        Ok(v) => Err(Corrupt(format!(
             "compressed payload holds {} bytes, the record says {length}",
             v.len()
-        )),
-        Err(e) => Err(format!("compressed payload does not decompress: {e}")),
+        ))),
+        Err(e) => Err(Corrupt(format!(
+            "compressed payload does not decompress: {e}"
+        ))),
     }
 }

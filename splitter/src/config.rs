@@ -173,9 +173,9 @@ impl ManagedVolumes {
 
     /// Replaces the file atomically (temporary file, fsync, rename, directory fsync), so a
     /// crash leaves the old or the new list.
-    pub fn store(&self, path: &Path) -> Result<(), String> {
-        let text =
-            toml::to_string(self).map_err(|e| format!("encoding {}: {e}", path.display()))?;
+    pub fn store(&self, path: &Path) -> Result<(), SplitterError> {
+        let text = toml::to_string(self)
+            .map_err(|e| SplitterError::Config(format!("encoding {}: {e}", path.display())))?;
         let tmp = path.with_extension("tmp");
         let write = || -> std::io::Result<()> {
             let mut f = std::fs::File::create(&tmp)?;
@@ -187,7 +187,12 @@ impl ManagedVolumes {
             }
             Ok(())
         };
-        write().map_err(|e| format!("writing {}: {e}", path.display()))
+        write().map_err(|e| {
+            SplitterError::Io(std::io::Error::new(
+                e.kind(),
+                format!("writing {}: {e}", path.display()),
+            ))
+        })
     }
 
     /// The volumes to serve: `splitter.toml`'s without the removed ones, then the added ones.
@@ -241,7 +246,10 @@ impl SplitterConfig {
     pub fn sanitize(mut self) -> Result<SplitterConfig, SplitterError> {
         self.alert = std::mem::take(&mut self.alert)
             .into_iter()
-            .map(|a| a.sanitize().map_err(SplitterError::Config))
+            .map(|a| {
+                a.sanitize()
+                    .map_err(|e| SplitterError::Config(e.to_string()))
+            })
             .collect::<Result<_, _>>()?;
         let window = self.link_window_bytes.clamp(
             crate::limits::UNACKED_BYTES_MIN,

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use cdp_control::{SplitterResyncing, SplitterStatus, SplitterVolumeAdded};
+use cdp_link::control_socket::ControlError;
 use tokio::net::UnixListener;
 
 use crate::config::SplitVolumeConfig;
@@ -67,7 +68,7 @@ impl Control {
     }
 }
 
-fn answer(control: &Control, request: Request) -> Result<serde_json::Value, String> {
+fn answer(control: &Control, request: Request) -> Result<serde_json::Value, ControlError> {
     let value = match request {
         Request::Status => {
             let volumes: Vec<VolumeState> = control
@@ -83,10 +84,10 @@ fn answer(control: &Control, request: Request) -> Result<serde_json::Value, Stri
         }
         Request::Resync { volume, verify } => {
             let served = control.volumes.get(&volume).ok_or_else(|| {
-                format!(
+                ControlError::not_found(format!(
                     "no volume {volume:?} on this splitter (it serves: {})",
                     control.volumes.names()
-                )
+                ))
             })?;
             let link = &served.link;
             let method = if verify {
@@ -95,17 +96,20 @@ fn answer(control: &Control, request: Request) -> Result<serde_json::Value, Stri
                 ResyncMethod::Copy
             };
             link.request_resync(ResyncReason::Full, method);
-            tracing::info!(volume = %volume, ?method, "full resync requested");
+            tracing::info!(volume = %volume, %method, "full resync requested");
             let state = control.volume_state(link);
             to_json(&SplitterResyncing { volume, state })?
         }
         Request::VolumeAdd { .. } | Request::VolumeRemove { .. } => {
-            return Err("volume changes are answered by serve_control".into())
+            return Err(ControlError::from(
+                "volume changes are answered by serve_control",
+            ))
         }
     };
     Ok(value)
 }
 
-fn to_json(answer: &impl serde::Serialize) -> Result<serde_json::Value, String> {
-    serde_json::to_value(answer).map_err(|e| format!("encoding the answer: {e}"))
+fn to_json(answer: &impl serde::Serialize) -> Result<serde_json::Value, ControlError> {
+    serde_json::to_value(answer)
+        .map_err(|e| ControlError::from(format!("encoding the answer: {e}")))
 }

@@ -62,34 +62,50 @@ fn encode_header(region_bytes: u64, volume_bytes: u64) -> [u8; HEADER_LEN] {
     h
 }
 
-fn check_header(h: &[u8], volume_bytes: u64) -> Result<u64, String> {
+/// Why a dirty bitmap's header is refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+enum HeaderError {
+    #[error("{0} bytes is shorter than the header")]
+    Short(usize),
+    #[error("not a cdp dirty bitmap (bad magic)")]
+    BadMagic,
+    #[error("version {0} is not supported (this build reads {VERSION})")]
+    Version(u32),
+    #[error("header CRC mismatch")]
+    Crc,
+    #[error("region size {0} is invalid")]
+    RegionSize(u64),
+    #[error("made for a {recorded} byte volume, production is {production} bytes")]
+    VolumeSize { recorded: u64, production: u64 },
+}
+
+fn check_header(h: &[u8], volume_bytes: u64) -> Result<u64, HeaderError> {
     if h.len() < HEADER_LEN {
-        return Err(format!("{} bytes is shorter than the header", h.len()));
+        return Err(HeaderError::Short(h.len()));
     }
     if h[0..8] != MAGIC {
-        return Err("not a cdp dirty bitmap (bad magic)".into());
+        return Err(HeaderError::BadMagic);
     }
     let version = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
     if version != VERSION {
-        return Err(format!(
-            "version {version} is not supported (this build reads 1)"
-        ));
+        return Err(HeaderError::Version(version));
     }
     let crc = u32::from_le_bytes([h[24], h[25], h[26], h[27]]);
     if crc != crc32fast::hash(&h[0..24]) {
-        return Err("header CRC mismatch".into());
+        return Err(HeaderError::Crc);
     }
     let region_bytes = u32::from_le_bytes([h[12], h[13], h[14], h[15]]) as u64;
     if region_bytes < 4096 || !region_bytes.is_power_of_two() {
-        return Err(format!("region size {region_bytes} is invalid"));
+        return Err(HeaderError::RegionSize(region_bytes));
     }
     let mut v = [0u8; 8];
     v.copy_from_slice(&h[16..24]);
     let recorded = u64::from_le_bytes(v);
     if recorded != volume_bytes {
-        return Err(format!(
-            "made for a {recorded} byte volume, production is {volume_bytes} bytes"
-        ));
+        return Err(HeaderError::VolumeSize {
+            recorded,
+            production: volume_bytes,
+        });
     }
     Ok(region_bytes)
 }
@@ -117,7 +133,7 @@ impl DirtyBitmap {
                 return Err(invalid(format!("{len} bytes is shorter than the header")));
             }
             std::os::unix::fs::FileExt::read_exact_at(&file, &mut header, 0)?;
-            check_header(&header, volume_bytes).map_err(invalid)?
+            check_header(&header, volume_bytes).map_err(|e| invalid(e.to_string()))?
         } else {
             REGION_BYTES_DEFAULT
         };

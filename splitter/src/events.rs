@@ -74,7 +74,7 @@ impl Detector {
             if started || (finished && !was_resyncing && !now.resyncing) {
                 let what = s.resync.as_ref().map_or_else(
                     || "a short resync (begun and done between two samples)".to_string(),
-                    |r| format!("{:?} of {} bytes", r.method, r.total_bytes),
+                    |r| format!("{} of {} bytes", r.method, r.total_bytes),
                 );
                 log.record(
                     "resync_started",
@@ -88,7 +88,7 @@ impl Detector {
                         "resync_finished",
                         scope,
                         format!(
-                            "volume {}: resync finished: {:?}, {} bytes, {} copied, {:.1} s",
+                            "volume {}: resync finished: {}, {} bytes, {} copied, {:.1} s",
                             s.name, r.method, r.total_bytes, r.copied_bytes, r.seconds
                         ),
                     );

@@ -69,10 +69,7 @@ pub async fn run_with_ready(
             tracing::info!(volume = %name, appliance = %config.appliance, "waiting for the appliance");
         }
         tokio::select! {
-            ready = link.wait_ready() => ready.map_err(|reason| SplitterError::Refused {
-                volume: name.clone(),
-                reason,
-            })?,
+            ready = link.wait_ready() => ready?,
             () = &mut shutdown => return Ok(()),
         }
     }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cdp_link::control_socket::{ControlError, ErrorCode};
 use cdp_nbd::ExportRegistry;
 use cdp_types::{validate_name, BlockFile, Endpoint};
 
@@ -20,6 +21,10 @@ use crate::split_link::{self, DurableBy, SplitLink};
 const ADD_WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long removing a volume waits for the appliance to make its last changes durable.
+/// Why runtime volume changes are refused without a file to keep them in.
+const NO_MANAGED_FILE: &str = "this splitter has no managed_volumes file (set control or \
+     managed_volumes in splitter.toml) to keep runtime changes in";
+
 const REMOVE_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One volume being served: production, its split link, and how it was configured.
@@ -154,36 +159,35 @@ impl ServedVolumes {
 
     /// Serves a new volume from now on and after restarts. Answers once the appliance
     /// welcomed it; a refusal (unknown volume, other size, already split) undoes the add.
-    pub async fn add(&self, v: SplitVolumeConfig) -> Result<Arc<ServedVolume>, String> {
+    pub async fn add(&self, v: SplitVolumeConfig) -> Result<Arc<ServedVolume>, ControlError> {
         let Some(managed_path) = self.managed_path.clone() else {
-            return Err(
-                "this splitter has no managed_volumes file (set control or managed_volumes \
-                 in splitter.toml) to keep runtime changes in"
-                    .into(),
-            );
+            return Err(ControlError::refused(NO_MANAGED_FILE));
         };
-        validate_name(&v.name).map_err(|e| e.to_string())?;
+        validate_name(&v.name)
+            .map_err(|e| ControlError::new(ErrorCode::BadRequest, e.to_string()))?;
         let mut managed = self.managed.lock().await;
         if self.get(&v.name).is_some() {
-            return Err(format!(
+            return Err(ControlError::refused(format!(
                 "volume {:?} is already served by this splitter",
                 v.name
-            ));
+            )));
         }
-        let served = self.start(&v).map_err(|e| e.to_string())?;
+        let served = self
+            .start(&v)
+            .map_err(|e| ControlError::from(e.to_string()))?;
         let ready = tokio::time::timeout(ADD_WELCOME_TIMEOUT, served.link.wait_ready()).await;
         let refused = match ready {
             Ok(Ok(())) => None,
-            Ok(Err(reason)) => Some(format!(
-                "the appliance refused volume {:?}: {reason}",
-                v.name
-            )),
-            Err(_) => Some(format!(
+            Ok(Err(e @ SplitterError::Refused { .. })) => {
+                Some(ControlError::refused(e.to_string()))
+            }
+            Ok(Err(e)) => Some(ControlError::from(e.to_string())),
+            Err(_) => Some(ControlError::from(format!(
                 "the appliance did not welcome volume {:?} within {} s (is it running, and \
                  does it know the volume? add it there first)",
                 v.name,
                 ADD_WELCOME_TIMEOUT.as_secs()
-            )),
+            ))),
         };
         if let Some(refused) = refused {
             self.unserve(&v.name, &served);
@@ -194,7 +198,7 @@ impl ServedVolumes {
         changed.volume.push(v.clone());
         if let Err(e) = changed.store(&managed_path) {
             self.unserve(&v.name, &served);
-            return Err(e);
+            return Err(ControlError::from(e.to_string()));
         }
         *managed = changed;
         tracing::info!(volume = %v.name, path = %v.path.display(), "volume added");
@@ -209,26 +213,22 @@ impl ServedVolumes {
         &self,
         name: &str,
         force: bool,
-    ) -> Result<cdp_control::SplitterVolumeRemoved, String> {
+    ) -> Result<cdp_control::SplitterVolumeRemoved, ControlError> {
         let Some(managed_path) = self.managed_path.clone() else {
-            return Err(
-                "this splitter has no managed_volumes file (set control or managed_volumes \
-                 in splitter.toml) to keep runtime changes in"
-                    .into(),
-            );
+            return Err(ControlError::refused(NO_MANAGED_FILE));
         };
         let mut managed = self.managed.lock().await;
         let served = self.get(name).ok_or_else(|| {
-            format!(
+            ControlError::not_found(format!(
                 "no volume {name:?} on this splitter (it serves: {})",
                 self.names()
-            )
+            ))
         })?;
         let hosts = self.registry.clients(name).unwrap_or(0);
         if hosts > 0 && !force {
-            return Err(format!(
+            return Err(ControlError::refused(format!(
                 "{hosts} host(s) attached to volume {name:?}; detach them first or use --force"
-            ));
+            )));
         }
         let mut changed = managed.clone();
         if changed.volume.iter().any(|m| m.name == name) {
@@ -236,7 +236,9 @@ impl ServedVolumes {
         } else if !changed.volume_removed.iter().any(|r| r == name) {
             changed.volume_removed.push(name.to_string());
         }
-        changed.store(&managed_path)?;
+        changed
+            .store(&managed_path)
+            .map_err(|e| ControlError::from(e.to_string()))?;
         *managed = changed;
         // No new host finds it from here on; then every change already made reaches the
         // journal (or the bitmap) before the link ends.

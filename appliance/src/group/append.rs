@@ -143,11 +143,45 @@ impl Group {
                 return true;
             }
         }
-        if !self.over_capacity.load(Ordering::Relaxed) {
+        if !*self.over_capacity.borrow() {
             return false;
         }
         self.urge_distribution();
         self.journal_full_policy == JournalFullPolicy::Throttle
+    }
+
+    /// Returns once `journal_full_hold` is false. It can only turn false when a retention
+    /// pass clears `over_capacity` or the remote copy's position or RPO state moves (the
+    /// shipper pulses `shipped` for each), so it waits on those instead of polling.
+    pub async fn wait_journal_full_hold(&self) {
+        // Subscribed before each check, so a change between the check and the wait wakes it.
+        let mut capacity = self.over_capacity.subscribe();
+        let mut shipped = self
+            .replication
+            .shipping
+            .as_ref()
+            .map(|s| s.shipped.subscribe());
+        while self.journal_full_hold() {
+            let shipping_moved = async {
+                let moved = match shipped.as_mut() {
+                    Some(rx) => rx.changed().await.is_ok(),
+                    None => false,
+                };
+                if !moved {
+                    // No shipper, or it is gone: only the retention pass can release.
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                changed = capacity.changed() => {
+                    if changed.is_err() {
+                        // The group is being dropped; the connection ends with it.
+                        return;
+                    }
+                }
+                () = shipping_moved => {}
+            }
+        }
     }
 
     /// Journal bytes holding records after `seq` (what a remote copy at `seq` lacks), to

@@ -2,6 +2,7 @@
 //! taken now would be recoverable (volumes without a split link, resyncs open).
 
 use crate::bookmark::{Bookmark, BookmarkPayload};
+use crate::error::ApplianceError;
 use crate::resync_span::ResyncSpan;
 use std::time::Instant;
 
@@ -81,9 +82,9 @@ impl Group {
         &self,
         payload: BookmarkPayload,
         append_deadline: Option<Instant>,
-    ) -> Result<Bookmark, String> {
+    ) -> Result<Bookmark, ApplianceError> {
         if let Some(failure) = self.failure.borrow().clone() {
-            return Err(failure);
+            return Err(ApplianceError::Fenced(failure));
         }
         self.refuse_local_changes_at_remote_copy()?;
         self.bookmarks

@@ -78,8 +78,9 @@ pub struct Group {
     /// Open images or the remote copy keep the journal over capacity (logged once per
     /// episode; the host is not throttled for them).
     held_by_images: AtomicBool,
-    /// Set by the last retention pass; a warning is logged once per episode.
-    over_capacity: AtomicBool,
+    /// Set by the last retention pass; a warning is logged once per episode. A watch, so
+    /// split links holding host writes under `throttle` wake when it clears.
+    over_capacity: watch::Sender<bool>,
     /// Per volume id, the highest source_seq among distributed (hence durable) records.
     /// Written to `source_seqs.state` before segments are released, so a reconnecting
     /// splitter is told the right resume point even when its last change was released.
@@ -194,7 +195,7 @@ impl Group {
         )?;
         tracing::info!(group = %config.name, "undo stream opened: {undo_report}");
         let undo = Arc::new(undo);
-        let history = rebuild_history(&journal, &undo)?;
+        let (history, bookmarks, resync_spans) = rebuild_indexes(&journal, &undo)?;
         let consolidation_state = state.consolidation()?;
         let mut exact_from = Seq(history.undo_captured_through());
         // A resynchronisation by regions cut short: the replica is a mix, no image reads it.
@@ -204,8 +205,6 @@ impl Group {
         tracing::info!(group = %config.name, "history index rebuilt: {}", history.stats());
 
         let (volumes, distributed_source_seqs) = open_volumes(config, &meta, &journal, &state)?;
-        let bookmarks = BookmarkIndex::rebuild(&journal)?;
-        let resync_spans = ResyncSpans::rebuild(&journal)?;
         let retention = RetentionPolicy {
             capacity_bytes: config.journal_capacity_bytes,
             window_ns: config
@@ -228,7 +227,7 @@ impl Group {
             retention,
             journal_full_policy: config.journal_full_policy,
             held_by_images: AtomicBool::new(false),
-            over_capacity: AtomicBool::new(false),
+            over_capacity: watch::Sender::new(false),
             distributed_source_seqs: RankedMutex::new(
                 Rank::DistributedSourceSeqs,
                 distributed_source_seqs,
@@ -357,13 +356,13 @@ impl Group {
     }
 
     /// A remote copy takes records only from its replication link (rule 6: one writable copy).
-    pub fn refuse_local_changes_at_remote_copy(&self) -> Result<(), String> {
+    pub fn refuse_local_changes_at_remote_copy(&self) -> Result<(), ApplianceError> {
         if self.replication.source == crate::config::GroupSource::Remote {
-            return Err(format!(
+            return Err(ApplianceError::Refused(format!(
                 "group {} is the remote copy of another appliance's group (source = \"remote\"); \
                  it takes changes only from its replication link",
                 self.name
-            ));
+            )));
         }
         Ok(())
     }
@@ -373,15 +372,21 @@ impl Group {
 /// never be read as the other.
 pub(super) const UNDO_STREAM_ID_SALT: u64 = 0x554e_444f_5354_524d; // "UNDOSTRM"
 
-/// Reads the headers of the journal and the undo stream back into a block index.
-pub(super) fn rebuild_history(
+/// The start-up indexes from one header pass over the journal (one per index measured at
+/// about a third of the restart time each): the block index (with the undo stream's
+/// headers), the bookmarks and the resync spans.
+pub(super) fn rebuild_indexes(
     journal: &Journal,
     undo: &Journal,
-) -> Result<History, ApplianceError> {
+) -> Result<(History, BookmarkIndex, ResyncSpans), ApplianceError> {
     let mut history = History::new(journal.first_seq().0, undo.first_seq().0);
+    let mut bookmarks = BookmarkIndex::empty();
+    let resync_spans = ResyncSpans::default();
     let mut reader = journal.read_headers_from(journal.first_seq())?;
     while let Some(r) = reader.next() {
         let r = r?;
+        resync_spans.note(r.kind, r.volume, r.seq.0);
+        bookmarks.note_rebuilt(&r);
         let Some(location) = reader.last_location() else {
             continue;
         };
@@ -399,7 +404,7 @@ pub(super) fn rebuild_history(
         undo.dropped = r.payload_dropped;
         history.note_undo(r.seq.0, undo)?;
     }
-    Ok(history)
+    Ok((history, bookmarks, resync_spans))
 }
 
 pub(super) fn spawn_named(

@@ -7,80 +7,15 @@ use cdp_types::Seq;
 use super::{Group, GroupVolume};
 use crate::error::ApplianceError;
 use crate::history::{BlockPlan, BLOCK_BYTES};
-use crate::limits::PARALLEL_ASSEMBLY_BLOCKS_MIN;
+use crate::limits::{ALLOCATION_BLOCKS_MAX, PARALLEL_ASSEMBLY_BLOCKS_MIN};
 use crate::record_cache::Stream;
 
-/// Blocks one allocation or change query examines at most (256 MiB at 4 KiB); a client
-/// asks again from where the answer ended, as NBD lets a server answer short.
-pub const EXTENT_QUERY_BLOCKS_MAX: u64 = 64 * 1024;
-
 impl Group {
-    /// Which blocks of `[offset, offset + length)` read as zeroes at point `at`, as
-    /// consecutive runs of (length, zero), from the block index and the replica's holes
-    /// without reading data: a block is zero when its plan is a zero before-image, or only
-    /// trims and zeroes laid over zeroes or over a replica hole. Anything else is reported
-    /// as data (which may still hold zeroes). Covers at most `EXTENT_QUERY_BLOCKS_MAX`
-    /// blocks, at least one byte.
-    pub fn allocation_at_point(
-        &self,
-        volume: &GroupVolume,
-        at: Seq,
-        offset: u64,
-        length: u64,
-    ) -> Result<Vec<(u64, bool)>, ApplianceError> {
-        let _locations_stay = self.relocation.read();
-        let state = self.replica_state.read();
-        if !state.exact {
-            return Err(ApplianceError::Busy(
-                "the replica is catching up after a restart; images are readable once it has"
-                    .into(),
-            ));
-        }
-        let distributed = state.seq.0;
-        let (first_block, end) = query_blocks(offset, length, volume.size);
-        let span_start = first_block * BLOCK_BYTES;
-        // The replica's holes over the whole span, found before the index lock is taken.
-        let replica_holes: Vec<(u64, u64)> = volume
-            .replica
-            .allocation(span_start, end - span_start, usize::MAX)?
-            .map(|runs| {
-                let mut pos = span_start;
-                runs.into_iter()
-                    .filter_map(|(len, hole)| {
-                        let run = (pos, pos + len);
-                        pos += len;
-                        hole.then_some(run)
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let in_replica_hole = |start: u64| {
-            let block_end = (start + BLOCK_BYTES).min(volume.size);
-            replica_holes
-                .iter()
-                .any(|&(from, to)| from <= start && block_end <= to)
-        };
-        let history = self.history.lock();
-        let zero_of = |block: u64| -> bool {
-            match history.plan(volume.id, block, at.0, distributed) {
-                BlockPlan::Undo { undo, .. } => undo.zero,
-                BlockPlan::Layers {
-                    from_replica,
-                    layers,
-                } => {
-                    !layers.iter().any(|(_, r)| r.kind == RecordKind::Write)
-                        && (!from_replica || in_replica_hole(block * BLOCK_BYTES))
-                }
-            }
-        };
-        Ok(block_runs(offset, end, zero_of))
-    }
-
     /// Which blocks of `[offset, offset + length)` of `volume` differ between points `a`
     /// and `b` (either order), as runs of (length, changed): a block changed when a record
     /// between the two touched it, from the block index alone. Refused when the index no
-    /// longer holds every record after the earlier point. Same bounds as
-    /// `allocation_at_point`.
+    /// longer holds every record after the earlier point. At most `ALLOCATION_BLOCKS_MAX`
+    /// blocks, like `allocation_at_point`; the client asks again for the rest.
     pub fn changed_between(
         &self,
         volume: &GroupVolume,
@@ -90,7 +25,7 @@ impl Group {
         length: u64,
     ) -> Result<Vec<(u64, bool)>, ApplianceError> {
         let (after, through) = (a.0.min(b.0), a.0.max(b.0));
-        let (_, end) = query_blocks(offset, length, volume.size);
+        let end = query_end(offset, length, volume.size);
         let history = self.history.lock();
         if after.saturating_add(1) < history.redo_first() {
             return Err(ApplianceError::NotFound(format!(
@@ -155,6 +90,109 @@ impl Group {
             });
         }
         self.fill_from_plans(volume, &plans, offset, buf)
+    }
+
+    /// How `length` bytes of `volume` from `offset` are allocated at point `at`, as
+    /// consecutive runs of (bytes, reads as zeroes), for NBD's `base:allocation`. Zero where
+    /// the index alone shows it (a before-image of zeroes, zero or trim records covering the
+    /// block, a replica hole under no later write); data elsewhere, zeroes included. Reads
+    /// no payload. At most `runs_max` runs and `ALLOCATION_BLOCKS_MAX` blocks: the runs may
+    /// end early, and the caller asks again from there.
+    pub fn allocation_at_point(
+        &self,
+        volume: &GroupVolume,
+        at: Seq,
+        offset: u64,
+        length: u64,
+        runs_max: usize,
+    ) -> Result<Vec<(u64, bool)>, ApplianceError> {
+        #[derive(Clone, Copy, PartialEq, Eq)]
+        enum Source {
+            Zero,
+            Data,
+            /// The replica's bytes as they are: its holes are zero.
+            Replica,
+        }
+        let end = offset.saturating_add(length).min(volume.size);
+        if end <= offset {
+            return Ok(Vec::new());
+        }
+        let _locations_stay = self.relocation.read();
+        let state = self.replica_state.read();
+        if !state.exact {
+            return Err(ApplianceError::Busy(
+                "the replica is catching up after a restart; images are readable once it has"
+                    .into(),
+            ));
+        }
+        let distributed = state.seq.0;
+        let first_block = offset / BLOCK_BYTES;
+        let last_block = ((end - 1) / BLOCK_BYTES).min(first_block + ALLOCATION_BLOCKS_MAX - 1);
+        let end = end.min((last_block + 1) * BLOCK_BYTES);
+        let sources: Vec<Source> = {
+            let history = self.history.lock();
+            (first_block..=last_block)
+                .map(|b| match history.plan(volume.id, b, at.0, distributed) {
+                    BlockPlan::Undo { undo, .. } if undo.zero => Source::Zero,
+                    BlockPlan::Undo { .. } => Source::Data,
+                    BlockPlan::Layers { layers, .. }
+                        if layers.iter().any(|(_, r)| r.kind == RecordKind::Write) =>
+                    {
+                        Source::Data
+                    }
+                    // Only zero and trim layers: zeroes over zeroes, or over the replica.
+                    BlockPlan::Layers {
+                        from_replica: false,
+                        ..
+                    } => Source::Zero,
+                    BlockPlan::Layers { layers, .. } if layers.is_empty() => Source::Replica,
+                    // Zeroes over part of the replica's block: data unless it is a hole.
+                    BlockPlan::Layers { .. } => Source::Replica,
+                })
+                .collect()
+        };
+        let mut runs: Vec<(u64, bool)> = Vec::new();
+        let push = |runs: &mut Vec<(u64, bool)>, len: u64, zero: bool| match runs.last_mut() {
+            Some(last) if last.1 == zero => last.0 += len,
+            _ => runs.push((len, zero)),
+        };
+        let mut pos = offset;
+        let mut i = 0;
+        while pos < end && runs.len() < runs_max {
+            let source = sources[i];
+            let mut j = i + 1;
+            while j < sources.len() && sources[j] == source {
+                j += 1;
+            }
+            let run_end = ((first_block + j as u64) * BLOCK_BYTES).min(end);
+            match source {
+                Source::Zero => push(&mut runs, run_end - pos, true),
+                Source::Data => push(&mut runs, run_end - pos, false),
+                Source::Replica => {
+                    match volume.replica.allocation(
+                        pos,
+                        run_end - pos,
+                        runs_max.saturating_sub(runs.len()).max(1),
+                    )? {
+                        Some(found) => {
+                            let mut covered = 0;
+                            for (len, hole) in found {
+                                push(&mut runs, len, hole);
+                                covered += len;
+                            }
+                            if covered < run_end - pos {
+                                // The replica's runs stopped early: so do ours.
+                                return Ok(runs);
+                            }
+                        }
+                        None => push(&mut runs, run_end - pos, false),
+                    }
+                }
+            }
+            pos = run_end;
+            i = j;
+        }
+        Ok(runs)
     }
 
     /// Fills `buf` (volume bytes from `offset`) following `plans`, one per block from the
@@ -303,15 +341,11 @@ impl Group {
     }
 }
 
-/// The first block of a query and where the query ends, cut to `EXTENT_QUERY_BLOCKS_MAX`
-/// blocks and the volume's size.
-fn query_blocks(offset: u64, length: u64, size: u64) -> (u64, u64) {
-    let first_block = offset / BLOCK_BYTES;
-    let cap = (first_block + EXTENT_QUERY_BLOCKS_MAX) * BLOCK_BYTES;
-    (
-        first_block,
-        offset.saturating_add(length).min(size).min(cap),
-    )
+/// Where a change query from `offset` ends: cut to `ALLOCATION_BLOCKS_MAX` blocks and the
+/// volume's size.
+fn query_end(offset: u64, length: u64, size: u64) -> u64 {
+    let cap = (offset / BLOCK_BYTES + ALLOCATION_BLOCKS_MAX) * BLOCK_BYTES;
+    offset.saturating_add(length).min(size).min(cap)
 }
 
 /// Runs of (length, flag) over `[offset, end)`, one flag per block from `flag_of(block)`.

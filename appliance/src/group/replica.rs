@@ -61,18 +61,17 @@ impl Group {
     /// Holds the replica at `at` for logged access: distribution stops there, and a replica
     /// already past it is rolled back with the undo stream (progress: `rollback_progress`).
     /// Blocks until done: call from a blocking thread.
-    pub fn hold_replica(&self, at: Seq) -> Result<(), String> {
+    pub fn hold_replica(&self, at: Seq) -> Result<(), ApplianceError> {
         {
             let mut hold = self.hold.lock();
             if let Some(held) = *hold {
-                return Err(format!(
+                return Err(ApplianceError::Refused(format!(
                     "a logged image already holds this group's replica at seq {held}; release it first"
-                ));
+                )));
             }
             *hold = Some(at);
         }
-        // Typed inside; `image.rs` (its caller) still passes messages on as strings.
-        let result = self.roll_replica_to(at).map_err(String::from);
+        let result = self.roll_replica_to(at);
         if result.is_err() {
             self.release_replica();
         }

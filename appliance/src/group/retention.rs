@@ -90,30 +90,28 @@ impl Group {
             if remote_holds {
                 tracing::warn!(
                     group = %self.name,
-                    pinned = ?pinned,
+                    pinned = pinned.map(|p| p.0),
                     "journal over capacity: the remote copy has not acknowledged its oldest \
                      history, which is kept until shipping catches up"
                 );
             } else {
                 tracing::warn!(
                     group = %self.name,
-                    pinned = ?pinned,
+                    pinned = pinned.map(|p| p.0),
                     "journal over capacity while open images hold its oldest history; release them"
                 );
             }
         } else if !held_by_images {
             self.held_by_images.store(false, Ordering::Relaxed);
         }
-        let was_over = self
-            .over_capacity
-            .swap(distribution_behind, Ordering::Relaxed);
+        let was_over = self.over_capacity.send_replace(distribution_behind);
         if distribution_behind && !was_over {
             tracing::warn!(
                 group = %self.name,
                 journal_bytes = self.journal.size_bytes(),
                 capacity = self.retention.capacity_bytes,
                 distributed = %checkpointed,
-                policy = ?self.journal_full_policy,
+                policy = %self.journal_full_policy,
                 "journal over capacity: distribution is behind, nothing more can be released \
                  yet; distribution runs now{}",
                 if self.journal_full_policy == JournalFullPolicy::Throttle {

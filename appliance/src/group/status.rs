@@ -46,9 +46,9 @@ impl Group {
             distributed_seq: distributed,
             lag_records: last.saturating_sub(distributed),
             journal_capacity_bytes: self.retention.capacity_bytes,
-            journal_over_capacity: self.over_capacity.load(Ordering::Relaxed),
+            journal_over_capacity: *self.over_capacity.borrow(),
             journal_full_policy: self.journal_full_policy,
-            journal_throttling: self.over_capacity.load(Ordering::Relaxed)
+            journal_throttling: *self.over_capacity.borrow()
                 && self.journal_full_policy == JournalFullPolicy::Throttle,
             journal_retention_s: self.retention.window_ns.map(|w| w / 1_000_000_000),
             first_timestamp_ns,
@@ -145,4 +145,24 @@ pub struct VolumeStatus {
     pub replica: String,
     pub connected: bool,
     pub last_source_seq: u64,
+}
+
+/// A volume's status as the control protocol defines it.
+impl From<VolumeStatus> for cdp_control::VolumeStatus {
+    fn from(volume: VolumeStatus) -> Self {
+        let VolumeStatus {
+            name,
+            size,
+            replica,
+            connected,
+            last_source_seq,
+        } = volume;
+        cdp_control::VolumeStatus {
+            name,
+            size,
+            replica,
+            connected,
+            last_source_seq,
+        }
+    }
 }

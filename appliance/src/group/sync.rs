@@ -17,10 +17,10 @@ impl Group {
         &self,
         source_seq: u64,
         progress: &Arc<ConnectionProgress>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ApplianceError> {
         let sync_tx = self.sync_tx.lock();
         let Some(sync_tx) = sync_tx.as_ref() else {
-            return Err("group is stopping".into());
+            return Err(ApplianceError::Busy("group is stopping".into()));
         };
         sync_tx
             .try_send(SyncRequest {
@@ -28,10 +28,12 @@ impl Group {
                 progress: Arc::clone(progress),
             })
             .map_err(|e| match e {
-                mpsc::TrySendError::Full(_) => {
-                    format!("more than {SYNC_REQUESTS_MAX} flushes outstanding")
+                mpsc::TrySendError::Full(_) => ApplianceError::Busy(format!(
+                    "more than {SYNC_REQUESTS_MAX} flushes outstanding"
+                )),
+                mpsc::TrySendError::Disconnected(_) => {
+                    ApplianceError::Busy("group is stopping".into())
                 }
-                mpsc::TrySendError::Disconnected(_) => "group is stopping".into(),
             })
     }
 

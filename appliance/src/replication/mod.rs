@@ -41,6 +41,7 @@ impl Replication {
     pub fn start(
         config: &crate::config::ApplianceConfig,
         groups: &[std::sync::Arc<crate::group::Group>],
+        events: std::sync::Arc<cdp_metrics::event_log::EventLog>,
     ) -> Result<Replication, crate::error::ApplianceError> {
         // Every certificate and key is loaded before any thread starts, so a bad file stops
         // the appliance at start, named, rather than failing each connection later.
@@ -71,6 +72,7 @@ impl Replication {
                 groups.to_vec(),
                 server_security,
                 deadline,
+                events,
             )?),
             None => None,
         };

@@ -32,6 +32,7 @@ use crate::limits::{REPLICATION_IDLE_TIMEOUT, REPLICATION_LINKS_MAX};
 use crate::replication::link_stream::{LinkReader, LinkWriter};
 use crate::replication::tls::{self, ServerSecurity};
 use crate::state_file;
+use cdp_metrics::event_log::{EventLog, Scope};
 
 /// The links being served: a handle on each socket (to shut it at stop) and its thread.
 type Links = Arc<Mutex<Vec<(TcpStream, JoinHandle<()>)>>>;
@@ -53,6 +54,7 @@ impl Receiver {
         groups: Vec<Arc<Group>>,
         security: ServerSecurity,
         deadline: Duration,
+        events: Arc<EventLog>,
     ) -> Result<Receiver, ApplianceError> {
         let tls_on = security.is_some();
         let listener = TcpListener::bind(listen)?;
@@ -89,12 +91,21 @@ impl Receiver {
                     let groups = groups.clone();
                     let groups_dir = groups_dir.clone();
                     let security = security.clone();
+                    let events = Arc::clone(&events);
                     let active = Arc::clone(&active);
                     active.fetch_add(1, Ordering::Relaxed);
                     let spawned = std::thread::Builder::new()
                         .name("replication-link".into())
                         .spawn(move || {
-                            serve_link(stream, &peer, &security, &groups, &groups_dir, deadline);
+                            serve_link(
+                                stream,
+                                &peer,
+                                &security,
+                                &groups,
+                                &groups_dir,
+                                deadline,
+                                &events,
+                            );
                             active.fetch_sub(1, Ordering::Relaxed);
                         });
                     let mut links = all.lock().unwrap_or_else(|p| p.into_inner());
@@ -188,6 +199,7 @@ fn open_link(
     stream: TcpStream,
     peer: &str,
     security: &ServerSecurity,
+    events: &EventLog,
 ) -> Option<(LinkReader, LinkWriter)> {
     let handle = stream.try_clone().ok()?;
     let wrong_dialect = match security {
@@ -220,6 +232,12 @@ fn open_link(
         Ok(halves) => Some(halves),
         Err(reason) => {
             tracing::warn!(%peer, "replication link refused: {reason}");
+            // Durable and alerted: a refused peer is a misconfiguration or an intruder.
+            events.record(
+                "tls_refused",
+                Scope::default(),
+                format!("replication link from {peer} refused: {reason}"),
+            );
             close_gently(&handle);
             None
         }
@@ -254,12 +272,13 @@ fn serve_link(
     groups: &[Arc<Group>],
     groups_dir: &Path,
     deadline: Duration,
+    events: &EventLog,
 ) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(REPLICATION_IDLE_TIMEOUT));
     let _ = stream.set_write_timeout(Some(REPLICATION_IDLE_TIMEOUT));
     let handle = stream.try_clone();
-    let Some((read_half, write_half)) = open_link(stream, peer, security) else {
+    let Some((read_half, write_half)) = open_link(stream, peer, security, events) else {
         return;
     };
     // After the handshake (which has its own timeout): a source silent for the deadline,

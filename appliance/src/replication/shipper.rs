@@ -148,7 +148,7 @@ fn run(
     while !stop.is_set() {
         let started = Instant::now();
         let result = ship_one_connection(group, state, security, stop, link, &mut lag, deadline);
-        state.connected.store(false, Ordering::Relaxed);
+        state.set_connected(false);
         *link.lock().unwrap_or_else(|p| p.into_inner()) = None;
         if let Err(e) = result {
             if stop.is_set() {
@@ -280,7 +280,7 @@ fn ship_one_connection(
     state.set_shipped(remote_last);
     state.shipped_known.store(true, Ordering::Relaxed);
     group.release_for_remote_copy_through(Seq(remote_last));
-    state.connected.store(true, Ordering::Relaxed);
+    state.set_connected(true);
     *state.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
     tracing::info!(group = %group.name, %endpoint, remote_last, local_last, "replication link up");
 
@@ -726,7 +726,7 @@ impl LagClock {
         state.lag_bytes.store(lag_bytes, Ordering::Relaxed);
         let exceeded = lag_ns > state.config.rpo_s.saturating_mul(1_000_000_000)
             || state.config.rpo_bytes.is_some_and(|b| lag_bytes > b);
-        let was = state.rpo_exceeded.swap(exceeded, Ordering::Relaxed);
+        let was = state.set_rpo_exceeded(exceeded);
         if exceeded && !was {
             tracing::warn!(
                 group = %group.name,
@@ -734,7 +734,7 @@ impl LagClock {
                 lag_s = lag_ns / 1_000_000_000,
                 rpo_s = state.config.rpo_s,
                 lag_bytes,
-                rpo_bytes = ?state.config.rpo_bytes,
+                rpo_bytes = state.config.rpo_bytes,
                 throttling = state.config.throttle_on_rpo,
                 unshipped_records = journal.last_seq().0.saturating_sub(shipped),
                 connected = state.connected.load(Ordering::Relaxed),

@@ -115,6 +115,24 @@ impl ShippingState {
         cdp_link::watermark::raise(&self.shipped, seq);
     }
 
+    /// The link came up or went down: wakes whoever waits on the RPO regulation (it applies
+    /// only while the link is up).
+    pub fn set_connected(&self, connected: bool) {
+        if self.connected.swap(connected, Ordering::Relaxed) != connected {
+            self.shipped.send_modify(|_| ());
+        }
+    }
+
+    /// The last RPO measurement: over target or not. Returns the previous state; a change
+    /// wakes split links holding host writes for `throttle_on_rpo`.
+    pub fn set_rpo_exceeded(&self, exceeded: bool) -> bool {
+        let was = self.rpo_exceeded.swap(exceeded, Ordering::Relaxed);
+        if was != exceeded {
+            self.shipped.send_modify(|_| ());
+        }
+        was
+    }
+
     /// Sync or dynamic mode: split-link connections track which changes the remote holds,
     /// and the shipper ships appended records at once.
     pub fn tracks_remote_acks(&self) -> bool {

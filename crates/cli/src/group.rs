@@ -93,8 +93,19 @@ pub fn run(command: GroupCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Why a duration given on the command line is unusable (clap prints it under the flag).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("{0:?}: unknown unit (use s, m, h or d, e.g. 24h)")]
+    UnknownUnit(String),
+    #[error("{0:?} is not a duration (examples: 24h, 90m, 7d, 3600)")]
+    NotADuration(String),
+    #[error("{0:?} is zero or too long")]
+    OutOfRange(String),
+}
+
 /// Parses a duration in seconds with an optional unit: s, m, h, d (`24h`, `90m`, `3600`).
-pub fn parse_duration_s(text: &str) -> Result<u64, String> {
+pub fn parse_duration_s(text: &str) -> Result<u64, DurationError> {
     let t = text.trim();
     let (digits, unit) = match t.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], c.to_ascii_lowercase()),
@@ -105,19 +116,15 @@ pub fn parse_duration_s(text: &str) -> Result<u64, String> {
         'm' => 60,
         'h' => 3600,
         'd' => 86400,
-        _ => {
-            return Err(format!(
-                "{text:?}: unknown unit (use s, m, h or d, e.g. 24h)"
-            ))
-        }
+        _ => return Err(DurationError::UnknownUnit(text.to_string())),
     };
     let n: u64 = digits
         .trim()
         .parse()
-        .map_err(|_| format!("{text:?} is not a duration (examples: 24h, 90m, 7d, 3600)"))?;
+        .map_err(|_| DurationError::NotADuration(text.to_string()))?;
     n.checked_mul(factor)
         .filter(|&s| s > 0)
-        .ok_or_else(|| format!("{text:?} is zero or too long"))
+        .ok_or_else(|| DurationError::OutOfRange(text.to_string()))
 }
 
 /// The human table: one block per group, one line per volume.

@@ -1,7 +1,21 @@
 //! Human sizes: parsing `1G`, `512M`, `4096` and printing bytes as KiB/MiB/GiB.
 
+/// Why a size given on the command line is unusable (clap prints it under the flag).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("{0:?} is not a size (examples: 1G, 512M, 1048576)")]
+    NotASize(String),
+    #[error("{0:?} is zero or too large")]
+    OutOfRange(String),
+    #[error(
+        "{text:?} ({size} bytes) is not a multiple of {VOLUME_SIZE_ALIGN} bytes; \
+         use {up} or a size such as 1G or 512M"
+    )]
+    Unaligned { text: String, size: u64, up: u64 },
+}
+
 /// Parses a size with an optional binary suffix (K, M, G, T; `iB`/`B` accepted).
-pub fn parse_size(text: &str) -> Result<u64, String> {
+pub fn parse_size(text: &str) -> Result<u64, SizeError> {
     let t = text.trim();
     let upper = t.to_ascii_uppercase();
     let stripped = upper
@@ -18,10 +32,10 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     let n: u64 = digits
         .trim()
         .parse()
-        .map_err(|_| format!("{text:?} is not a size (examples: 1G, 512M, 1048576)"))?;
+        .map_err(|_| SizeError::NotASize(text.to_string()))?;
     n.checked_mul(1u64 << shift)
         .filter(|&b| b > 0)
-        .ok_or_else(|| format!("{text:?} is zero or too large"))
+        .ok_or_else(|| SizeError::OutOfRange(text.to_string()))
 }
 
 /// Volumes are sized in whole 4 KiB blocks: every NBD client, the kernel's page cache and the
@@ -29,14 +43,15 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 pub const VOLUME_SIZE_ALIGN: u64 = 4096;
 
 /// A volume size: `parse_size`, and a multiple of `VOLUME_SIZE_ALIGN`.
-pub fn parse_volume_size(text: &str) -> Result<u64, String> {
+pub fn parse_volume_size(text: &str) -> Result<u64, SizeError> {
     let size = parse_size(text)?;
     if size % VOLUME_SIZE_ALIGN != 0 {
         let up = size.div_ceil(VOLUME_SIZE_ALIGN) * VOLUME_SIZE_ALIGN;
-        return Err(format!(
-            "{text:?} ({size} bytes) is not a multiple of {VOLUME_SIZE_ALIGN} bytes; \
-             use {up} or a size such as 1G or 512M"
-        ));
+        return Err(SizeError::Unaligned {
+            text: text.to_string(),
+            size,
+            up,
+        });
     }
     Ok(size)
 }

@@ -14,6 +14,15 @@ pub enum Consistency {
     Application,
 }
 
+impl std::fmt::Display for Consistency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Consistency::Crash => "crash",
+            Consistency::Application => "application",
+        })
+    }
+}
+
 /// `group_create`'s settings; left out, each takes `[[group]]`'s default.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct GroupCreate {

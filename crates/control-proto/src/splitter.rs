@@ -15,6 +15,15 @@ pub enum ResyncMethod {
     Verify,
 }
 
+impl std::fmt::Display for ResyncMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ResyncMethod::Copy => "copy",
+            ResyncMethod::Verify => "verify",
+        })
+    }
+}
+
 /// What a completed resync did, from the finished operation itself (not a progress sample).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ResyncSummary {

@@ -144,6 +144,15 @@ pub enum JournalFullPolicy {
     Throttle,
 }
 
+impl std::fmt::Display for JournalFullPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            JournalFullPolicy::Release => "release",
+            JournalFullPolicy::Throttle => "throttle",
+        })
+    }
+}
+
 /// When a host write to a shipping group is acknowledged (`[group.remote] mode`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

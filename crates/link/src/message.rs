@@ -136,6 +136,28 @@ pub enum Message {
     Heartbeat,
 }
 
+impl Message {
+    /// The message's name for logs and errors (a `Write`'s Debug form would dump its payload).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "Hello",
+            Message::Write { .. } => "Write",
+            Message::Trim { .. } => "Trim",
+            Message::Zero { .. } => "Zero",
+            Message::Flush { .. } => "Flush",
+            Message::ResyncStart { .. } => "ResyncStart",
+            Message::ResyncEnd { .. } => "ResyncEnd",
+            Message::ChecksumRequest { .. } => "ChecksumRequest",
+            Message::Welcome { .. } => "Welcome",
+            Message::Checksums { .. } => "Checksums",
+            Message::Ack { .. } => "Ack",
+            Message::Durable { .. } => "Durable",
+            Message::Refuse { .. } => "Refuse",
+            Message::Heartbeat => "Heartbeat",
+        }
+    }
+}
+
 mod kind {
     pub const HELLO: u8 = 1;
     pub const WRITE: u8 = 2;

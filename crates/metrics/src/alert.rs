@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::event_log::Event;
+use crate::event::Event;
 
 /// Events waiting per target before new ones are dropped for it.
 pub const ALERT_QUEUE_MAX: usize = 1024;
@@ -62,6 +62,24 @@ fn retries_default() -> u32 {
     5
 }
 
+/// Why an alert's config is unusable, or why one delivery failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AlertError {
+    /// The `[[alert]]` entry can never work; the message names the key.
+    #[error("{0}")]
+    Config(String),
+    /// One attempt to run the command or post the webhook failed (it is retried).
+    #[error("{0}")]
+    Delivery(String),
+}
+
+/// Delivery steps report their failures as text; `?` makes them `Delivery`.
+impl From<String> for AlertError {
+    fn from(message: String) -> AlertError {
+        AlertError::Delivery(message)
+    }
+}
+
 /// A checked `AlertConfig`.
 #[derive(Clone, Debug)]
 enum Target {
@@ -75,32 +93,38 @@ enum Target {
 
 impl AlertConfig {
     /// Rejects a target that can never work; clamps timeout and retries.
-    pub fn sanitize(mut self) -> Result<AlertConfig, String> {
+    pub fn sanitize(mut self) -> Result<AlertConfig, AlertError> {
         self.target()?;
         if self.events.is_empty() {
-            return Err("[[alert]] events is empty: name classes or \"*\"".into());
+            return Err(AlertError::Config(
+                "[[alert]] events is empty: name classes or \"*\"".into(),
+            ));
         }
         self.timeout_ms = self.timeout_ms.clamp(100, 600_000);
         self.retries = self.retries.min(20);
         Ok(self)
     }
 
-    fn target(&self) -> Result<Target, String> {
+    fn target(&self) -> Result<Target, AlertError> {
         match (&self.command, &self.webhook) {
             (Some(argv), None) if !argv.is_empty() && !argv[0].is_empty() => {
                 Ok(Target::Command(argv.clone()))
             }
-            (Some(_), None) => Err("[[alert]] command is empty".into()),
+            (Some(_), None) => Err(AlertError::Config("[[alert]] command is empty".into())),
             (None, Some(url)) => {
                 let rest = url.strip_prefix("http://").ok_or_else(|| {
-                    format!("[[alert]] webhook {url:?}: only http://HOST:PORT/PATH is supported")
+                    AlertError::Config(format!(
+                        "[[alert]] webhook {url:?}: only http://HOST:PORT/PATH is supported"
+                    ))
                 })?;
                 let (authority, path) = match rest.find('/') {
                     Some(i) => (&rest[..i], &rest[i..]),
                     None => (rest, "/"),
                 };
                 if authority.is_empty() {
-                    return Err(format!("[[alert]] webhook {url:?} has no host"));
+                    return Err(AlertError::Config(format!(
+                        "[[alert]] webhook {url:?} has no host"
+                    )));
                 }
                 let host = if authority.contains(':') {
                     authority.to_string()
@@ -113,7 +137,9 @@ impl AlertConfig {
                     path: path.to_string(),
                 })
             }
-            _ => Err("[[alert]] needs exactly one of command and webhook".into()),
+            _ => Err(AlertError::Config(
+                "[[alert]] needs exactly one of command and webhook".into(),
+            )),
         }
     }
 
@@ -242,7 +268,7 @@ fn run_command(
     event: &Event,
     body: &[u8],
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), AlertError> {
     let mut child = Command::new(&argv[0])
         .args(&argv[1..])
         .env("CDP_EVENT_CLASS", &event.class)
@@ -259,17 +285,27 @@ fn run_command(
     loop {
         match child.try_wait() {
             Ok(Some(status)) if status.success() => return Ok(()),
-            Ok(Some(status)) => return Err(format!("{} exited with {status}", argv[0])),
+            Ok(Some(status)) => {
+                return Err(AlertError::Delivery(format!(
+                    "{} exited with {status}",
+                    argv[0]
+                )))
+            }
             Ok(None) if Instant::now() >= deadline => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!(
+                return Err(AlertError::Delivery(format!(
                     "{} still running after {timeout:?}; killed",
                     argv[0]
-                ));
+                )));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => return Err(format!("waiting for {}: {e}", argv[0])),
+            Err(e) => {
+                return Err(AlertError::Delivery(format!(
+                    "waiting for {}: {e}",
+                    argv[0]
+                )))
+            }
         }
     }
 }
@@ -281,7 +317,7 @@ fn post(
     id: &str,
     body: &[u8],
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), AlertError> {
     let addr = host
         .to_socket_addrs()
         .map_err(|e| format!("resolving {host}: {e}"))?
@@ -292,7 +328,7 @@ fn post(
     stream
         .set_read_timeout(Some(timeout))
         .and_then(|()| stream.set_write_timeout(Some(timeout)))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| format!("{host}: {e}"))?;
     let head = format!(
         "POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Cdp-Event-Id: {id}\r\nConnection: close\r\n\r\n",
         body.len()
@@ -307,15 +343,21 @@ fn post(
         match stream.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => answer.extend_from_slice(&buf[..n]),
-            Err(e) => return Err(format!("reading {host}'s answer: {e}")),
+            Err(e) => {
+                return Err(AlertError::Delivery(format!(
+                    "reading {host}'s answer: {e}"
+                )))
+            }
         }
     }
     let line = String::from_utf8_lossy(&answer);
     let status = line.split(' ').nth(1).and_then(|s| s.parse::<u16>().ok());
     match status {
         Some(s) if (200..300).contains(&s) => Ok(()),
-        Some(s) => Err(format!("{host} answered {s}")),
-        None => Err(format!("{host} sent no HTTP status line")),
+        Some(s) => Err(AlertError::Delivery(format!("{host} answered {s}"))),
+        None => Err(AlertError::Delivery(format!(
+            "{host} sent no HTTP status line"
+        ))),
     }
 }
 
@@ -340,7 +382,12 @@ mod tests {
             "timeout_ms = 5",
             "command = [\"a\"]\nevents = []",
         ] {
-            assert!(parse(bad).and_then(|c| c.sanitize()).is_err(), "{bad}");
+            assert!(
+                parse(bad)
+                    .and_then(|c| c.sanitize().map_err(|e| e.to_string()))
+                    .is_err(),
+                "{bad}"
+            );
         }
         let clamped = parse("command = [\"true\"]\ntimeout_ms = 1\nretries = 99")
             .unwrap()

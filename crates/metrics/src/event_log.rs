@@ -14,9 +14,9 @@ use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use serde::{Deserialize, Serialize};
-
 use crate::alert::Alerts;
+/// An event and its scope: their own module, shared with the alerts.
+pub use crate::event::{Event, Scope};
 
 /// Default `events_log_bytes_max`.
 pub const EVENTS_LOG_BYTES_DEFAULT: u64 = 4 << 20;
@@ -24,34 +24,6 @@ pub const EVENTS_LOG_BYTES_DEFAULT: u64 = 4 << 20;
 pub const EVENTS_LOG_BYTES_MIN: u64 = 64 << 10;
 /// Longest detail text kept per event; longer ones are cut.
 pub const EVENT_DETAIL_BYTES_MAX: usize = 1024;
-
-/// One state change.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Event {
-    /// `ROLE-SEQ`, unique per log.
-    pub id: String,
-    pub seq: u64,
-    /// When the change was seen, ns since the Unix epoch, and the same in RFC 3339 (UTC).
-    pub time_ns: u64,
-    pub time: String,
-    /// The process that saw it: `appliance` or `splitter`.
-    pub role: String,
-    pub site: String,
-    /// What happened: `marking_entered`, `rpo_exceeded`, ... (docs/cli.md lists them).
-    pub class: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub group: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub volume: Option<String>,
-    pub detail: String,
-}
-
-/// Where an event happened.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Scope<'a> {
-    pub group: Option<&'a str>,
-    pub volume: Option<&'a str>,
-}
 
 struct Writer {
     file: File,

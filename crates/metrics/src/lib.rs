@@ -11,6 +11,7 @@
 //! every minute.
 
 pub mod alert;
+pub mod event;
 pub mod event_log;
 pub mod exposition;
 pub mod histogram;

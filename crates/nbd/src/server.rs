@@ -49,7 +49,10 @@ impl ServerConfig {
     /// Clamps values outside their documented range, with a warning for each.
     pub fn sanitize(mut self) -> Self {
         if self.handshake_timeout < Duration::from_secs(1) {
-            warn!(configured = ?self.handshake_timeout, "NBD handshake_timeout below 1 s; using 1 s");
+            warn!(
+                configured_ms = self.handshake_timeout.as_millis() as u64,
+                "NBD handshake_timeout below 1 s; using 1 s"
+            );
             self.handshake_timeout = Duration::from_secs(1);
         }
         let clamp = |name: &str, value: usize, limit: usize| {
@@ -188,7 +191,7 @@ async fn accept_with_backoff<L: Accept>(
                 if failures > ACCEPT_RETRIES_MAX {
                     return Err(err.into());
                 }
-                warn!(%err, ?backoff, "NBD accept failed; retrying");
+                warn!(%err, backoff_ms = backoff.as_millis() as u64, "NBD accept failed; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff *= 2;
             }

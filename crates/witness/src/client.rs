@@ -121,6 +121,6 @@ impl WitnessClient {
                 Err(e) => return Err(WitnessError::io(format!("reading from witness {addr}"), e)),
             }
         }
-        protocol::decode_reply(&line[..line.len() - 1]).map_err(WitnessError::Protocol)
+        protocol::decode_reply(&line[..line.len() - 1])
     }
 }

@@ -23,6 +23,9 @@ pub enum WitnessError {
     /// Another witness process holds the data directory.
     #[error("{} is in use by another witness (pid {pid})", path.display())]
     Locked { path: PathBuf, pid: String },
+    /// A thread panicked while holding the grants; the witness stops serving.
+    #[error("the grants lock was poisoned by a panicking thread")]
+    Poisoned,
     /// The witness did not answer within the request's deadline.
     #[error("witness at {addr} did not answer within {timeout_ms} ms")]
     Timeout { addr: String, timeout_ms: u64 },

@@ -57,14 +57,15 @@ fn refused(
     }
 }
 
-fn check_name(what: &str, name: &str) -> Result<(), String> {
+/// What is wrong with a group or site name, if anything (the refusal's message).
+fn name_problem(what: &str, name: &str) -> Option<String> {
     if name.is_empty() || name.len() > NAME_BYTES_MAX {
-        return Err(format!("{what} must be 1 to {NAME_BYTES_MAX} bytes"));
+        return Some(format!("{what} must be 1 to {NAME_BYTES_MAX} bytes"));
     }
     if name.chars().any(char::is_control) {
-        return Err(format!("{what} holds a control character"));
+        return Some(format!("{what} holds a control character"));
     }
-    Ok(())
+    None
 }
 
 impl Grants {
@@ -150,7 +151,7 @@ impl Grants {
         now: Instant,
     ) -> Result<Reply, WitnessError> {
         let bad = |m: String| Ok(refused(RefuseReason::BadRequest, None, Duration::ZERO, m));
-        if let Err(m) = check_name("group", group).and(check_name("site", site)) {
+        if let Some(m) = name_problem("group", group).or_else(|| name_problem("site", site)) {
             return bad(m);
         }
         if duration_ms == 0 || duration_ms > self.duration_ms_max {

@@ -71,72 +71,98 @@ pub fn encode(grants: &[StoredGrant]) -> Vec<u8> {
     out
 }
 
+/// Why a grants file failed its checks.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum GrantsFileError {
+    #[error("{0} bytes, shorter than a header")]
+    ShortHeader(usize),
+    #[error("bad magic (not a witness state file)")]
+    BadMagic,
+    #[error("unknown version {0}")]
+    UnknownVersion(u16),
+    #[error("{actual} bytes, but the header says {expected}")]
+    Length { actual: usize, expected: usize },
+    #[error("CRC mismatch")]
+    Crc,
+    #[error("body ends at byte {0} inside a field")]
+    Truncated(usize),
+    #[error("a name of {0} bytes (at most {NAME_BYTES_MAX})")]
+    NameTooLong(usize),
+    #[error("a name is not UTF-8")]
+    NameNotUtf8,
+    #[error("{0} groups (at most {GROUPS_MAX})")]
+    TooManyGroups(usize),
+    #[error("holder flag {0}")]
+    HolderFlag(u8),
+    #[error("bytes after the last group")]
+    TrailingBytes,
+}
+
 struct Cursor<'a> {
     bytes: &'a [u8],
     at: usize,
 }
 
 impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], GrantsFileError> {
         let end = self
             .at
             .checked_add(n)
             .filter(|&e| e <= self.bytes.len())
-            .ok_or_else(|| format!("body ends at byte {} inside a field", self.bytes.len()))?;
+            .ok_or(GrantsFileError::Truncated(self.bytes.len()))?;
         let out = &self.bytes[self.at..end];
         self.at = end;
         Ok(out)
     }
-    fn u8(&mut self) -> Result<u8, String> {
+    fn u8(&mut self) -> Result<u8, GrantsFileError> {
         Ok(self.take(1)?[0])
     }
-    fn u16(&mut self) -> Result<u16, String> {
+    fn u16(&mut self) -> Result<u16, GrantsFileError> {
         Ok(u16::from_le_bytes(
             self.take(2)?.try_into().expect("2 bytes"),
         ))
     }
-    fn u32(&mut self) -> Result<u32, String> {
+    fn u32(&mut self) -> Result<u32, GrantsFileError> {
         Ok(u32::from_le_bytes(
             self.take(4)?.try_into().expect("4 bytes"),
         ))
     }
-    fn u64(&mut self) -> Result<u64, String> {
+    fn u64(&mut self) -> Result<u64, GrantsFileError> {
         Ok(u64::from_le_bytes(
             self.take(8)?.try_into().expect("8 bytes"),
         ))
     }
-    fn name(&mut self) -> Result<String, String> {
+    fn name(&mut self) -> Result<String, GrantsFileError> {
         let len = usize::from(self.u16()?);
         if len > NAME_BYTES_MAX {
-            return Err(format!("a name of {len} bytes (at most {NAME_BYTES_MAX})"));
+            return Err(GrantsFileError::NameTooLong(len));
         }
-        String::from_utf8(self.take(len)?.to_vec()).map_err(|_| "a name is not UTF-8".into())
+        String::from_utf8(self.take(len)?.to_vec()).map_err(|_| GrantsFileError::NameNotUtf8)
     }
 }
 
 /// Decodes a whole file; `Err` says which check failed.
-pub fn decode(bytes: &[u8]) -> Result<Vec<StoredGrant>, String> {
+pub fn decode(bytes: &[u8]) -> Result<Vec<StoredGrant>, GrantsFileError> {
     if bytes.len() < HEADER_BYTES + 4 {
-        return Err(format!("{} bytes, shorter than a header", bytes.len()));
+        return Err(GrantsFileError::ShortHeader(bytes.len()));
     }
     if &bytes[..8] != MAGIC {
-        return Err("bad magic (not a witness state file)".into());
+        return Err(GrantsFileError::BadMagic);
     }
     let version = u16::from_le_bytes([bytes[8], bytes[9]]);
     if version != VERSION {
-        return Err(format!("unknown version {version}"));
+        return Err(GrantsFileError::UnknownVersion(version));
     }
     let body_len = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes")) as usize;
     if bytes.len() != HEADER_BYTES + body_len + 4 {
-        return Err(format!(
-            "{} bytes, but the header says {}",
-            bytes.len(),
-            HEADER_BYTES + body_len + 4
-        ));
+        return Err(GrantsFileError::Length {
+            actual: bytes.len(),
+            expected: HEADER_BYTES + body_len + 4,
+        });
     }
     let (covered, crc) = bytes.split_at(HEADER_BYTES + body_len);
     if crc32fast::hash(covered) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
-        return Err("CRC mismatch".into());
+        return Err(GrantsFileError::Crc);
     }
     let mut c = Cursor {
         bytes: &covered[HEADER_BYTES..],
@@ -144,7 +170,7 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<StoredGrant>, String> {
     };
     let count = c.u32()? as usize;
     if count > GROUPS_MAX {
-        return Err(format!("{count} groups (at most {GROUPS_MAX})"));
+        return Err(GrantsFileError::TooManyGroups(count));
     }
     let mut grants = Vec::with_capacity(count);
     for _ in 0..count {
@@ -156,7 +182,7 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<StoredGrant>, String> {
         let holder = match present {
             0 => None,
             1 => Some(holder),
-            p => return Err(format!("holder flag {p}")),
+            p => return Err(GrantsFileError::HolderFlag(p)),
         };
         grants.push(StoredGrant {
             group,
@@ -166,7 +192,7 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<StoredGrant>, String> {
         });
     }
     if c.at != c.bytes.len() {
-        return Err("bytes after the last group".into());
+        return Err(GrantsFileError::TrailingBytes);
     }
     Ok(grants)
 }
@@ -179,7 +205,10 @@ pub fn load(data_dir: &Path) -> Result<Vec<StoredGrant>, WitnessError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(WitnessError::io(format!("reading {}", path.display()), e)),
     };
-    decode(&bytes).map_err(|reason| WitnessError::Corruption { path, reason })
+    decode(&bytes).map_err(|e| WitnessError::Corruption {
+        path,
+        reason: e.to_string(),
+    })
 }
 
 /// Replaces the file atomically and durably: temp file, fsync, rename, directory fsync.

@@ -18,6 +18,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::WitnessError;
 use crate::lease_rule::Margin;
 
 /// The protocol version this crate speaks.
@@ -126,24 +127,30 @@ pub fn encode_reply(reply: &Reply) -> String {
     line
 }
 
-/// Decodes one request line; `Err` is the message of the `bad_request` reply.
-pub fn decode_request(line: &[u8]) -> Result<Request, String> {
+/// Decodes one request line; `Protocol`'s message is the `bad_request` reply's.
+pub fn decode_request(line: &[u8]) -> Result<Request, WitnessError> {
+    let bad = WitnessError::Protocol;
     let mut value: serde_json::Value =
-        serde_json::from_slice(line).map_err(|e| format!("not JSON: {e}"))?;
+        serde_json::from_slice(line).map_err(|e| bad(format!("not JSON: {e}")))?;
     let object = value
         .as_object_mut()
-        .ok_or_else(|| "not a JSON object".to_string())?;
+        .ok_or_else(|| bad("not a JSON object".to_string()))?;
     match object.remove("v").and_then(|v| v.as_u64()) {
         Some(v) if v == u64::from(PROTOCOL_VERSION) => {}
-        Some(v) => return Err(format!("protocol version {v} is not {PROTOCOL_VERSION}")),
-        None => return Err("no protocol version \"v\"".into()),
+        Some(v) => {
+            return Err(bad(format!(
+                "protocol version {v} is not {PROTOCOL_VERSION}"
+            )))
+        }
+        None => return Err(bad("no protocol version \"v\"".into())),
     }
-    serde_json::from_value(value).map_err(|e| format!("not a witness request: {e}"))
+    serde_json::from_value(value).map_err(|e| bad(format!("not a witness request: {e}")))
 }
 
 /// Decodes one reply line.
-pub fn decode_reply(line: &[u8]) -> Result<Reply, String> {
-    serde_json::from_slice(line).map_err(|e| format!("not a witness reply: {e}"))
+pub fn decode_reply(line: &[u8]) -> Result<Reply, WitnessError> {
+    serde_json::from_slice(line)
+        .map_err(|e| WitnessError::Protocol(format!("not a witness reply: {e}")))
 }
 
 #[cfg(test)]
@@ -163,7 +170,7 @@ mod tests {
             line,
             "{\"v\":1,\"op\":\"acquire\",\"group\":\"g1\",\"site\":\"a\",\"generation\":3,\"duration_ms\":6000}\n"
         );
-        assert_eq!(decode_request(line.trim_end().as_bytes()), Ok(r));
+        assert_eq!(decode_request(line.trim_end().as_bytes()).ok(), Some(r));
         let granted = Reply::Granted {
             generation: 3,
             duration_ms: 6000,
@@ -174,7 +181,7 @@ mod tests {
             line,
             "{\"result\":\"granted\",\"generation\":3,\"duration_ms\":6000,\"margin\":{\"drift_ppm\":10000,\"fixed_ms\":100}}\n"
         );
-        assert_eq!(decode_reply(line.as_bytes()), Ok(granted));
+        assert_eq!(decode_reply(line.as_bytes()).ok(), Some(granted));
     }
 
     #[test]

@@ -131,15 +131,17 @@ fn accept_loop(listener: TcpListener, grants: Arc<Mutex<Grants>>, connections: A
     }
 }
 
-fn serve(stream: TcpStream, grants: &Mutex<Grants>) -> Result<(), String> {
+fn serve(stream: TcpStream, grants: &Mutex<Grants>) -> Result<(), WitnessError> {
     stream
         .set_read_timeout(Some(CONNECTION_IDLE_TIMEOUT))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| WitnessError::io("setting the read timeout", e))?;
     stream
         .set_write_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| WitnessError::io("setting the write timeout", e))?;
     let _ = stream.set_nodelay(true);
-    let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
+    let mut writer = stream
+        .try_clone()
+        .map_err(|e| WitnessError::io("cloning the connection", e))?;
     let mut reader = BufReader::new(stream).take(0);
     let mut line = Vec::with_capacity(256);
     loop {
@@ -148,7 +150,7 @@ fn serve(stream: TcpStream, grants: &Mutex<Grants>) -> Result<(), String> {
         reader.set_limit(LINE_BYTES_MAX as u64 + 1);
         let n = reader
             .read_until(b'\n', &mut line)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| WitnessError::io("reading a request", e))?;
         if n == 0 {
             return Ok(());
         }
@@ -159,33 +161,34 @@ fn serve(stream: TcpStream, grants: &Mutex<Grants>) -> Result<(), String> {
                 "a request cut before its newline".to_string()
             };
             let _ = writer.write_all(protocol::encode_reply(&bad_request(why.clone())).as_bytes());
-            return Err(why);
+            return Err(WitnessError::Protocol(why));
         }
         let request = match protocol::decode_request(&line[..line.len() - 1]) {
             Ok(r) => r,
-            Err(why) => {
-                let _ =
-                    writer.write_all(protocol::encode_reply(&bad_request(why.clone())).as_bytes());
-                return Err(why);
+            Err(e) => {
+                let why = match &e {
+                    WitnessError::Protocol(why) => why.clone(),
+                    other => other.to_string(),
+                };
+                let _ = writer.write_all(protocol::encode_reply(&bad_request(why)).as_bytes());
+                return Err(e);
             }
         };
         let reply = {
-            let mut g = grants
-                .lock()
-                .map_err(|_| "grants lock poisoned".to_string())?;
+            let mut g = grants.lock().map_err(|_| WitnessError::Poisoned)?;
             g.decide(&request, Instant::now())
         };
         let reply = match reply {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!("cannot persist a grant, refusing it: {e}");
-                return Err(e.to_string());
+                return Err(e);
             }
         };
         tracing::debug!("{request:?} -> {reply:?}");
         writer
             .write_all(protocol::encode_reply(&reply).as_bytes())
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| WitnessError::io("writing a reply", e))?;
     }
 }
 

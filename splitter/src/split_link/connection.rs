@@ -113,7 +113,8 @@ impl SplitLink {
             Message::Refuse { reason } => return Err(LinkError::Refused(reason)),
             other => {
                 return Err(LinkError::Protocol(format!(
-                    "expected Welcome, got {other:?}"
+                    "expected Welcome, got {}",
+                    other.name()
                 )))
             }
         };
@@ -146,7 +147,8 @@ impl SplitLink {
                     }
                     other => {
                         return Err::<(), LinkError>(LinkError::Protocol(format!(
-                            "unexpected message from appliance: {other:?}"
+                            "unexpected message from appliance: {}",
+                            other.name()
                         )))
                     }
                 }

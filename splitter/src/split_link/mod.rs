@@ -40,6 +40,7 @@ use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::config::OnApplianceLoss;
 use crate::dirty_bitmap::DirtyBitmap;
+use crate::error::SplitterError;
 use crate::limits::CHANGE_OVERHEAD_BYTES;
 use queue::Queue;
 pub use queue::{AckWait, Submitted, WindowPermit};
@@ -139,14 +140,22 @@ impl SplitLink {
     /// Fails if the appliance refused the volume before ever welcoming it: that is a
     /// configuration problem (unknown volume, size mismatch, volume already split elsewhere)
     /// for the administrator, not something retrying fixes.
-    pub async fn wait_ready(&self) -> Result<(), String> {
+    pub async fn wait_ready(&self) -> Result<(), SplitterError> {
         let mut rx = self.ready.subscribe();
         let state = match rx.wait_for(|r| *r != Readiness::Waiting).await {
             Ok(state) => state.clone(),
-            Err(_) => return Err("split link stopped".into()),
+            Err(_) => {
+                return Err(SplitterError::Volume {
+                    volume: self.volume.clone(),
+                    what: "split link stopped".into(),
+                })
+            }
         };
         match state {
-            Readiness::Refused(reason) => Err(reason),
+            Readiness::Refused(reason) => Err(SplitterError::Refused {
+                volume: self.volume.clone(),
+                reason,
+            }),
             _ => Ok(()),
         }
     }

@@ -76,8 +76,8 @@ impl SplitLink {
             volume = %self.volume,
             regions = total,
             bytes = total * region_bytes,
-            ?reason,
-            ?method,
+            %reason,
+            %method,
             "resync started"
         );
         let mut last_report = Instant::now();
@@ -179,8 +179,8 @@ impl SplitLink {
             verified_bytes,
             copied_bytes,
             seconds,
-            ?reason,
-            ?method,
+            %reason,
+            %method,
             "resync complete"
         );
         progress.reason = ResyncReason::Dirty;

@@ -140,11 +140,22 @@ impl SplitLink {
                     sums
                 }
                 other => {
+                    let answered = match &other {
+                        Message::Checksums {
+                            offset,
+                            region_bytes,
+                            sums,
+                        } => format!(
+                            "{} checksums of {region_bytes}-byte regions at {offset}",
+                            sums.len()
+                        ),
+                        other => other.name().to_string(),
+                    };
                     return Err(VerifyStop::Unusable(format!(
-                        "the appliance answered checksums for {} regions at {} with {other:?}",
+                        "the appliance answered checksums for {} regions at {} with {answered}",
                         asked.count,
                         asked.first * checksum_region_bytes
-                    )))
+                    )));
                 }
             };
             self.settle_compared(&asked, &sums, checksum_region_bytes, may_retry, &mut retry);

@@ -15,6 +15,16 @@ pub enum ResyncReason {
     Full,
 }
 
+impl std::fmt::Display for ResyncReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ResyncReason::Dirty => "dirty",
+            ResyncReason::Initial => "initial",
+            ResyncReason::Full => "full",
+        })
+    }
+}
+
 /// How a resync decides which regions to copy, what it did, and a volume's state: defined by
 /// the control protocol, which reports them.
 pub use cdp_control::{ResyncMethod, ResyncState, ResyncSummary, VolumeState};
