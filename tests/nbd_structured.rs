@@ -8,7 +8,7 @@ use common::cli::release_image;
 use common::*;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::process::Command;
 use std::time::Duration;
 
@@ -294,17 +294,17 @@ fn qemu_io_ok(uri: &str, commands: &[&str]) {
     assert!(!out.contains("error") && !out.contains("failed"), "{out}");
 }
 
-#[test]
-fn image_maps_its_point_and_the_blocks_changed_since_a_bookmark() {
-    // Goal: an image at bookmark b2 reports base:allocation as its point holds it, and
-    // `cdp:changed:b1` reports exactly the blocks written, zeroed or trimmed between b1 and
-    // b2, through nbdinfo --map and qemu-img map (x-dirty-bitmap); a copy of the image
-    // equals the model at b2. Method: qemu-io writes before b1 and between b1 and b2, a
-    // model of the volume at b2, maps compared with the written lists.
-    if reference_mode() || !requires("nbdinfo") || !requires("qemu-img") || !requires("qemu-io") {
-        return;
-    }
-    let site = Site::start(&[("vol0", VOLUME_BYTES)]);
+/// The blocks written, zeroed or trimmed between b1 and b2 by `two_bookmarks`.
+const CHANGED_B1_B2: [(u64, u64); 4] = [
+    (9 * MIB, 9 * MIB + 64 * 1024),
+    (100 * MIB, 101 * MIB),
+    (500 * MIB, 501 * MIB),
+    (600 * MIB, 600 * MIB + 4096),
+];
+
+/// Writes vol0, bookmarks b1, writes, zeroes and trims more, bookmarks b2; returns the
+/// model of vol0 at b2.
+fn two_bookmarks(site: &Site) -> Model {
     let uri = site.nbd_uri("vol0");
     let mut model = Model::zeroed(VOLUME_BYTES);
     qemu_io_ok(&uri, &["write -P 0x11 8M 2M", "write -P 0x22 100M 1M"]);
@@ -327,6 +327,22 @@ fn image_maps_its_point_and_the_blocks_changed_since_a_bookmark() {
     model.fill(600 * MIB, 4096, 0x55);
     site.flush("vol0");
     site.cdp_json(&["bookmark", "create", "b2", "--json"]);
+
+    model
+}
+
+#[test]
+fn image_maps_its_point_and_the_blocks_changed_since_a_bookmark() {
+    // Goal: an image at bookmark b2 reports base:allocation as its point holds it, and
+    // `cdp:changed:b1` reports exactly the blocks written, zeroed or trimmed between b1 and
+    // b2, through nbdinfo --map and qemu-img map (x-dirty-bitmap); a copy of the image
+    // equals the model at b2. Method: qemu-io writes before b1 and between b1 and b2, a
+    // model of the volume at b2, maps compared with the written lists.
+    if reference_mode() || !requires("nbdinfo") || !requires("qemu-img") || !requires("qemu-io") {
+        return;
+    }
+    let site = Site::start(&[("vol0", VOLUME_BYTES)]);
+    let model = two_bookmarks(&site);
 
     let image = site.cdp_json(&["image", "access", "--at", "b2", "--json"]);
     let image_uri = site.image_uri(&image, "vol0");
@@ -352,12 +368,7 @@ fn image_maps_its_point_and_the_blocks_changed_since_a_bookmark() {
     );
 
     // cdp:changed:b1: every block touched between b1 and b2, zeroed ones included.
-    let want_changed = vec![
-        (9 * MIB, 9 * MIB + 64 * 1024),
-        (100 * MIB, 101 * MIB),
-        (500 * MIB, 501 * MIB),
-        (600 * MIB, 600 * MIB + 4096),
-    ];
+    let want_changed = CHANGED_B1_B2.to_vec();
     let changed = nbdinfo_bit0(&image_uri, "cdp:changed:b1");
     assert_eq!(changed, want_changed, "cdp:changed:b1 from nbdinfo");
 
@@ -413,6 +424,158 @@ fn image_maps_its_point_and_the_blocks_changed_since_a_bookmark() {
     let allocated = std::fs::metadata(&copy).expect("copy").blocks() * 512;
     assert!(allocated <= 8 * MIB, "copy allocates {allocated} bytes");
     release_image(&image, |a| site.cdp_json(a));
+    let mut site = site;
+    site.assert_alive();
+}
+
+/// Data extents of a raw file, as `qemu-img map` finds them (SEEK_DATA).
+fn file_data(path: &std::path::Path) -> Vec<(u64, u64)> {
+    let out = run_ok(
+        Command::new("qemu-img")
+            .args(["map", "--output=json", "-f", "raw"])
+            .arg(path),
+        Duration::from_secs(60),
+    );
+    let map: serde_json::Value = serde_json::from_str(&out).expect("qemu-img map JSON");
+    merged(
+        map.as_array()
+            .expect("map")
+            .iter()
+            .filter(|e| e["data"].as_bool() == Some(true))
+            .map(|e| {
+                let start = e["start"].as_u64().unwrap();
+                (start, start + e["length"].as_u64().unwrap())
+            })
+            .collect(),
+    )
+}
+
+#[test]
+fn incremental_export_between_bookmarks_patches_a_full_export_into_the_later_one() {
+    // Goal: `cdp image export --at b2 --changed-since b1` writes exactly the blocks changed
+    // between the bookmarks (zeroed ones included), and a full export at b1 patched with
+    // them equals a full export at b2. Method: the two_bookmarks workload; the incremental
+    // file's allocated extents (qemu-img map) compared with the written list, copied onto
+    // the b1 export, then `qemu-img compare` with the b2 export and the model.
+    if reference_mode() || !requires("qemu-img") || !requires("qemu-io") {
+        return;
+    }
+    let site = Site::start(&[("vol0", VOLUME_BYTES)]);
+    let model = two_bookmarks(&site);
+    let root = site.root().to_path_buf();
+    let (full_b1, full_b2, incremental) = (
+        root.join("b1.img"),
+        root.join("b2.img"),
+        root.join("b1-b2.img"),
+    );
+    for (at, to) in [("b1", &full_b1), ("b2", &full_b2)] {
+        site.cdp_json(&[
+            "image",
+            "export",
+            "--at",
+            at,
+            "--to",
+            to.to_str().unwrap(),
+            "--json",
+        ]);
+    }
+    let report = site.cdp_json(&[
+        "image",
+        "export",
+        "--at",
+        "b2",
+        "--changed-since",
+        "b1",
+        "--to",
+        incremental.to_str().unwrap(),
+        "--json",
+    ]);
+    let want_bytes: u64 = CHANGED_B1_B2.iter().map(|(s, e)| e - s).sum();
+    assert_eq!(
+        report["exported"][0]["data_bytes"].as_u64(),
+        Some(want_bytes),
+        "{report:#}"
+    );
+    assert_eq!(
+        file_data(&incremental),
+        CHANGED_B1_B2.to_vec(),
+        "incremental extents"
+    );
+
+    // Raw patching: the incremental's allocated extents over the b1 export.
+    let source = std::fs::File::open(&incremental).expect("incremental");
+    let target = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&full_b1)
+        .expect("b1 export");
+    for (start, end) in file_data(&incremental) {
+        let mut buf = vec![0u8; (end - start) as usize];
+        source
+            .read_exact_at(&mut buf, start)
+            .expect("read incremental");
+        target.write_all_at(&buf, start).expect("patch b1");
+    }
+    drop(target);
+    model.check_file("b1 export patched with b1..b2", &full_b1);
+
+    // --patch does the same in place: a second b1 export becomes the b2 one.
+    let patched = root.join("b1-patched.img");
+    site.cdp_json(&[
+        "image",
+        "export",
+        "--at",
+        "b1",
+        "--to",
+        patched.to_str().unwrap(),
+        "--json",
+    ]);
+    let report = site.cdp_json(&[
+        "image",
+        "export",
+        "--at",
+        "b2",
+        "--changed-since",
+        "b1",
+        "--patch",
+        "--to",
+        patched.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(
+        report["exported"][0]["data_bytes"].as_u64(),
+        Some(want_bytes),
+        "{report:#}"
+    );
+    model.check_file("b1 export patched by --patch", &patched);
+    // A patch needs an existing export of the volume's size.
+    let missing = root.join("missing.img");
+    let out = site
+        .cdp(&[
+            "image",
+            "export",
+            "--at",
+            "b2",
+            "--changed-since",
+            "b1",
+            "--patch",
+            "--to",
+            missing.to_str().unwrap(),
+        ])
+        .output()
+        .expect("cdp");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("--patch needs an existing export"),
+        "{stderr}"
+    );
+    assert!(!missing.exists());
+    run_ok(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&full_b1)
+            .arg(&full_b2),
+        Duration::from_secs(120),
+    );
     let mut site = site;
     site.assert_alive();
 }
