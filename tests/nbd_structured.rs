@@ -4,10 +4,11 @@
 
 mod common;
 
+use common::cli::release_image;
 use common::*;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::process::Command;
 use std::time::Duration;
 
@@ -259,4 +260,322 @@ fn block_status_maps_written_regions_and_copies_read_only_data() {
         image["id"].as_str().expect("id"),
         "--json",
     ]);
+}
+
+/// `nbdinfo --map=CONTEXT --json` as (start, end) ranges whose type has bit 0 set.
+fn nbdinfo_bit0(uri: &str, context: &str) -> Vec<(u64, u64)> {
+    let out = run_ok(
+        Command::new("nbdinfo").args([&format!("--map={context}"), "--json", uri]),
+        Duration::from_secs(60),
+    );
+    let map: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("nbdinfo --map JSON ({e}): {out}"));
+    merged(
+        map.as_array()
+            .expect("extent array")
+            .iter()
+            .filter(|e| e["type"].as_u64().expect("type") & 1 != 0)
+            .map(|e| {
+                let offset = e["offset"].as_u64().expect("offset");
+                (offset, offset + e["length"].as_u64().expect("length"))
+            })
+            .collect(),
+    )
+}
+
+fn qemu_io_ok(uri: &str, commands: &[&str]) {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for c in commands {
+        cmd.arg("-c").arg(c);
+    }
+    cmd.arg(uri);
+    let out = run_ok(&mut cmd, Duration::from_secs(120));
+    assert!(!out.contains("error") && !out.contains("failed"), "{out}");
+}
+
+/// The blocks written, zeroed or trimmed between b1 and b2 by `two_bookmarks`.
+const CHANGED_B1_B2: [(u64, u64); 4] = [
+    (9 * MIB, 9 * MIB + 64 * 1024),
+    (100 * MIB, 101 * MIB),
+    (500 * MIB, 501 * MIB),
+    (600 * MIB, 600 * MIB + 4096),
+];
+
+/// Writes vol0, bookmarks b1, writes, zeroes and trims more, bookmarks b2; returns the
+/// model of vol0 at b2.
+fn two_bookmarks(site: &Site) -> Model {
+    let uri = site.nbd_uri("vol0");
+    let mut model = Model::zeroed(VOLUME_BYTES);
+    qemu_io_ok(&uri, &["write -P 0x11 8M 2M", "write -P 0x22 100M 1M"]);
+    model.fill(8 * MIB, 2 * MIB, 0x11);
+    model.fill(100 * MIB, MIB, 0x22);
+    site.flush("vol0");
+    site.cdp_json(&["bookmark", "create", "b1", "--json"]);
+    qemu_io_ok(
+        &uri,
+        &[
+            "write -P 0x33 9M 64k",
+            "write -P 0x44 500M 1M",
+            "write -z -u 100M 1M",
+            "write -P 0x55 600M 4k",
+        ],
+    );
+    model.fill(9 * MIB, 64 * 1024, 0x33);
+    model.fill(500 * MIB, MIB, 0x44);
+    model.fill(100 * MIB, MIB, 0);
+    model.fill(600 * MIB, 4096, 0x55);
+    site.flush("vol0");
+    site.cdp_json(&["bookmark", "create", "b2", "--json"]);
+
+    model
+}
+
+#[test]
+fn image_maps_its_point_and_the_blocks_changed_since_a_bookmark() {
+    // Goal: an image at bookmark b2 reports base:allocation as its point holds it, and
+    // `cdp:changed:b1` reports exactly the blocks written, zeroed or trimmed between b1 and
+    // b2, through nbdinfo --map and qemu-img map (x-dirty-bitmap); a copy of the image
+    // equals the model at b2. Method: qemu-io writes before b1 and between b1 and b2, a
+    // model of the volume at b2, maps compared with the written lists.
+    if reference_mode() || !requires("nbdinfo") || !requires("qemu-img") || !requires("qemu-io") {
+        return;
+    }
+    let site = Site::start(&[("vol0", VOLUME_BYTES)]);
+    let model = two_bookmarks(&site);
+
+    let image = site.cdp_json(&["image", "access", "--at", "b2", "--json"]);
+    let image_uri = site.image_uri(&image, "vol0");
+    let info = run_ok(
+        Command::new("nbdinfo").arg(&image_uri),
+        Duration::from_secs(60),
+    );
+    assert!(info.contains("using structured packets"), "{info}");
+
+    // base:allocation: what holds data at b2, and nothing else.
+    let data = nbdinfo_data(&image_uri);
+    let want_data = vec![
+        (8 * MIB, 10 * MIB),
+        (500 * MIB, 501 * MIB),
+        (600 * MIB, 600 * MIB + 4096),
+    ];
+    eprintln!("image at b2, data: {data:x?}");
+    assert_eq!(data, want_data, "base:allocation of the image at b2");
+    assert_eq!(
+        qemu_img_data(&image_uri),
+        data,
+        "qemu-img map disagrees with nbdinfo"
+    );
+
+    // cdp:changed:b1: every block touched between b1 and b2, zeroed ones included.
+    let want_changed = CHANGED_B1_B2.to_vec();
+    let changed = nbdinfo_bit0(&image_uri, "cdp:changed:b1");
+    assert_eq!(changed, want_changed, "cdp:changed:b1 from nbdinfo");
+
+    // qemu's x-dirty-bitmap reads the context's bit 0 as "not data".
+    let nbd = image["nbd"].as_str().expect("nbd endpoint");
+    let socket = nbd.strip_prefix("unix:").expect("unix image socket");
+    let export = image["exports"][0]["export"].as_str().expect("export");
+    let out = run_ok(
+        Command::new("qemu-img").args([
+            "map",
+            "--output=json",
+            "--image-opts",
+            &format!(
+                "driver=nbd,server.type=unix,server.path={socket},export={export},\
+                 x-dirty-bitmap=cdp:changed:b1"
+            ),
+        ]),
+        Duration::from_secs(60),
+    );
+    let map: serde_json::Value = serde_json::from_str(&out).expect("qemu-img map JSON");
+    let dirty = merged(
+        map.as_array()
+            .expect("map")
+            .iter()
+            .filter(|e| e["data"].as_bool() == Some(false))
+            .map(|e| {
+                let start = e["start"].as_u64().unwrap();
+                (start, start + e["length"].as_u64().unwrap())
+            })
+            .collect(),
+    );
+    assert_eq!(
+        dirty, want_changed,
+        "qemu-img map x-dirty-bitmap=cdp:changed:b1"
+    );
+
+    // A context naming no point is not offered; the connection still works.
+    let refused = run(
+        Command::new("nbdinfo").args(["--map=cdp:changed:no-such-bookmark", &image_uri]),
+        Duration::from_secs(60),
+    );
+    assert!(!refused.status.success(), "an unknown point was offered");
+
+    // The image copied through structured reads equals the model at b2, and stays sparse.
+    let copy = site.root().join("b2.raw");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw", &image_uri])
+            .arg(&copy),
+        Duration::from_secs(120),
+    );
+    model.check_file("image at b2", &copy);
+    let allocated = std::fs::metadata(&copy).expect("copy").blocks() * 512;
+    assert!(allocated <= 8 * MIB, "copy allocates {allocated} bytes");
+    release_image(&image, |a| site.cdp_json(a));
+    let mut site = site;
+    site.assert_alive();
+}
+
+/// Data extents of a raw file, as `qemu-img map` finds them (SEEK_DATA).
+fn file_data(path: &std::path::Path) -> Vec<(u64, u64)> {
+    let out = run_ok(
+        Command::new("qemu-img")
+            .args(["map", "--output=json", "-f", "raw"])
+            .arg(path),
+        Duration::from_secs(60),
+    );
+    let map: serde_json::Value = serde_json::from_str(&out).expect("qemu-img map JSON");
+    merged(
+        map.as_array()
+            .expect("map")
+            .iter()
+            .filter(|e| e["data"].as_bool() == Some(true))
+            .map(|e| {
+                let start = e["start"].as_u64().unwrap();
+                (start, start + e["length"].as_u64().unwrap())
+            })
+            .collect(),
+    )
+}
+
+#[test]
+fn incremental_export_between_bookmarks_patches_a_full_export_into_the_later_one() {
+    // Goal: `cdp image export --at b2 --changed-since b1` writes exactly the blocks changed
+    // between the bookmarks (zeroed ones included), and a full export at b1 patched with
+    // them equals a full export at b2. Method: the two_bookmarks workload; the incremental
+    // file's allocated extents (qemu-img map) compared with the written list, copied onto
+    // the b1 export, then `qemu-img compare` with the b2 export and the model.
+    if reference_mode() || !requires("qemu-img") || !requires("qemu-io") {
+        return;
+    }
+    let site = Site::start(&[("vol0", VOLUME_BYTES)]);
+    let model = two_bookmarks(&site);
+    let root = site.root().to_path_buf();
+    let (full_b1, full_b2, incremental) = (
+        root.join("b1.img"),
+        root.join("b2.img"),
+        root.join("b1-b2.img"),
+    );
+    for (at, to) in [("b1", &full_b1), ("b2", &full_b2)] {
+        site.cdp_json(&[
+            "image",
+            "export",
+            "--at",
+            at,
+            "--to",
+            to.to_str().unwrap(),
+            "--json",
+        ]);
+    }
+    let report = site.cdp_json(&[
+        "image",
+        "export",
+        "--at",
+        "b2",
+        "--changed-since",
+        "b1",
+        "--to",
+        incremental.to_str().unwrap(),
+        "--json",
+    ]);
+    let want_bytes: u64 = CHANGED_B1_B2.iter().map(|(s, e)| e - s).sum();
+    assert_eq!(
+        report["exported"][0]["data_bytes"].as_u64(),
+        Some(want_bytes),
+        "{report:#}"
+    );
+    assert_eq!(
+        file_data(&incremental),
+        CHANGED_B1_B2.to_vec(),
+        "incremental extents"
+    );
+
+    // Raw patching: the incremental's allocated extents over the b1 export.
+    let source = std::fs::File::open(&incremental).expect("incremental");
+    let target = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&full_b1)
+        .expect("b1 export");
+    for (start, end) in file_data(&incremental) {
+        let mut buf = vec![0u8; (end - start) as usize];
+        source
+            .read_exact_at(&mut buf, start)
+            .expect("read incremental");
+        target.write_all_at(&buf, start).expect("patch b1");
+    }
+    drop(target);
+    model.check_file("b1 export patched with b1..b2", &full_b1);
+
+    // --patch does the same in place: a second b1 export becomes the b2 one.
+    let patched = root.join("b1-patched.img");
+    site.cdp_json(&[
+        "image",
+        "export",
+        "--at",
+        "b1",
+        "--to",
+        patched.to_str().unwrap(),
+        "--json",
+    ]);
+    let report = site.cdp_json(&[
+        "image",
+        "export",
+        "--at",
+        "b2",
+        "--changed-since",
+        "b1",
+        "--patch",
+        "--to",
+        patched.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(
+        report["exported"][0]["data_bytes"].as_u64(),
+        Some(want_bytes),
+        "{report:#}"
+    );
+    model.check_file("b1 export patched by --patch", &patched);
+    // A patch needs an existing export of the volume's size.
+    let missing = root.join("missing.img");
+    let out = site
+        .cdp(&[
+            "image",
+            "export",
+            "--at",
+            "b2",
+            "--changed-since",
+            "b1",
+            "--patch",
+            "--to",
+            missing.to_str().unwrap(),
+        ])
+        .output()
+        .expect("cdp");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("--patch needs an existing export"),
+        "{stderr}"
+    );
+    assert!(!missing.exists());
+    run_ok(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&full_b1)
+            .arg(&full_b2),
+        Duration::from_secs(120),
+    );
+    let mut site = site;
+    site.assert_alive();
 }

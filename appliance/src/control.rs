@@ -155,7 +155,7 @@ async fn manage_request(
 /// Resolves a point the administrator named to a seq, refusing what `Group::check_recoverable`
 /// refuses, points inside a resync (the copy is not consistent there) and moments when a
 /// volume was marking or had no splitter. Every command that takes a point comes through here.
-fn resolve_point(g: &Group, point: &str) -> Result<ResolvedPoint, ControlError> {
+pub(crate) fn resolve_point(g: &Group, point: &str) -> Result<ResolvedPoint, ControlError> {
     let spec = parse_point(point)?;
     let bookmarks = g.bookmarks();
     if let PointSpec::Bookmark(name) = &spec {

@@ -402,6 +402,32 @@ impl History {
         }
     }
 
+    /// The first seq whose record the index still holds (records before it were released).
+    pub fn redo_first(&self) -> u64 {
+        self.redo_first
+    }
+
+    /// Whether a record with seq in `(after, through]` changed bytes of block `block` of
+    /// `volume` (writes, trims and zeroes alike). The caller checks that the index still
+    /// holds every record after `after` (`redo_first`).
+    pub fn changed(&self, volume: u32, block: u64, after: u64, through: u64) -> bool {
+        let Some(index) = self.volumes.get(&volume) else {
+            return false;
+        };
+        let start = block * BLOCK_BYTES;
+        let end = start + BLOCK_BYTES;
+        index.redo.lists(block).iter().any(|list| {
+            let from = list.partition_point(|&s| s <= after);
+            list[from..]
+                .iter()
+                .take_while(|&&s| s <= through)
+                .any(|&s| {
+                    self.redo_ref(s)
+                        .is_some_and(|r| r.offset < end && start < r.offset + r.length)
+                })
+        })
+    }
+
     /// How to assemble block `block` of `volume` as of point `at`, given that the replica
     /// holds exactly the state after `distributed`.
     pub fn plan(&self, volume: u32, block: u64, at: u64, distributed: u64) -> BlockPlan {
@@ -503,6 +529,26 @@ mod tests {
     fn assert_counters(h: &History) {
         let stats = h.stats();
         assert_eq!(counted(h), (stats.index_entries, stats.redo_records));
+    }
+
+    #[test]
+    fn changed_names_blocks_touched_between_two_seqs() {
+        let mut h = History::new(1, 1);
+        h.note_redo(1, redo(RecordKind::Write, 0, 512));
+        h.note_redo(2, redo(RecordKind::Zero, 8192, 4096));
+        h.note_redo(3, None);
+        // A big trim is indexed per chunk: only the blocks it overlaps are changed.
+        h.note_redo(4, redo(RecordKind::Trim, 3 * CHUNK_BYTES, CHUNK_BYTES / 2));
+        assert_eq!(h.redo_first(), 1);
+        assert!(h.changed(1, 0, 0, 1));
+        assert!(!h.changed(1, 0, 1, 4));
+        assert!(h.changed(1, 2, 1, 2));
+        assert!(!h.changed(1, 1, 0, 4));
+        let trimmed = 3 * CHUNK_BYTES / BLOCK_BYTES;
+        assert!(h.changed(1, trimmed, 3, 4));
+        assert!(!h.changed(1, trimmed + BLOCKS_PER_CHUNK / 2, 0, 4));
+        assert!(!h.changed(1, trimmed, 0, 3));
+        assert!(!h.changed(2, 0, 0, 4));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use cdp_nbd::export::Extent;
 use cdp_nbd::limits::BLOCK_STATUS_EXTENTS_MAX;
 use cdp_nbd::protocol::{NBD_STATE_HOLE, NBD_STATE_ZERO};
-use cdp_nbd::{Export, ExportError, ExportFeatures, ExportRegistry};
+use cdp_nbd::{Export, ExportError, ExportFeatures, ExportRegistry, MetaContext};
 use cdp_types::{BlockFile, Seq, TimestampNs};
 
 use crate::error::ApplianceError;
@@ -468,6 +468,97 @@ impl VolumeAtPoint {
     }
 }
 
+/// The prefix of the metadata context naming the extents changed since a point:
+/// `cdp:changed:<point>`, the point as `cdp image access --at` takes it.
+pub const CHANGED_CONTEXT_PREFIX: &str = "cdp:changed:";
+
+/// Status bit of `cdp:changed:<point>`: the extent differs between that point and the
+/// image's. Bit 0, as in qemu's dirty bitmaps, so `x-dirty-bitmap` reads it (as "not data").
+pub const CHANGED_STATE_DIRTY: u32 = 1;
+
+/// `cdp:changed:<point>` on one image volume; holds a retention pin on the point so the
+/// records between it and the image stay indexed while a client uses it.
+struct ChangedContext {
+    name: String,
+    image: Arc<VolumeAtPoint>,
+    since: Seq,
+    pin: u64,
+}
+
+impl Drop for ChangedContext {
+    fn drop(&mut self) {
+        self.image.group.unpin(self.pin);
+    }
+}
+
+#[async_trait]
+impl MetaContext for ChangedContext {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn extents(&self, offset: u64, length: u32) -> Result<Vec<Extent>, ExportError> {
+        let image = Arc::clone(&self.image);
+        let since = self.since;
+        blocking(move || {
+            let runs = image
+                .group
+                .changed_between(&image.volume, since, image.at, offset, u64::from(length))
+                .map_err(point_error)?;
+            // Blocks written to a writable image's scratch area differ from the point too.
+            let runs = image.with_scratch_blocks(offset, runs, true);
+            Ok(to_extents(runs, CHANGED_STATE_DIRTY))
+        })
+        .await
+    }
+}
+
+fn point_error(e: ApplianceError) -> ExportError {
+    ExportError::Io(std::io::Error::other(e.to_string()))
+}
+
+/// Runs of (length, flagged) as NBD extents, `flag` set on the flagged ones.
+fn to_extents(runs: Vec<(u64, bool)>, flag: u32) -> Vec<Extent> {
+    runs.into_iter()
+        .map(|(length, flagged)| Extent {
+            // Runs lie inside a request of u32 length.
+            length: length as u32,
+            flags: if flagged { flag } else { 0 },
+        })
+        .collect()
+}
+
+impl VolumeAtPoint {
+    /// `runs` (from `offset`) with every block the scratch area holds set to `written`.
+    fn with_scratch_blocks(
+        &self,
+        offset: u64,
+        runs: Vec<(u64, bool)>,
+        written: bool,
+    ) -> Vec<(u64, bool)> {
+        let Some(scratch) = &self.scratch else {
+            return runs;
+        };
+        let bits = scratch.written.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<(u64, bool)> = Vec::with_capacity(runs.len());
+        let mut pos = offset;
+        for (len, flag) in runs {
+            let end = pos + len;
+            while pos < end {
+                let block = pos / BLOCK_BYTES;
+                let to = ((block + 1) * BLOCK_BYTES).min(end);
+                let f = if bit(&bits, block) { written } else { flag };
+                match out.last_mut() {
+                    Some((l, last)) if *last == f => *l += to - pos,
+                    _ => out.push((to - pos, f)),
+                }
+                pos = to;
+            }
+        }
+        out
+    }
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ExportError> + Send + 'static,
 ) -> Result<T, ExportError> {
@@ -511,6 +602,32 @@ impl Export for ImageVolume {
     ) -> Result<Option<Vec<Extent>>, ExportError> {
         let this = Arc::clone(&self.0);
         blocking(move || this.allocation_blocking(offset, length).map(Some)).await
+    }
+
+    fn meta_context(&self, query: &str) -> Option<Arc<dyn MetaContext>> {
+        let point = query.strip_prefix(CHANGED_CONTEXT_PREFIX)?;
+        let image = &self.0;
+        let resolved = match crate::control::resolve_point(&image.group, point) {
+            Ok(resolved) => resolved,
+            Err(e) => {
+                tracing::info!(group = %image.group.name, point, error = %e.message, "cdp:changed context refused");
+                return None;
+            }
+        };
+        let since = Seq(resolved.seq);
+        let pin = match image.group.pin_point(since) {
+            Ok(pin) => pin,
+            Err(e) => {
+                tracing::info!(group = %image.group.name, point, error = %e, "cdp:changed context refused");
+                return None;
+            }
+        };
+        Some(Arc::new(ChangedContext {
+            name: query.to_owned(),
+            image: Arc::clone(image),
+            since,
+            pin,
+        }))
     }
 
     async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> Result<(), ExportError> {

@@ -123,4 +123,29 @@ impl<E: Export> Export for MeteredExport<E> {
         self.io.count(&result);
         result
     }
+
+    async fn write_zeroes_fast(
+        &self,
+        offset: u64,
+        length: u32,
+        fua: bool,
+        may_trim: bool,
+    ) -> Result<(), ExportError> {
+        let result = self
+            .inner
+            .write_zeroes_fast(offset, length, fua, may_trim)
+            .await;
+        // A fast zero refused as not fast is an answer, not a failure: only count zeroes done.
+        if result.is_ok() {
+            self.io.zeroes.fetch_add(1, Ordering::Relaxed);
+        }
+        if !matches!(result, Err(ExportError::NotSupported(_))) {
+            self.io.count(&result);
+        }
+        result
+    }
+
+    async fn cache(&self, offset: u64, length: u32) -> Result<(), ExportError> {
+        self.inner.cache(offset, length).await
+    }
 }

@@ -198,4 +198,39 @@ impl Export for SplitExport {
         )
         .await
     }
+
+    async fn write_zeroes_fast(
+        &self,
+        offset: u64,
+        length: u32,
+        fua: bool,
+        may_trim: bool,
+    ) -> Result<(), ExportError> {
+        // The journal side is fast already (a zero record has no payload); production
+        // decides. A failed fast zero leaves production untouched and journals nothing.
+        self.change(
+            offset,
+            length as u64,
+            0,
+            |p| p.zero_fast(offset, length as u64, may_trim),
+            |source_seq| Message::Zero {
+                source_seq,
+                offset,
+                length: length as u64,
+            },
+            fua,
+        )
+        .await
+        .map_err(|e| match e {
+            ExportError::Io(io) if io.kind() == std::io::ErrorKind::Unsupported => {
+                ExportError::NotSupported(io.to_string())
+            }
+            other => other,
+        })
+    }
+
+    async fn cache(&self, offset: u64, length: u32) -> Result<(), ExportError> {
+        self.production.will_need(offset, u64::from(length));
+        Ok(())
+    }
 }

@@ -11,6 +11,34 @@ use crate::limits::{ALLOCATION_BLOCKS_MAX, PARALLEL_ASSEMBLY_BLOCKS_MIN};
 use crate::record_cache::Stream;
 
 impl Group {
+    /// Which blocks of `[offset, offset + length)` of `volume` differ between points `a`
+    /// and `b` (either order), as runs of (length, changed): a block changed when a record
+    /// between the two touched it, from the block index alone. Refused when the index no
+    /// longer holds every record after the earlier point. At most `ALLOCATION_BLOCKS_MAX`
+    /// blocks, like `allocation_at_point`; the client asks again for the rest.
+    pub fn changed_between(
+        &self,
+        volume: &GroupVolume,
+        a: Seq,
+        b: Seq,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<(u64, bool)>, ApplianceError> {
+        let (after, through) = (a.0.min(b.0), a.0.max(b.0));
+        let end = query_end(offset, length, volume.size);
+        let history = self.history.lock();
+        if after.saturating_add(1) < history.redo_first() {
+            return Err(ApplianceError::NotFound(format!(
+                "seq {after} is older than the journal's index (first seq {}); its changes \
+                 are gone",
+                history.redo_first()
+            )));
+        }
+        Ok(block_runs(offset, end, |block| {
+            history.changed(volume.id, block, after, through)
+        }))
+    }
+
     /// Reads `buf.len()` bytes of `volume` at `offset` as they were at point `at`, which
     /// the caller has pinned. Blocks on disk reads: call from a blocking thread.
     pub fn read_at_point(
@@ -311,4 +339,28 @@ impl Group {
         self.record_cache.insert(stream, seq, payload.clone());
         Ok(payload)
     }
+}
+
+/// Where a change query from `offset` ends: cut to `ALLOCATION_BLOCKS_MAX` blocks and the
+/// volume's size.
+fn query_end(offset: u64, length: u64, size: u64) -> u64 {
+    let cap = (offset / BLOCK_BYTES + ALLOCATION_BLOCKS_MAX) * BLOCK_BYTES;
+    offset.saturating_add(length).min(size).min(cap)
+}
+
+/// Runs of (length, flag) over `[offset, end)`, one flag per block from `flag_of(block)`.
+fn block_runs(offset: u64, end: u64, mut flag_of: impl FnMut(u64) -> bool) -> Vec<(u64, bool)> {
+    let mut runs: Vec<(u64, bool)> = Vec::new();
+    let mut pos = offset;
+    while pos < end {
+        let block = pos / BLOCK_BYTES;
+        let to = ((block + 1) * BLOCK_BYTES).min(end);
+        let flag = flag_of(block);
+        match runs.last_mut() {
+            Some((len, f)) if *f == flag => *len += to - pos,
+            _ => runs.push((to - pos, flag)),
+        }
+        pos = to;
+    }
+    runs
 }

@@ -65,6 +65,19 @@ pub struct ExportArgs {
     /// Replace existing destination files.
     #[arg(long)]
     force: bool,
+    /// Incremental: write only the blocks that differ between this earlier (or later)
+    /// point and --at, found from the appliance's journal index (`cdp:changed:POINT`), all
+    /// of their bytes (zeroes too, so they are allocated); every other block stays a hole.
+    /// Patch a full export at POINT with the file's allocated extents to get --at (or
+    /// let --patch do it).
+    #[arg(long, allow_hyphen_values = true, value_name = "POINT")]
+    changed_since: Option<String>,
+    /// With --changed-since: --to is an existing full export at that point (a raw file or
+    /// block device of the volume's size), and the changed blocks are written into it in
+    /// place, turning it into the export at --at. Not atomic: an interrupted patch leaves
+    /// a mixture; run it again to finish.
+    #[arg(long, requires = "changed_since")]
+    patch: bool,
 }
 
 /// One volume of an image, and an accessed image, as `image_access` answers them.
@@ -271,15 +284,24 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
     if volumes.is_empty() {
         bail!("image {} of group {} has no volumes", info.id, info.group);
     }
-    let plan = destinations(&args.to, &volumes, args.force)?;
+    let plan = if args.patch {
+        patch_targets(&args.to, &volumes)?
+    } else {
+        destinations(&args.to, &volumes, args.force)?
+    };
     let endpoint = image_endpoint(&info)?;
     let total: u64 = volumes.iter().map(|v| v.size).sum();
+    let mode = match &args.changed_since {
+        None => Mode::Full,
+        Some(point) if args.patch => Mode::Patch(point.clone()),
+        Some(point) => Mode::Changed(point.clone()),
+    };
     let exported = interruptible.run(move |stop| {
         let bar = progress_bar(total)?;
         let mut done = Vec::new();
         for (volume, path) in plan {
             bar.set_message(volume.volume.clone());
-            done.push(export_volume(&endpoint, &volume, &path, stop, &bar)?);
+            done.push(export_volume(&endpoint, &volume, &path, &mode, stop, &bar)?);
         }
         bar.finish_and_clear();
         Ok(done)
@@ -298,6 +320,8 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         "group": info.group,
         "point": info.describe_point(&args.at),
         "seconds": seconds,
+        "changed_since": args.changed_since,
+        "patched": args.patch,
         "exported": exported
             .iter()
             .map(|e| serde_json::json!({
@@ -312,8 +336,18 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         exported
             .iter()
             .map(|e| {
+                let (verb, what) = match (&args.changed_since, args.patch) {
+                    (None, _) => ("exported", "of data"),
+                    (Some(_), false) => ("exported the changes of", "changed"),
+                    (Some(_), true) => ("patched", "changed"),
+                };
+                let since = args
+                    .changed_since
+                    .as_ref()
+                    .map(|p| format!(" since {p}"))
+                    .unwrap_or_default();
                 format!(
-                    "exported {} of group {} at {} to {}: {} ({} of data) in {seconds:.1} s",
+                    "{verb} {} of group {} at {}{since} to {}: {} ({} {what}) in {seconds:.1} s",
                     e.volume,
                     info.group,
                     info.describe_point(&args.at),
@@ -377,13 +411,62 @@ fn destinations(
     Ok(plan)
 }
 
-/// Copies one volume into `path`. The data goes to `PATH.partial` first and is renamed over
-/// `path` only once complete and synced, so an interrupted export never leaves a file that
-/// looks like a whole image.
+/// What `export` writes.
+enum Mode {
+    /// Every block into a new sparse file.
+    Full,
+    /// The blocks changed since a point into a new sparse file.
+    Changed(String),
+    /// The blocks changed since a point into an existing export at that point, in place.
+    Patch(String),
+}
+
+/// Where each volume's patch goes: `to` itself for one volume, `to/VOL.img` for several;
+/// each must exist already and have the volume's size (checked up front).
+fn patch_targets(
+    to: &Path,
+    volumes: &[ImageVolume],
+) -> anyhow::Result<Vec<(ImageVolume, PathBuf)>> {
+    let plan: Vec<(ImageVolume, PathBuf)> = if volumes.len() == 1 && !to.is_dir() {
+        vec![(volumes[0].clone(), to.to_path_buf())]
+    } else {
+        volumes
+            .iter()
+            .map(|v| (v.clone(), to.join(format!("{}.img", v.volume))))
+            .collect()
+    };
+    for (volume, path) in &plan {
+        let size = target_size(path)
+            .with_context(|| format!("--patch needs an existing export at {}", path.display()))?;
+        if size != volume.size {
+            bail!(
+                "{} holds {size} bytes but volume {} has {}; --patch writes into a full export of the same volume",
+                path.display(),
+                volume.volume,
+                volume.size
+            );
+        }
+    }
+    Ok(plan)
+}
+
+/// The size of a file or block device.
+fn target_size(path: &Path) -> anyhow::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    // A block device's metadata length is 0; its end is its size.
+    file.seek(SeekFrom::End(0))
+        .with_context(|| format!("sizing {}", path.display()))
+}
+
+/// Copies one volume into `path`. A new file gets the data as `PATH.partial` first, renamed
+/// over `path` only once complete and synced, so an interrupted export never leaves a file
+/// that looks like a whole image; a patch writes into `path` itself.
 fn export_volume(
     endpoint: &Endpoint,
     volume: &ImageVolume,
     path: &Path,
+    mode: &Mode,
     stop: &AtomicBool,
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<Exported> {
@@ -398,7 +481,46 @@ fn export_volume(
         );
     }
     let partial = PathBuf::from(format!("{}.partial", path.display()));
-    let copied = copy_to_file(&mut client, &partial, stop, bar).and_then(|data_bytes| {
+    let point = match mode {
+        Mode::Full => None,
+        Mode::Changed(point) | Mode::Patch(point) => Some(point),
+    };
+    let mut status = match point {
+        None => None,
+        Some(point) => {
+            let context = format!("cdp:changed:{point}");
+            Some(
+                Client::connect_for_context(
+                    endpoint,
+                    &volume.export,
+                    &context,
+                    Some(NBD_IO_TIMEOUT),
+                )
+                .with_context(|| format!("asking volume {} for {context}", volume.volume))?,
+            )
+        }
+    };
+    let copied = match (mode, &mut status) {
+        (Mode::Patch(_), Some(changes)) => open_target_sized(path, false, volume.size)
+            .and_then(|file| copy_changed(&mut client, changes, &file, path, stop, bar)),
+        (Mode::Changed(_), Some(changes)) => open_target_sized(&partial, true, volume.size)
+            .and_then(|file| copy_changed(&mut client, changes, &file, &partial, stop, bar)),
+        _ => copy_to_file(&mut client, &partial, stop, bar),
+    };
+    if let Some(changes) = status {
+        let _ = changes.disconnect();
+    }
+    if let Mode::Patch(_) = mode {
+        let _ = client.disconnect();
+        let data_bytes = copied.with_context(|| format!("patching volume {}", volume.volume))?;
+        return Ok(Exported {
+            volume: volume.volume.clone(),
+            path: path.to_path_buf(),
+            size: volume.size,
+            data_bytes,
+        });
+    }
+    let copied = copied.and_then(|data_bytes| {
         std::fs::rename(&partial, path)
             .with_context(|| format!("renaming {} to {}", partial.display(), path.display()))?;
         sync_parent(path)?;
@@ -457,6 +579,72 @@ fn copy_to_file(
         }
         offset += length as u64;
         bar.inc(length as u64);
+    }
+    file.sync_all()
+        .with_context(|| format!("syncing {}", path.display()))?;
+    Ok(data_bytes)
+}
+
+/// Status bit of `cdp:changed:POINT`: the extent differs (the appliance's
+/// `CHANGED_STATE_DIRTY`).
+const CHANGED_BIT: u32 = 1;
+
+/// Largest range asked of BLOCK_STATUS at once (the server may answer less).
+const STATUS_QUERY_BYTES: u64 = 1 << 30;
+
+/// A new sparse file of `size` bytes (`create`), or an existing export opened for writing.
+fn open_target_sized(path: &Path, create: bool, size: u64) -> anyhow::Result<File> {
+    if !create {
+        return OpenOptions::new()
+            .write(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()));
+    }
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.set_len(size)
+        .with_context(|| format!("sizing {}", path.display()))?;
+    Ok(file)
+}
+
+/// Writes the extents `status` reports changed into `file` at their offsets, every byte of
+/// them (zeroes too, so a new file has them allocated); returns the bytes written.
+fn copy_changed(
+    client: &mut Client,
+    status: &mut Client,
+    file: &File,
+    path: &Path,
+    stop: &AtomicBool,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<u64> {
+    let size = client.size();
+    let mut buf = vec![0u8; CHUNK_BYTES];
+    let mut data_bytes = 0;
+    let mut offset = 0u64;
+    while offset < size {
+        check_stop(stop)?;
+        let asked = (size - offset).min(STATUS_QUERY_BYTES) as u32;
+        for (length, flags) in status.block_status(offset, asked)? {
+            let end = offset + u64::from(length);
+            if flags & CHANGED_BIT != 0 {
+                let mut at = offset;
+                while at < end {
+                    check_stop(stop)?;
+                    let n = (end - at).min(CHUNK_BYTES as u64) as usize;
+                    client.read(at, &mut buf[..n])?;
+                    file.write_all_at(&buf[..n], at)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    data_bytes += n as u64;
+                    at += n as u64;
+                }
+            }
+            bar.inc(u64::from(length));
+            offset = end;
+        }
     }
     file.sync_all()
         .with_context(|| format!("syncing {}", path.display()))?;

@@ -1,4 +1,5 @@
-//! A blocking NBD client (fixed newstyle, `NBD_OPT_GO`, simple replies, one request at a time).
+//! A blocking NBD client (fixed newstyle, `NBD_OPT_GO`, simple replies, one request at a time;
+//! a connection opened for a metadata context negotiates structured replies for BLOCK_STATUS).
 //!
 //! Used by the CLI to read point-in-time images and to write production through the splitter,
 //! and by tests. It speaks the subset of `doc/proto.md` our own server offers and checks
@@ -19,8 +20,8 @@ use cdp_types::Endpoint;
 use crate::limits::{REQUEST_BYTES_MAX, STRING_BYTES_MAX};
 use crate::protocol::*;
 
-/// Magic of a structured reply, which we never negotiate; seeing it is a protocol error.
-const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// Longest BLOCK_STATUS chunk payload accepted (the server sends at most 16 Ki extents).
+const BLOCK_STATUS_CHUNK_BYTES_MAX: u32 = 4 + 8 * 64 * 1024;
 
 /// Longest option reply payload accepted during the handshake. Replies are an INFO item or
 /// an error message; a server sending more is broken or hostile.
@@ -235,6 +236,10 @@ pub struct Client {
     next_handle: u64,
     poisoned: bool,
     disconnected: bool,
+    /// The metadata context asked for at connect, and the id the server gave it. Such a
+    /// connection negotiates structured replies and serves `block_status` only.
+    context: Option<String>,
+    context_id: u32,
 }
 
 impl Client {
@@ -248,6 +253,27 @@ impl Client {
     pub fn connect_with_timeout(
         endpoint: &Endpoint,
         export: &str,
+        timeout: Option<Duration>,
+    ) -> Result<Client, ClientError> {
+        Self::open(endpoint, export, None, timeout)
+    }
+
+    /// Connects for `block_status` on metadata context `context` (structured replies and
+    /// `NBD_OPT_SET_META_CONTEXT` before GO); refused if the server does not offer it.
+    /// Other requests on this connection fail: its replies would be structured.
+    pub fn connect_for_context(
+        endpoint: &Endpoint,
+        export: &str,
+        context: &str,
+        timeout: Option<Duration>,
+    ) -> Result<Client, ClientError> {
+        Self::open(endpoint, export, Some(context.to_owned()), timeout)
+    }
+
+    fn open(
+        endpoint: &Endpoint,
+        export: &str,
+        context: Option<String>,
         timeout: Option<Duration>,
     ) -> Result<Client, ClientError> {
         let endpoint_text = endpoint.to_string();
@@ -277,6 +303,8 @@ impl Client {
             next_handle: 1,
             poisoned: false,
             disconnected: false,
+            context,
+            context_id: 0,
         };
         client.info = client.handshake()?;
         Ok(client)
@@ -518,6 +546,144 @@ impl Client {
         self.guard_io(sent)
     }
 
+    /// The status of `[offset, offset + length)` in the connection's metadata context, as
+    /// (length, flags) extents from `offset`; they may cover less than asked (never nothing).
+    pub fn block_status(
+        &mut self,
+        offset: u64,
+        length: u32,
+    ) -> Result<Vec<(u32, u32)>, ClientError> {
+        if self.context.is_none() {
+            return Err(self.unsupported("BLOCK_STATUS"));
+        }
+        self.send_request(NBD_CMD_BLOCK_STATUS, 0, offset, length, &[])?;
+        let mut extents = Vec::new();
+        let mut error = None;
+        loop {
+            let mut raw = [0u8; CHUNK_HEADER_BYTES];
+            let received = self.stream.read_exact(&mut raw);
+            self.guard_io(received)?;
+            let magic = u32::from_be_bytes(field(&raw, 0));
+            let flags = u16::from_be_bytes(field(&raw, 4));
+            let kind = u16::from_be_bytes(field(&raw, 6));
+            let handle = u64::from_be_bytes(field(&raw, 8));
+            let chunk_len = u32::from_be_bytes(field(&raw, 16));
+            if magic != STRUCTURED_REPLY_MAGIC {
+                return Err(self.protocol(format!("BLOCK_STATUS reply magic {magic:#010x}")));
+            }
+            if handle != self.next_handle {
+                return Err(self.protocol(format!("reply for handle {handle:#x}")));
+            }
+            if chunk_len > BLOCK_STATUS_CHUNK_BYTES_MAX {
+                return Err(self.protocol(format!("chunk of {chunk_len} bytes")));
+            }
+            let mut payload = vec![0u8; chunk_len as usize];
+            let received = self.stream.read_exact(&mut payload);
+            self.guard_io(received)?;
+            match kind {
+                NBD_REPLY_TYPE_NONE => {}
+                NBD_REPLY_TYPE_BLOCK_STATUS => {
+                    if payload.len() < 12 || !(payload.len() - 4).is_multiple_of(8) {
+                        return Err(
+                            self.protocol(format!("BLOCK_STATUS chunk of {} bytes", payload.len()))
+                        );
+                    }
+                    if u32::from_be_bytes(field(&payload, 0)) == self.context_id {
+                        extents = payload[4..]
+                            .chunks_exact(8)
+                            .map(|d| {
+                                (
+                                    u32::from_be_bytes(field(d, 0)),
+                                    u32::from_be_bytes(field(d, 4)),
+                                )
+                            })
+                            .collect();
+                    }
+                }
+                kind if kind & (1 << 15) != 0 && payload.len() >= 6 => {
+                    error = Some(u32::from_be_bytes(field(&payload, 0)));
+                }
+                other => return Err(self.protocol(format!("chunk type {other} to BLOCK_STATUS"))),
+            }
+            if flags & NBD_REPLY_FLAG_DONE != 0 {
+                break;
+            }
+        }
+        self.next_handle = self.next_handle.wrapping_add(1);
+        if let Some(errno) = error {
+            return Err(ClientError::Command {
+                export: self.export.clone(),
+                command: "BLOCK_STATUS",
+                offset,
+                length: u64::from(length),
+                errno,
+                errno_name: errno_name(errno),
+            });
+        }
+        let covered: u64 = extents.iter().map(|&(l, _)| u64::from(l)).sum();
+        if extents.is_empty() || covered > u64::from(length) || extents.iter().any(|e| e.0 == 0) {
+            return Err(self.protocol(format!(
+                "BLOCK_STATUS answered {} extents over {covered} bytes for {length}",
+                extents.len()
+            )));
+        }
+        Ok(extents)
+    }
+
+    /// Negotiates structured replies and selects the connection's metadata context.
+    fn select_context(&mut self, context: &str) -> Result<(), ClientError> {
+        self.send_option(NBD_OPT_STRUCTURED_REPLY, &[])?;
+        let (reply, payload) = self.receive_option_reply(NBD_OPT_STRUCTURED_REPLY)?;
+        if reply != NBD_REP_ACK {
+            return Err(self.context_refused(reply, &payload, context));
+        }
+        let name = self.export.as_bytes();
+        let mut data = Vec::with_capacity(12 + name.len() + context.len());
+        data.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        data.extend_from_slice(name);
+        data.extend_from_slice(&1u32.to_be_bytes());
+        data.extend_from_slice(&(context.len() as u32).to_be_bytes());
+        data.extend_from_slice(context.as_bytes());
+        self.send_option(NBD_OPT_SET_META_CONTEXT, &data)?;
+        let mut id = None;
+        for _ in 0..OPTION_REPLIES_MAX {
+            let (reply, payload) = self.receive_option_reply(NBD_OPT_SET_META_CONTEXT)?;
+            match reply {
+                NBD_REP_META_CONTEXT if payload.len() >= 4 => {
+                    id = Some(u32::from_be_bytes(field(&payload, 0)))
+                }
+                NBD_REP_ACK => break,
+                other => return Err(self.context_refused(other, &payload, context)),
+            }
+        }
+        match id {
+            Some(id) => {
+                self.context_id = id;
+                Ok(())
+            }
+            None => Err(self.context_refused(
+                NBD_REP_ACK,
+                b"the server offers no such context",
+                context,
+            )),
+        }
+    }
+
+    fn context_refused(&mut self, reply: u32, payload: &[u8], context: &str) -> ClientError {
+        let _ = self.send_option(NBD_OPT_ABORT, &[]);
+        self.poisoned = true;
+        self.stream.shutdown();
+        ClientError::ExportRefused {
+            endpoint: self.endpoint.clone(),
+            export: self.export.clone(),
+            reply: reply_name(reply),
+            message: format!(
+                "metadata context {context:?}: {}",
+                String::from_utf8_lossy(payload).trim()
+            ),
+        }
+    }
+
     /// Reads the simple reply to the request just sent; for a successful READ, its data
     /// into `data`.
     fn receive_reply(
@@ -590,6 +756,9 @@ impl Client {
         }
         let sent = self.stream.write_all(&client_flags.to_be_bytes());
         self.guard_io(sent)?;
+        if let Some(context) = self.context.clone() {
+            self.select_context(&context)?;
+        }
 
         // GO data: name length, name, and one information request (block size), which also
         // promises the server that we honour its block size constraints.

@@ -37,6 +37,9 @@ pub enum ExportError {
     /// NBD_EINVAL.
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// NBD_ENOTSUP: only for a WRITE_ZEROES with FAST_ZERO that would not be fast.
+    #[error("not supported: {0}")]
+    NotSupported(String),
     /// NBD_ESHUTDOWN: the server is going away; the client should disconnect.
     #[error("shutting down")]
     Shutdown,
@@ -81,6 +84,30 @@ pub trait Export: Send + Sync + 'static {
         fua: bool,
         may_trim: bool,
     ) -> Result<(), ExportError>;
+
+    /// WRITE_ZEROES with NBD_CMD_FLAG_FAST_ZERO: zero the range only if that is much faster
+    /// than writing zeroes (a hole punched, an unwritten extent, a device offload), else
+    /// fail at once with `ExportError::NotSupported`, the range untouched; the client then
+    /// writes the zeroes itself, or skips pre-zeroing. The default is never fast.
+    async fn write_zeroes_fast(
+        &self,
+        offset: u64,
+        length: u32,
+        fua: bool,
+        may_trim: bool,
+    ) -> Result<(), ExportError> {
+        let _ = (offset, length, fua, may_trim);
+        Err(ExportError::NotSupported(
+            "zeroing is no faster than writing on this export".into(),
+        ))
+    }
+
+    /// NBD_CMD_CACHE: the client will read `[offset, offset + length)` soon. A hint; the
+    /// default does nothing (and succeeds, as the spec allows).
+    async fn cache(&self, offset: u64, length: u32) -> Result<(), ExportError> {
+        let _ = (offset, length);
+        Ok(())
+    }
 
     /// `base:allocation` of `[offset, offset + length)`: consecutive extents from `offset`,
     /// covering at least one byte and at most `length`. `None` means the export cannot

@@ -59,6 +59,7 @@ pub const NBD_FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
 pub const NBD_FLAG_SEND_DF: u16 = 1 << 7;
 pub const NBD_FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 pub const NBD_FLAG_SEND_CACHE: u16 = 1 << 10;
+pub const NBD_FLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 
 // Options.
 pub const NBD_OPT_EXPORT_NAME: u32 = 1;
@@ -105,6 +106,7 @@ pub const NBD_CMD_FLAG_FUA: u16 = 1 << 0;
 pub const NBD_CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 pub const NBD_CMD_FLAG_DF: u16 = 1 << 2;
 pub const NBD_CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+pub const NBD_CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 
 // Structured reply flags and chunk types.
 pub const NBD_REPLY_FLAG_DONE: u16 = 1 << 0;
@@ -128,6 +130,7 @@ pub const NBD_EIO: u32 = 5;
 pub const NBD_EINVAL: u32 = 22;
 pub const NBD_ENOSPC: u32 = 28;
 pub const NBD_EOVERFLOW: u32 = 75;
+pub const NBD_ENOTSUP: u32 = 95;
 pub const NBD_ESHUTDOWN: u32 = 108;
 
 /// Handshake flags this server offers.
@@ -157,7 +160,10 @@ pub fn transmission_flags(features: &ExportFeatures, structured: bool) -> u16 {
         flags |= NBD_FLAG_SEND_TRIM;
     }
     if features.can_write_zeroes {
-        flags |= NBD_FLAG_SEND_WRITE_ZEROES;
+        // FAST_ZERO goes with WRITE_ZEROES (spec: MUST NOT without it). Every export can
+        // honour it: one that cannot zero fast answers ENOTSUP at once (`write_zeroes_fast`),
+        // which tells a client such as qemu-img to skip pre-zeroing and write instead.
+        flags |= NBD_FLAG_SEND_WRITE_ZEROES | NBD_FLAG_SEND_FAST_ZERO;
     }
     if features.can_multi_conn {
         flags |= NBD_FLAG_CAN_MULTI_CONN;
@@ -559,7 +565,7 @@ mod tests {
             can_write_zeroes: true,
             can_multi_conn: true,
         };
-        assert_eq!(transmission_flags(&all, false), 0b101_0110_1111);
+        assert_eq!(transmission_flags(&all, false), 0b1101_0110_1111);
     }
 
     #[test]

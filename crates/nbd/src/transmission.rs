@@ -62,10 +62,16 @@ pub(crate) enum Command {
         length: u32,
         fua: bool,
         may_trim: bool,
+        /// NBD_CMD_FLAG_FAST_ZERO: fail with ENOTSUP rather than zero slowly.
+        fast: bool,
     },
-    /// A zero-length WRITE, TRIM or WRITE_ZEROES inside the export, or a CACHE (a hint we
-    /// take without acting on it). The spec leaves zero lengths open but says not to
-    /// disconnect; we succeed without calling the export.
+    /// A prefetch hint.
+    Cache {
+        offset: u64,
+        length: u32,
+    },
+    /// A zero-length WRITE, TRIM, WRITE_ZEROES or CACHE inside the export. The spec leaves
+    /// zero lengths open but says not to disconnect; we succeed without calling the export.
     Nothing,
 }
 
@@ -135,7 +141,11 @@ pub(crate) fn validate(
         NBD_CMD_BLOCK_STATUS => (NBD_CMD_FLAG_REQ_ONE, negotiated.contexts > 0),
         NBD_CMD_FLUSH => (0, features.can_flush),
         NBD_CMD_TRIM => (0, features.can_trim),
-        NBD_CMD_WRITE_ZEROES => (NBD_CMD_FLAG_NO_HOLE, features.can_write_zeroes),
+        // SEND_FAST_ZERO is advertised exactly when WRITE_ZEROES is.
+        NBD_CMD_WRITE_ZEROES => (
+            NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO,
+            features.can_write_zeroes,
+        ),
         _ => return refuse(NBD_EINVAL),
     };
     // Once SEND_FUA is advertised, FUA is valid on every command (the spec says to accept it
@@ -194,8 +204,11 @@ pub(crate) fn validate(
         }
         _ => {}
     }
-    if length == 0 || command == NBD_CMD_CACHE {
+    if length == 0 {
         return Verdict::Run(Command::Nothing);
+    }
+    if command == NBD_CMD_CACHE {
+        return Verdict::Run(Command::Cache { offset, length });
     }
     Verdict::Run(match command {
         NBD_CMD_WRITE => Command::Write {
@@ -213,6 +226,7 @@ pub(crate) fn validate(
             length,
             fua,
             may_trim: flags & NBD_CMD_FLAG_NO_HOLE == 0,
+            fast: flags & NBD_CMD_FLAG_FAST_ZERO != 0,
         },
     })
 }
@@ -223,6 +237,7 @@ pub(crate) fn error_value(err: &ExportError) -> u32 {
         ExportError::NotPermitted(_) => NBD_EPERM,
         ExportError::NoSpace(_) => NBD_ENOSPC,
         ExportError::Invalid(_) => NBD_EINVAL,
+        ExportError::NotSupported(_) => NBD_ENOTSUP,
         ExportError::Shutdown => NBD_ESHUTDOWN,
         ExportError::Io(io) => io_error_value(io),
     }
@@ -445,7 +460,20 @@ async fn execute(export: &dyn Export, command: Command, payload: Bytes) -> (u32,
             length,
             fua,
             may_trim,
+            fast: false,
         } => export.write_zeroes(offset, length, fua, may_trim).await,
+        Command::WriteZeroes {
+            offset,
+            length,
+            fua,
+            may_trim,
+            fast: true,
+        } => {
+            export
+                .write_zeroes_fast(offset, length, fua, may_trim)
+                .await
+        }
+        Command::Cache { offset, length } => export.cache(offset, length).await,
         Command::Nothing => Ok(()),
         // Only valid once structured replies are negotiated, so never answered here.
         Command::BlockStatus { .. } => Err(ExportError::Invalid(
@@ -881,6 +909,13 @@ mod tests {
         );
         assert_eq!(
             judge(NBD_CMD_CACHE, 0, 0, 512),
+            Verdict::Run(Command::Cache {
+                offset: 0,
+                length: 512
+            })
+        );
+        assert_eq!(
+            judge(NBD_CMD_CACHE, 0, 0, 0),
             Verdict::Run(Command::Nothing)
         );
         assert_eq!(judge(NBD_CMD_CACHE, 0, SIZE, 1), einval);
@@ -921,7 +956,23 @@ mod tests {
                 offset: 0,
                 length: 512,
                 fua: false,
-                may_trim: false
+                may_trim: false,
+                fast: false
+            })
+        );
+        assert_eq!(
+            judge(
+                NBD_CMD_WRITE_ZEROES,
+                NBD_CMD_FLAG_FAST_ZERO | NBD_CMD_FLAG_NO_HOLE,
+                0,
+                512
+            ),
+            Verdict::Run(Command::WriteZeroes {
+                offset: 0,
+                length: 512,
+                fua: false,
+                may_trim: false,
+                fast: true
             })
         );
         assert_eq!(judge(NBD_CMD_FLUSH, 0, 0, 0), Verdict::Run(Command::Flush));
@@ -993,6 +1044,14 @@ mod tests {
         );
         assert_eq!(
             judge(NBD_CMD_READ, NBD_CMD_FLAG_NO_HOLE, 0, 512),
+            Verdict::Refuse {
+                error: NBD_EINVAL,
+                discard: 0
+            }
+        );
+        // FAST_ZERO belongs to WRITE_ZEROES only.
+        assert_eq!(
+            judge(NBD_CMD_TRIM, NBD_CMD_FLAG_FAST_ZERO, 0, 512),
             Verdict::Refuse {
                 error: NBD_EINVAL,
                 discard: 0

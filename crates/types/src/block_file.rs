@@ -257,6 +257,63 @@ impl BlockFile {
         self.write_zeroes_slowly(offset, length)
     }
 
+    /// Sets a range to zeroes only where the kernel can do it without writing them: a hole
+    /// punched or an unwritten extent on a file (`fallocate`), a device's zeroing offload
+    /// (`fallocate(PUNCH_HOLE)` on a block device never falls back to writing). Fails with
+    /// `ErrorKind::Unsupported`, the range untouched, where that is not possible, including
+    /// NO_HOLE (`may_punch` false) on a block device, whose zero-range may write.
+    pub fn zero_fast(&self, offset: u64, length: u64, may_punch: bool) -> io::Result<()> {
+        if length == 0 {
+            return Ok(());
+        }
+        let mode = match (self.is_block_device, may_punch) {
+            (_, true) => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            (false, false) => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            (true, false) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "a block device cannot be zeroed fast without deallocating",
+                ))
+            }
+        };
+        // SAFETY: fallocate on an open descriptor with in-range values has no memory effects.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                length as libc::off_t,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => {
+                Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!("{} cannot zero a range fast: {err}", self.path.display()),
+                ))
+            }
+            _ => Err(err),
+        }
+    }
+
+    /// Asks the kernel to read a range ahead (`POSIX_FADV_WILLNEED`); a hint, so failures
+    /// are ignored.
+    pub fn will_need(&self, offset: u64, length: u64) {
+        // SAFETY: posix_fadvise on an open descriptor has no memory effects.
+        let _ = unsafe {
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                offset as libc::off_t,
+                length as libc::off_t,
+                libc::POSIX_FADV_WILLNEED,
+            )
+        };
+    }
+
     fn write_zeroes_slowly(&self, offset: u64, length: u64) -> io::Result<()> {
         let zeroes = vec![0u8; ZERO_CHUNK_BYTES.min(length as usize)];
         let mut at = offset;
@@ -324,6 +381,23 @@ mod tests {
             f.allocation(0, 16 << 20, 16).unwrap(),
             Some(vec![(16 << 20, true)])
         );
+    }
+
+    #[test]
+    fn fast_zero_zeroes_or_refuses_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = BlockFile::create_sparse(&dir.path().join("v.img"), 1 << 20).unwrap();
+        v.write_at(0, &[9u8; 1 << 20]).unwrap();
+        let mut model = vec![9u8; 1 << 20];
+        for (offset, length, may_punch) in [(4096, 8192, true), (65536, 4096, false)] {
+            match v.zero_fast(offset, length, may_punch) {
+                Ok(()) => model[offset as usize..(offset + length) as usize].fill(0),
+                Err(e) => assert_eq!(e.kind(), io::ErrorKind::Unsupported, "{e}"),
+            }
+            assert_eq!(&v.read_at(0, 1 << 20).unwrap()[..], &model[..]);
+        }
+        v.zero_fast(0, 0, false).unwrap();
+        v.will_need(0, 1 << 20);
     }
 
     #[test]

@@ -42,6 +42,7 @@ async fn info_then_go_report_export_block_size_name_and_description() {
             | NBD_FLAG_SEND_FUA
             | NBD_FLAG_SEND_TRIM
             | NBD_FLAG_SEND_WRITE_ZEROES
+            | NBD_FLAG_SEND_FAST_ZERO
             | NBD_FLAG_CAN_MULTI_CONN
             | NBD_FLAG_SEND_CACHE
     );
