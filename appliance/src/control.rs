@@ -437,6 +437,7 @@ pub fn wire_status(status: crate::group::GroupStatus) -> cdp_control::GroupStatu
         source,
         remote,
         replication_source,
+        archive,
     } = status;
     cdp_control::GroupStatus {
         name,
@@ -469,5 +470,6 @@ pub fn wire_status(status: crate::group::GroupStatus) -> cdp_control::GroupStatu
         source,
         remote,
         replication_source,
+        archive,
     }
 }

@@ -78,6 +78,7 @@ impl Group {
                         .receiving
                         .status(self.journal.durable_seq().0)
                 }),
+            archive: self.archive.as_ref().map(|a| a.status(&self.journal)),
         }
     }
 }
@@ -136,6 +137,9 @@ pub struct GroupStatus {
     /// Receiving from the source, for a remote copy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replication_source: Option<crate::replication::state::ReceivingStatus>,
+    /// The archive on object storage, for a group with `[group.archive]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub archive: Option<crate::archiver::state::ArchiveStatus>,
 }
 
 #[derive(Clone, Debug, Serialize)]
