@@ -199,3 +199,129 @@ fn appliance_archives_as_it_seals_and_restores_from_garage_alone() {
     }
     restore_and_check(&garage, url, "latest", &out, &model);
 }
+
+/// Writes `count` chunks of 512 KiB through qemu-io, each followed by FLUSH, checking the
+/// host is never held: each write with its flush returns within `host_deadline`.
+fn write_chunks(site: &Site, model: &mut Model, seed: u64, first: u64, count: u64) {
+    for i in first..first + count {
+        let started = std::time::Instant::now();
+        write(site, model, seed ^ (1000 + i), i * 512 * 1024, 512 * 1024);
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "a host write took {:?} with the archive behind",
+            started.elapsed()
+        );
+    }
+}
+
+fn archive_settings(segment_capacity: &str) -> String {
+    format!("journal_segment_bytes = 1048576\n{segment_capacity}")
+}
+
+#[test]
+fn retention_keeps_what_the_archive_lacks_until_the_store_is_back() {
+    // Goal: local retention never releases journal history the archive has not confirmed,
+    // the host is not held meanwhile, and once the store is back the archive catches up and
+    // retention releases. Method: a Garage set up and then killed; an appliance with a 2 MiB
+    // journal capacity (1 MiB segments) archiving to it; 6 MiB of qemu-io writes. The oracle:
+    // status (first_seq stays 1, the journal over capacity, the archive failing and behind),
+    // the log's retention-held line; then Garage restarted: lag 0, first_seq > 1, and the
+    // bucket alone restores the model.
+    let Some(bin) = garage_bin() else { return };
+    if !requires("qemu-io") {
+        return;
+    }
+    let seed = seed("retention_keeps_what_the_archive_lacks_until_the_store_is_back");
+    let mut site = Site::create(&[("vol0", VOLUME_BYTES)], SiteOptions::default());
+    let mut garage = Garage::start(bin, &site.root().join("garage"));
+    garage.kill();
+    site.add_appliance_settings(
+        &archive_settings(""),
+        &format!(
+            "journal_capacity_bytes = 2097152\n{}",
+            garage.archive_table("guard", "seal_after_s = 1, backoff_ms = 100, retries = 1")
+        ),
+    );
+    site.start_role(Role::Appliance);
+    site.start_role(Role::Splitter);
+    site.wait_connected(Duration::from_secs(30));
+    let mut model = Model::zeroed(VOLUME_BYTES);
+    write_chunks(&site, &mut model, seed, 0, 12);
+    site.wait_distributed(DISTRIBUTED_DEADLINE);
+    // A retention pass ran and was held by the archive (logged once per episode).
+    let held = poll_until(LAG_DEADLINE, || {
+        site.logs()
+            .contains("the archive has not confirmed its oldest history")
+    });
+    assert!(
+        held,
+        "no retention pass held for the archive:\n{}",
+        site.logs()
+    );
+    let g = group_status(&site);
+    assert_eq!(g["first_seq"], 1, "history released unarchived: {g:#}");
+    assert!(
+        g["journal_bytes"].as_u64() > Some(2 * MIB),
+        "the journal must be over its capacity: {g:#}"
+    );
+    // The first pass fails once its retries are spent.
+    let mut g = serde_json::Value::Null;
+    let failing = poll_until(LAG_DEADLINE, || {
+        g = group_status(&site);
+        g["archive"]["last_error"].is_string()
+    });
+    assert!(failing, "the store is down but no pass failed: {g:#}");
+    let a = &g["archive"];
+    assert!(a["lag_segments"].as_u64() >= Some(4), "{a}");
+    assert!(a["lag_seconds"].as_f64() > Some(0.0), "{a}");
+
+    garage.start_server();
+    wait_archived(&site);
+    // Retention runs at least once a second after distribution: it may release now.
+    let released = poll_until(LAG_DEADLINE, || {
+        g = group_status(&site);
+        g["first_seq"].as_u64() > Some(1) && g["journal_bytes"].as_u64() <= Some(2 * MIB)
+    });
+    assert!(released, "retention did not release once archived: {g:#}");
+    site.terminate(Role::Splitter, Duration::from_secs(30));
+    site.terminate(Role::Appliance, Duration::from_secs(30));
+    std::fs::remove_dir_all(site.root().join("appliance")).unwrap();
+    let out = site.root().join("restored.img");
+    restore_and_check(&garage, "s3://archive/guard", "latest", &out, &model);
+}
+
+#[test]
+fn release_unarchived_lets_retention_go_ahead() {
+    // Goal: `release_unarchived = true` lifts the guard. Method: an archive whose store never
+    // answers (a closed port), a 2 MiB journal capacity, 6 MiB of writes; the oracle is
+    // status: first_seq moves past 1 and the journal is back within capacity while the
+    // archive reports its error.
+    if !requires("qemu-io") {
+        return;
+    }
+    let seed = seed("release_unarchived_lets_retention_go_ahead");
+    let mut site = Site::create(&[("vol0", VOLUME_BYTES)], SiteOptions::default());
+    site.add_appliance_settings(
+        &archive_settings(""),
+        &format!(
+            "journal_capacity_bytes = 2097152\narchive = {{ url = \"s3://none/x\", endpoint = \"http://127.0.0.1:{}\", region = \"r\", access_key_id = \"k\", secret_access_key = \"s\", retries = 0, release_unarchived = true }}\n",
+            free_port()
+        ),
+    );
+    site.start_role(Role::Appliance);
+    site.start_role(Role::Splitter);
+    site.wait_connected(Duration::from_secs(30));
+    let mut model = Model::zeroed(VOLUME_BYTES);
+    write_chunks(&site, &mut model, seed, 0, 12);
+    site.wait_distributed(DISTRIBUTED_DEADLINE);
+    let mut g = serde_json::Value::Null;
+    let released = poll_until(LAG_DEADLINE, || {
+        g = group_status(&site);
+        g["first_seq"].as_u64() > Some(1)
+            && g["journal_bytes"].as_u64() <= Some(2 * MIB)
+            && g["archive"]["last_error"].is_string()
+    });
+    assert!(released, "retention held with release_unarchived: {g:#}");
+    assert_eq!(g["archive"]["release_unarchived"], true);
+    site.assert_replica_equals_production("vol0");
+}
