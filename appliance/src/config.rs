@@ -175,6 +175,9 @@ pub struct GroupConfig {
     /// and undo stream. Default: none (every point stays until retention releases it).
     #[serde(default)]
     pub consolidation: Option<crate::consolidation::ConsolidationConfig>,
+    /// Archive the journal to object storage (`[group.archive]`). Default: none.
+    #[serde(default)]
+    pub archive: Option<crate::archiver::config::ArchiveConfig>,
     // --- remote replication ---
     /// `local` (default): hosts write this group through splitters. `remote`: this group is
     /// the remote copy of a group of the same name at another appliance, fed only by its
@@ -593,6 +596,9 @@ impl ApplianceConfig {
             g.sanitize_replication(self.replication_listen.is_some())?;
             if let Some(c) = &g.consolidation {
                 c.validate(&g.name)?;
+            }
+            if let Some(a) = &g.archive {
+                a.validate(&g.name)?;
             }
             if g.journal_retention_s == Some(0) {
                 tracing::warn!(group = %g.name, "journal_retention_s = 0; using 1");

@@ -461,6 +461,7 @@ pub fn wire_status(status: crate::group::GroupStatus) -> cdp_control::GroupStatu
         remote,
         replication_source,
         role,
+        archive,
     } = status;
     cdp_control::GroupStatus {
         name,
@@ -494,5 +495,6 @@ pub fn wire_status(status: crate::group::GroupStatus) -> cdp_control::GroupStatu
         remote,
         replication_source,
         role,
+        archive,
     }
 }

@@ -1,5 +1,6 @@
 //! The appliance: journals split changes in write order and distributes them to the replicas.
 
+pub mod archiver;
 pub mod bookmark;
 pub mod config;
 pub mod connection_progress;
@@ -92,6 +93,8 @@ pub async fn run_with_ready(
     let replication =
         replication::Replication::start(&config, &groups.list(), Arc::clone(&event_log))?;
 
+    // --- archive: one thread per group with [group.archive], opened at start only.
+    let archivers = archiver::Archivers::start(&groups.list())?;
     let control_path = config.control_path();
     let control = bind_unix(&control_path)?;
     cdp_link::socket_access::restrict_control_socket(
@@ -202,6 +205,9 @@ pub async fn run_with_ready(
     }
     // --- remote replication: stop before the groups, so no append races their stop.
     tokio::task::spawn_blocking(move || replication.stop())
+        .await
+        .map_err(|e| ApplianceError::Io(std::io::Error::other(e.to_string())))?;
+    tokio::task::spawn_blocking(move || archivers.stop())
         .await
         .map_err(|e| ApplianceError::Io(std::io::Error::other(e.to_string())))?;
     let groups_to_stop = Arc::clone(&groups);

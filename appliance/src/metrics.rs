@@ -521,6 +521,44 @@ pub fn exposition(site: &str, sample: &Sample) -> Exposition {
                 r.last_received_seq as f64,
             );
         }
+        if let Some(a) = &s.archive {
+            e.gauge(
+                "cdp_archive_lag_seconds",
+                "Age of the oldest durable record the archive on object storage lacks (0 when caught up).",
+                &l,
+                a.lag_seconds,
+            );
+            e.gauge(
+                "cdp_archive_lag_records",
+                "Durable journal records the archive lacks.",
+                &l,
+                a.lag_records as f64,
+            );
+            e.gauge(
+                "cdp_archive_lag_segments",
+                "Journal segments holding records the archive lacks.",
+                &l,
+                a.lag_segments as f64,
+            );
+            e.gauge(
+                "cdp_archive_archived_seq",
+                "Highest seq the archive's newest manifest names.",
+                &l,
+                a.archived_seq as f64,
+            );
+            e.counter(
+                "cdp_archive_uploaded_stored_bytes",
+                "Bytes uploaded to the archive since start (after zstd).",
+                &l,
+                a.uploaded_stored_bytes,
+            );
+            e.flag(
+                "cdp_archive_failing",
+                "1 while the last archive pass failed.",
+                &l,
+                a.last_error.is_some(),
+            );
+        }
     }
     e
 }

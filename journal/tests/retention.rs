@@ -194,3 +194,30 @@ proptest! {
         }
     }
 }
+
+/// `seal_active` seals a segment holding records (it then reads back and survives reopen,
+/// and the next record starts the new active segment) and does nothing to an empty one.
+#[test]
+fn seal_active_seals_only_a_segment_with_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let j = open(tmp.path(), 8 * MIB);
+    assert!(!j.seal_active().unwrap(), "an empty active segment stays");
+    let mut model = Vec::new();
+    for i in 0..3u64 {
+        let r = record(RecordKind::Write, i + 1, 4096);
+        j.append(std::slice::from_ref(&r)).unwrap();
+        model.push(r);
+    }
+    assert!(j.seal_active().unwrap());
+    assert_eq!(j.sealed_segments(), vec![(1, Seq(3))]);
+    assert!(!j.seal_active().unwrap(), "the new active segment is empty");
+    let r = record(RecordKind::Write, 4, 4096);
+    j.append(std::slice::from_ref(&r)).unwrap();
+    model.push(r);
+    j.sync().unwrap();
+    assert_eq!(j.segment_first_seqs(), vec![Seq(1), Seq(4)]);
+    drop(j);
+    let j = open(tmp.path(), 8 * MIB);
+    assert_eq!(j.sealed_segments(), vec![(1, Seq(3))]);
+    check_tail(&j, &model);
+}

@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod cli;
+pub mod garage;
 pub mod journals;
 pub mod link_proxy;
 pub mod mount;

@@ -139,6 +139,8 @@ pub struct Group {
     /// Image reads hold it shared from planning to reading; consolidation exclusively while
     /// it moves records to their rewritten segments.
     relocation: RankedRwLock<()>,
+    /// `[group.archive]` and the archiver's progress, if the group is archived.
+    archive: Option<Arc<crate::archiver::state::GroupArchive>>,
 }
 
 impl Group {
@@ -283,6 +285,10 @@ impl Group {
                 consolidate::PassStats::new(),
             ),
             relocation: RankedRwLock::new(Rank::Relocation, ()),
+            archive: config
+                .archive
+                .clone()
+                .map(|c| Arc::new(crate::archiver::state::GroupArchive::new(c))),
         });
         group.start_threads(sync_rx, wake_rx, sync_interval)?;
         Ok(group)
@@ -369,6 +375,16 @@ impl Group {
     /// The id binding this group's journal records (sent in the replication Hello).
     pub fn group_id(&self) -> u64 {
         self.journal.group_id()
+    }
+
+    /// `[group.archive]` and its progress (the archiver thread updates it).
+    pub fn archive(&self) -> Option<&Arc<crate::archiver::state::GroupArchive>> {
+        self.archive.as_ref()
+    }
+
+    /// The group's directory (`DATA_DIR/groups/NAME`).
+    pub fn state_dir(&self) -> &Path {
+        self.state.dir()
     }
 
     pub fn replication(&self) -> &crate::replication::state::GroupReplication {

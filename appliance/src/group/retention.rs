@@ -45,6 +45,7 @@ impl Group {
         let remote_holds = pins
             .get(&REMOTE_COPY_PIN)
             .is_some_and(|&p| Some(p) == pinned);
+        let archive_holds = pins.get(&ARCHIVE_PIN).is_some_and(|&p| Some(p) == pinned);
         let releasable = pinned.map_or(checkpointed, |p| p.min(checkpointed));
         let plan = self
             .journal
@@ -87,7 +88,14 @@ impl Group {
                     .over_capacity);
         let held_by_images = plan.over_capacity && !distribution_behind;
         if held_by_images && !self.held_by_images.swap(true, Ordering::Relaxed) {
-            if remote_holds {
+            if archive_holds {
+                tracing::warn!(
+                    group = %self.name,
+                    pinned = pinned.map(|p| p.0),
+                    "journal over capacity: the archive has not confirmed its oldest history, \
+                     which is kept until the archiver catches up (release_unarchived = false)"
+                );
+            } else if remote_holds {
                 tracing::warn!(
                     group = %self.name,
                     pinned = pinned.map(|p| p.0),
@@ -196,6 +204,15 @@ impl Group {
         if config.remote.is_some() {
             pins.insert(REMOTE_COPY_PIN, Seq::ZERO);
         }
+        // Nothing the archive has not confirmed goes either, until the archiver has read the
+        // archive's manifest and moves the pin (`release_unarchived` lifts the guard).
+        if config
+            .archive
+            .as_ref()
+            .is_some_and(|a| !a.release_unarchived)
+        {
+            pins.insert(ARCHIVE_PIN, Seq::ZERO);
+        }
         pins
     }
 
@@ -203,7 +220,15 @@ impl Group {
     pub fn release_for_remote_copy_through(&self, acked: Seq) {
         self.pins.lock().insert(REMOTE_COPY_PIN, acked);
     }
+
+    /// Lets retention release records up to `archived` (named by the archive's newest
+    /// manifest), no more.
+    pub fn release_for_archive_through(&self, archived: Seq) {
+        self.pins.lock().insert(ARCHIVE_PIN, archived);
+    }
 }
 
 /// The retention pin id the remote-copy shipper holds (image pins count from 1).
 pub(super) const REMOTE_COPY_PIN: u64 = 0;
+/// The retention pin id the archiver holds (image pins never reach it).
+pub(super) const ARCHIVE_PIN: u64 = u64::MAX;

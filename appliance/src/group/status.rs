@@ -78,6 +78,7 @@ impl Group {
                     .status(self.journal.durable_seq().0)
             }),
             role: Some(self.role.status()),
+            archive: self.archive.as_ref().map(|a| a.status(&self.journal)),
         }
     }
 }
@@ -137,6 +138,9 @@ pub struct GroupStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replication_source: Option<crate::replication::state::ReceivingStatus>,
     pub role: Option<cdp_control::RoleStatus>,
+    /// The archive on object storage, for a group with `[group.archive]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub archive: Option<crate::archiver::state::ArchiveStatus>,
 }
 
 #[derive(Clone, Debug, Serialize)]

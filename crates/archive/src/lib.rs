@@ -9,6 +9,7 @@
 
 mod error;
 mod manifest;
+mod pacer;
 mod restore;
 mod segment;
 mod target;
@@ -25,4 +26,4 @@ pub use restore::{
 };
 pub use segment::{scan_segment, verify_segment, SegmentDamage, SegmentRecord, SegmentSummary};
 pub use target::{ArchiveTarget, S3Settings};
-pub use upload::{sealed_in_dir, ArchiveGroup, Archiver, UploadLimits, UploadReport};
+pub use upload::{archiver_id, sealed_in_dir, ArchiveGroup, Archiver, UploadLimits, UploadReport};

@@ -10,6 +10,15 @@ use object_store::ObjectStore;
 
 use crate::error::ArchiveError;
 
+/// Longest the client retries one request itself before the archiver's retry takes over.
+const STORE_RETRY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Longest a TCP (and TLS) connect to the store may take.
+const STORE_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Longest one request may take from start to its last byte: ten minutes carries a default
+/// 256 MiB segment at about 0.5 MB/s. A larger `journal_segment_bytes` over a slow link needs
+/// a faster link (or smaller segments): the request is cut and retried.
+const STORE_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Settings for `s3://` URLs that config may give; anything unset comes from the standard
 /// AWS environment variables (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
 /// `AWS_SECRET_ACCESS_KEY`, ...).
@@ -61,7 +70,15 @@ impl ArchiveTarget {
                     .filter(|b| !b.is_empty())
                     .ok_or_else(|| bad("no bucket"))?;
                 let prefix = parsed.path().trim_matches('/').to_string();
-                let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+                // Client options first: `with_client_options` replaces them whole, including
+                // the `allow_http` that an http:// endpoint sets below.
+                let mut builder = AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_client_options(
+                        object_store::ClientOptions::new()
+                            .with_connect_timeout(STORE_CONNECT_TIMEOUT)
+                            .with_timeout(STORE_REQUEST_TIMEOUT),
+                    );
                 if let Some(endpoint) = &s3.endpoint {
                     builder = builder.with_endpoint(endpoint);
                 }
@@ -86,6 +103,15 @@ impl ArchiveTarget {
                 if let Some(secret) = &s3.secret_access_key {
                     builder = builder.with_secret_access_key(secret);
                 }
+                // The archiver retries whole objects with its own backoff (`UploadLimits`), so
+                // the client's own retries stay short: a store that is down fails a request
+                // in seconds, not after object_store's default three minutes. Each request is
+                // bounded too (rule 8: a store that stops answering is not left to TCP).
+                builder = builder.with_retry(object_store::RetryConfig {
+                    backoff: object_store::BackoffConfig::default(),
+                    max_retries: 2,
+                    retry_timeout: STORE_RETRY_TIMEOUT,
+                });
                 let store = builder.build()?;
                 Ok(ArchiveTarget {
                     url: url.to_string(),

@@ -14,6 +14,7 @@ use crate::manifest::{
     manifest_key, segment_key, ArchivedBookmark, ArchivedSegment, Manifest, VolumeEntry,
     MANIFEST_FORMAT,
 };
+use crate::pacer::Pacer;
 use crate::restore::load_latest_manifest;
 use crate::segment::verify_segment;
 use crate::target::ArchiveTarget;
@@ -39,6 +40,8 @@ pub struct UploadLimits {
     pub backoff: Duration,
     /// zstd level of stored segments.
     pub zstd_level: i32,
+    /// Stored bytes per second over all objects in flight; `None`: unlimited.
+    pub bandwidth_bytes_per_s: Option<u64>,
 }
 
 impl Default for UploadLimits {
@@ -48,6 +51,7 @@ impl Default for UploadLimits {
             retries: 5,
             backoff: Duration::from_millis(200),
             zstd_level: 3,
+            bandwidth_bytes_per_s: None,
         }
     }
 }
@@ -63,12 +67,51 @@ pub struct UploadReport {
     pub archived_seq: u64,
     /// Timestamp of that seq's record.
     pub archived_ns: u64,
+    /// Index of the last archived segment, if any.
+    pub archived_index: Option<u64>,
 }
 
 pub struct Archiver {
     pub target: ArchiveTarget,
+    /// May change between passes (volumes added at runtime).
     pub group: ArchiveGroup,
     pub limits: UploadLimits,
+    pacer: Pacer,
+}
+
+/// The archiver's persistent id for a group directory (`GROUP_DIR/archive.id`, hex), made on
+/// first use; `cdp archive push` and the appliance's archiver share it.
+pub fn archiver_id(group_dir: &Path) -> Result<u64, ArchiveError> {
+    let path = group_dir.join("archive.id");
+    let io = |e: std::io::Error| ArchiveError::Io {
+        path: path.display().to_string(),
+        what: e.to_string(),
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            return u64::from_str_radix(text.trim(), 16).map_err(|_| ArchiveError::Io {
+                path: path.display().to_string(),
+                what: "not a hex archiver id".into(),
+            })
+        }
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+        Err(_) => {}
+    }
+    let seed = format!(
+        "{:?}{}{}",
+        std::time::SystemTime::now(),
+        std::process::id(),
+        group_dir.display()
+    );
+    let hash = blake3::hash(seed.as_bytes());
+    let mut id_bytes = [0u8; 8];
+    id_bytes.copy_from_slice(&hash.as_bytes()[..8]);
+    let id = u64::from_le_bytes(id_bytes) | 1;
+    // Written whole then renamed, so a crash never leaves a torn id.
+    let tmp = group_dir.join("archive.id.tmp");
+    std::fs::write(&tmp, format!("{id:016x}\n")).map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    Ok(id)
 }
 
 /// Segment files in a journal directory, sorted; all but the last are sealed.
@@ -94,6 +137,15 @@ pub fn sealed_in_dir(journal_dir: &Path) -> Result<Vec<u64>, ArchiveError> {
 }
 
 impl Archiver {
+    pub fn new(target: ArchiveTarget, group: ArchiveGroup, limits: UploadLimits) -> Archiver {
+        Archiver {
+            target,
+            group,
+            pacer: Pacer::new(limits.bandwidth_bytes_per_s),
+            limits,
+        }
+    }
+
     /// Uploads every sealed segment (`sealed`: indexes in `journal_dir`, oldest first) newer
     /// than the archive's last, then writes the next manifest. Refuses a prefix another
     /// group or archiver owns.
@@ -141,6 +193,7 @@ impl Archiver {
                 .as_ref()
                 .and_then(|m| m.segments.last())
                 .map_or(0, |s| s.last_ns),
+            archived_index: last_index,
             ..Default::default()
         };
         if todo.is_empty() {
@@ -184,12 +237,19 @@ impl Archiver {
             manifest.bookmarks.extend(bookmarks);
         }
         manifest.generation = generation;
-        manifest.volumes = self.group.volumes.clone();
+        // Volumes removed since keep their entry: older segments still name them.
+        for v in &self.group.volumes {
+            match manifest.volumes.iter_mut().find(|m| m.id == v.id) {
+                Some(m) => *m = v.clone(),
+                None => manifest.volumes.push(v.clone()),
+            }
+        }
         manifest.written_ns = cdp_types::TimestampNs::now().0;
         self.put_manifest(&manifest).await?;
         report.generation = generation;
         report.archived_seq = manifest.last_seq();
         report.archived_ns = manifest.segments.last().map_or(0, |s| s.last_ns);
+        report.archived_index = manifest.segments.last().map(|s| s.index);
         tracing::info!(group = %self.group.name, generation, segments = report.segments_uploaded,
             raw_bytes = report.raw_bytes, stored_bytes = report.stored_bytes,
             archived_seq = report.archived_seq, "archive generation written");
@@ -242,6 +302,7 @@ impl Archiver {
         let stored_bytes = stored.len() as u64;
         let payload = bytes::Bytes::from(stored);
         self.with_retries(&key, || async {
+            self.pacer.pace(stored_bytes).await;
             self.target
                 .store
                 .put(&self.target.key(&key), PutPayload::from(payload.clone()))

@@ -150,11 +150,7 @@ fn archive_and_restore_at_bookmarks_seqs_and_times() {
     let (jdir, adir) = (tmp.path().join("group"), tmp.path().join("archive"));
     let run = write_history(&jdir, 1, 400);
     let rt = rt();
-    let archiver = Archiver {
-        target: target(&adir),
-        group: group(),
-        limits: UploadLimits::default(),
-    };
+    let archiver = Archiver::new(target(&adir), group(), UploadLimits::default());
     let sealed: Vec<u64> = run.journal.sealed_segments().iter().map(|s| s.0).collect();
     assert!(
         sealed.len() >= 4,
@@ -256,23 +252,19 @@ fn a_second_appliance_on_the_prefix_is_refused_and_damage_is_found() {
     let run = write_history(&jdir, 2, 150);
     let rt = rt();
     let sealed: Vec<u64> = run.journal.sealed_segments().iter().map(|s| s.0).collect();
-    let archiver = Archiver {
-        target: target(&adir),
-        group: group(),
-        limits: UploadLimits::default(),
-    };
+    let archiver = Archiver::new(target(&adir), group(), UploadLimits::default());
     rt.block_on(archiver.archive_sealed(&jdir.join("journal"), &sealed[..1]))
         .expect("pass");
     for (group_id, archiver_id) in [(GROUP_ID + 1, 7), (GROUP_ID, 8)] {
-        let other = Archiver {
-            target: target(&adir),
-            group: ArchiveGroup {
+        let other = Archiver::new(
+            target(&adir),
+            ArchiveGroup {
                 group_id,
                 archiver_id,
                 ..group()
             },
-            limits: UploadLimits::default(),
-        };
+            UploadLimits::default(),
+        );
         let err = rt.block_on(other.archive_sealed(&jdir.join("journal"), &sealed));
         assert!(
             matches!(err, Err(ArchiveError::OwnedByOther { .. })),
@@ -469,11 +461,7 @@ fn garage_archive_survives_a_restart_and_restores() {
         backoff: std::time::Duration::from_millis(50),
         ..Default::default()
     };
-    let archiver = Archiver {
-        target: open(),
-        group: group(),
-        limits,
-    };
+    let archiver = Archiver::new(open(), group(), limits);
     let jd = jdir.join("journal");
     let first = rt
         .block_on(archiver.archive_sealed(&jd, &sealed[..2]))

@@ -74,22 +74,6 @@ pub fn run(command: ArchiveCommand) -> anyhow::Result<()> {
     }
 }
 
-/// The archiver's persistent id for a group directory, made on first use.
-fn archiver_id(group_dir: &std::path::Path) -> anyhow::Result<u64> {
-    let path = group_dir.join("archive.id");
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        return u64::from_str_radix(text.trim(), 16)
-            .with_context(|| format!("{} is not a hex id", path.display()));
-    }
-    let id = blake3::hash(
-        format!("{:?}{}", std::time::SystemTime::now(), std::process::id()).as_bytes(),
-    );
-    let id = u64::from_le_bytes(id.as_bytes()[..8].try_into().unwrap_or_default()) | 1;
-    std::fs::write(&path, format!("{id:016x}\n"))
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(id)
-}
-
 async fn push(args: PushArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("reading {}", args.config.display()))?;
@@ -126,19 +110,19 @@ async fn push(args: PushArgs) -> anyhow::Result<()> {
             size_bytes: v.size,
         });
     }
-    let archiver = Archiver {
-        target: open(&args.url)?,
-        group: ArchiveGroup {
+    let archiver = Archiver::new(
+        open(&args.url)?,
+        ArchiveGroup {
             name: group.name.clone(),
             group_id: meta.group_id,
-            archiver_id: archiver_id(&dir)?,
+            archiver_id: cdp_archive::archiver_id(&dir)?,
             volumes,
         },
-        limits: UploadLimits {
+        UploadLimits {
             parallelism: args.parallelism,
             ..Default::default()
         },
-    };
+    );
     // The appliance opens its journal at `GROUP_DIR/journal`, which keeps segments in its own
     // `journal/` subdirectory.
     let journal_dir = dir.join("journal").join(cdp_journal::JOURNAL_DIR_NAME);

@@ -387,6 +387,25 @@ fn group_lines(out: &mut String, g: &GroupStatus) {
         );
     }
     // --- end remote replication ---
+    if let Some(a) = &g.archive {
+        let _ = writeln!(
+            out,
+            "  archive {}: archived seq {}{} (generation {}), lag {} records in {} segments, {:.1} s; uploaded {} segments, {} stored{}",
+            a.url,
+            a.archived_seq,
+            if a.archived_known { "" } else { " (not read yet)" },
+            a.generation,
+            a.lag_records,
+            a.lag_segments,
+            a.lag_seconds,
+            a.uploaded_segments,
+            format_bytes(a.uploaded_stored_bytes),
+            match &a.last_error {
+                Some(e) => format!("; FAILING: {e}"),
+                None => String::new(),
+            }
+        );
+    }
     let _ = writeln!(
         out,
         "  {:<14} {:>10} {:<10} REPLICA",

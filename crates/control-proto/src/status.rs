@@ -66,6 +66,40 @@ pub struct GroupStatus {
     /// This copy's role, generation history and what it knows of its peer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<crate::RoleStatus>,
+    /// The archive on object storage, for a group with `[group.archive]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive: Option<ArchiveStatus>,
+}
+
+/// `groups[].archive`: how far the group's archive on object storage is behind its journal.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ArchiveStatus {
+    /// `s3://bucket/prefix` or `file:///dir`.
+    pub url: String,
+    /// Every record up to here is in the archive, named by its newest manifest.
+    pub archived_seq: u64,
+    /// False until the archiver read the archive's manifest once since the appliance
+    /// started (`archived_seq` is then 0 and the lag counts the whole journal).
+    pub archived_known: bool,
+    /// The newest manifest generation written or read.
+    pub generation: u64,
+    /// Durable journal records not yet archived, and the journal segments holding them
+    /// (the active one included: it is sealed after `seal_after_s`).
+    pub lag_records: u64,
+    pub lag_segments: u64,
+    /// Age of the oldest durable record not yet archived; 0 when caught up.
+    pub lag_seconds: f64,
+    /// Since the appliance started: segments uploaded, their journal bytes and the bytes
+    /// stored (after zstd).
+    pub uploaded_segments: u64,
+    pub uploaded_raw_bytes: u64,
+    pub uploaded_stored_bytes: u64,
+    /// The last pass failed (store down, refused prefix, ...) with this error; cleared by
+    /// the next pass that succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// `release_unarchived`: local retention may release history the archive lacks.
+    pub release_unarchived: bool,
 }
 
 /// One volume of a group.
